@@ -1,0 +1,87 @@
+"""meshpar's command line: `meshpar train ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from meshpar.config import Config, ConfigError, check, load_toml
+from meshpar.model.config import PRESETS
+
+# flag -> (section, field, type, help)
+TRAIN_FLAGS = {
+    "--dp": ("parallel", "dp", int, "data-parallel degree"),
+    "--tp": ("parallel", "tp", int, "tensor-parallel degree"),
+    "--pp": ("parallel", "pp", int, "pipeline-parallel degree"),
+    "--cp": ("parallel", "cp", int, "context-parallel degree"),
+    "--bucket-mb": ("parallel", "bucket_mb", float, "gradient bucket size in MiB (default 25)"),
+    "--global-batch-size": ("train", "global_batch_size", int, "sequences per optimizer step (default 32)"),
+    "--micro-batch-size": ("train", "micro_batch_size", int,
+                           "sequences per forward on one dp rank (default: the whole per-rank batch)"),
+    "--seq-len": ("train", "seq_len", int, "tokens per sequence (default 128)"),
+    "--steps": ("train", "steps", int, "optimizer steps (default 200)"),
+    "--lr": ("train", "lr", float, "peak learning rate (default 3e-3)"),
+    "--warmup-steps": ("train", "warmup_steps", int, "linear warmup steps before cosine decay (default 20)"),
+    "--lr-scale-from": ("train", "lr_scale_from", int,
+                        "scale lr linearly by global-batch-size / this reference batch"),
+    "--weight-decay": ("train", "weight_decay", float, "AdamW weight decay (default 0.1)"),
+    "--max-grad-norm": ("train", "max_grad_norm", float, "clip the global gradient norm (0: off; default 1.0)"),
+    "--seed": ("train", "seed", int, "seed of the weights and the data order (default 0)"),
+    "--eval-every": ("train", "eval_every", int, "evaluate every N steps (0: only at the end; default 50)"),
+    "--eval-batches": ("train", "eval_batches", int, "global batches per evaluation (default 4)"),
+    "--data": ("train", "data", str, "text file, folder of text files, or .bin of uint16 tokens "
+                                     "(default: the Python standard library's sources)"),
+    "--metrics-file": ("train", "metrics_file", str, "write JSON lines of metrics here"),
+    "--device": ("train", "device", str, "cpu or cuda (default cpu)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshpar", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = commands.add_parser("train", help="train a model on one or many ranks",
+                                description="Train a model. With a product of degrees above 1 "
+                                            "and no torchrun, meshpar starts the local ranks itself.")
+    train.add_argument("--model", help=f"model preset: {', '.join(PRESETS)} (default tiny)")
+    train.add_argument("--config", help="TOML file with [model], [parallel] and [train] tables; "
+                                        "flags override it")
+    for flag, (_section, _field, kind, text) in TRAIN_FLAGS.items():
+        train.add_argument(flag, type=kind, help=text)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = load_toml(args.config) if args.config else Config()
+    if args.model is not None:
+        cfg.model.name = args.model
+    for flag, (section, field, _kind, _text) in TRAIN_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            setattr(getattr(cfg, section), field, value)
+    if args.no_progress:
+        cfg.train.progress = False
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = check(config_from_args(args))
+    except ConfigError as err:
+        print("meshpar: the configuration has problems:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    from meshpar.train.launch import launch  # imports the trainer only for a valid config
+
+    try:
+        launch(cfg)
+    except KeyboardInterrupt:
+        print("meshpar: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

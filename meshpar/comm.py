@@ -1,0 +1,90 @@
+"""Every collective meshpar issues, with a ledger of calls and bytes per mesh axis.
+
+`bytes` is the payload: the size of the tensor handed to the collective (the full
+tensor for all-reduce, the gathered output for all-gather, the unreduced input for
+reduce-scatter). `wire_bytes` is what one rank sends under a ring algorithm
+(2(n-1)/n of the payload for all-reduce, (n-1)/n for all-gather and reduce-scatter).
+An axis of size 1 moves nothing and records nothing.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from meshpar.mesh import ParallelMesh
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+@dataclass
+class Entry:
+    calls: int = 0
+    bytes: int = 0
+    wire_bytes: float = 0.0
+
+
+class Ledger:
+    """Calls and bytes, keyed by (axis, op, tag). `tag` says what the bytes were for
+    ("grads", "loss", ...) so a test can check one purpose against its formula."""
+
+    def __init__(self):
+        self.entries: dict[tuple[str, str, str], Entry] = defaultdict(Entry)
+
+    def record(self, axis: str, op: str, tag: str, payload_bytes: int, wire_bytes: float):
+        entry = self.entries[(axis, op, tag)]
+        entry.calls += 1
+        entry.bytes += payload_bytes
+        entry.wire_bytes += wire_bytes
+
+    def total(self, field: str = "bytes", axis: str | None = None, op: str | None = None,
+              tag: str | None = None) -> float:
+        """Sum of `field` ('calls', 'bytes' or 'wire_bytes') over matching entries."""
+        return sum(getattr(entry, field) for (a, o, t), entry in self.entries.items()
+                   if axis in (None, a) and op in (None, o) and tag in (None, t))
+
+    def reset(self):
+        self.entries.clear()
+
+    def summary(self) -> dict[str, dict]:
+        """{axis: {op: {calls, bytes, wire_bytes}}}, summed over tags; JSON-ready."""
+        out: dict[str, dict] = {}
+        for (axis, op, _tag), entry in sorted(self.entries.items()):
+            slot = out.setdefault(axis, {}).setdefault(op, {"calls": 0, "bytes": 0, "wire_bytes": 0})
+            slot["calls"] += entry.calls
+            slot["bytes"] += entry.bytes
+            slot["wire_bytes"] += round(entry.wire_bytes)
+        return out
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def all_reduce(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str,
+               op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over this rank's `axis` slice."""
+    n = mesh.world_size if axis == "world" else mesh.size(axis)
+    if n == 1:
+        return tensor
+    mesh.ledger.record(axis, "all_reduce", tag, _nbytes(tensor), 2 * (n - 1) / n * _nbytes(tensor))
+    dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=mesh.group(axis))
+    return tensor
+
+
+def all_gather_object(mesh: ParallelMesh, obj, *, tag: str) -> list:
+    """Every rank's `obj`, on every rank (pickled; for small metadata only)."""
+    if mesh.world_size == 1:
+        return [obj]
+    payload = len(pickle.dumps(obj))
+    n = mesh.world_size
+    mesh.ledger.record("world", "all_gather_object", tag, n * payload, (n - 1) * payload)
+    out = [None] * n
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,241 @@
+"""The run's configuration: dataclasses, filled from TOML and CLI flags, validated whole.
+
+`validate()` runs before any process group exists and returns every problem at once,
+each naming the valid choices; `ConfigError` carries that list to the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshpar.model.config import LARGE_PRESETS, PRESETS, ModelConfig, model_config
+
+
+class ConfigError(ValueError):
+    """One or more problems with a user's configuration."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass
+class ModelSection:
+    name: str = "tiny"
+    overrides: dict = field(default_factory=dict)  # e.g. {"num_layers": 4}
+
+    def resolve(self) -> ModelConfig:
+        return model_config(self.name, **self.overrides)
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    bucket_mb: float = 25.0  # gradient bucket size for the dp all-reduce
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 32  # sequences per optimizer step, over all dp ranks
+    micro_batch_size: int | None = None  # per dp rank; default: no accumulation
+    seq_len: int = 128
+    steps: int = 200
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    lr_scale_from: int | None = None  # scale lr by global_batch_size / lr_scale_from
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    eval_every: int = 50  # 0: evaluate only at the end
+    eval_batches: int = 4
+    data: str | None = None  # None: the Python standard library's sources
+    metrics_file: str | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+    def num_microbatches(self, dp: int) -> int:
+        per_rank = self.global_batch_size // dp
+        return per_rank // (self.micro_batch_size or per_rank)
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {"model": ModelSection, "parallel": ParallelConfig, "train": TrainConfig}
+
+
+def load_toml(path: str | os.PathLike) -> Config:
+    """A Config from a TOML file with [model], [parallel] and [train] tables.
+    [model] takes `name` plus any ModelConfig field as an override."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"config file {path} does not exist"]) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError([f"config file {path} is not valid TOML: {err}"]) from None
+    problems = [f"unknown table [{name}] in {path}; valid tables: {', '.join(SECTIONS)}"
+                for name in raw if name not in SECTIONS]
+    cfg = Config()
+    model_raw = dict(raw.get("model", {}))
+    cfg.model = ModelSection(name=model_raw.pop("name", "tiny"), overrides=model_raw)
+    for name in ("parallel", "train"):
+        section = getattr(cfg, name)
+        known = {f.name for f in dataclasses.fields(section)}
+        for key, value in raw.get(name, {}).items():
+            if key in known:
+                setattr(section, key, value)
+            else:
+                problems.append(f"unknown key {key!r} in [{name}]; valid keys: {', '.join(sorted(known))}")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _check_types(cfg: Config) -> list[str]:
+    problems = []
+    for section_name in ("parallel", "train"):
+        section = getattr(cfg, section_name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            expected = {"int": int, "float": (int, float), "str": str, "bool": bool}
+            kind = f.type.split(" |")[0]
+            if value is None and "None" in f.type:
+                continue
+            if kind in expected and (not isinstance(value, expected[kind])
+                                     or (kind != "bool" and isinstance(value, bool))):
+                problems.append(f"{section_name}.{f.name}={value!r} must be of type {kind}")
+    return problems
+
+
+def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
+    """Every problem with `cfg`, as messages naming the valid choices; [] if none."""
+    problems = _check_types(cfg)
+    if problems:
+        return problems
+    par, tr = cfg.parallel, cfg.train
+
+    model = None
+    if cfg.model.name not in PRESETS:
+        problems.append(f"unknown model {cfg.model.name!r}; choose one of {', '.join(PRESETS)}")
+    else:
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(cfg.model.overrides) - fields)
+        if unknown:
+            problems.append(f"unknown model field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+        else:
+            model = cfg.model.resolve()
+            problems += model.problems()
+            if cfg.model.name in LARGE_PRESETS and tr.device == "cpu":
+                problems.append(f"model {cfg.model.name} has {model.num_params() / 1e9:.1f}B parameters: "
+                                f"too large to train on a CPU (it is there for the planner); "
+                                f"use tiny or small")
+
+    for axis in ("dp", "tp", "pp", "cp"):
+        if getattr(par, axis) < 1:
+            problems.append(f"--{axis}={getattr(par, axis)} must be at least 1")
+    not_yet = {"tp": "tensor", "pp": "pipeline", "cp": "context"}
+    for axis, kind in not_yet.items():
+        if getattr(par, axis) > 1:
+            problems.append(f"{kind} parallelism (--{axis}={getattr(par, axis)}) is not implemented "
+                            f"yet; use --{axis} 1 (data parallelism, --dp, is available)")
+    if par.bucket_mb <= 0:
+        problems.append(f"parallel.bucket_mb={par.bucket_mb} must be positive")
+
+    for name in ("global_batch_size", "seq_len", "steps", "eval_batches"):
+        if getattr(tr, name) < 1:
+            problems.append(f"--{name.replace('_', '-')}={getattr(tr, name)} must be at least 1")
+    for name in ("warmup_steps", "eval_every", "seed"):
+        if getattr(tr, name) < 0:
+            problems.append(f"--{name.replace('_', '-')}={getattr(tr, name)} must be at least 0")
+    if tr.lr <= 0:
+        problems.append(f"--lr={tr.lr} must be positive")
+    if not 0 <= tr.min_lr_ratio <= 1:
+        problems.append(f"train.min_lr_ratio={tr.min_lr_ratio} must be between 0 and 1")
+    if tr.max_grad_norm < 0:
+        problems.append(f"--max-grad-norm={tr.max_grad_norm} must be at least 0 (0 disables clipping)")
+    if tr.weight_decay < 0:
+        problems.append(f"train.weight_decay={tr.weight_decay} must be at least 0")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(tr, name) < 1:
+            problems.append(f"train.{name}={getattr(tr, name)} must be in [0, 1)")
+    if tr.lr_scale_from is not None and tr.lr_scale_from < 1:
+        problems.append(f"--lr-scale-from={tr.lr_scale_from} must be at least 1")
+
+    if par.dp >= 1 and tr.global_batch_size >= 1:
+        if tr.global_batch_size % par.dp:
+            problems.append(f"--dp={par.dp} does not divide --global-batch-size={tr.global_batch_size}; "
+                            f"use a dp in {_divisors(tr.global_batch_size)}")
+        elif tr.micro_batch_size is not None:
+            per_rank = tr.global_batch_size // par.dp
+            if tr.micro_batch_size < 1 or per_rank % tr.micro_batch_size:
+                problems.append(f"--micro-batch-size={tr.micro_batch_size} must divide the per-rank "
+                                f"batch {tr.global_batch_size}/{par.dp}={per_rank}; "
+                                f"use one of {_divisors(per_rank)}")
+    if model is not None and tr.seq_len > model.max_seq_len:
+        problems.append(f"--seq-len={tr.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
+
+    problems += _check_device(tr.device, par.world_size, env if env is not None else os.environ)
+    if tr.seq_len >= 1:
+        problems += _check_data(tr.data, tr.seq_len, model.vocab_size if model else None)
+    return problems
+
+
+def _check_device(device: str, world_size: int, env) -> list[str]:
+    if device not in ("cpu", "cuda"):
+        return [f"--device={device!r}; choose cpu or cuda"]
+    if device == "cuda":
+        import torch
+        available = torch.cuda.device_count()
+        local_ranks = int(env.get("LOCAL_WORLD_SIZE", world_size))
+        if available == 0:
+            return ["--device cuda, but no CUDA device is visible; use --device cpu"]
+        if local_ranks > available:
+            return [f"--device cuda with {local_ranks} local ranks needs {local_ranks} GPUs "
+                    f"(NCCL puts one rank on each); {available} visible"]
+    return []
+
+
+def _check_data(path: str | None, seq_len: int, vocab_size: int | None) -> list[str]:
+    from meshpar.train.data import DataError, corpus_split_sizes  # data imports numpy
+
+    try:
+        train_tokens, val_tokens = corpus_split_sizes(path, vocab_size)
+    except DataError as err:
+        return [str(err)]
+    source = path or "the default corpus"
+    problems = []
+    for split, n in (("training", train_tokens), ("validation", val_tokens)):
+        if n < seq_len + 1:
+            problems.append(f"--seq-len={seq_len} is longer than {source} allows: its {split} "
+                            f"split has {n} tokens and needs at least seq_len+1 = {seq_len + 1}")
+    return problems
+
+
+def check(cfg: Config, env: dict[str, str] | None = None) -> Config:
+    """Raise ConfigError with every problem in `cfg`; return it unchanged if none."""
+    problems = validate(cfg, env)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

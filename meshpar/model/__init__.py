@@ -1,0 +1,7 @@
+"""A plain, single-device Llama-style decoder. Nothing here imports torch.distributed."""
+
+from meshpar.model.config import LARGE_PRESETS, PRESETS, ModelConfig, model_config
+from meshpar.model.llama import Transformer, TransformerBlock, build_model, init_weights
+
+__all__ = ["LARGE_PRESETS", "PRESETS", "ModelConfig", "Transformer", "TransformerBlock",
+           "build_model", "init_weights", "model_config"]

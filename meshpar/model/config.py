@@ -1,0 +1,85 @@
+"""Model shapes: a dataclass and the named presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-style decoder (RMSNorm, RoPE, GQA, SwiGLU)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def num_params(self) -> int:
+        """Parameter count, computed from the shapes alone (no tensors built)."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        attention = 2 * h * h + 2 * h * kv
+        mlp = 3 * h * self.ffn_hidden_size
+        per_layer = attention + mlp + 2 * h
+        embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + h
+
+    def problems(self) -> list[str]:
+        """Everything wrong with these shapes, as messages for a user."""
+        found = []
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                     "num_kv_heads", "ffn_hidden_size", "max_seq_len"):
+            if getattr(self, name) < 1:
+                found.append(f"model.{name}={getattr(self, name)} must be at least 1")
+        if found:
+            return found
+        if self.hidden_size % self.num_heads:
+            found.append(f"model.num_heads={self.num_heads} does not divide "
+                         f"hidden_size={self.hidden_size}")
+        elif self.head_dim % 2:
+            found.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.num_heads % self.num_kv_heads:
+            found.append(f"model.num_kv_heads={self.num_kv_heads} must divide "
+                         f"num_heads={self.num_heads}")
+        return found
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU demos and tests: ~430k parameters, 8 layers (divisible by 2, 4 and 8 for
+    # pipeline stages), 8 heads (tp up to 8), byte-level vocabulary.
+    "tiny": ModelConfig(vocab_size=256, hidden_size=64, num_layers=8, num_heads=8,
+                        num_kv_heads=4, ffn_hidden_size=192, max_seq_len=256),
+    # ~6M parameters: still trains on a CPU, big enough to see throughput effects.
+    "small": ModelConfig(vocab_size=256, hidden_size=256, num_layers=8, num_heads=8,
+                         num_kv_heads=4, ffn_hidden_size=704, max_seq_len=512),
+    # Real shapes (Llama 3 paper, Table 3), for the planner; never built on a CPU.
+    "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32,
+                             num_heads=32, num_kv_heads=8, ffn_hidden_size=14336,
+                             max_seq_len=8192, rope_theta=500000.0),
+    "llama3-70b": ModelConfig(vocab_size=128256, hidden_size=8192, num_layers=80,
+                              num_heads=64, num_kv_heads=8, ffn_hidden_size=28672,
+                              max_seq_len=8192, rope_theta=500000.0),
+    "llama3-405b": ModelConfig(vocab_size=128256, hidden_size=16384, num_layers=126,
+                               num_heads=128, num_kv_heads=8, ffn_hidden_size=53248,
+                               max_seq_len=8192, rope_theta=500000.0),
+}
+
+# Presets too large to instantiate on a CPU run.
+LARGE_PRESETS = frozenset({"llama3-8b", "llama3-70b", "llama3-405b"})
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """The preset called `name`, with any fields replaced by `overrides`."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)

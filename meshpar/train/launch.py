@@ -1,0 +1,82 @@
+"""Start the ranks of a run: in this process, as local processes, or under torchrun.
+
+Under torchrun (RANK and WORLD_SIZE in the environment) each process is one rank and
+torchrun's rendezvous variables say where rank 0 listens; a multi-node run is one
+torchrun command per node. Otherwise meshpar starts world_size local processes itself,
+each with the same environment torchrun would give it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from meshpar.config import Config
+from meshpar.mesh import MeshShape, ParallelMesh
+from meshpar.train.trainer import TrainResult, Trainer
+
+COMM_TIMEOUT = timedelta(minutes=5)
+
+
+def under_torchrun(env=os.environ) -> bool:
+    return "RANK" in env and "WORLD_SIZE" in env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mesh_shape(cfg: Config) -> MeshShape:
+    p = cfg.parallel
+    return MeshShape(pp=p.pp, dp=p.dp, cp=p.cp, tp=p.tp)
+
+
+def set_cpu_threads(local_world_size: int):
+    """Share the cores between the local ranks instead of oversubscribing them."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+
+
+def run_rank(cfg: Config) -> TrainResult:
+    """Train as the rank torchrun's environment variables describe."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+    if cfg.train.device == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=COMM_TIMEOUT)
+    try:
+        mesh = ParallelMesh.build(mesh_shape(cfg))
+        return Trainer(cfg, mesh, device).run()
+    finally:
+        dist.destroy_process_group()
+
+
+def _local_rank_main(rank: int, cfg: Config, world_size: int, port: int):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    run_rank(cfg)
+
+
+def launch(cfg: Config) -> TrainResult | None:
+    """Run a validated config. Returns the result when this process trained rank 0's
+    share itself (one rank, or under torchrun), None after spawning local ranks."""
+    if under_torchrun():
+        return run_rank(cfg)
+    world_size = cfg.parallel.world_size
+    if world_size == 1:
+        device = torch.device(cfg.train.device)
+        return Trainer(cfg, ParallelMesh.single(), device).run()
+    mp.start_processes(_local_rank_main, args=(cfg, world_size, free_port()),
+                       nprocs=world_size, join=True, start_method="spawn")
+    return None

@@ -1,0 +1,58 @@
+"""What a run reports: JSON lines on rank 0 and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class MetricsLog:
+    """Appends one JSON object per line to `path` (rank 0 only; no-op elsewhere)."""
+
+    def __init__(self, path: str | None, enabled: bool):
+        self.file = None
+        if path and enabled:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "w")
+
+    def write(self, record: dict):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+class Progress:
+    """tqdm bar with the latest step's figures; silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = tqdm(total=total, desc="train", unit="step", file=sys.stderr,
+                        dynamic_ncols=True) if enabled else None
+
+    def step(self, record: dict):
+        if self.bar:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+            self.bar.update(1)
+
+    def message(self, text: str):
+        if self.bar:
+            self.bar.write(text, file=sys.stderr)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,181 @@
+"""The training loop, the same for every layout: the single-device reference is the
+case where every mesh axis has size 1."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshpar import comm
+from meshpar.config import Config
+from meshpar.mesh import ParallelMesh
+from meshpar.model import build_model
+from meshpar.parallel.data import DataParallelReducer
+from meshpar.train.data import BatchLoader, corpus_description, load_tokens
+from meshpar.train.metrics import MetricsLog, Progress, format_bytes
+from meshpar.train.optim import build_optimizer, clip_grads, lr_at
+
+
+@dataclass
+class TrainResult:
+    steps: list[dict]  # one record per optimizer step
+    evals: list[dict]  # {"step", "val_loss"}
+    summary: dict
+    model: nn.Module  # this rank's final model
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, num_global_tokens: int) -> torch.Tensor:
+    """Summed cross entropy over these tokens, divided by the tokens of the whole global
+    batch: partial losses then add up across micro-batches and ranks to the mean."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                           reduction="sum") / num_global_tokens
+
+
+def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      reducer: DataParallelReducer) -> dict[str, int]:
+    """Bytes this rank holds for parameters, gradients and optimizer states."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    states = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                 for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
+    grads = reducer.grad_bytes()
+    return {"params": params, "grads": grads, "optimizer": states, "total": params + grads + states}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, mesh: ParallelMesh, device: torch.device):
+        self.cfg, self.mesh, self.device = cfg, mesh, device
+        tr = cfg.train
+        self.model_cfg = cfg.model.resolve()
+        self.model = build_model(self.model_cfg, tr.seed, device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.reducer = DataParallelReducer(self.params, mesh, int(cfg.parallel.bucket_mb * 2**20))
+        self.optimizer = build_optimizer(self.model, tr)
+
+        dp, dp_rank = mesh.size("dp"), mesh.index("dp")
+        train_tokens, val_tokens = load_tokens(tr.data)
+        self.loader = BatchLoader(train_tokens, tr.seq_len, tr.global_batch_size, dp_rank, dp, tr.seed)
+        self.val_tokens = val_tokens
+        self.num_microbatches = tr.num_microbatches(dp)
+        self.tokens_per_step = tr.global_batch_size * tr.seq_len
+        self.is_logger = mesh.rank == 0
+        self.step = 0
+
+    def train_step(self) -> dict:
+        tr = self.cfg.train
+        start = time.perf_counter()
+        lr = lr_at(self.step, tr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        inputs, targets = self.loader.next_batch()
+        self.reducer.zero_grad()
+        loss_sum = torch.zeros((), device=self.device)
+        for x, y in zip(inputs.chunk(self.num_microbatches), targets.chunk(self.num_microbatches)):
+            x, y = x.to(self.device), y.to(self.device)
+            loss = token_loss(self.model(x), y, self.tokens_per_step)
+            loss.backward()
+            loss_sum += loss.detach()
+        self.reducer.reduce()
+        comm.all_reduce(self.mesh, "dp", loss_sum, tag="loss")
+        grad_norm = clip_grads(self.params, tr.max_grad_norm, self.mesh)
+        self.optimizer.step()
+
+        loss_value = loss_sum.item()  # synchronises a CUDA device before timing
+        step_time = time.perf_counter() - start
+        self.step += 1
+        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                "tokens": self.tokens_per_step, "step_time_s": step_time,
+                "tokens_per_s": self.tokens_per_step / step_time}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the first eval_batches global batches of validation."""
+        tr = self.cfg.train
+        loader = BatchLoader(self.val_tokens, tr.seq_len, tr.global_batch_size,
+                             self.mesh.index("dp"), self.mesh.size("dp"), tr.seed, shuffle=False)
+        total_tokens = tr.eval_batches * self.tokens_per_step
+        loss_sum = torch.zeros((), device=self.device)
+        self.model.eval()
+        for _ in range(tr.eval_batches):
+            inputs, targets = loader.next_batch()
+            for x, y in zip(inputs.chunk(self.num_microbatches), targets.chunk(self.num_microbatches)):
+                x, y = x.to(self.device), y.to(self.device)
+                loss_sum += token_loss(self.model(x), y, total_tokens)
+        self.model.train()
+        comm.all_reduce(self.mesh, "dp", loss_sum, tag="eval")
+        return loss_sum.item()
+
+    def run(self) -> TrainResult:
+        tr = self.cfg.train
+        log = MetricsLog(tr.metrics_file, self.is_logger)
+        if self.is_logger and tr.progress:
+            print(self.banner(), flush=True)
+        progress = Progress(tr.steps, tr.progress and self.is_logger)
+        steps, evals = [], []
+        try:
+            for _ in range(tr.steps):
+                record = self.train_step()
+                steps.append(record)
+                log.write(record)
+                progress.step(record)
+                if (tr.eval_every and self.step % tr.eval_every == 0) or self.step == tr.steps:
+                    val = {"step": self.step, "val_loss": self.evaluate()}
+                    evals.append(val)
+                    log.write(val)
+                    progress.message(f"step {self.step:>5}  val_loss {val['val_loss']:.4f}")
+        finally:
+            progress.close()
+        summary = self.summary(steps, evals)
+        log.write(summary)
+        log.close()
+        if self.is_logger and tr.progress:
+            print(format_summary(summary), flush=True)
+        return TrainResult(steps, evals, summary, self.model)
+
+    def banner(self) -> str:
+        tr = self.cfg.train
+        return (f"meshpar: {self.cfg.model.name} ({self.model_cfg.num_params():,} parameters) on "
+                f"{self.mesh.world_size} rank(s), {self.mesh.describe()}, {self.device.type}; "
+                f"global batch {tr.global_batch_size} x {tr.seq_len} tokens, "
+                f"{self.num_microbatches} micro-batch(es) per rank; data: {corpus_description(tr.data)}")
+
+    def summary(self, steps: list[dict], evals: list[dict]) -> dict:
+        """The final record: ledger per axis and model-state bytes of every rank."""
+        ledger = self.mesh.ledger.summary()  # taken before the gather below adds to it
+        state = model_state_bytes(self.model, self.optimizer, self.reducer)
+        per_rank = comm.all_gather_object(self.mesh, {"state": state, "ledger": ledger}, tag="summary")
+        timed = steps[1:] or steps  # the first step pays for warm-up
+        return {
+            "summary": True,
+            "steps": len(steps),
+            "final_loss": steps[-1]["loss"],
+            "val_loss": evals[-1]["val_loss"] if evals else None,
+            "tokens_per_s": sum(s["tokens"] for s in timed) / sum(s["step_time_s"] for s in timed),
+            "mesh": {axis: self.mesh.size(axis) for axis in ("pp", "dp", "cp", "tp")},
+            "num_params": self.model_cfg.num_params(),
+            "comm": ledger,
+            "comm_per_rank": [r["ledger"] for r in per_rank],
+            "model_state_bytes_per_rank": [r["state"] for r in per_rank],
+        }
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["", "== summary " + "=" * 50,
+             f"steps {summary['steps']}   final loss {summary['final_loss']:.4f}   "
+             f"val loss {summary['val_loss']:.4f}   tokens/s {summary['tokens_per_s']:,.0f}"]
+    for axis, ops in summary["comm"].items():
+        for op, entry in ops.items():
+            lines.append(f"comm rank 0  {axis:>3} {op:<12} {entry['calls']:>6} calls  "
+                         f"payload {format_bytes(entry['bytes']):>11}  wire {format_bytes(entry['wire_bytes']):>11}")
+    if not summary["comm"]:
+        lines.append("comm rank 0  none (a single rank)")
+    states = summary["model_state_bytes_per_rank"]
+    lines.append(f"model state per rank: {format_bytes(states[0]['total'])} "
+                 f"(params {format_bytes(states[0]['params'])}, grads {format_bytes(states[0]['grads'])}, "
+                 f"optimizer {format_bytes(states[0]['optimizer'])})"
+                 + ("" if all(s == states[0] for s in states) else " on rank 0; differs per rank"))
+    return "\n".join(lines)
