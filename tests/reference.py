@@ -1,0 +1,35 @@
+"""Shared pieces of the tests: a small, fast config and a function that trains it on
+whatever mesh the config asks for (on every rank of a World, or in-process)."""
+
+from __future__ import annotations
+
+import torch
+
+from meshpar.config import Config, ParallelConfig, TrainConfig
+from meshpar.mesh import ParallelMesh
+from meshpar.train.launch import mesh_shape
+from meshpar.train.trainer import Trainer
+
+
+def fast_config(dp: int = 1, steps: int = 20, **train) -> Config:
+    """The tiny model on short sequences: a 20-step run takes about a second per rank."""
+    cfg = Config(parallel=ParallelConfig(dp=dp),
+                 train=TrainConfig(global_batch_size=16, seq_len=64, steps=steps, warmup_steps=5,
+                                   eval_every=0, eval_batches=1, progress=False))
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def train_and_report(cfg: Config) -> dict:
+    """Train `cfg` on this rank; what a test compares against the reference."""
+    mesh = ParallelMesh.build(mesh_shape(cfg)) if cfg.parallel.world_size > 1 else ParallelMesh.single()
+    result = Trainer(cfg, mesh, torch.device("cpu")).run()
+    return {
+        "losses": [s["loss"] for s in result.steps],
+        "grad_norms": [s["grad_norm"] for s in result.steps],
+        "val_loss": result.summary["val_loss"],
+        "params": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+        "ledger": dict(mesh.ledger.entries),
+        "summary": result.summary,
+    }

@@ -1,0 +1,94 @@
+"""Data parallelism against the single-device reference (loss of every step, gradient
+norms and final parameters), and the ledger against the analytic all-reduce volume."""
+
+import pytest
+import torch
+
+from reference import fast_config, train_and_report
+
+REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return train_and_report(fast_config(dp=1))
+
+
+def assert_matches(run: dict, ref: dict):
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(ref["losses"]), rtol=REL, atol=0)
+    torch.testing.assert_close(torch.tensor(run["grad_norms"]), torch.tensor(ref["grad_norms"]),
+                               rtol=REL, atol=0)
+    # Parameters: Adam turns a gradient's last-bit rounding difference into an update
+    # difference of the same relative size, so compare tensors by norm, and bound every
+    # element absolutely (they are O(0.02)): ||p - p_ref|| <= 1e-5 ||p_ref||, |p - p_ref| <= 1e-5.
+    for name, value in ref["params"].items():
+        diff = run["params"][name] - value
+        assert diff.norm() <= REL * value.norm(), f"{name}: relative error {diff.norm() / value.norm():.2e}"
+        assert diff.abs().max() <= REL, f"{name}: max abs error {diff.abs().max():.2e}"
+
+
+def test_reference_learns(reference):
+    # 20 steps from the uniform-byte loss ln(256) = 5.55: a broken model stays near it.
+    assert reference["losses"][0] == pytest.approx(5.55, abs=0.1)
+    assert reference["losses"][-1] < 4.3
+
+
+@pytest.mark.parametrize("dp", [2, 4, 8])
+def test_dp_equals_single_device(worlds, reference, dp):
+    runs = worlds(dp).run(train_and_report, fast_config(dp=dp))
+    for run in runs:
+        assert_matches(run, reference)
+
+
+def test_accumulation_equals_single_device(reference):
+    # One rank, 4 micro-batches of 4 sequences instead of one of 16.
+    assert_matches(train_and_report(fast_config(dp=1, micro_batch_size=4)), reference)
+
+
+def test_dp_with_accumulation_equals_single_device(worlds, reference):
+    runs = worlds(2).run(train_and_report, fast_config(dp=2, micro_batch_size=2))
+    assert_matches(runs[0], reference)
+
+
+def test_ledger_counts_the_gradient_all_reduce(worlds):
+    steps, bucket_mb = 3, 0.25
+    cfg = fast_config(dp=4, steps=steps)
+    cfg.parallel.bucket_mb = bucket_mb
+    runs = worlds(4).run(train_and_report, cfg)
+    num_params = cfg.model.resolve().num_params()
+    grad_bytes = 4 * num_params  # fp32 gradients, reduced once per step
+    # Buckets close at the first parameter that brings them to bucket_mb.
+    for run in runs:
+        grads = run["ledger"][("dp", "all_reduce", "grads")]
+        assert grads.bytes == steps * grad_bytes
+        assert grads.wire_bytes == pytest.approx(steps * grad_bytes * 2 * 3 / 4)
+        assert grads.calls == steps * run_buckets(cfg)
+        # one fp32 loss per step and one at the final evaluation; nothing else on dp
+        assert run["ledger"][("dp", "all_reduce", "loss")].bytes == steps * 4
+        assert {key for key in run["ledger"] if key[0] == "dp"} == {
+            ("dp", "all_reduce", "grads"), ("dp", "all_reduce", "loss"), ("dp", "all_reduce", "eval")}
+
+
+def run_buckets(cfg) -> int:
+    """Bucket count, from the parameter sizes in backward order."""
+    from meshpar.model import build_model
+
+    limit = cfg.parallel.bucket_mb * 2**20
+    count, filled = 0, 0
+    for p in reversed(list(build_model(cfg.model.resolve(), 0).parameters())):
+        filled += p.numel() * 4
+        if filled >= limit:
+            count, filled = count + 1, 0
+    return count + (filled > 0)
+
+
+def test_summary_reports_every_rank(worlds):
+    runs = worlds(2).run(train_and_report, fast_config(dp=2, steps=2))
+    summary = runs[0]["summary"]
+    assert len(summary["model_state_bytes_per_rank"]) == 2
+    num_params = fast_config().model.resolve().num_params()
+    for state in summary["model_state_bytes_per_rank"]:
+        # fp32 parameters, gradients and AdamW's two moments: 16 bytes per parameter
+        assert state == {"params": 4 * num_params, "grads": 4 * num_params,
+                         "optimizer": 8 * num_params, "total": 16 * num_params}
+    assert summary["comm"]["dp"]["all_reduce"]["bytes"] == runs[1]["summary"]["comm"]["dp"]["all_reduce"]["bytes"]
