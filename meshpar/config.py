@@ -196,7 +196,11 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
     if model is not None and tr.seq_len > model.max_seq_len:
         problems.append(f"--seq-len={tr.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
 
-    problems += _check_device(tr.device, par.world_size, env if env is not None else os.environ)
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env and "RANK" in env and int(env["WORLD_SIZE"]) != par.world_size:
+        problems.append(f"torchrun started {env['WORLD_SIZE']} ranks but dp*tp*pp*cp = "
+                        f"{par.world_size}; make the degrees multiply to the world size")
+    problems += _check_device(tr.device, par.world_size, env)
     if tr.seq_len >= 1:
         problems += _check_data(tr.data, tr.seq_len, model.vocab_size if model else None)
     return problems

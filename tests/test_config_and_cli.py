@@ -1,0 +1,113 @@
+"""Every user error is caught before any process group starts: exit code 2, all problems
+at once, valid choices named, no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from meshpar.cli import main
+from meshpar.config import Config, ConfigError, load_toml, validate
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(["train", "--no-progress", *argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt5"], "unknown model 'gpt5'; choose one of tiny, small, llama3-8b"),
+    (["--dp", "3"], "--dp=3 does not divide --global-batch-size=32; use a dp in 1, 2, 4, 8, 16, 32"),
+    (["--dp", "0"], "--dp=0 must be at least 1"),
+    (["--tp", "2"], "tensor parallelism (--tp=2) is not implemented yet; use --tp 1"),
+    (["--pp", "2"], "pipeline parallelism (--pp=2) is not implemented yet"),
+    (["--cp", "2"], "context parallelism (--cp=2) is not implemented yet"),
+    (["--micro-batch-size", "5"], "--micro-batch-size=5 must divide the per-rank batch 32/1=32"),
+    (["--data", "/nonexistent/corpus.txt"], "no such file or folder"),
+    (["--seq-len", "300"], "--seq-len=300 exceeds the model's max_seq_len=256"),
+    (["--steps", "0"], "--steps=0 must be at least 1"),
+    (["--lr", "-1"], "--lr=-1.0 must be positive"),
+    (["--device", "tpu"], "--device='tpu'; choose cpu or cuda"),
+    (["--model", "llama3-70b"], "too large to train on a CPU"),
+])
+def test_bad_input_exits_2_with_the_reason(capsys, argv, message):
+    code, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_empty_and_short_data(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    code, err = run_cli(capsys, "--data", str(empty))
+    assert code == 2 and "the data is empty" in err
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"x" * 1000)  # 950 training, 50 validation tokens
+    code, err = run_cli(capsys, "--data", str(short), "--seq-len", "64")
+    assert code == 2
+    assert "--seq-len=64 is longer than" in err and "validation split has 50 tokens" in err
+
+
+def test_every_problem_is_reported_at_once(capsys):
+    code, err = run_cli(capsys, "--model", "nope", "--dp", "3", "--tp", "0", "--steps", "0")
+    assert code == 2
+    assert err.count("\n  - ") == 4, err
+
+
+def test_torchrun_world_size_must_match_the_degrees():
+    cfg = Config()
+    cfg.parallel.dp = 2
+    problems = validate(cfg, env={"RANK": "0", "WORLD_SIZE": "4"})
+    assert any("torchrun started 4 ranks but dp*tp*pp*cp = 2" in p for p in problems)
+
+
+def test_toml_config_and_flag_override(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\nname = "tiny"\nnum_layers = 2\n[parallel]\ndp = 2\n'
+                    '[train]\nsteps = 7\nseq_len = 32\n')
+    cfg = load_toml(path)
+    assert (cfg.model.resolve().num_layers, cfg.parallel.dp, cfg.train.steps) == (2, 2, 7)
+    assert validate(cfg) == []
+
+    path.write_text('[train]\nstepz = 3\n[paralel]\n')
+    with pytest.raises(ConfigError) as err:
+        load_toml(path)
+    assert "unknown key 'stepz' in [train]" in str(err.value)
+    assert "unknown table [paralel]" in str(err.value)
+
+    path.write_text('[train]\nsteps = "ten"\n')
+    code, err = run_cli(capsys, "--config", str(path))
+    assert code == 2 and "train.steps='ten' must be of type int" in err
+
+
+def test_cli_trains_on_two_local_ranks_and_writes_metrics(tmp_path):
+    """The whole front door: spawned ranks, progress, JSON lines with the promised keys."""
+    metrics = tmp_path / "metrics.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshpar", "train", "--dp", "2", "--steps", "3", "--seq-len", "32",
+         "--global-batch-size", "8", "--eval-every", "2", "--metrics-file", str(metrics)],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "val_loss" in proc.stderr and "summary" in proc.stdout
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "step_time_s", "tokens_per_s"):
+        assert key in steps[0]
+    assert [r["step"] for r in records if "val_loss" in r and "summary" not in r] == [2, 3]
+    summary = records[-1]
+    assert summary["summary"] is True and summary["mesh"]["dp"] == 2
+    assert summary["comm"]["dp"]["all_reduce"]["bytes"] > 0
+    assert len(summary["model_state_bytes_per_rank"]) == 2
+
+
+def test_bad_input_from_the_shell_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "meshpar", "train", "--dp", "0"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 2
+    assert "--dp=0 must be at least 1" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,105 @@
+"""The single-device model: shapes, determinism, causality, rotary and GQA semantics."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meshpar.model import PRESETS, build_model, model_config
+from meshpar.model.llama import apply_rotary, rotary_tables
+
+
+def test_presets_have_the_promised_sizes():
+    tiny, small = model_config("tiny"), model_config("small")
+    assert 100_000 < tiny.num_params() < 1_000_000
+    assert 1_000_000 < small.num_params() < 10_000_000
+    assert all(tiny.num_layers % n == 0 for n in (2, 4, 8))
+    # Llama 3 parameter counts as published: 8.0B, 70.6B, 405.9B.
+    assert model_config("llama3-8b").num_params() == pytest.approx(8.03e9, rel=0.01)
+    assert model_config("llama3-70b").num_params() == pytest.approx(70.6e9, rel=0.01)
+    assert model_config("llama3-405b").num_params() == pytest.approx(405.9e9, rel=0.01)
+    for name, cfg in PRESETS.items():
+        assert cfg.problems() == [], name
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_num_params_counts_the_built_model(tie):
+    cfg = model_config("tiny", tie_embeddings=tie)
+    model = build_model(cfg, seed=0)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    assert (model.output.weight is model.embedding.weight) == tie
+
+
+def test_init_is_deterministic_and_per_parameter():
+    a = build_model(model_config("tiny"), seed=3).state_dict()
+    b = build_model(model_config("tiny"), seed=3).state_dict()
+    c = build_model(model_config("tiny"), seed=4).state_dict()
+    # A 2-layer model gets exactly the first two layers of the 8-layer one: a pipeline
+    # stage can build only its own layers and still match the reference.
+    d = build_model(model_config("tiny", num_layers=2), seed=3).state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+        if name in d and name.endswith(("wo.weight", "w_down.weight")):
+            # residual outputs are scaled by 1/sqrt(2 * num_layers): 8 layers vs 2
+            torch.testing.assert_close(d[name], 2 * a[name], rtol=1e-6, atol=0)
+        elif name in d:
+            assert torch.equal(a[name], d[name]), name
+    assert not torch.equal(a["layers.0.attention.wq.weight"], c["layers.0.attention.wq.weight"])
+    assert a["layers.0.attention.wo.weight"].std() < a["layers.0.attention.wq.weight"].std()
+
+
+def test_forward_shape_and_causality():
+    model = build_model(model_config("tiny"), seed=0)
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    logits = model(tokens)
+    assert logits.shape == (2, 32, 256)
+    changed = tokens.clone()
+    changed[:, 20:] = (changed[:, 20:] + 1) % 256
+    logits_changed = model(changed)
+    assert torch.equal(logits[:, :20], logits_changed[:, :20])  # the past never sees the future
+    assert not torch.allclose(logits[:, 20:], logits_changed[:, 20:])
+
+
+def test_positions_argument_selects_rotary_rows():
+    model = build_model(model_config("tiny"), seed=0)
+    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(model(tokens), model(tokens, positions=torch.arange(16)))
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    cos, sin = rotary_tables(head_dim=8, max_seq_len=64, theta=10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(i, j):
+        qi = apply_rotary(q.view(1, 1, 1, 8), cos[i:i + 1], sin[i:i + 1])
+        kj = apply_rotary(k.view(1, 1, 1, 8), cos[j:j + 1], sin[j:j + 1])
+        return (qi * kj).sum()
+
+    torch.testing.assert_close(score(10, 3), score(40, 33))
+    torch.testing.assert_close(score(0, 0), (q * k).sum())
+
+
+def test_grouped_query_attention_shares_kv_heads():
+    model = build_model(model_config("tiny"), seed=0)
+    attention = model.layers[0].attention
+    q = torch.randn(2, 8, 16, 8)
+    k, v = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 16, 8)
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, dim=1),
+                                              v.repeat_interleave(2, dim=1), is_causal=True)
+    torch.testing.assert_close(attention.attend(q, k, v), expected)
+
+
+def test_model_module_does_not_import_torch_distributed():
+    import ast
+    import pathlib
+
+    import meshpar.model as model_pkg
+    for path in pathlib.Path(model_pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith(("torch.distributed", "meshpar.parallel", "meshpar.comm",
+                                         "meshpar.mesh")) for n in names), (path, names)
