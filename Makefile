@@ -1,0 +1,31 @@
+# The two front-door commands: `make demo` trains, `make test` runs the suite.
+# Each creates .venv and installs the pinned dependencies on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): pyproject.toml requirements-ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-ci.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+# The default tiny model, 4 local CPU ranks (dp=4), the built-in corpus.
+demo: $(STAMP)
+	$(BIN)/meshpar train --model tiny --dp 4 --steps 200 --metrics-file runs/demo/metrics.jsonl
+
+# The quick suite (slow tests excluded); `make test-all` includes them.
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ""
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/data_parallel_buckets.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
