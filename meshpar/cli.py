@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "flags override it")
     for flag, (_section, _field, kind, text) in TRAIN_FLAGS.items():
         train.add_argument(flag, type=kind, help=text)
+    train.add_argument("--sequence-parallel", action="store_true",
+                       help="with --tp: shard norms and the residual stream along the sequence")
     train.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
     return parser
 
@@ -59,6 +61,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             setattr(getattr(cfg, section), field, value)
+    if args.sequence_parallel:
+        cfg.parallel.sequence_parallel = True
     if args.no_progress:
         cfg.train.progress = False
     return cfg

@@ -88,3 +88,32 @@ def all_gather_object(mesh: ParallelMesh, obj, *, tag: str) -> list:
     out = [None] * n
     dist.all_gather_object(out, obj)
     return out
+
+
+# torch 2.13 renamed the tensor collectives; 2.11 has only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str) -> torch.Tensor:
+    """Concatenation along dim 0 of every rank's `tensor` on this rank's `axis` slice."""
+    n = mesh.size(axis)
+    if n == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((n * tensor.shape[0], *tensor.shape[1:]))
+    mesh.ledger.record(axis, "all_gather", tag, _nbytes(out), (n - 1) / n * _nbytes(out))
+    _all_gather_single(out, tensor, group=mesh.group(axis))
+    return out
+
+
+def reduce_scatter(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str) -> torch.Tensor:
+    """Sum over the `axis` slice, this rank keeping its 1/n of dim 0."""
+    n = mesh.size(axis)
+    if n == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((tensor.shape[0] // n, *tensor.shape[1:]))
+    mesh.ledger.record(axis, "reduce_scatter", tag, _nbytes(tensor), (n - 1) / n * _nbytes(tensor))
+    _reduce_scatter_single(out, tensor, group=mesh.group(axis))
+    return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshpar.model.config import LARGE_PRESETS, PRESETS, ModelConfig, model_config
+from meshpar.parallel.tensor_plan import tensor_parallel_problems
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    sequence_parallel: bool = False  # Megatron SP: norms and residual sharded on the sequence over tp
     bucket_mb: float = 25.0  # gradient bucket size for the dp all-reduce
 
     @property
@@ -147,6 +149,8 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
         else:
             model = cfg.model.resolve()
             problems += model.problems()
+            if not problems and par.tp >= 1:
+                problems += tensor_parallel_problems(model, par.tp, par.sequence_parallel, tr.seq_len)
             if cfg.model.name in LARGE_PRESETS and tr.device == "cpu":
                 problems.append(f"model {cfg.model.name} has {model.num_params() / 1e9:.1f}B parameters: "
                                 f"too large to train on a CPU (it is there for the planner); "
@@ -155,7 +159,7 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
     for axis in ("dp", "tp", "pp", "cp"):
         if getattr(par, axis) < 1:
             problems.append(f"--{axis}={getattr(par, axis)} must be at least 1")
-    not_yet = {"tp": "tensor", "pp": "pipeline", "cp": "context"}
+    not_yet = {"pp": "pipeline", "cp": "context"}
     for axis, kind in not_yet.items():
         if getattr(par, axis) > 1:
             problems.append(f"{kind} parallelism (--{axis}={getattr(par, axis)}) is not implemented "

@@ -20,6 +20,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    dropout: float = 0.0  # on each block's output before the residual add
 
     @property
     def head_dim(self) -> int:
@@ -48,6 +49,8 @@ class ModelConfig:
                          f"hidden_size={self.hidden_size}")
         elif self.head_dim % 2:
             found.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not 0 <= self.dropout < 1:
+            found.append(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.num_heads % self.num_kv_heads:
             found.append(f"model.num_kv_heads={self.num_kv_heads} must divide "
                          f"num_heads={self.num_heads}")

@@ -81,6 +81,20 @@ class SwiGLU(nn.Module):
         return self.w_down(F.silu(self.w_gate(x_bsh)) * self.w_up(x_bsh))
 
 
+class Dropout(nn.Module):
+    """Inverted dropout whose mask is `rand(shape) >= p`: a rule simple enough that a
+    sharded copy of this layer can draw the same mask and keep its slice."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand(x.shape, device=x.device) >= self.p) / (1 - self.p)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -88,10 +102,12 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
+        self.attention_dropout = Dropout(cfg.dropout)
+        self.mlp_dropout = Dropout(cfg.dropout)
 
     def forward(self, x_bsh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x_bsh + self.attention(self.attention_norm(x_bsh), cos, sin)
-        return h + self.mlp(self.mlp_norm(h))
+        h = x_bsh + self.attention_dropout(self.attention(self.attention_norm(x_bsh), cos, sin))
+        return h + self.mlp_dropout(self.mlp(self.mlp_norm(h)))
 
 
 class Transformer(nn.Module):

@@ -12,10 +12,8 @@ from torch import nn
 from meshpar import comm
 from meshpar.config import TrainConfig
 from meshpar.mesh import ParallelMesh
+from meshpar.parallel.sharding import shard_spec
 
-# Parallel layers tag a parameter with the mesh axes it is partitioned over; the global
-# norm sums its squares across those axes. Untagged parameters are replicated there.
-SHARD_AXES_ATTR = "meshpar_shard_axes"
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -49,13 +47,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def global_grad_norm(params: list[nn.Parameter], mesh: ParallelMesh) -> torch.Tensor:
-    """L2 norm of the full model's gradient. Squares of partitioned parameters are summed
-    across the axes they are partitioned over; replicated ones are counted once."""
+    """L2 norm of the full model's gradient. Squares of sharded parameters are summed
+    across their shard axis (a chunk held by several ranks counted once); replicated
+    parameters are counted once."""
     squares_by_axes: dict[tuple[str, ...], torch.Tensor] = defaultdict(lambda: 0.0)
     for p in params:
         if p.grad is not None:
-            axes = tuple(getattr(p, SHARD_AXES_ATTR, ()))
-            squares_by_axes[axes] = squares_by_axes[axes] + p.grad.detach().float().pow(2).sum()
+            spec = shard_spec(p)
+            axes = (spec.axis,) if spec else ()
+            squares = p.grad.detach().float().pow(2).sum() / (spec.replicas if spec else 1)
+            squares_by_axes[axes] = squares_by_axes[axes] + squares
     total = torch.zeros((), dtype=torch.float32, device=params[0].device)
     for axes, squares in squares_by_axes.items():
         squares = torch.as_tensor(squares, dtype=torch.float32, device=total.device).clone()

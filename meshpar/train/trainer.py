@@ -7,13 +7,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshpar import comm
 from meshpar.config import Config
 from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
+from meshpar.parallel.apply import parallelize
 from meshpar.parallel.data import DataParallelReducer
 from meshpar.train.data import BatchLoader, corpus_description, load_tokens
 from meshpar.train.metrics import MetricsLog, Progress, format_bytes
@@ -26,13 +26,6 @@ class TrainResult:
     evals: list[dict]  # {"step", "val_loss"}
     summary: dict
     model: nn.Module  # this rank's final model
-
-
-def token_loss(logits: torch.Tensor, targets: torch.Tensor, num_global_tokens: int) -> torch.Tensor:
-    """Summed cross entropy over these tokens, divided by the tokens of the whole global
-    batch: partial losses then add up across micro-batches and ranks to the mean."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                           reduction="sum") / num_global_tokens
 
 
 def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -50,7 +43,12 @@ class Trainer:
         self.cfg, self.mesh, self.device = cfg, mesh, device
         tr = cfg.train
         self.model_cfg = cfg.model.resolve()
-        self.model = build_model(self.model_cfg, tr.seed, device)
+        # Every rank builds the full seeded reference, then keeps its slices of it.
+        self.parallel = parallelize(build_model(self.model_cfg, tr.seed, device), mesh,
+                                    cfg.parallel.sequence_parallel)
+        self.model = self.parallel.module
+        # Dropout masks: one stream per dp rank, shared by the tp ranks of a replica.
+        torch.manual_seed(tr.seed + 1 + mesh.index("dp"))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.reducer = DataParallelReducer(self.params, mesh, int(cfg.parallel.bucket_mb * 2**20))
         self.optimizer = build_optimizer(self.model, tr)
@@ -73,12 +71,15 @@ class Trainer:
 
         inputs, targets = self.loader.next_batch()
         self.reducer.zero_grad()
+        # Each micro-batch's summed token loss is divided by the tokens of the whole
+        # global batch: the partial losses add up, over micro-batches and dp ranks, to the mean.
         loss_sum = torch.zeros((), device=self.device)
         for x, y in zip(inputs.chunk(self.num_microbatches), targets.chunk(self.num_microbatches)):
             x, y = x.to(self.device), y.to(self.device)
-            loss = token_loss(self.model(x), y, self.tokens_per_step)
+            loss = self.parallel.loss_sum(self.model(x), y) / self.tokens_per_step
             loss.backward()
             loss_sum += loss.detach()
+        self.parallel.sync_grads()
         self.reducer.reduce()
         comm.all_reduce(self.mesh, "dp", loss_sum, tag="loss")
         grad_norm = clip_grads(self.params, tr.max_grad_norm, self.mesh)
@@ -104,7 +105,7 @@ class Trainer:
             inputs, targets = loader.next_batch()
             for x, y in zip(inputs.chunk(self.num_microbatches), targets.chunk(self.num_microbatches)):
                 x, y = x.to(self.device), y.to(self.device)
-                loss_sum += token_loss(self.model(x), y, total_tokens)
+                loss_sum += self.parallel.loss_sum(self.model(x), y) / total_tokens
         self.model.train()
         comm.all_reduce(self.mesh, "dp", loss_sum, tag="eval")
         return loss_sum.item()

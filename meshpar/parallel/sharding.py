@@ -1,0 +1,60 @@
+"""How a local parameter relates to the full one, and how to gather it back.
+
+Every parallel rewrite that slices a parameter attaches a `ShardSpec` to it. The global
+gradient norm, the full-state gather and (later) checkpoints all read the same spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from meshpar import comm
+from meshpar.mesh import ParallelMesh
+
+SPEC_ATTR = "meshpar_shard"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """The full tensor is cat([local tensor of rank sources[0], ..., sources[k-1]], dim)
+    cut to full_size along `dim` (the tail beyond it is padding). Each index along
+    `axis` appears in `sources` at most once; chunks held by several ranks (replicas)
+    appear once, from their first holder."""
+
+    axis: str
+    dim: int
+    full_size: int
+    sources: tuple[int, ...]
+    replicas: int = 1  # how many ranks of the axis hold each chunk
+
+    @staticmethod
+    def even(axis: str, dim: int, full_size: int, num_shards: int) -> ShardSpec:
+        return ShardSpec(axis, dim, full_size, tuple(range(num_shards)))
+
+
+def shard_spec(param: torch.Tensor) -> ShardSpec | None:
+    return getattr(param, SPEC_ATTR, None)
+
+
+def gather_full(local: torch.Tensor, spec: ShardSpec | None, mesh: ParallelMesh) -> torch.Tensor:
+    """The full tensor from every rank's `local` (collective over spec.axis)."""
+    if spec is None:
+        return local.detach().clone()
+    n = mesh.size(spec.axis)
+    local = local.detach().movedim(spec.dim, 0).contiguous()
+    pieces = comm.all_gather(mesh, spec.axis, local, tag="gather_full").chunk(n)
+    full = torch.cat([pieces[src] for src in spec.sources])[:spec.full_size]
+    return full.movedim(0, spec.dim).contiguous()
+
+
+def full_state(model: nn.Module, mesh: ParallelMesh, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter (or its gradient) at full shape, on every rank of the shard axes."""
+    out = {}
+    for name, param in model.named_parameters():
+        tensor = param.grad if grads else param
+        if tensor is not None:
+            out[name] = gather_full(tensor, shard_spec(param), mesh)
+    return out

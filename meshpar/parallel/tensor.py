@@ -1,0 +1,231 @@
+"""Megatron-style tensor parallelism over the `tp` axis, with sequence parallelism.
+
+Shoeybi et al. 2019 split each MLP and attention block into a column-parallel half
+(weights split by output features, no communication) and a row-parallel half (weights
+split by input features, partial sums reduced). Two conjugate mappings bracket a block:
+
+    entering   f: identity forward, all-reduce backward     (SP: all-gather / reduce-scatter)
+    leaving    g: all-reduce forward, identity backward     (SP: reduce-scatter / all-gather)
+
+Korthikanti et al. 2022 (sequence parallelism) keep the residual stream and the norms
+sharded along the sequence between blocks; the same bytes move, as all-gathers and
+reduce-scatters instead of all-reduces. Activations are (batch, seq, hidden): the
+sequence is dim 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshpar import comm
+from meshpar.mesh import ParallelMesh
+
+SEQ_DIM = 1
+
+
+# --- the conjugate mappings ---------------------------------------------------------
+
+class _CopyToTensorParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return comm.all_reduce(ctx.mesh, "tp", grad.contiguous(), tag="tp"), None
+
+
+class _ReduceFromTensorParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh):
+        return comm.all_reduce(mesh, "tp", x.contiguous(), tag="tp")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _gather_sequence(x: torch.Tensor, mesh: ParallelMesh) -> torch.Tensor:
+    """(b, s/t, h) on each rank -> (b, s, h), rank i's block at [i*s/t, (i+1)*s/t)."""
+    t = mesh.size("tp")
+    gathered = comm.all_gather(mesh, "tp", x.movedim(SEQ_DIM, 0), tag="tp")  # (s, b, h)
+    return gathered.movedim(0, SEQ_DIM) if t > 1 else x
+
+
+def _reduce_scatter_sequence(x: torch.Tensor, mesh: ParallelMesh) -> torch.Tensor:
+    """(b, s, h) partial sums -> this rank's (b, s/t, h) block of the total."""
+    if mesh.size("tp") == 1:
+        return x
+    return comm.reduce_scatter(mesh, "tp", x.movedim(SEQ_DIM, 0), tag="tp").movedim(0, SEQ_DIM)
+
+
+class _GatherFromSequenceParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return _gather_sequence(x, mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_sequence(grad, ctx.mesh), None
+
+
+class _ReduceScatterToSequenceParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return _reduce_scatter_sequence(x, mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_sequence(grad, ctx.mesh), None
+
+
+def copy_to_tensor_parallel(x, mesh):
+    return _CopyToTensorParallel.apply(x, mesh)
+
+
+def reduce_from_tensor_parallel(x, mesh):
+    return _ReduceFromTensorParallel.apply(x, mesh)
+
+
+def gather_from_sequence_parallel(x, mesh):
+    return _GatherFromSequenceParallel.apply(x, mesh)
+
+
+def reduce_scatter_to_sequence_parallel(x, mesh):
+    return _ReduceScatterToSequenceParallel.apply(x, mesh)
+
+
+def enter_tensor_parallel(x, mesh: ParallelMesh, sequence_parallel: bool):
+    """Before column-parallel layers: the full input, replicated on every tp rank."""
+    return gather_from_sequence_parallel(x, mesh) if sequence_parallel else copy_to_tensor_parallel(x, mesh)
+
+
+def leave_tensor_parallel(x, mesh: ParallelMesh, sequence_parallel: bool):
+    """After row-parallel layers: sum the partial outputs (SP: keep this rank's block)."""
+    if sequence_parallel:
+        return reduce_scatter_to_sequence_parallel(x, mesh)
+    return reduce_from_tensor_parallel(x, mesh)
+
+
+# --- layers --------------------------------------------------------------------------
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x @ W_local^T with W split by output features. With `enter=True` it
+    applies the entering mapping itself; inside a block that shares one input between
+    several column-parallel layers (Q, K, V), the block applies it once instead."""
+
+    def __init__(self, weight_local: torch.Tensor, mesh: ParallelMesh,
+                 sequence_parallel: bool = False, enter: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(weight_local)
+        self.mesh, self.sequence_parallel, self.enter = mesh, sequence_parallel, enter
+
+    def forward(self, x):
+        if self.enter:
+            x = enter_tensor_parallel(x, self.mesh, self.sequence_parallel)
+        return F.linear(x, self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_local @ W_local^T with W split by input features. With
+    `leave=True` it reduces its partial output itself."""
+
+    def __init__(self, weight_local: torch.Tensor, mesh: ParallelMesh,
+                 sequence_parallel: bool = False, leave: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(weight_local)
+        self.mesh, self.sequence_parallel, self.leave = mesh, sequence_parallel, leave
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        return leave_tensor_parallel(y, self.mesh, self.sequence_parallel) if self.leave else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank owns rows [vocab_start, vocab_start + rows) of the table; a token outside
+    them looks up zeros, and the leaving mapping sums the ranks' partial embeddings."""
+
+    def __init__(self, weight_local: torch.Tensor, vocab_start: int, mesh: ParallelMesh,
+                 sequence_parallel: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(weight_local)
+        self.vocab_start = vocab_start
+        self.mesh, self.sequence_parallel = mesh, sequence_parallel
+
+    def forward(self, tokens):
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x = x.masked_fill(outside.unsqueeze(-1), 0.0)
+        return leave_tensor_parallel(x, self.mesh, self.sequence_parallel)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token -log softmax(logits)[target] from vocab-sharded logits, reducing only
+    three (tokens,)-sized tensors over tp: the max, the target logit and the sum of
+    exponentials. The full logits are never gathered."""
+
+    @staticmethod
+    def forward(ctx, logits_local, targets, vocab_start, num_valid_local, mesh):
+        logits = logits_local.float()
+        if num_valid_local < logits.shape[-1]:  # padded vocabulary rows never win
+            logits = logits.clone()
+            logits[..., num_valid_local:] = float("-inf")
+        logits_max = logits.max(dim=-1).values
+        comm.all_reduce(mesh, "tp", logits_max, tag="loss", op="max")
+        shifted = logits - logits_max.unsqueeze(-1)
+
+        local_target = targets - vocab_start
+        outside = (local_target < 0) | (local_target >= logits.shape[-1])
+        safe_target = local_target.masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+        target_logit = target_logit.masked_fill(outside, 0.0)
+        comm.all_reduce(mesh, "tp", target_logit, tag="loss")
+
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        comm.all_reduce(mesh, "tp", sum_exp, tag="loss")
+
+        ctx.save_for_backward(exp, sum_exp, safe_target, outside)
+        ctx.input_dtype = logits_local.dtype
+        return sum_exp.log() - target_logit
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        exp, sum_exp, safe_target, outside = ctx.saved_tensors
+        grad = exp / sum_exp.unsqueeze(-1)  # softmax over the full vocabulary, local slice
+        hit = (~outside).to(grad.dtype)
+        grad.scatter_add_(-1, safe_target.unsqueeze(-1), -hit.unsqueeze(-1))
+        grad *= grad_loss.unsqueeze(-1)
+        return grad.to(ctx.input_dtype), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, vocab_start: int,
+                                 num_valid_local: int, mesh: ParallelMesh) -> torch.Tensor:
+    """Per-token losses (same shape as `targets`), identical on every tp rank."""
+    return _VocabParallelCrossEntropy.apply(logits_local, targets, vocab_start, num_valid_local, mesh)
+
+
+class SequenceParallelDropout(nn.Module):
+    """Dropout on a sequence-sharded tensor that draws the mask of the full tensor (all tp
+    ranks share the generator state) and keeps this rank's block, so every rank's mask is
+    its slice of the mask one device would draw."""
+
+    def __init__(self, p: float, mesh: ParallelMesh):
+        super().__init__()
+        self.p, self.mesh = p, mesh
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        t, rank = self.mesh.size("tp"), self.mesh.index("tp")
+        full_shape = list(x.shape)
+        full_shape[SEQ_DIM] *= t
+        keep = torch.rand(full_shape, device=x.device) >= self.p
+        keep = keep.chunk(t, dim=SEQ_DIM)[rank]
+        return x * keep / (1 - self.p)
