@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from meshpar.config import Config, ParallelConfig, TrainConfig
+from meshpar.config import Config, ModelSection, ParallelConfig, TrainConfig, check
 from meshpar.mesh import ParallelMesh
 from meshpar.train.launch import mesh_shape
 from meshpar.train.trainer import Trainer
 
 
-def fast_config(dp: int = 1, steps: int = 20, **train) -> Config:
+def fast_config(dp: int = 1, steps: int = 20, tp: int = 1, sequence_parallel: bool = False,
+                model: dict | None = None, **train) -> Config:
     """The tiny model on short sequences: a 20-step run takes about a second per rank."""
-    cfg = Config(parallel=ParallelConfig(dp=dp),
+    cfg = Config(model=ModelSection("tiny", dict(model or {})),
+                 parallel=ParallelConfig(dp=dp, tp=tp, sequence_parallel=sequence_parallel),
                  train=TrainConfig(global_batch_size=16, seq_len=64, steps=steps, warmup_steps=5,
                                    eval_every=0, eval_batches=1, progress=False))
     for key, value in train.items():
@@ -23,13 +25,14 @@ def fast_config(dp: int = 1, steps: int = 20, **train) -> Config:
 
 def train_and_report(cfg: Config) -> dict:
     """Train `cfg` on this rank; what a test compares against the reference."""
+    check(cfg)
     mesh = ParallelMesh.build(mesh_shape(cfg)) if cfg.parallel.world_size > 1 else ParallelMesh.single()
     result = Trainer(cfg, mesh, torch.device("cpu")).run()
     return {
         "losses": [s["loss"] for s in result.steps],
         "grad_norms": [s["grad_norm"] for s in result.steps],
         "val_loss": result.summary["val_loss"],
-        "params": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+        "params": result.parallel.full_state(),  # gathered to full shape
         "ledger": dict(mesh.ledger.entries),
         "summary": result.summary,
     }

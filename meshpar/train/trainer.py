@@ -13,7 +13,7 @@ from meshpar import comm
 from meshpar.config import Config
 from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
-from meshpar.parallel.apply import parallelize
+from meshpar.parallel.apply import ParallelModel, parallelize
 from meshpar.parallel.data import DataParallelReducer
 from meshpar.train.data import BatchLoader, corpus_description, load_tokens
 from meshpar.train.metrics import MetricsLog, Progress, format_bytes
@@ -25,7 +25,7 @@ class TrainResult:
     steps: list[dict]  # one record per optimizer step
     evals: list[dict]  # {"step", "val_loss"}
     summary: dict
-    model: nn.Module  # this rank's final model
+    parallel: ParallelModel  # this rank's final model and how to gather it
 
 
 def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -135,7 +135,7 @@ class Trainer:
         log.close()
         if self.is_logger and tr.progress:
             print(format_summary(summary), flush=True)
-        return TrainResult(steps, evals, summary, self.model)
+        return TrainResult(steps, evals, summary, self.parallel)
 
     def banner(self) -> str:
         tr = self.cfg.train

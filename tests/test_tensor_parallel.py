@@ -1,0 +1,144 @@
+"""Tensor and sequence parallelism against the single-device reference: logits, loss,
+every gathered gradient, 20 training steps, the ledger's TP volume and dropout masks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meshpar.mesh import MeshShape, ParallelMesh
+from meshpar.model import build_model, model_config
+from meshpar.parallel.apply import parallelize
+from meshpar.parallel.sharding import ShardSpec, gather_full
+from reference import fast_config, train_and_report
+
+REL = 1e-5
+BATCH, SEQ = 2, 32
+# kv heads fewer than tp (replicated), and a vocabulary tp does not divide (padded)
+GQA_PADDED = {"num_kv_heads": 1, "vocab_size": 258}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def forward_backward_errors(shape: dict, sequence_parallel: bool, overrides: dict, dropout: float = 0.0):
+    """On one rank: the parallel model's logits, loss and gathered gradients against the
+    reference computed on the same rank, for one micro-batch; plus the ledger."""
+    mesh = ParallelMesh.build(MeshShape(**shape))
+    cfg = model_config("tiny", dropout=dropout, **overrides)
+    tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    reference = build_model(cfg, seed=0)
+    torch.manual_seed(7)  # the dropout masks
+    ref_logits = reference(x)
+    ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
+    ref_loss.backward()
+
+    parallel = parallelize(build_model(cfg, seed=0), mesh, sequence_parallel)
+    mesh.ledger.reset()
+    torch.manual_seed(7)
+    logits_local = parallel.module(x)
+    loss = parallel.loss_sum(logits_local, y) / y.numel()
+    loss.backward()
+    ledger = dict(mesh.ledger.entries)
+    parallel.sync_grads()
+
+    t = mesh.size("tp")
+    logits = gather_full(logits_local, ShardSpec.even("tp", 2, cfg.vocab_size, t), mesh)
+    grads = parallel.full_state(grads=True)
+    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+    assert grads.keys() == ref_grads.keys()
+    return {
+        "logits": rel_err(logits, ref_logits.detach()),
+        "loss": abs(loss.item() - ref_loss.item()) / ref_loss.item(),
+        "grads": {name: rel_err(grads[name], ref_grads[name]) for name in ref_grads},
+        "ledger": ledger,
+    }
+
+
+CASES_2 = [({"tp": 2}, False, {}), ({"tp": 2}, True, {}), ({"tp": 2}, True, GQA_PADDED)]
+CASES_4 = [({"tp": 4}, False, {}), ({"tp": 4}, True, {}), ({"tp": 4}, False, GQA_PADDED),
+           ({"tp": 4}, True, {"num_kv_heads": 2, "vocab_size": 258}),
+           ({"tp": 2, "dp": 2}, False, {}), ({"tp": 2, "dp": 2}, True, GQA_PADDED)]
+
+
+def run_cases(cases):
+    return [forward_backward_errors(*case) for case in cases]
+
+
+@pytest.mark.parametrize("world_size, cases", [(2, CASES_2), (4, CASES_4)])
+def test_forward_backward_equals_single_device(worlds, world_size, cases):
+    per_rank = worlds(world_size).run(run_cases, cases)
+    for rank, results in enumerate(per_rank):
+        for case, result in zip(cases, results):
+            where = f"rank {rank}, {case}"
+            assert result["logits"] <= REL, where
+            assert result["loss"] <= REL, where
+            worst = max(result["grads"].items(), key=lambda kv: kv[1])
+            assert worst[1] <= REL, f"{where}: gradient of {worst[0]} off by {worst[1]:.2e}"
+
+
+def test_dropout_masks_match_under_tp_and_sp(worlds):
+    cases = [({"tp": 2}, False, {}, 0.1), ({"tp": 2}, True, {}, 0.1)]
+    for results in worlds(2).run(run_cases, cases):
+        for result in results:
+            assert result["loss"] <= REL and result["logits"] <= REL
+            assert max(result["grads"].values()) <= REL
+
+
+def test_ledger_shows_the_analytic_tp_volume(worlds):
+    """Per layer and micro-batch: 2 all-reduces of b*s*h forward and 2 backward; plus the
+    embedding's forward reduction and the output layer's backward one; the loss reduces
+    three (b*s,) tensors. With SP the same wire bytes move as all-gathers and reduce-scatters."""
+    cfg = model_config("tiny")
+    L, h = cfg.num_layers, cfg.hidden_size
+    activation_bytes = BATCH * SEQ * h * 4
+    plain, sp = worlds(2).run(run_cases, [({"tp": 2}, False, {}), ({"tp": 2}, True, {})])[0]
+
+    tp_all_reduce = plain["ledger"][("tp", "all_reduce", "tp")]
+    assert tp_all_reduce.calls == 4 * L + 2
+    assert tp_all_reduce.bytes == (4 * L + 2) * activation_bytes
+    loss = plain["ledger"][("tp", "all_reduce", "loss")]
+    assert (loss.calls, loss.bytes) == (3, 3 * BATCH * SEQ * 4)
+    assert {k for k in plain["ledger"] if k[0] == "tp"} == {("tp", "all_reduce", "tp"), ("tp", "all_reduce", "loss")}
+
+    gathers = sp["ledger"][("tp", "all_gather", "tp")]
+    scatters = sp["ledger"][("tp", "reduce_scatter", "tp")]
+    assert gathers.calls == scatters.calls == 4 * L + 2
+    assert gathers.bytes == scatters.bytes == (4 * L + 2) * activation_bytes
+    assert gathers.wire_bytes + scatters.wire_bytes == pytest.approx(tp_all_reduce.wire_bytes)
+    assert ("tp", "all_reduce", "tp") not in sp["ledger"]
+
+
+# At lr 3e-3 the GQA_PADDED model hits a loss spike at step 16 that amplifies any
+# reordering of sums (dp=2 alone then drifts 2e-5 from one device); at 1e-3 it trains
+# smoothly, and the comparison tests the parallelism rather than the spike.
+TRAIN = {"default": ({}, {}), "gqa_padded": (GQA_PADDED, {"lr": 1e-3})}
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {key: train_and_report(fast_config(model=model, **train)) for key, (model, train) in TRAIN.items()}
+
+
+def assert_same_training(run: dict, ref: dict):
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(ref["losses"]), rtol=REL, atol=0)
+    torch.testing.assert_close(torch.tensor(run["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=REL, atol=0)
+    for name, value in ref["params"].items():
+        assert rel_err(run["params"][name], value) <= REL, name
+
+
+@pytest.mark.parametrize("world_size, layout, model", [
+    (2, {"tp": 2}, "default"),
+    (2, {"tp": 2, "sequence_parallel": True}, "gqa_padded"),
+    (4, {"tp": 4}, "gqa_padded"),
+    (4, {"tp": 4, "sequence_parallel": True}, "default"),
+    (4, {"tp": 2, "dp": 2}, "default"),
+    (4, {"tp": 2, "dp": 2, "sequence_parallel": True}, "gqa_padded"),
+])
+def test_training_equals_single_device(worlds, references, world_size, layout, model):
+    overrides, train = TRAIN[model]
+    runs = worlds(world_size).run(train_and_report, fast_config(model=overrides, **layout, **train))
+    for run in runs:
+        assert_same_training(run, references[model])
