@@ -50,9 +50,12 @@ class _ReduceFromTensorParallel(torch.autograd.Function):
 
 def _gather_sequence(x: torch.Tensor, mesh: ParallelMesh) -> torch.Tensor:
     """(b, s/t, h) on each rank -> (b, s, h), rank i's block at [i*s/t, (i+1)*s/t)."""
-    t = mesh.size("tp")
+    if mesh.size("tp") == 1:
+        return x
     gathered = comm.all_gather(mesh, "tp", x.movedim(SEQ_DIM, 0), tag="tp")  # (s, b, h)
-    return gathered.movedim(0, SEQ_DIM) if t > 1 else x
+    # One contiguous (b, s, h) copy: Q, K and V (gate and up) then save the same tensor
+    # for their weight gradients instead of each reshaping a strided view into its own.
+    return gathered.movedim(0, SEQ_DIM).contiguous()
 
 
 def _reduce_scatter_sequence(x: torch.Tensor, mesh: ParallelMesh) -> torch.Tensor:

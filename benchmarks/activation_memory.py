@@ -1,0 +1,63 @@
+"""Bytes of activations saved for backward per layer: measured beside predicted.
+
+Runs the tiny model (fp32) at tp = 1, 2, 4, with and without sequence parallelism, on a
+4-rank gloo world, and prints a markdown table (rank 0's layer 0; every rank holds the
+same amount). The prediction is meshpar.train.activations.predicted_saved_bytes.
+
+    python benchmarks/activation_memory.py [--batch 2 --seq 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import timedelta
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from meshpar.mesh import MeshShape, ParallelMesh
+from meshpar.model import model_config
+from meshpar.train.activations import REGIONS, measure_layer, predicted_saved_bytes
+from meshpar.train.launch import free_port
+
+LAYOUTS = [(1, False), (2, False), (2, True), (4, False), (4, True)]
+
+
+def rank_main(rank: int, args, port: int, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=4, timeout=timedelta(minutes=5))
+    cfg = model_config("tiny")
+    rows = []
+    for tp, sp in LAYOUTS:
+        mesh = ParallelMesh.build(MeshShape(dp=4 // tp, tp=tp))
+        measured = measure_layer(cfg, mesh, args.batch, args.seq, sp)
+        rows.append((tp, sp, measured, predicted_saved_bytes(cfg, args.batch, args.seq, tp, sp)))
+    if rank == 0:
+        results.put(rows)
+    dist.destroy_process_group()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=32)
+    args = parser.parse_args()
+    results = mp.get_context("spawn").Queue()
+    mp.start_processes(rank_main, args=(args, free_port(), results), nprocs=4, start_method="spawn")
+    rows = results.get()
+    cfg = model_config("tiny")
+    print(f"tiny model (h={cfg.hidden_size}, heads={cfg.num_heads}, kv_heads={cfg.num_kv_heads}, "
+          f"ffn={cfg.ffn_hidden_size}), batch {args.batch}, seq {args.seq}, fp32; bytes per layer, "
+          f"measured / predicted")
+    print("\n| t | SP | " + " | ".join(REGIONS) + " | total | norms vs t=1 |")
+    print("|---|----|" + "---|" * (len(REGIONS) + 2))
+    single_norm = rows[0][2]["attention_norm"]
+    for tp, sp, measured, predicted in rows:
+        cells = [f"{measured[r]:,} / {predicted[r]:,}" for r in (*REGIONS, "total")]
+        print(f"| {tp} | {'on' if sp else 'off'} | " + " | ".join(cells)
+              + f" | {measured['attention_norm'] / single_norm:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

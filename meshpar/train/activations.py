@@ -1,0 +1,93 @@
+"""Bytes of activations a transformer layer saves for backward: measured, and predicted.
+
+Measured: `torch.autograd.graph.saved_tensors_hooks` sees every tensor autograd keeps;
+each is attributed to the child of the layer (norm, attention, mlp, ...) that was running,
+counted by its storage (a view holds its whole storage alive), once per region, and
+parameters are left out.
+
+Predicted: the method of Korthikanti et al. 2022 (Section 4.1) - list what each op saves
+- applied to meshpar's layer: RMSNorm instead of LayerNorm, SwiGLU instead of GeLU, rotary
+embeddings, flash-style attention (saves q, k, v, output and the log-sum-exp, not the
+s x s scores), no dropout by default.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from meshpar.model.config import ModelConfig
+
+REGIONS = ("attention_norm", "attention", "mlp_norm", "mlp")
+
+
+def measure_saved_bytes(model: nn.Module, layer: nn.Module, run: Callable[[], object]) -> dict[str, int]:
+    """{region: bytes} that `layer`'s children save while `run()` executes, plus 'total'
+    (each storage once across the layer)."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current = [None]
+    storages: dict[str, dict[int, int]] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if current[0] is not None and storage.data_ptr() not in param_storages:
+            storages.setdefault(current[0], {})[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    handles = []
+    for name, child in layer.named_children():
+        handles.append(child.register_forward_pre_hook(lambda _m, _a, n=name: current.__setitem__(0, n)))
+        handles.append(child.register_forward_hook(lambda _m, _a, _o: current.__setitem__(0, None)))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {name: sum(region.values()) for name, region in storages.items()}
+    out["total"] = sum({ptr: n for region in storages.values() for ptr, n in region.items()}.values())
+    return out
+
+
+def predicted_saved_bytes(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
+                          sequence_parallel: bool = False, bytes_per_element: int = 4) -> dict[str, int]:
+    """What `measure_saved_bytes` should find for one layer, region by region."""
+    b, s, h, t = batch, seq, cfg.hidden_size, tp
+    d = cfg.head_dim
+    heads = cfg.num_heads // t
+    kv_heads = max(1, cfg.num_kv_heads // t)
+    f = cfg.ffn_hidden_size // t
+    bsh = b * s * h
+    # RMSNorm: its input, the normalised output, and rsqrt of the mean square (b, s).
+    norm = (2 * bsh + b * s) // (t if sequence_parallel else 1)
+    # The input every column-parallel layer reads: the full sequence on every tp rank
+    # (with SP it is the all-gathered copy, kept for the weight gradient).
+    block_input = bsh
+    attention = (block_input
+                 + s * d  # rotary cos and sin rows, (s, d/2) each
+                 + b * s * heads * d  # rotated q
+                 + 2 * b * s * kv_heads * d  # rotated k, v
+                 + b * heads * s  # log-sum-exp of the scores
+                 + b * s * heads * d  # attention output
+                 + b * s * heads * d)  # its (b*s, heads*d) copy, the input of wo
+    mlp = block_input + 4 * b * s * f  # gate, up, silu(gate), silu(gate)*up
+    regions = {"attention_norm": norm, "attention": attention, "mlp_norm": norm, "mlp": mlp}
+    out = {name: n * bytes_per_element for name, n in regions.items()}
+    # No storage is shared between regions: a norm keeps its output before the gain,
+    # the block reads the output after it.
+    out["total"] = sum(regions.values()) * bytes_per_element
+    return out
+
+
+def measure_layer(cfg: ModelConfig, mesh, batch: int, seq: int, sequence_parallel: bool,
+                  layer_index: int = 0) -> dict[str, int]:
+    """Saved bytes of one layer of the model parallelized on `mesh`, for one forward."""
+    from meshpar.model import build_model
+    from meshpar.parallel.apply import parallelize
+
+    parallel = parallelize(build_model(cfg, seed=0), mesh, sequence_parallel)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return measure_saved_bytes(parallel.module, parallel.module.layers[layer_index],
+                               lambda: parallel.module(tokens))
