@@ -26,6 +26,8 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_parallel_buckets.py
+	$(BIN)/python benchmarks/tp_vs_torch.py
+	$(BIN)/python benchmarks/activation_memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
