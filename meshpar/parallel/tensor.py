@@ -170,8 +170,9 @@ class VocabParallelEmbedding(nn.Module):
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token -log softmax(logits)[target] from vocab-sharded logits, reducing only
-    three (tokens,)-sized tensors over tp: the max, the target logit and the sum of
-    exponentials. The full logits are never gathered."""
+    three (tokens,)-sized tensors over tp: the max (one all-reduce), then the target
+    logit and the sum of exponentials (together, one more). The full logits are never
+    gathered."""
 
     @staticmethod
     def forward(ctx, logits_local, targets, vocab_start, num_valid_local, mesh):
@@ -188,11 +189,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         safe_target = local_target.masked_fill(outside, 0)
         target_logit = shifted.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
         target_logit = target_logit.masked_fill(outside, 0.0)
-        comm.all_reduce(mesh, "tp", target_logit, tag="loss")
-
         exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        comm.all_reduce(mesh, "tp", sum_exp, tag="loss")
+        # Both sums ride one all-reduce: same bytes, one call fewer.
+        sums = torch.stack((target_logit, exp.sum(dim=-1)))
+        comm.all_reduce(mesh, "tp", sums, tag="loss")
+        target_logit, sum_exp = sums[0], sums[1]
 
         ctx.save_for_backward(exp, sum_exp, safe_target, outside)
         ctx.input_dtype = logits_local.dtype
