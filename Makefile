@@ -13,9 +13,9 @@ $(STAMP): pyproject.toml requirements-ci.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
-# The default tiny model, 4 local CPU ranks (dp=4), the built-in corpus.
+# The default tiny model on 4 local CPU ranks (dp=2 x tp=2, sequence parallel), the built-in corpus.
 demo: $(STAMP)
-	$(BIN)/meshpar train --model tiny --dp 4 --steps 200 --metrics-file runs/demo/metrics.jsonl
+	$(BIN)/meshpar train --model tiny --dp 2 --tp 2 --sequence-parallel --steps 200 --metrics-file runs/demo/metrics.jsonl
 
 # The quick suite (slow tests excluded); `make test-all` includes them.
 test: $(STAMP)
