@@ -170,7 +170,7 @@ def format_summary(summary: dict) -> str:
              f"val loss {summary['val_loss']:.4f}   tokens/s {summary['tokens_per_s']:,.0f}"]
     for axis, ops in summary["comm"].items():
         for op, entry in ops.items():
-            lines.append(f"comm rank 0  {axis:>3} {op:<12} {entry['calls']:>6} calls  "
+            lines.append(f"comm rank 0  {axis:>3} {op:<14} {entry['calls']:>6} calls  "
                          f"payload {format_bytes(entry['bytes']):>11}  wire {format_bytes(entry['wire_bytes']):>11}")
     if not summary["comm"]:
         lines.append("comm rank 0  none (a single rank)")
