@@ -41,6 +41,8 @@ class _CopyToTensorParallel(torch.autograd.Function):
 class _ReduceFromTensorParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh):
+        if x.is_contiguous():
+            ctx.mark_dirty(x)  # reduced in place: autograd must know the input changed
         return comm.all_reduce(mesh, "tp", x.contiguous(), tag="tp")
 
     @staticmethod

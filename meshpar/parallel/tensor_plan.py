@@ -171,10 +171,16 @@ class TensorParallelLlama:
             for p in self.sequence_parallel_params:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-        for p in self.replicated_kv:
-            spec = getattr(p, SPEC_ATTR)
-            rows = p.shape[0]
-            full = p.grad.new_zeros(spec.full_size, *p.shape[1:])
-            full[self.kv_head_index * rows:(self.kv_head_index + 1) * rows] = p.grad
-            comm.all_reduce(self.mesh, "tp", full, tag="kv_grads")
-            p.grad.copy_(full[self.kv_head_index * rows:(self.kv_head_index + 1) * rows])
+        if self.replicated_kv:
+            # Each holder writes its head's gradient into a zeroed full-size slot; one sum
+            # over tp then gives every head its total.
+            rows = self.replicated_kv[0].shape[0]
+            head = slice(self.kv_head_index * rows, (self.kv_head_index + 1) * rows)
+            full_rows = getattr(self.replicated_kv[0], SPEC_ATTR).full_size
+            slots = self.replicated_kv[0].grad.new_zeros(len(self.replicated_kv), full_rows,
+                                                         *self.replicated_kv[0].shape[1:])
+            for slot, p in zip(slots, self.replicated_kv):
+                slot[head] = p.grad
+            comm.all_reduce(self.mesh, "tp", slots, tag="kv_grads")
+            for slot, p in zip(slots, self.replicated_kv):
+                p.grad.copy_(slot[head])
