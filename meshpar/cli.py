@@ -8,12 +8,25 @@ import sys
 from meshpar.config import Config, ConfigError, check, load_toml
 from meshpar.model.config import PRESETS
 
+def layer_counts(text: str) -> list[int]:
+    """'3,3,2' -> [3, 3, 2]."""
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer counts like 3,3,2") from None
+
+
 # flag -> (section, field, type, help)
 TRAIN_FLAGS = {
     "--dp": ("parallel", "dp", int, "data-parallel degree"),
     "--tp": ("parallel", "tp", int, "tensor-parallel degree"),
     "--pp": ("parallel", "pp", int, "pipeline-parallel degree"),
     "--cp": ("parallel", "cp", int, "context-parallel degree"),
+    "--schedule": ("parallel", "schedule", str, "pipeline schedule: naive, gpipe, 1f1b, interleaved-1f1b, "
+                                                 "zb-h1 (default 1f1b)"),
+    "--virtual-stages": ("parallel", "virtual_stages", int, "pipeline chunks per rank, for interleaved-1f1b (1)"),
+    "--pp-layers": ("parallel", "pp_layers", layer_counts,
+                    "layers per pipeline stage, e.g. 3,3,2 (default: balanced by cost)"),
     "--bucket-mb": ("parallel", "bucket_mb", float, "gradient bucket size in MiB (default 25)"),
     "--global-batch-size": ("train", "global_batch_size", int, "sequences per optimizer step (default 32)"),
     "--micro-batch-size": ("train", "micro_batch_size", int,

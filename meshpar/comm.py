@@ -78,15 +78,16 @@ def all_reduce(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str,
     return tensor
 
 
-def all_gather_object(mesh: ParallelMesh, obj, *, tag: str) -> list:
-    """Every rank's `obj`, on every rank (pickled; for small metadata only)."""
-    if mesh.world_size == 1:
+def all_gather_object(mesh: ParallelMesh, obj, *, tag: str, axis: str = "world") -> list:
+    """Every rank's `obj` along `axis`, on every rank of it (pickled; for small metadata
+    and test-sized state only)."""
+    n = mesh.world_size if axis == "world" else mesh.size(axis)
+    if n == 1:
         return [obj]
     payload = len(pickle.dumps(obj))
-    n = mesh.world_size
-    mesh.ledger.record("world", "all_gather_object", tag, n * payload, (n - 1) * payload)
+    mesh.ledger.record(axis, "all_gather_object", tag, n * payload, (n - 1) * payload)
     out = [None] * n
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=mesh.group(axis))
     return out
 
 
@@ -117,3 +118,18 @@ def reduce_scatter(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: 
     mesh.ledger.record(axis, "reduce_scatter", tag, _nbytes(tensor), (n - 1) / n * _nbytes(tensor))
     _reduce_scatter_single(out, tensor, group=mesh.group(axis))
     return out
+
+
+def batch_send_recv(mesh: ParallelMesh, axis: str, sends: list[tuple[torch.Tensor, int, int, str]],
+                    recvs: list[tuple[torch.Tensor, int, int]]) -> tuple[list, list]:
+    """Point-to-point along `axis` as one batch: sends are (tensor, global peer, tag, ledger
+    tag), receives (buffer, global peer, tag). Returns the send and receive works; the
+    ledger records each send's bytes (what this rank puts on the wire)."""
+    ops = []
+    for tensor, peer, tag, purpose in sends:
+        mesh.ledger.record(axis, "send", purpose, _nbytes(tensor), _nbytes(tensor))
+        ops.append(dist.P2POp(dist.isend, tensor, peer, group=mesh.group(f"{axis}_p2p"), tag=tag))
+    ops += [dist.P2POp(dist.irecv, buffer, peer, group=mesh.group(f"{axis}_p2p"), tag=tag)
+            for buffer, peer, tag in recvs]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    return works[:len(sends)], works[len(sends):]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from meshpar.model.config import LARGE_PRESETS, PRESETS, ModelConfig, model_config
 from meshpar.parallel.tensor_plan import tensor_parallel_problems
+from meshpar.pipeline.schedules import GENERATORS
+from meshpar.pipeline.split import split_problems
 
 
 class ConfigError(ValueError):
@@ -40,6 +42,9 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     sequence_parallel: bool = False  # Megatron SP: norms and residual sharded on the sequence over tp
+    schedule: str = "1f1b"  # pipeline schedule (see meshpar/pipeline/schedules.py)
+    virtual_stages: int = 1  # pipeline chunks per rank (interleaved-1f1b)
+    pp_layers: list[int] | None = None  # layers per stage; default: balanced by cost
     bucket_mb: float = 25.0  # gradient bucket size for the dp all-reduce
 
     @property
@@ -111,6 +116,15 @@ def load_toml(path: str | os.PathLike) -> Config:
     return cfg
 
 
+def _batch_splits(tr: TrainConfig, dp: int) -> bool:
+    """Whether the global batch divides into dp ranks and micro-batches (else another
+    message already says why)."""
+    if dp < 1 or tr.global_batch_size < 1 or tr.global_batch_size % dp:
+        return False
+    per_rank = tr.global_batch_size // dp
+    return tr.micro_batch_size is None or (tr.micro_batch_size >= 1 and per_rank % tr.micro_batch_size == 0)
+
+
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
@@ -151,6 +165,11 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
             problems += model.problems()
             if not problems and par.tp >= 1:
                 problems += tensor_parallel_problems(model, par.tp, par.sequence_parallel, tr.seq_len)
+            if not problems and par.pp >= 1 and par.virtual_stages >= 1:
+                problems += split_problems(model, par.pp * par.virtual_stages, par.pp_layers)
+                if par.pp > 1 and model.tie_embeddings:
+                    problems.append("tied embeddings with --pp above 1 are not supported yet (the embedding "
+                                    "and the output layer sit on different ranks); untie them or use --pp 1")
             if cfg.model.name in LARGE_PRESETS and tr.device == "cpu":
                 problems.append(f"model {cfg.model.name} has {model.num_params() / 1e9:.1f}B parameters: "
                                 f"too large to train on a CPU (it is there for the planner); "
@@ -159,11 +178,23 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
     for axis in ("dp", "tp", "pp", "cp"):
         if getattr(par, axis) < 1:
             problems.append(f"--{axis}={getattr(par, axis)} must be at least 1")
-    not_yet = {"pp": "pipeline", "cp": "context"}
+    not_yet = {"cp": "context"}
     for axis, kind in not_yet.items():
         if getattr(par, axis) > 1:
             problems.append(f"{kind} parallelism (--{axis}={getattr(par, axis)}) is not implemented "
                             f"yet; use --{axis} 1 (data parallelism, --dp, is available)")
+    if par.virtual_stages < 1:
+        problems.append(f"--virtual-stages={par.virtual_stages} must be at least 1")
+    if par.schedule not in GENERATORS:
+        problems.append(f"unknown schedule {par.schedule!r}; choose one of {', '.join(GENERATORS)}")
+    elif par.virtual_stages > 1 and par.schedule != "interleaved-1f1b":
+        problems.append(f"--virtual-stages {par.virtual_stages} needs --schedule interleaved-1f1b "
+                        f"({par.schedule} runs one stage per rank)")
+    elif (par.schedule == "interleaved-1f1b" and par.pp >= 1 and _batch_splits(tr, par.dp)
+          and tr.num_microbatches(par.dp) % par.pp):
+        problems.append(f"interleaved-1f1b needs the micro-batches per step "
+                        f"({tr.num_microbatches(par.dp)}) to be a multiple of --pp={par.pp}; "
+                        f"change --micro-batch-size")
     if par.bucket_mb <= 0:
         problems.append(f"parallel.bucket_mb={par.bucket_mb} must be positive")
 

@@ -95,6 +95,13 @@ class ParallelMesh:
                 group = dist.new_group(ranks)
                 if rank in ranks:
                     groups[axis] = group
+                if axis == "pp":
+                    # Point-to-point gets a group of its own: sends and receives advance a
+                    # group's sequence number on some ranks only, which would make the
+                    # collectives' consistency check (TORCH_DISTRIBUTED_DEBUG=DETAIL) fail.
+                    p2p = dist.new_group(ranks)
+                    if rank in ranks:
+                        groups["pp_p2p"] = p2p
         return cls(shape, rank, groups)
 
     @property

@@ -1,7 +1,8 @@
 """parallelize(): the one place where the parallelisms are composed, in a fixed order.
 
     1. tensor (and sequence) parallelism: shard the layers over tp
-    2. data parallelism happens in the trainer's reducer, over dp
+    2. pipeline parallelism: keep this rank's stages (layers split over pp x virtual stages)
+    3. data parallelism happens in the trainer's reducer, over dp
 
 The model arrives as the full, seeded single-device reference and leaves holding only
 this rank's slices of it.
@@ -16,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.model.llama import Transformer
 from meshpar.parallel.sharding import full_state
 from meshpar.parallel.tensor_plan import TensorParallelLlama
+from meshpar.pipeline.split import PipelineChunks, balanced_split, stage_layers_of
 
 
 def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -34,20 +37,43 @@ class ParallelModel:
     mesh: ParallelMesh
     loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy_sum
     grad_syncs: list[Callable[[], None]] = field(default_factory=list)  # after backward, before dp
+    num_stages: int = 1  # pipeline stages over all ranks; module is a PipelineChunks when above 1
 
     def sync_grads(self):
         for sync in self.grad_syncs:
             sync()
 
+    @property
+    def pipelined(self) -> bool:
+        return self.num_stages > 1
+
     def full_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        """Parameters (or gradients) gathered back to full shape (collective over tp)."""
-        return full_state(self.module, self.mesh, grads)
+        """Parameters (or gradients) gathered back to full shape and to every stage
+        (collective over tp and pp)."""
+        state = full_state(self.module, self.mesh, grads)
+        if self.mesh.size("pp") > 1:
+            merged = {}
+            for part in comm.all_gather_object(self.mesh, state, tag="gather_full", axis="pp"):
+                merged.update(part)
+            state = merged
+        return state
 
 
-def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool = False) -> ParallelModel:
+def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool = False,
+                num_stages: int = 1, stage_layer_counts: list[int] | None = None) -> ParallelModel:
+    """Shard `model` (the full seeded reference) for this rank of `mesh`. `num_stages` is
+    pp x virtual stages; `stage_layer_counts` fixes the layers per stage (default: balanced)."""
     parallel = ParallelModel(model, mesh)
     if mesh.size("tp") > 1:
         tp = TensorParallelLlama(model, mesh, sequence_parallel)
         parallel.loss_sum = tp.loss
         parallel.grad_syncs.append(tp.sync_grads)
+    if num_stages > 1:
+        counts = stage_layer_counts or balanced_split(model.cfg, num_stages)
+        ranges = stage_layers_of(counts)
+        p, r = mesh.size("pp"), mesh.index("pp")
+        seq_shards = mesh.size("tp") if sequence_parallel else 1
+        parallel.module = PipelineChunks(model, {s: ranges[s] for s in range(r, num_stages, p)},
+                                         num_stages, seq_shards)
+        parallel.num_stages = num_stages
     return parallel

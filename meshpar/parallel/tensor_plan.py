@@ -164,23 +164,26 @@ class TensorParallelLlama:
         """After backward: sum over tp the gradients that are partial there - norm weights
         under sequence parallelism, and replicated KV heads (each holder saw only its own
         query heads' share)."""
-        if self.sequence_parallel_params:
-            flat = torch.cat([p.grad.flatten() for p in self.sequence_parallel_params])
+        # Under pipeline parallelism a rank holds some layers only: the others have no
+        # gradient here (and the tp ranks of one stage hold the same layers).
+        norms = [p for p in self.sequence_parallel_params if p.grad is not None]
+        replicated_kv = [p for p in self.replicated_kv if p.grad is not None]
+        if norms:
+            flat = torch.cat([p.grad.flatten() for p in norms])
             comm.all_reduce(self.mesh, "tp", flat, tag="sp_norm_grads")
             offset = 0
-            for p in self.sequence_parallel_params:
+            for p in norms:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-        if self.replicated_kv:
+        if replicated_kv:
             # Each holder writes its head's gradient into a zeroed full-size slot; one sum
             # over tp then gives every head its total.
-            rows = self.replicated_kv[0].shape[0]
+            rows = replicated_kv[0].shape[0]
             head = slice(self.kv_head_index * rows, (self.kv_head_index + 1) * rows)
-            full_rows = getattr(self.replicated_kv[0], SPEC_ATTR).full_size
-            slots = self.replicated_kv[0].grad.new_zeros(len(self.replicated_kv), full_rows,
-                                                         *self.replicated_kv[0].shape[1:])
-            for slot, p in zip(slots, self.replicated_kv):
+            full_rows = getattr(replicated_kv[0], SPEC_ATTR).full_size
+            slots = replicated_kv[0].grad.new_zeros(len(replicated_kv), full_rows, *replicated_kv[0].shape[1:])
+            for slot, p in zip(slots, replicated_kv):
                 slot[head] = p.grad
             comm.all_reduce(self.mesh, "tp", slots, tag="kv_grads")
-            for slot, p in zip(slots, self.replicated_kv):
+            for slot, p in zip(slots, replicated_kv):
                 p.grad.copy_(slot[head])

@@ -49,7 +49,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def global_grad_norm(params: list[nn.Parameter], mesh: ParallelMesh) -> torch.Tensor:
     """L2 norm of the full model's gradient. Squares of sharded parameters are summed
     across their shard axis (a chunk held by several ranks counted once); replicated
-    parameters are counted once."""
+    parameters are counted once; pipeline stages add up."""
     squares_by_axes: dict[tuple[str, ...], torch.Tensor] = defaultdict(lambda: 0.0)
     for p in params:
         if p.grad is not None:
@@ -63,6 +63,7 @@ def global_grad_norm(params: list[nn.Parameter], mesh: ParallelMesh) -> torch.Te
         for axis in axes:
             comm.all_reduce(mesh, axis, squares, tag="grad_norm")
         total += squares
+    comm.all_reduce(mesh, "pp", total, tag="grad_norm")  # stages hold disjoint parameters
     return total.sqrt()
 
 

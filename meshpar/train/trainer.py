@@ -15,6 +15,9 @@ from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
 from meshpar.parallel.apply import ParallelModel, parallelize
 from meshpar.parallel.data import DataParallelReducer
+from meshpar.pipeline.check import Costs, simulate
+from meshpar.pipeline.runtime import PipelineRuntime
+from meshpar.pipeline.schedules import build_schedule
 from meshpar.train.data import BatchLoader, corpus_description, load_tokens
 from meshpar.train.metrics import MetricsLog, Progress, format_bytes
 from meshpar.train.optim import build_optimizer, clip_grads, lr_at
@@ -44,8 +47,10 @@ class Trainer:
         tr = cfg.train
         self.model_cfg = cfg.model.resolve()
         # Every rank builds the full seeded reference, then keeps its slices of it.
+        par = cfg.parallel
+        num_stages = par.pp * par.virtual_stages
         self.parallel = parallelize(build_model(self.model_cfg, tr.seed, device), mesh,
-                                    cfg.parallel.sequence_parallel)
+                                    par.sequence_parallel, num_stages, par.pp_layers)
         self.model = self.parallel.module
         # Dropout masks: one stream per dp rank, shared by the tp ranks of a replica.
         torch.manual_seed(tr.seed + 1 + mesh.index("dp"))
@@ -61,6 +66,13 @@ class Trainer:
         self.tokens_per_step = tr.global_batch_size * tr.seq_len
         self.is_logger = mesh.rank == 0
         self.step = 0
+        self.pipeline = None
+        if self.parallel.pipelined:
+            self.schedule = build_schedule(par.schedule, par.pp, par.virtual_stages, self.num_microbatches)
+            micro_batch = tr.global_batch_size // dp // self.num_microbatches
+            seq_shard = tr.seq_len // (mesh.size("tp") if par.sequence_parallel else 1)
+            self.pipeline = PipelineRuntime(self.schedule, self.model, mesh, self.parallel.loss_sum,
+                                            (micro_batch, seq_shard, self.model_cfg.hidden_size), device)
 
     def train_step(self) -> dict:
         tr = self.cfg.train
@@ -73,24 +85,33 @@ class Trainer:
         self.reducer.zero_grad()
         # Each micro-batch's summed token loss is divided by the tokens of the whole
         # global batch: the partial losses add up, over micro-batches and dp ranks, to the mean.
-        loss_sum = torch.zeros((), device=self.device)
-        for x, y in zip(inputs.chunk(self.num_microbatches), targets.chunk(self.num_microbatches)):
-            x, y = x.to(self.device), y.to(self.device)
-            loss = self.parallel.loss_sum(self.model(x), y) / self.tokens_per_step
-            loss.backward()
-            loss_sum += loss.detach()
+        xs = [x.to(self.device) for x in inputs.chunk(self.num_microbatches)]
+        ys = [y.to(self.device) for y in targets.chunk(self.num_microbatches)]
+        if self.pipeline:
+            wait_before = self.pipeline.recv_wait_s
+            loss_sum = self.pipeline.run(xs, ys, self.tokens_per_step)
+        else:
+            loss_sum = torch.zeros((), device=self.device)
+            for x, y in zip(xs, ys):
+                loss = self.parallel.loss_sum(self.model(x), y) / self.tokens_per_step
+                loss.backward()
+                loss_sum += loss.detach()
         self.parallel.sync_grads()
         self.reducer.reduce()
         comm.all_reduce(self.mesh, "dp", loss_sum, tag="loss")
+        comm.all_reduce(self.mesh, "pp", loss_sum, tag="loss")  # the last stage holds it
         grad_norm = clip_grads(self.params, tr.max_grad_norm, self.mesh)
         self.optimizer.step()
 
         loss_value = loss_sum.item()  # synchronises a CUDA device before timing
         step_time = time.perf_counter() - start
         self.step += 1
-        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                "tokens": self.tokens_per_step, "step_time_s": step_time,
-                "tokens_per_s": self.tokens_per_step / step_time}
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": self.tokens_per_step, "step_time_s": step_time,
+                  "tokens_per_s": self.tokens_per_step / step_time}
+        if self.pipeline:
+            record["pipeline_wait_s"] = self.pipeline.recv_wait_s - wait_before
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -103,11 +124,16 @@ class Trainer:
         self.model.eval()
         for _ in range(tr.eval_batches):
             inputs, targets = loader.next_batch()
-            for x, y in zip(inputs.chunk(self.num_microbatches), targets.chunk(self.num_microbatches)):
-                x, y = x.to(self.device), y.to(self.device)
-                loss_sum += self.parallel.loss_sum(self.model(x), y) / total_tokens
+            xs = [x.to(self.device) for x in inputs.chunk(self.num_microbatches)]
+            ys = [y.to(self.device) for y in targets.chunk(self.num_microbatches)]
+            if self.pipeline:
+                loss_sum += self.pipeline.forward_only(xs, ys, total_tokens)
+            else:
+                for x, y in zip(xs, ys):
+                    loss_sum += self.parallel.loss_sum(self.model(x), y) / total_tokens
         self.model.train()
         comm.all_reduce(self.mesh, "dp", loss_sum, tag="eval")
+        comm.all_reduce(self.mesh, "pp", loss_sum, tag="eval")
         return loss_sum.item()
 
     def run(self) -> TrainResult:
@@ -161,6 +187,22 @@ class Trainer:
             "comm": ledger,
             "comm_per_rank": [r["ledger"] for r in per_rank],
             "model_state_bytes_per_rank": [r["state"] for r in per_rank],
+            **({"pipeline": self.pipeline_summary(timed)} if self.pipeline else {}),
+        }
+
+    def pipeline_summary(self, timed: list[dict]) -> dict:
+        """The simulator's bubble beside the executed one (rank 0's time waiting on
+        receives over its step time) and the live micro-batches, predicted and measured."""
+        costs = Costs(forward=1.0, backward_input=1.0, backward_weight=1.0)
+        sim = simulate(self.schedule, costs)
+        return {
+            "schedule": self.schedule.name,
+            "stages": self.schedule.num_stages,
+            "microbatches": self.schedule.num_microbatches,
+            "predicted_bubble_fraction": sim.bubble_fraction,
+            "measured_wait_fraction": sum(s["pipeline_wait_s"] for s in timed) / sum(s["step_time_s"] for s in timed),
+            "predicted_peak_inflight_microbatches": sim.peak_inflight_microbatches,
+            "measured_peak_live_microbatches_rank0": self.pipeline.peak_live_microbatches,
         }
 
 
