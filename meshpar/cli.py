@@ -7,6 +7,7 @@ import sys
 
 from meshpar.config import Config, ConfigError, check, load_toml
 from meshpar.model.config import PRESETS
+from meshpar.pipeline.schedules import GENERATORS
 
 def layer_counts(text: str) -> list[int]:
     """'3,3,2' -> [3, 3, 2]."""
@@ -63,7 +64,73 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sequence-parallel", action="store_true",
                        help="with --tp: shard norms and the residual stream along the sequence")
     train.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+
+    sim = commands.add_parser("simulate", help="simulate a pipeline schedule: timeline and bubble",
+                              description="Generate, validate and simulate a pipeline schedule; no "
+                                          "process group is started.")
+    sim.add_argument("--schedule", required=True, help=f"one of {', '.join(GENERATORS)}")
+    sim.add_argument("--stages", type=int, required=True, help="pipeline ranks p")
+    sim.add_argument("--microbatches", type=int, required=True, help="micro-batches m per step")
+    sim.add_argument("--virtual-stages", type=int, default=1, help="chunks per rank v (interleaved-1f1b)")
+    sim.add_argument("--costs", default="1,2,1", type=costs_arg,
+                     help="F,B,W: forward, full backward, and the weight part of the backward "
+                          "(zero-bubble splits B into I = B - W and W); default 1,2,1")
+    sim.add_argument("--png", help="draw the timeline into this PNG file")
+    sim.add_argument("--json", action="store_true", help="print total_time, bubble_fraction and "
+                                                          "peak_inflight_microbatches as JSON")
+    sim.add_argument("--actions", action="store_true", help="also print each rank's action list")
     return parser
+
+
+def costs_arg(text: str):
+    from meshpar.pipeline.check import Costs
+
+    try:
+        forward, backward, weight = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--costs {text!r}: expected three numbers F,B,W like 1,2,1") from None
+    if min(forward, backward, weight) < 0 or weight > backward:
+        raise argparse.ArgumentTypeError(f"--costs {text!r}: costs must be non-negative and W at most B")
+    return Costs(forward=forward, backward_input=backward - weight, backward_weight=weight)
+
+
+def simulate_command(args) -> int:
+    import json
+
+    from meshpar.pipeline.check import simulate
+    from meshpar.pipeline.render import save_png, text_grid
+    from meshpar.pipeline.schedules import build_schedule
+
+    problems = [f"--{name}={value} must be at least 1" for name, value in
+                (("stages", args.stages), ("microbatches", args.microbatches),
+                 ("virtual-stages", args.virtual_stages)) if value < 1]
+    if not problems:
+        try:
+            schedule = build_schedule(args.schedule, args.stages, args.virtual_stages, args.microbatches)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        print("meshpar: the simulation has problems:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    sim = simulate(schedule, args.costs)
+    if args.png:
+        save_png(sim, f"{schedule.name} p={args.stages} v={args.virtual_stages} m={args.microbatches}", args.png)
+    if args.json:
+        print(json.dumps({"schedule": schedule.name, "total_time": sim.total_time,
+                          "bubble_fraction": sim.bubble_fraction,
+                          "peak_inflight_microbatches": sim.peak_inflight_microbatches}))
+        return 0
+    print(text_grid(sim, show_stage=args.virtual_stages > 1))
+    if args.actions:
+        for r, line in enumerate(schedule.text()):
+            print(f"rank {r}: {line}")
+    print(f"\n{schedule.name}: p={args.stages} v={args.virtual_stages} m={args.microbatches}  "
+          f"total time {sim.total_time:g}  bubble {sim.bubble_fraction:.1%} (idle over total)  "
+          f"peak in-flight micro-batches per rank {sim.peak_inflight_microbatches}"
+          + (f"\ntimeline written to {args.png}" if args.png else ""))
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -83,6 +150,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        return simulate_command(args)
     try:
         cfg = check(config_from_args(args))
     except ConfigError as err:

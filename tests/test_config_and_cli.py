@@ -23,7 +23,15 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     (["--dp", "0"], "--dp=0 must be at least 1"),
     (["--tp", "3"], "--tp=3 does not divide num_heads=8; use one of 1, 2, 4, 8"),
     (["--sequence-parallel"], "--sequence-parallel needs --tp above 1"),
-    (["--pp", "2"], "pipeline parallelism (--pp=2) is not implemented yet"),
+    (["--pp", "2", "--schedule", "pipedream"], "unknown schedule 'pipedream'; choose one of naive, gpipe, 1f1b"),
+    (["--pp", "4", "--schedule", "interleaved-1f1b", "--virtual-stages", "2", "--micro-batch-size", "16"],
+     "interleaved-1f1b needs the micro-batches per step (2) to be a multiple of --pp=4"),
+    (["--pp", "4", "--virtual-stages", "2"], "--virtual-stages 2 needs --schedule interleaved-1f1b"),
+    (["--pp", "4", "--schedule", "interleaved-1f1b", "--virtual-stages", "4"],
+     "16 pipeline stages (pp x virtual stages) but only 8 layers"),
+    (["--pp", "2", "--pp-layers", "3,3"], "--pp-layers 3,3 sums to 6, the model has 8 layers"),
+    (["--pp", "2", "--pp-layers", "4,2,2"], "--pp-layers has 3 entries for 2 stages"),
+    (["--pp", "2", "--pp-layers", "4,x"], "is not a comma-separated list of layer counts"),
     (["--cp", "2"], "context parallelism (--cp=2) is not implemented yet"),
     (["--micro-batch-size", "5"], "--micro-batch-size=5 must divide the per-rank batch 32/1=32"),
     (["--data", "/nonexistent/corpus.txt"], "no such file or folder"),
@@ -34,7 +42,10 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     (["--model", "llama3-70b"], "too large to train on a CPU"),
 ])
 def test_bad_input_exits_2_with_the_reason(capsys, argv, message):
-    code, err = run_cli(capsys, *argv)
+    try:
+        code, err = run_cli(capsys, *argv)
+    except SystemExit as exit:  # argparse rejects a malformed flag value itself
+        code, err = exit.code, capsys.readouterr().err
     assert code == 2
     assert message in err
     assert "Traceback" not in err

@@ -104,3 +104,26 @@ def test_validate_catches_deadlock_missing_work_and_order():
         validate(Schedule.from_text("x", ["0F0 1F0 0B0 1B0", ""], 2, 1))
     with pytest.raises(ScheduleError, match="unmatched"):
         validate(Schedule.from_text("x", ["0F0 0sF0 0rB0 0B0", "1F0 1B0 1sB0"], 2, 1))
+
+
+def test_simulate_command(capsys, tmp_path):
+    import json
+
+    from meshpar.cli import main
+
+    assert main(["simulate", "--schedule", "1f1b", "--stages", "4", "--microbatches", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_time"] == (8 + 3) * 3
+    assert out["bubble_fraction"] == pytest.approx(3 / 11)
+    assert out["peak_inflight_microbatches"] == [4, 3, 2, 1]
+
+    png = tmp_path / "zb.png"
+    assert main(["simulate", "--schedule", "zb-h1", "--stages", "2", "--microbatches", "4",
+                 "--png", str(png)]) == 0
+    grid = capsys.readouterr().out
+    assert grid.startswith("rank 0 | F0 F1") and "W3" in grid
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main(["simulate", "--schedule", "interleaved-1f1b", "--stages", "3", "--virtual-stages", "2",
+                 "--microbatches", "4"]) == 2
+    assert "multiple of the pipeline ranks (3)" in capsys.readouterr().err
