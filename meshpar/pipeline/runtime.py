@@ -33,13 +33,14 @@ class _Saved:
 class PipelineRuntime:
     def __init__(self, schedule: Schedule, chunks: PipelineChunks, mesh: ParallelMesh,
                  loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 hidden_shape: tuple[int, ...], device: torch.device):
+                 hidden_shape: tuple[int, ...], device: torch.device, measure_activations: bool = True):
         self.schedule, self.chunks, self.mesh = schedule, chunks, mesh
         self.loss_sum, self.hidden_shape, self.device = loss_sum, hidden_shape, device
         self.rank = mesh.index("pp")
         self.actions = schedule.actions[self.rank]
         self.pp_ranks = mesh.ranks("pp")  # global rank of each pipeline rank
         self.params = [p for p in chunks.parameters() if p.requires_grad]
+        self.measure_activations = measure_activations  # costs a hook call per saved tensor
         self.peak_live_microbatches = 0
         self.recv_wait_s = 0.0
 
@@ -113,7 +114,7 @@ class PipelineRuntime:
             saved.add(holder)
             return holder
 
-        if torch.is_grad_enabled():
+        if self.measure_activations and torch.is_grad_enabled():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
                 y = self.chunks.forward_stage(stage, x)
         else:
@@ -122,7 +123,8 @@ class PipelineRuntime:
             y = self.loss_sum(y, self.targets[mb]) / self.num_tokens
             self.loss += y.detach()
         self.stage_out[key] = y
-        self.peak_live_microbatches = max(self.peak_live_microbatches, self._live_microbatches())
+        if self.measure_activations:
+            self.peak_live_microbatches = max(self.peak_live_microbatches, self._live_microbatches())
 
     def _backward(self, key: tuple[int, int], inputs_only: bool):
         stage, mb = key
