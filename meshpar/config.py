@@ -187,6 +187,8 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
         problems.append(f"--virtual-stages={par.virtual_stages} must be at least 1")
     if par.schedule not in GENERATORS:
         problems.append(f"unknown schedule {par.schedule!r}; choose one of {', '.join(GENERATORS)}")
+    elif par.schedule == "async" and par.pp == 1:
+        problems.append("--schedule async pipelines across ranks; it needs --pp above 1")
     elif par.virtual_stages > 1 and par.schedule != "interleaved-1f1b":
         problems.append(f"--virtual-stages {par.virtual_stages} needs --schedule interleaved-1f1b "
                         f"({par.schedule} runs one stage per rank)")

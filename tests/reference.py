@@ -30,7 +30,7 @@ def train_and_report(cfg: Config) -> dict:
     result = Trainer(cfg, mesh, torch.device("cpu")).run()
     return {
         "losses": [s["loss"] for s in result.steps],
-        "grad_norms": [s["grad_norm"] for s in result.steps],
+        "grad_norms": [s["grad_norm"] for s in result.steps],  # None where no update ran (async, step 1)
         "val_loss": result.summary["val_loss"],
         "params": result.parallel.full_state(),  # gathered to full shape
         "ledger": dict(mesh.ledger.entries),

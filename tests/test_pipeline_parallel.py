@@ -86,3 +86,52 @@ def test_activations_held_match_the_simulator(worlds, schedule, virtual_stages):
         # the first sends each input gradient back
         assert sends.get("activations", 0) == m * sum(s < 4 * virtual_stages - 1 for s in stages)
         assert sends.get("activation_grads", 0) == m * sum(s > 0 for s in stages)
+
+
+def delayed_update_reference(cfg) -> dict:
+    """One device, PipeDream-2BW's rule: batch t's gradient is taken at the weights of the
+    start of step t and applied at the end of step t+1 (with step t's learning rate); the
+    last step also applies its own."""
+    import torch.nn.functional as F
+
+    from meshpar.model import build_model
+    from meshpar.train.data import BatchLoader, load_tokens
+    from meshpar.train.optim import build_optimizer, clip_grads, lr_at
+
+    tr = cfg.train
+    model = build_model(cfg.model.resolve(), tr.seed)
+    params = list(model.parameters())
+    optimizer = build_optimizer(model, tr)
+    loader = BatchLoader(load_tokens(tr.data)[0], tr.seq_len, tr.global_batch_size, 0, 1, tr.seed)
+    mesh = ParallelMesh.single()
+    losses, pending = [], []
+    for t in range(tr.steps):
+        x, y = loader.next_batch()
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
+        grads = torch.autograd.grad(loss, params)
+        losses.append(loss.item())
+        pending.append((t, grads))
+        while pending and (pending[0][0] < t or t == tr.steps - 1):
+            step, grads = pending.pop(0)
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, tr)
+            clip_grads(params, tr.max_grad_norm, mesh)
+            optimizer.step()
+    return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+@pytest.mark.parametrize("world_size, layout", [(2, {"pp": 2}), (4, {"pp": 4}), (4, {"pp": 2, "dp": 2})])
+def test_async_equals_its_delayed_update_reference(worlds, world_size, layout):
+    cfg = pipeline_config(layout["pp"], "async", 2 if layout["pp"] == 4 else 4,
+                          dp=layout.get("dp", 1))
+    reference = delayed_update_reference(cfg)
+    synchronous = train_and_report(fast_config(steps=STEPS))
+    for run in worlds(world_size).run(train_and_report, cfg):
+        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=REL, atol=0)
+        for name, value in reference["params"].items():
+            diff = run["params"][name] - value
+            assert diff.norm() <= REL * value.norm(), name
+    # and it is not the synchronous run: step 2 already sees stale weights
+    assert abs(reference["losses"][1] - synchronous["losses"][1]) > 1e-3

@@ -1,19 +1,26 @@
 """The one interpreter: executes any Schedule's actions on this rank, in order.
 
 Consecutive communication actions go out together as one batch of point-to-point
-operations; sends are waited for at the end of the step, receives before the compute that
-needs them. Gradients accumulate in the parameters across micro-batches. The runtime also
-measures what the simulator predicts: the micro-batches whose saved activations are alive
-(through saved_tensors_hooks), and the time spent waiting on receives.
+operations; receives are waited for before the compute that needs them, sends at the end
+of the step. Gradients accumulate in the parameters across micro-batches. The runtime
+also measures what the simulator predicts: the micro-batches whose saved activations are
+alive (through saved_tensors_hooks), and the time spent waiting on receives.
+
+For the asynchronous schedule (PipeDream-2BW) the same interpreter runs one long 1F1B
+stream cut into steps: in-flight micro-batches carry over from one step to the next, and
+each batch's forwards and backwards use the weight version that was current when the
+batch started (`begin_version`), while the optimizer updates the parameters.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 import weakref
 from typing import Callable
 
 import torch
+from torch.func import functional_call
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
@@ -30,43 +37,98 @@ class _Saved:
         self.tensor = tensor
 
 
+class _State:
+    """What is in flight on this rank: per (stage, micro-batch) inputs, outputs, gradients."""
+
+    def __init__(self):
+        self.stage_in, self.stage_out, self.grad_in, self.grad_out = {}, {}, {}, {}
+        self.saved: dict[tuple[int, int], weakref.WeakSet] = {}
+        self.pending_sends = []
+
+
 class PipelineRuntime:
     def __init__(self, schedule: Schedule, chunks: PipelineChunks, mesh: ParallelMesh,
                  loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 hidden_shape: tuple[int, ...], device: torch.device, measure_activations: bool = True):
+                 hidden_shape: tuple[int, ...], device: torch.device, measure_activations: bool = True,
+                 microbatches_per_step: int | None = None):
         self.schedule, self.chunks, self.mesh = schedule, chunks, mesh
         self.loss_sum, self.hidden_shape, self.device = loss_sum, hidden_shape, device
         self.rank = mesh.index("pp")
         self.actions = schedule.actions[self.rank]
         self.pp_ranks = mesh.ranks("pp")  # global rank of each pipeline rank
-        self.params = [p for p in chunks.parameters() if p.requires_grad]
         self.measure_activations = measure_activations  # costs a hook call per saved tensor
+        self.microbatches_per_step = microbatches_per_step or schedule.num_microbatches
         self.peak_live_microbatches = 0
         self.recv_wait_s = 0.0
+        self.state = _State()
+        self.versions: dict[int, dict[str, torch.Tensor]] = {}  # async: batch -> weights
 
     # --- helpers ----------------------------------------------------------------------
 
     def _peer(self, stage: int) -> int:
         return self.pp_ranks[self.schedule.rank_of(stage)]
 
-    def _tag(self, stage: int, mb: int, backward: bool) -> int:
-        return (stage * self.schedule.num_microbatches + mb) * 2 + int(backward)
+    def _tag(self, stage: int, mb: int, backward: bool, evaluation: bool = False) -> int:
+        return ((stage * self.schedule.num_microbatches + mb) * 2 + int(backward)) * 2 + int(evaluation)
 
     def _live_microbatches(self) -> int:
-        return sum(1 for saved in self.saved.values() if len(saved))
+        return sum(1 for saved in self.state.saved.values() if len(saved))
 
-    # --- the step -----------------------------------------------------------------------
+    # --- synchronous schedules: one step = the whole action list -----------------------
 
-    def run(self, inputs: list[torch.Tensor], targets: list[torch.Tensor], num_tokens: int,
-            actions: tuple[Action, ...] | None = None) -> torch.Tensor:
+    def run(self, inputs: list[torch.Tensor], targets: list[torch.Tensor], num_tokens: int) -> torch.Tensor:
         """Execute this rank's actions for one step; returns the summed loss of the
         micro-batches whose last stage is here (zero elsewhere), divided by num_tokens."""
-        actions = self.actions if actions is None else actions
-        self.stage_in, self.stage_out, self.grad_in, self.grad_out = {}, {}, {}, {}
-        self.saved: dict[tuple[int, int], weakref.WeakSet] = {}
+        self.state = _State()
+        loss = self._execute(self.actions, inputs, targets, num_tokens, first_microbatch=0)
+        self._wait_sends()
+        return loss
+
+    # --- asynchronous: one step = one segment of the stream ---------------------------
+
+    def segment(self, step: int) -> tuple[Action, ...]:
+        """This rank's actions of step `step`: from the forward of the step's first
+        micro-batch (and its receive) up to the next step's."""
+        m = self.microbatches_per_step
+
+        def start(t: int) -> int:
+            if t == 0:
+                return 0
+            for i, a in enumerate(self.actions):
+                if a.kind in ("rF", "F") and a.microbatch == t * m:
+                    return i
+            return len(self.actions)
+
+        return self.actions[start(step):start(step + 1)]
+
+    def begin_version(self, batch: int):
+        """Snapshot the parameters as the weights batch `batch` will use throughout."""
+        self.versions[batch] = {name: p.detach().clone().requires_grad_()
+                                for name, p in self.chunks.named_parameters()}
+
+    def finish_version(self, batch: int):
+        """Move batch `batch`'s accumulated gradients into the parameters' .grad (for the
+        usual reduction and optimizer step) and drop that weight version."""
+        version = self.versions.pop(batch)
+        for name, p in self.chunks.named_parameters():
+            grad = version[name].grad
+            p.grad.copy_(grad) if grad is not None else p.grad.zero_()
+
+    def run_segment(self, step: int, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                    num_tokens: int, last: bool) -> torch.Tensor:
+        loss = self._execute(self.segment(step), inputs, targets, num_tokens,
+                             first_microbatch=step * self.microbatches_per_step)
+        if last:
+            self._wait_sends()
+        return loss
+
+    # --- the interpreter ----------------------------------------------------------------
+
+    def _execute(self, actions, inputs, targets, num_tokens, first_microbatch: int,
+                 evaluation: bool = False) -> torch.Tensor:
         self.inputs, self.targets, self.num_tokens = inputs, targets, num_tokens
+        self.first_microbatch, self.evaluation = first_microbatch, evaluation
         self.loss = torch.zeros((), device=self.device)
-        self.pending_sends = []
         i = 0
         while i < len(actions):
             if actions[i].is_compute:
@@ -78,10 +140,12 @@ class PipelineRuntime:
                     j += 1
                 self._communicate(actions[i:j])
                 i = j
-        for work in self.pending_sends:
-            work.wait()
-        self.pending_sends.clear()
         return self.loss
+
+    def _wait_sends(self):
+        for work in self.state.pending_sends:
+            work.wait()
+        self.state.pending_sends.clear()
 
     def _compute(self, a: Action):
         key = (a.stage, a.microbatch)
@@ -93,19 +157,20 @@ class PipelineRuntime:
         elif a.kind == "I":
             self._backward(key, inputs_only=True)
         elif a.kind == "W":
-            out = self.stage_out[key]
-            torch.autograd.backward(out, self.grad_out.get(key), inputs=self._stage_params(a.stage))
+            st = self.state
+            torch.autograd.backward(st.stage_out[key], st.grad_out.get(key), inputs=self._stage_params(a.stage))
             self._release(key)
 
     def _forward(self, stage: int, mb: int):
-        key = (stage, mb)
+        st, key = self.state, (stage, mb)
+        local_mb = mb - self.first_microbatch
         if stage == 0:
-            x = self.inputs[mb]
+            x = self.inputs[local_mb]
         else:
-            if key not in self.stage_in:  # the previous stage ran on this rank
-                self.stage_in[key] = self.stage_out[(stage - 1, mb)].detach().requires_grad_()
-            x = self.stage_in[key]
-        saved = self.saved.setdefault(key, weakref.WeakSet())
+            if key not in st.stage_in:  # the previous stage ran on this rank
+                st.stage_in[key] = st.stage_out[(stage - 1, mb)].detach().requires_grad_(torch.is_grad_enabled())
+            x = st.stage_in[key]
+        saved = st.saved.setdefault(key, weakref.WeakSet())
 
         def pack(tensor):
             # Detached: a saved output would otherwise point back at its own graph node,
@@ -114,32 +179,35 @@ class PipelineRuntime:
             saved.add(holder)
             return holder
 
-        if self.measure_activations and torch.is_grad_enabled():
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
+        version = self.versions.get(mb // self.microbatches_per_step) if self.versions else None
+        measure = self.measure_activations and torch.is_grad_enabled()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.tensor) if measure else nullcontext():
+            if version is not None:
+                y = functional_call(self.chunks, version, (stage, x))
+            else:
                 y = self.chunks.forward_stage(stage, x)
-        else:
-            y = self.chunks.forward_stage(stage, x)
         if stage == self.schedule.num_stages - 1:
-            y = self.loss_sum(y, self.targets[mb]) / self.num_tokens
+            y = self.loss_sum(y, self.targets[local_mb]) / self.num_tokens
             self.loss += y.detach()
-        self.stage_out[key] = y
-        if self.measure_activations:
+        st.stage_out[key] = y
+        if measure:
             self.peak_live_microbatches = max(self.peak_live_microbatches, self._live_microbatches())
 
     def _backward(self, key: tuple[int, int], inputs_only: bool):
+        st = self.state
         stage, mb = key
-        out = self.stage_out[key]
-        if stage < self.schedule.num_stages - 1 and key not in self.grad_out:
-            self.grad_out[key] = self.grad_in.pop((stage + 1, mb))  # the next stage ran here
-        grad = self.grad_out.get(key)
-        x = self.stage_in.get(key)
+        out = st.stage_out[key]
+        if stage < self.schedule.num_stages - 1 and key not in st.grad_out:
+            st.grad_out[key] = st.grad_in.pop((stage + 1, mb))  # the next stage ran here
+        grad = st.grad_out.get(key)
+        x = st.stage_in.get(key)
         if inputs_only:
             if x is not None:
-                (self.grad_in[key],) = torch.autograd.grad(out, [x], grad, retain_graph=True)
+                (st.grad_in[key],) = torch.autograd.grad(out, [x], grad, retain_graph=True)
         else:
             torch.autograd.backward(out, grad)
             if x is not None:
-                self.grad_in[key] = x.grad
+                st.grad_in[key] = x.grad
 
     def _stage_params(self, stage: int) -> list[torch.nn.Parameter]:
         modules = [self.chunks.layers[str(i)] for i in self.chunks.stage_layers[stage]]
@@ -150,47 +218,60 @@ class PipelineRuntime:
         return [p for m in modules for p in m.parameters() if p.requires_grad]
 
     def _release(self, key):
-        self.stage_out.pop(key, None)
-        self.stage_in.pop(key, None)
-        self.grad_out.pop(key, None)
+        st = self.state
+        st.stage_out.pop(key, None)
+        st.stage_in.pop(key, None)
+        st.grad_out.pop(key, None)
+        st.saved.pop(key, None)
 
     def _communicate(self, actions: tuple[Action, ...]):
+        st = self.state
         sends, recvs, received = [], [], []
         for a in actions:
             s, mb = a.stage, a.microbatch
             if a.kind in ("sF", "sB"):
                 forward = a.kind == "sF"
-                tensor = (self.stage_out[(s, mb)].detach() if forward else self.grad_in.pop((s, mb))).contiguous()
-                sends.append((tensor, self._peer(s + 1 if forward else s - 1), self._tag(s, mb, not forward),
+                tensor = (st.stage_out[(s, mb)].detach() if forward else st.grad_in.pop((s, mb))).contiguous()
+                sends.append((tensor, self._peer(s + 1 if forward else s - 1),
+                              self._tag(s, mb, not forward, self.evaluation),
                               "activations" if forward else "activation_grads"))
             else:
                 backward = a.kind == "rB"
                 buffer = torch.empty(self.hidden_shape, device=self.device)
                 source = s + 1 if backward else s - 1
-                recvs.append((buffer, self._peer(source), self._tag(source, mb, backward)))
+                recvs.append((buffer, self._peer(source), self._tag(source, mb, backward, self.evaluation)))
                 received.append((a, buffer))
         send_works, recv_works = comm.batch_send_recv(self.mesh, "pp", sends, recvs)
-        self.pending_sends += send_works
+        st.pending_sends += send_works
         start = time.perf_counter()
         for work in recv_works:
             work.wait()
         self.recv_wait_s += time.perf_counter() - start
         for a, buffer in received:
             if a.kind == "rF":
-                self.stage_in[(a.stage, a.microbatch)] = buffer.requires_grad_(torch.is_grad_enabled())
+                st.stage_in[(a.stage, a.microbatch)] = buffer.requires_grad_(torch.is_grad_enabled())
             else:
-                self.grad_out[(a.stage, a.microbatch)] = buffer
+                st.grad_out[(a.stage, a.microbatch)] = buffer
 
     def forward_only(self, inputs: list[torch.Tensor], targets: list[torch.Tensor], num_tokens: int) -> torch.Tensor:
-        """Evaluation: every micro-batch through this rank's stages, no backward."""
+        """Evaluation with the current parameters: every micro-batch through this rank's
+        stages, no backward. Training state in flight (async) is set aside meanwhile."""
         s = self.schedule
         actions = []
-        for mb in range(s.num_microbatches):
+        for mb in range(len(inputs)):
             for stage in s.stages_of(self.rank):
                 if stage > 0 and s.rank_of(stage - 1) != self.rank:
                     actions.append(Action(stage, "rF", mb))
                 actions.append(Action(stage, "F", mb))
                 if stage < s.num_stages - 1 and s.rank_of(stage + 1) != self.rank:
                     actions.append(Action(stage, "sF", mb))
-        with torch.no_grad():
-            return self.run(inputs, targets, num_tokens, tuple(actions))
+        training, versions = self.state, self.versions
+        self.state, self.versions = _State(), {}
+        try:
+            with torch.no_grad():
+                loss = self._execute(tuple(actions), inputs, targets, num_tokens, 0, evaluation=True)
+            self._wait_sends()
+        finally:
+            self.state, self.versions = training, versions
+        return loss
+

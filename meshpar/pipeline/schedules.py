@@ -96,12 +96,23 @@ def zero_bubble_h1(p: int, v: int, m: int) -> Schedule:
     return _schedule("zb-h1", p, 1, m, ranks)
 
 
+def asynchronous(p: int, v: int, m: int, num_steps: int = 2) -> Schedule:
+    """PipeDream-2BW (Narayanan et al. 2021) without a flush: one 1F1B stream over the
+    micro-batches of `num_steps` consecutive steps (m each); step t's forwards start while
+    step t-1's last backwards are still in flight. The runtime cuts the stream into steps
+    and keeps two weight versions; see docs/pipeline.md for exactly what it computes."""
+    _require_one_chunk("async", v)
+    stream = one_f_one_b(p, 1, m * num_steps)
+    return Schedule("async", p, p, m * num_steps, stream.actions)
+
+
 GENERATORS = {
     "naive": naive,
     "gpipe": gpipe,
     "1f1b": one_f_one_b,
     "interleaved-1f1b": interleaved_one_f_one_b,
     "zb-h1": zero_bubble_h1,
+    "async": asynchronous,
 }
 
 

@@ -74,6 +74,9 @@ class PipelineChunks(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
+    def forward(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stage(stage, x)
+
     def forward_stage(self, stage: int, x: torch.Tensor) -> torch.Tensor:
         """Tokens (first stage) or hidden states in; hidden states or logits (last) out."""
         if stage == 0:

@@ -37,7 +37,8 @@ class Progress:
 
     def step(self, record: dict):
         if self.bar:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+            lr = "-" if record["lr"] is None else f"{record['lr']:.2e}"  # async: no update at step 1
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=lr,
                                  tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
             self.bar.update(1)
 

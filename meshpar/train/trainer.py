@@ -17,7 +17,7 @@ from meshpar.parallel.apply import ParallelModel, parallelize
 from meshpar.parallel.data import DataParallelReducer
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.runtime import PipelineRuntime
-from meshpar.pipeline.schedules import build_schedule
+from meshpar.pipeline.schedules import add_communication, asynchronous, build_schedule
 from meshpar.train.data import BatchLoader, corpus_description, load_tokens
 from meshpar.train.metrics import MetricsLog, Progress, format_bytes
 from meshpar.train.optim import build_optimizer, clip_grads, lr_at
@@ -68,13 +68,20 @@ class Trainer:
         self.step = 0
         self.pipeline = None
         if self.parallel.pipelined:
-            self.schedule = build_schedule(par.schedule, par.pp, par.virtual_stages, self.num_microbatches)
+            if par.schedule == "async":  # one stream over the whole run, cut into steps
+                self.schedule = add_communication(asynchronous(par.pp, 1, self.num_microbatches, tr.steps))
+            else:
+                self.schedule = build_schedule(par.schedule, par.pp, par.virtual_stages, self.num_microbatches)
             micro_batch = tr.global_batch_size // dp // self.num_microbatches
             seq_shard = tr.seq_len // (mesh.size("tp") if par.sequence_parallel else 1)
             self.pipeline = PipelineRuntime(self.schedule, self.model, mesh, self.parallel.loss_sum,
-                                            (micro_batch, seq_shard, self.model_cfg.hidden_size), device)
+                                            (micro_batch, seq_shard, self.model_cfg.hidden_size), device,
+                                            microbatches_per_step=self.num_microbatches)
+        self.asynchronous = par.schedule == "async" and self.pipeline is not None
 
     def train_step(self) -> dict:
+        if self.asynchronous:
+            return self.train_step_async()
         tr = self.cfg.train
         start = time.perf_counter()
         lr = lr_at(self.step, tr)
@@ -112,6 +119,46 @@ class Trainer:
         if self.pipeline:
             record["pipeline_wait_s"] = self.pipeline.recv_wait_s - wait_before
         return record
+
+    def train_step_async(self) -> dict:
+        """PipeDream-2BW: batch t runs on the weights of the start of step t; the update
+        at the end of step t applies batch t-1's gradient (complete only now: its last
+        backwards ran at the start of this step), with the learning rate of step t-1.
+        The last step also applies its own gradient, so a run makes `steps` updates."""
+        tr = self.cfg.train
+        start = time.perf_counter()
+        t = self.step
+        last = t == tr.steps - 1
+        inputs, targets = self.loader.next_batch()
+        xs = [x.to(self.device) for x in inputs.chunk(self.num_microbatches)]
+        ys = [y.to(self.device) for y in targets.chunk(self.num_microbatches)]
+        wait_before = self.pipeline.recv_wait_s
+        self.pipeline.begin_version(t)
+        loss_sum = self.pipeline.run_segment(t, xs, ys, self.tokens_per_step, last)
+        comm.all_reduce(self.mesh, "dp", loss_sum, tag="loss")
+        comm.all_reduce(self.mesh, "pp", loss_sum, tag="loss")
+        grad_norm, lr = None, None
+        for batch in ([t - 1] if t >= 1 else []) + ([t] if last else []):
+            grad_norm, lr = self._apply_gradient(batch)
+        loss_value = loss_sum.item()
+        step_time = time.perf_counter() - start
+        self.step += 1
+        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                "tokens": self.tokens_per_step, "step_time_s": step_time,
+                "tokens_per_s": self.tokens_per_step / step_time,
+                "pipeline_wait_s": self.pipeline.recv_wait_s - wait_before}
+
+    def _apply_gradient(self, batch: int) -> tuple[float, float]:
+        """One optimizer update from batch `batch`'s gradient (async schedule)."""
+        lr = lr_at(batch, self.cfg.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.pipeline.finish_version(batch)
+        self.parallel.sync_grads()
+        self.reducer.reduce()
+        grad_norm = clip_grads(self.params, self.cfg.train.max_grad_norm, self.mesh)
+        self.optimizer.step()
+        return grad_norm, lr
 
     @torch.no_grad()
     def evaluate(self) -> float:
