@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/data_parallel_buckets.py
 	$(BIN)/python benchmarks/tp_vs_torch.py
 	$(BIN)/python benchmarks/activation_memory.py
+	$(BIN)/python benchmarks/pp_vs_torch.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

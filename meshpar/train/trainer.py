@@ -263,6 +263,13 @@ def format_summary(summary: dict) -> str:
                          f"payload {format_bytes(entry['bytes']):>11}  wire {format_bytes(entry['wire_bytes']):>11}")
     if not summary["comm"]:
         lines.append("comm rank 0  none (a single rank)")
+    if "pipeline" in summary:
+        pipe = summary["pipeline"]
+        lines.append(f"pipeline {pipe['schedule']}, {pipe['stages']} stages x {pipe['microbatches']} micro-batches: "
+                     f"bubble predicted {pipe['predicted_bubble_fraction']:.1%} (unit costs), rank 0 waited on "
+                     f"receives {pipe['measured_wait_fraction']:.1%} of its step; peak in-flight micro-batches "
+                     f"predicted {pipe['predicted_peak_inflight_microbatches']}, held on rank 0 "
+                     f"{pipe['measured_peak_live_microbatches_rank0']}")
     states = summary["model_state_bytes_per_rank"]
     lines.append(f"model state per rank: {format_bytes(states[0]['total'])} "
                  f"(params {format_bytes(states[0]['params'])}, grads {format_bytes(states[0]['grads'])}, "
