@@ -50,11 +50,10 @@ def test_schedules_equal_single_device(worlds, reference, pp, micro_batch, sched
 
 
 @pytest.mark.parametrize("schedule, virtual_stages, layout", [
-    ("1f1b", 1, {"dp": 2}),
-    ("zb-h1", 1, {"dp": 2}),
-    ("1f1b", 1, {"tp": 2}),
+    *[(name, v, {"dp": 2}) for name, v in SCHEDULES],
+    *[(name, v, {"tp": 2}) for name, v in SCHEDULES],
     ("interleaved-1f1b", 2, {"tp": 2, "sequence_parallel": True}),
-    ("gpipe", 1, {"tp": 2, "sequence_parallel": True, "model": {"num_kv_heads": 1}}),
+    ("zb-h1", 1, {"tp": 2, "sequence_parallel": True, "model": {"num_kv_heads": 1}}),
 ])
 def test_pipeline_composes_with_dp_and_tp(worlds, reference, schedule, virtual_stages, layout):
     cfg = pipeline_config(2, schedule, 2, virtual_stages, **layout)
