@@ -11,6 +11,7 @@ global batch. Its position is one integer, so it saves and restores exactly.
 
 from __future__ import annotations
 
+import functools
 import os
 import sysconfig
 from pathlib import Path
@@ -88,13 +89,16 @@ def corpus_split_sizes(path: str | None, vocab_size: int | None = None) -> tuple
     return split, num_tokens - split
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokens(path: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """(training tokens, validation tokens) as 1-D integer arrays."""
+    """(training tokens, validation tokens) as 1-D integer arrays, read-only. Cached: a
+    process that trains several times (tests, benchmarks) reads the corpus once."""
     kind, files = _source(path)
     if kind == "bin":
         tokens = np.memmap(files[0], dtype=np.uint16, mode="r")
     else:
         tokens = np.frombuffer(b"".join(f.read_bytes() for f in files), dtype=np.uint8)
+    tokens.flags.writeable = False
     split = _split_point(len(tokens))
     return tokens[:split], tokens[split:]
 
