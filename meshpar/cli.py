@@ -28,6 +28,8 @@ TRAIN_FLAGS = {
     "--virtual-stages": ("parallel", "virtual_stages", int, "pipeline chunks per rank, for interleaved-1f1b (1)"),
     "--pp-layers": ("parallel", "pp_layers", layer_counts,
                     "layers per pipeline stage, e.g. 3,3,2 (default: balanced by cost)"),
+    "--recompute": ("parallel", "recompute", str, "activation recomputation: none, full or selective (none)"),
+    "--recompute-every": ("parallel", "recompute_every", int, "with --recompute full: every N-th layer only (1)"),
     "--bucket-mb": ("parallel", "bucket_mb", float, "gradient bucket size in MiB (default 25)"),
     "--global-batch-size": ("train", "global_batch_size", int, "sequences per optimizer step (default 32)"),
     "--micro-batch-size": ("train", "micro_batch_size", int,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshpar.model.config import LARGE_PRESETS, PRESETS, ModelConfig, model_config
+from meshpar.parallel.recompute import POLICIES
 from meshpar.parallel.tensor_plan import tensor_parallel_problems
 from meshpar.pipeline.schedules import GENERATORS
 from meshpar.pipeline.split import split_problems
@@ -45,6 +46,8 @@ class ParallelConfig:
     schedule: str = "1f1b"  # pipeline schedule (see meshpar/pipeline/schedules.py)
     virtual_stages: int = 1  # pipeline chunks per rank (interleaved-1f1b)
     pp_layers: list[int] | None = None  # layers per stage; default: balanced by cost
+    recompute: str = "none"  # none, full or selective activation recomputation
+    recompute_every: int = 1  # with full: recompute every N-th layer only
     bucket_mb: float = 25.0  # gradient bucket size for the dp all-reduce
 
     @property
@@ -197,6 +200,15 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
         problems.append(f"interleaved-1f1b needs the micro-batches per step "
                         f"({tr.num_microbatches(par.dp)}) to be a multiple of --pp={par.pp}; "
                         f"change --micro-batch-size")
+    if par.recompute not in POLICIES:
+        problems.append(f"unknown --recompute {par.recompute!r}; choose one of {', '.join(POLICIES)}")
+    if par.recompute_every < 1:
+        problems.append(f"--recompute-every={par.recompute_every} must be at least 1")
+    elif par.recompute_every > 1 and par.recompute != "full":
+        problems.append("--recompute-every applies to --recompute full")
+    if par.recompute != "none" and par.schedule == "async" and par.pp > 1:
+        problems.append("--recompute with --schedule async is not supported: the async schedule runs each "
+                        "batch on its own weight snapshot, which recomputation in backward would not see")
     if par.bucket_mb <= 0:
         problems.append(f"parallel.bucket_mb={par.bucket_mb} must be positive")
 

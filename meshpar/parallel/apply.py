@@ -2,7 +2,8 @@
 
     1. tensor (and sequence) parallelism: shard the layers over tp
     2. pipeline parallelism: keep this rank's stages (layers split over pp x virtual stages)
-    3. data parallelism happens in the trainer's reducer, over dp
+    3. activation recomputation of the layers this rank holds
+    4. data parallelism happens in the trainer's reducer, over dp
 
 The model arrives as the full, seeded single-device reference and leaves holding only
 this rank's slices of it.
@@ -21,6 +22,7 @@ from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.model.llama import Transformer
 from meshpar.parallel.sharding import full_state
+from meshpar.parallel.recompute import apply_recompute
 from meshpar.parallel.tensor_plan import TensorParallelLlama
 from meshpar.pipeline.split import PipelineChunks, balanced_split, stage_layers_of
 
@@ -60,9 +62,11 @@ class ParallelModel:
 
 
 def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool = False,
-                num_stages: int = 1, stage_layer_counts: list[int] | None = None) -> ParallelModel:
+                num_stages: int = 1, stage_layer_counts: list[int] | None = None,
+                recompute: str = "none", recompute_every: int = 1) -> ParallelModel:
     """Shard `model` (the full seeded reference) for this rank of `mesh`. `num_stages` is
-    pp x virtual stages; `stage_layer_counts` fixes the layers per stage (default: balanced)."""
+    pp x virtual stages; `stage_layer_counts` fixes the layers per stage (default: balanced);
+    `recompute` is none, full or selective (full: every `recompute_every`-th layer)."""
     parallel = ParallelModel(model, mesh)
     if mesh.size("tp") > 1:
         tp = TensorParallelLlama(model, mesh, sequence_parallel)
@@ -76,4 +80,6 @@ def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool 
         parallel.module = PipelineChunks(model, {s: ranges[s] for s in range(r, num_stages, p)},
                                          num_stages, seq_shards)
         parallel.num_stages = num_stages
+    held = parallel.module.layers
+    apply_recompute({int(name): layer for name, layer in held.named_children()}, recompute, recompute_every)
     return parallel

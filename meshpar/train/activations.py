@@ -25,7 +25,8 @@ REGIONS = ("attention_norm", "attention", "mlp_norm", "mlp")
 
 def measure_saved_bytes(model: nn.Module, layer: nn.Module, run: Callable[[], object]) -> dict[str, int]:
     """{region: bytes} that `layer`'s children save while `run()` executes, plus 'total'
-    (each storage once across the layer)."""
+    (each storage once across the layer). What the layer saves outside its children (a
+    checkpoint's inputs under full recomputation) is the region 'layer'."""
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     current = [None]
     storages: dict[str, dict[int, int]] = {}
@@ -36,10 +37,11 @@ def measure_saved_bytes(model: nn.Module, layer: nn.Module, run: Callable[[], ob
             storages.setdefault(current[0], {})[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    handles = []
+    handles = [layer.register_forward_pre_hook(lambda _m, _a: current.__setitem__(0, "layer")),
+               layer.register_forward_hook(lambda _m, _a, _o: current.__setitem__(0, None))]
     for name, child in layer.named_children():
         handles.append(child.register_forward_pre_hook(lambda _m, _a, n=name: current.__setitem__(0, n)))
-        handles.append(child.register_forward_hook(lambda _m, _a, _o: current.__setitem__(0, None)))
+        handles.append(child.register_forward_hook(lambda _m, _a, _o: current.__setitem__(0, "layer")))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             run()
@@ -52,7 +54,8 @@ def measure_saved_bytes(model: nn.Module, layer: nn.Module, run: Callable[[], ob
 
 
 def predicted_saved_bytes(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
-                          sequence_parallel: bool = False, bytes_per_element: int = 4) -> dict[str, int]:
+                          sequence_parallel: bool = False, bytes_per_element: int = 4,
+                          recompute: str = "none") -> dict[str, int]:
     """What `measure_saved_bytes` should find for one layer, region by region."""
     b, s, h, t = batch, seq, cfg.hidden_size, tp
     d = cfg.head_dim
@@ -74,6 +77,11 @@ def predicted_saved_bytes(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
                  + b * s * heads * d)  # its (b*s, heads*d) copy, the input of wo
     mlp = block_input + 4 * b * s * f  # gate, up, silu(gate), silu(gate)*up
     regions = {"attention_norm": norm, "attention": attention, "mlp_norm": norm, "mlp": mlp}
+    if recompute == "selective":  # the attention core's output and log-sum-exp are recomputed
+        regions["attention"] -= b * s * heads * d + b * heads * s
+    elif recompute == "full":  # only the checkpoint's inputs: the layer input and the rotary rows
+        layer_input = bsh // (t if sequence_parallel else 1)
+        regions = {"layer": layer_input + s * d}
     out = {name: n * bytes_per_element for name, n in regions.items()}
     # No storage is shared between regions: a norm keeps its output before the gain,
     # the block reads the output after it.
@@ -82,12 +90,12 @@ def predicted_saved_bytes(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
 
 
 def measure_layer(cfg: ModelConfig, mesh, batch: int, seq: int, sequence_parallel: bool,
-                  layer_index: int = 0) -> dict[str, int]:
+                  layer_index: int = 0, recompute: str = "none") -> dict[str, int]:
     """Saved bytes of one layer of the model parallelized on `mesh`, for one forward."""
     from meshpar.model import build_model
     from meshpar.parallel.apply import parallelize
 
-    parallel = parallelize(build_model(cfg, seed=0), mesh, sequence_parallel)
+    parallel = parallelize(build_model(cfg, seed=0), mesh, sequence_parallel, recompute=recompute)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     return measure_saved_bytes(parallel.module, parallel.module.layers[layer_index],
                                lambda: parallel.module(tokens))

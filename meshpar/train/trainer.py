@@ -50,7 +50,8 @@ class Trainer:
         par = cfg.parallel
         num_stages = par.pp * par.virtual_stages
         self.parallel = parallelize(build_model(self.model_cfg, tr.seed, device), mesh,
-                                    par.sequence_parallel, num_stages, par.pp_layers)
+                                    par.sequence_parallel, num_stages, par.pp_layers,
+                                    par.recompute, par.recompute_every)
         self.model = self.parallel.module
         # Dropout masks: one stream per dp rank, shared by the tp ranks of a replica.
         torch.manual_seed(tr.seed + 1 + mesh.index("dp"))
