@@ -22,6 +22,7 @@ from meshpar.train.activations import REGIONS, measure_layer, predicted_saved_by
 from meshpar.train.launch import free_port
 
 LAYOUTS = [(1, False), (2, False), (2, True), (4, False), (4, True)]
+RECOMPUTE = [(1, False), (2, True), (4, True)]
 
 
 def rank_main(rank: int, args, port: int, results):
@@ -33,9 +34,23 @@ def rank_main(rank: int, args, port: int, results):
         mesh = ParallelMesh.build(MeshShape(dp=4 // tp, tp=tp))
         measured = measure_layer(cfg, mesh, args.batch, args.seq, sp)
         rows.append((tp, sp, measured, predicted_saved_bytes(cfg, args.batch, args.seq, tp, sp)))
+    recompute_rows = []
+    for tp, sp in RECOMPUTE:
+        mesh = ParallelMesh.build(MeshShape(dp=4 // tp, tp=tp))
+        for policy in ("none", "selective", "full"):
+            measured = measure_layer(cfg, mesh, args.batch, args.seq, sp, recompute=policy)
+            recompute_rows.append((tp, sp, policy, measured["total"],
+                                   predicted_saved_bytes(cfg, args.batch, args.seq, tp, sp, recompute=policy)["total"]))
     if rank == 0:
-        results.put(rows)
+        results.put((rows, recompute_rows))
     dist.destroy_process_group()
+
+
+def print_recompute(recompute_rows):
+    print("\n| t | SP | recompute | measured bytes/layer | predicted |")
+    print("|---|----|---|---|---|")
+    for tp, sp, policy, measured, predicted in recompute_rows:
+        print(f"| {tp} | {'on' if sp else 'off'} | {policy} | {measured:,} | {predicted:,} |")
 
 
 def main():
@@ -45,7 +60,7 @@ def main():
     args = parser.parse_args()
     results = mp.get_context("spawn").Queue()
     mp.start_processes(rank_main, args=(args, free_port(), results), nprocs=4, start_method="spawn")
-    rows = results.get()
+    rows, recompute_rows = results.get()
     cfg = model_config("tiny")
     print(f"tiny model (h={cfg.hidden_size}, heads={cfg.num_heads}, kv_heads={cfg.num_kv_heads}, "
           f"ffn={cfg.ffn_hidden_size}), batch {args.batch}, seq {args.seq}, fp32; bytes per layer, "
@@ -57,7 +72,9 @@ def main():
         cells = [f"{measured[r]:,} / {predicted[r]:,}" for r in (*REGIONS, "total")]
         print(f"| {tp} | {'on' if sp else 'off'} | " + " | ".join(cells)
               + f" | {measured['attention_norm'] / single_norm:.3f} |")
+    print_recompute(recompute_rows)
 
 
 if __name__ == "__main__":
     main()
+
