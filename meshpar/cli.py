@@ -49,6 +49,13 @@ TRAIN_FLAGS = {
                                      "(default: the Python standard library's sources)"),
     "--metrics-file": ("train", "metrics_file", str, "write JSON lines of metrics here"),
     "--device": ("train", "device", str, "cpu or cuda (default cpu)"),
+    "--precision": ("train", "precision", str, "fp32, bf16 or fp16 compute; fp32 master weights (fp32)"),
+    "--loss-scale-initial": ("train", "loss_scale_initial", float, "fp16: initial loss scale (65536)"),
+    "--loss-scale-growth-interval": ("train", "loss_scale_growth_interval", int,
+                                     "fp16: clean steps before the scale doubles (1000)"),
+    "--loss-scale-backoff": ("train", "loss_scale_backoff", float, "fp16: factor on overflow (0.5)"),
+    "--loss-scale-hysteresis": ("train", "loss_scale_hysteresis", int,
+                                "fp16: consecutive overflows before the scale shrinks (2)"),
 }
 
 

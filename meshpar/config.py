@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshpar.model.config import LARGE_PRESETS, PRESETS, ModelConfig, model_config
+from meshpar.parallel.precision import PRECISIONS
 from meshpar.parallel.recompute import POLICIES
 from meshpar.parallel.tensor_plan import tensor_parallel_problems
 from meshpar.pipeline.schedules import GENERATORS
@@ -75,6 +76,11 @@ class TrainConfig:
     data: str | None = None  # None: the Python standard library's sources
     metrics_file: str | None = None
     device: str = "cpu"
+    precision: str = "fp32"  # fp32, bf16 or fp16 compute; parameters, gradients and optimizer stay fp32
+    loss_scale_initial: float = 65536.0  # fp16 dynamic loss scaling
+    loss_scale_growth_interval: int = 1000
+    loss_scale_backoff: float = 0.5
+    loss_scale_hysteresis: int = 2
     progress: bool = True
 
     def num_microbatches(self, dp: int) -> int:
@@ -206,6 +212,9 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
         problems.append(f"--recompute-every={par.recompute_every} must be at least 1")
     elif par.recompute_every > 1 and par.recompute != "full":
         problems.append("--recompute-every applies to --recompute full")
+    if tr.precision == "fp16" and par.schedule == "async" and par.pp > 1:
+        problems.append("--precision fp16 with --schedule async is not supported: a batch's backwards span "
+                        "two steps, between which the loss scale may change; use bf16")
     if par.recompute != "none" and par.schedule == "async" and par.pp > 1:
         problems.append("--recompute with --schedule async is not supported: the async schedule runs each "
                         "batch on its own weight snapshot, which recomputation in backward would not see")
@@ -218,6 +227,12 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
     for name in ("warmup_steps", "eval_every", "seed"):
         if getattr(tr, name) < 0:
             problems.append(f"--{name.replace('_', '-')}={getattr(tr, name)} must be at least 0")
+    if tr.precision not in PRECISIONS:
+        problems.append(f"unknown --precision {tr.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if tr.loss_scale_initial <= 0 or not 0 < tr.loss_scale_backoff < 1:
+        problems.append("the loss scale must start positive and back off by a factor in (0, 1)")
+    if tr.loss_scale_growth_interval < 1 or tr.loss_scale_hysteresis < 1:
+        problems.append("train.loss_scale_growth_interval and loss_scale_hysteresis must be at least 1")
     if tr.lr <= 0:
         problems.append(f"--lr={tr.lr} must be positive")
     if not 0 <= tr.min_lr_ratio <= 1:

@@ -62,6 +62,8 @@ class PipelineRuntime:
         self.recv_wait_s = 0.0
         self.state = _State()
         self.versions: dict[int, dict[str, torch.Tensor]] = {}  # async: batch -> weights
+        self.compute_context = nullcontext  # e.g. autocast for 16-bit compute; forwards only
+        self.loss_scale = 1.0  # fp16: backward runs from loss * loss_scale
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -182,13 +184,16 @@ class PipelineRuntime:
         version = self.versions.get(mb // self.microbatches_per_step) if self.versions else None
         measure = self.measure_activations and torch.is_grad_enabled()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.tensor) if measure else nullcontext():
-            if version is not None:
-                y = functional_call(self.chunks, version, (stage, x))
-            else:
-                y = self.chunks.forward_stage(stage, x)
-        if stage == self.schedule.num_stages - 1:
-            y = self.loss_sum(y, self.targets[local_mb]) / self.num_tokens
-            self.loss += y.detach()
+            with self.compute_context():
+                if version is not None:
+                    y = functional_call(self.chunks, version, (stage, x))
+                else:
+                    y = self.chunks.forward_stage(stage, x)
+            if stage == self.schedule.num_stages - 1:
+                y = self.loss_sum(y, self.targets[local_mb]) / self.num_tokens
+                self.loss += y.detach()
+                if self.loss_scale != 1.0:
+                    y = y * self.loss_scale
         st.stage_out[key] = y
         if measure:
             self.peak_live_microbatches = max(self.peak_live_microbatches, self._live_microbatches())

@@ -3,6 +3,7 @@ case where every mesh axis has size 1."""
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
 from meshpar.parallel.apply import ParallelModel, parallelize
 from meshpar.parallel.data import DataParallelReducer
+from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autocast
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import add_communication, asynchronous, build_schedule
@@ -79,6 +81,15 @@ class Trainer:
                                             (micro_batch, seq_shard, self.model_cfg.hidden_size), device,
                                             microbatches_per_step=self.num_microbatches)
         self.asynchronous = par.schedule == "async" and self.pipeline is not None
+        self.compute = functools.partial(autocast, tr.precision, device)
+        self.scaler = None
+        if tr.precision == "fp16":
+            self.scaler = DynamicLossScaler(LossScaleConfig(
+                initial_scale=tr.loss_scale_initial, backoff_factor=tr.loss_scale_backoff,
+                growth_interval=tr.loss_scale_growth_interval, hysteresis=tr.loss_scale_hysteresis))
+        if self.pipeline:
+            self.pipeline.compute_context = self.compute
+        self.skipped_steps = 0
 
     def train_step(self) -> dict:
         if self.asynchronous:
@@ -95,21 +106,33 @@ class Trainer:
         # global batch: the partial losses add up, over micro-batches and dp ranks, to the mean.
         xs = [x.to(self.device) for x in inputs.chunk(self.num_microbatches)]
         ys = [y.to(self.device) for y in targets.chunk(self.num_microbatches)]
+        scale = self.scaler.scale if self.scaler else 1.0
         if self.pipeline:
             wait_before = self.pipeline.recv_wait_s
+            self.pipeline.loss_scale = scale
             loss_sum = self.pipeline.run(xs, ys, self.tokens_per_step)
         else:
             loss_sum = torch.zeros((), device=self.device)
             for x, y in zip(xs, ys):
-                loss = self.parallel.loss_sum(self.model(x), y) / self.tokens_per_step
-                loss.backward()
+                with self.compute():
+                    logits = self.model(x)
+                loss = self.parallel.loss_sum(logits, y) / self.tokens_per_step
+                (loss * scale if self.scaler else loss).backward()
                 loss_sum += loss.detach()
         self.parallel.sync_grads()
         self.reducer.reduce()
         comm.all_reduce(self.mesh, "dp", loss_sum, tag="loss")
         comm.all_reduce(self.mesh, "pp", loss_sum, tag="loss")  # the last stage holds it
-        grad_norm = clip_grads(self.params, tr.max_grad_norm, self.mesh)
-        self.optimizer.step()
+        overflow = False
+        if self.scaler:
+            overflow = self.scaler.unscale_and_check(self.params, self.mesh)
+            self.scaler.update(overflow)
+        grad_norm = None
+        if overflow:  # every rank skips: the parameters and optimizer states stay as they are
+            self.skipped_steps += 1
+        else:
+            grad_norm = clip_grads(self.params, tr.max_grad_norm, self.mesh)
+            self.optimizer.step()
 
         loss_value = loss_sum.item()  # synchronises a CUDA device before timing
         step_time = time.perf_counter() - start
@@ -119,6 +142,8 @@ class Trainer:
                   "tokens_per_s": self.tokens_per_step / step_time}
         if self.pipeline:
             record["pipeline_wait_s"] = self.pipeline.recv_wait_s - wait_before
+        if self.scaler:
+            record.update(loss_scale=scale, skipped=overflow)
         return record
 
     def train_step_async(self) -> dict:
@@ -178,7 +203,9 @@ class Trainer:
                 loss_sum += self.pipeline.forward_only(xs, ys, total_tokens)
             else:
                 for x, y in zip(xs, ys):
-                    loss_sum += self.parallel.loss_sum(self.model(x), y) / total_tokens
+                    with self.compute():
+                        logits = self.model(x)
+                    loss_sum += self.parallel.loss_sum(logits, y) / total_tokens
         self.model.train()
         comm.all_reduce(self.mesh, "dp", loss_sum, tag="eval")
         comm.all_reduce(self.mesh, "pp", loss_sum, tag="eval")
@@ -232,6 +259,8 @@ class Trainer:
             "tokens_per_s": sum(s["tokens"] for s in timed) / sum(s["step_time_s"] for s in timed),
             "mesh": {axis: self.mesh.size(axis) for axis in ("pp", "dp", "cp", "tp")},
             "num_params": self.model_cfg.num_params(),
+            "precision": self.cfg.train.precision,
+            **({"skipped_steps": self.skipped_steps, "final_loss_scale": self.scaler.scale} if self.scaler else {}),
             "comm": ledger,
             "comm_per_rank": [r["ledger"] for r in per_rank],
             "model_state_bytes_per_rank": [r["state"] for r in per_rank],
