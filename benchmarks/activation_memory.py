@@ -10,24 +10,18 @@ same amount). The prediction is meshpar.train.activations.predicted_saved_bytes.
 from __future__ import annotations
 
 import argparse
-import os
-from datetime import timedelta
 
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import model_config
 from meshpar.train.activations import REGIONS, measure_layer, predicted_saved_bytes
-from meshpar.train.launch import free_port
+from common import run_on_local_ranks
 
 LAYOUTS = [(1, False), (2, False), (2, True), (4, False), (4, True)]
 RECOMPUTE = [(1, False), (2, True), (4, True)]
 
 
-def rank_main(rank: int, args, port: int, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=4, timeout=timedelta(minutes=5))
+def rank_main(rank: int, args, results):
     cfg = model_config("tiny")
     rows = []
     for tp, sp in LAYOUTS:
@@ -43,7 +37,6 @@ def rank_main(rank: int, args, port: int, results):
                                    predicted_saved_bytes(cfg, args.batch, args.seq, tp, sp, recompute=policy)["total"]))
     if rank == 0:
         results.put((rows, recompute_rows))
-    dist.destroy_process_group()
 
 
 def print_recompute(recompute_rows):
@@ -58,9 +51,7 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=32)
     args = parser.parse_args()
-    results = mp.get_context("spawn").Queue()
-    mp.start_processes(rank_main, args=(args, free_port(), results), nprocs=4, start_method="spawn")
-    rows, recompute_rows = results.get()
+    [(rows, recompute_rows)] = run_on_local_ranks(rank_main, 4, args, 1)
     cfg = model_config("tiny")
     print(f"tiny model (h={cfg.hidden_size}, heads={cfg.num_heads}, kv_heads={cfg.num_kv_heads}, "
           f"ffn={cfg.ffn_hidden_size}), batch {args.batch}, seq {args.seq}, fp32; bytes per layer, "

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -31,13 +28,10 @@ from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model, model_config
 from meshpar.parallel.data import DataParallelReducer
 from meshpar.train.data import BatchLoader, load_tokens
-from meshpar.train.launch import free_port
+from common import run_on_local_ranks
 
 
-def rank_main(rank: int, args, port: int, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.dp))
-    dist.init_process_group("gloo", rank=rank, world_size=args.dp, timeout=timedelta(minutes=5))
+def rank_main(rank: int, args, results):
     mesh = ParallelMesh.build(MeshShape(dp=args.dp))
     cfg = model_config(args.model)
     loader = BatchLoader(load_tokens(None)[0], args.seq_len, args.global_batch_size, rank, args.dp, seed=0)
@@ -89,7 +83,6 @@ def rank_main(rank: int, args, port: int, results):
             "meshpar_grad_bytes_per_step": ledger_bytes // args.steps,
             "analytic_grad_bytes_per_step": 4 * cfg.num_params(),
         })
-    dist.destroy_process_group()
 
 
 def main():
@@ -100,10 +93,8 @@ def main():
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    mp.start_processes(rank_main, args=(args, free_port(), results), nprocs=args.dp, start_method="spawn")
-    print(json.dumps(results.get()))
+    for line in run_on_local_ranks(rank_main, args.dp, args, 1):
+        print(json.dumps(line))
 
 
 if __name__ == "__main__":

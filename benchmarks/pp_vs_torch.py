@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -32,7 +29,7 @@ from meshpar.parallel.apply import parallelize
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import build_schedule
 from meshpar.train.data import BatchLoader, load_tokens
-from meshpar.train.launch import free_port
+from common import run_on_local_ranks
 
 SCHEDULES = [("gpipe", 1, ScheduleGPipe), ("1f1b", 1, Schedule1F1B), ("interleaved-1f1b", 2, ScheduleInterleaved1F1B)]
 
@@ -53,10 +50,7 @@ def grad_norm(module) -> float:
     return float(squares)
 
 
-def rank_main(rank: int, args, port: int, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(args.pp))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.pp))
-    dist.init_process_group("gloo", rank=rank, world_size=args.pp, timeout=timedelta(minutes=5))
+def rank_main(rank: int, args, results):
     mesh = ParallelMesh.build(MeshShape(pp=args.pp))
     cfg = model_config(args.model)
     loader = BatchLoader(load_tokens(None)[0], args.seq_len, args.batch_size, 0, 1, seed=0)
@@ -123,7 +117,6 @@ def rank_main(rank: int, args, port: int, results):
                 "max_abs_loss_diff": max(d for _, d, _ in gathered),
                 "max_rel_grad_square_diff": max(d for _, _, d in gathered),
             })
-    dist.destroy_process_group()
 
 
 def main():
@@ -137,10 +130,8 @@ def main():
     parser.add_argument("--measure-activations", action="store_true",
                         help="keep meshpar's saved-tensor accounting on (a hook per saved tensor)")
     args = parser.parse_args()
-    results = mp.get_context("spawn").Queue()
-    mp.start_processes(rank_main, args=(args, free_port(), results), nprocs=args.pp, start_method="spawn")
-    for _ in SCHEDULES:
-        print(json.dumps(results.get()))
+    for line in run_on_local_ranks(rank_main, args.pp, args, len(SCHEDULES)):
+        print(json.dumps(line))
 
 
 if __name__ == "__main__":

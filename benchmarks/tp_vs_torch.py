@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard
@@ -34,7 +31,7 @@ from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model, model_config
 from meshpar.parallel.apply import parallelize
 from meshpar.train.data import BatchLoader, load_tokens
-from meshpar.train.launch import free_port
+from common import run_on_local_ranks
 
 
 def loopback_bytes() -> int:
@@ -73,11 +70,7 @@ def torch_tp_plan(model, sp: bool) -> dict:
     return plan
 
 
-def rank_main(rank: int, args, port: int, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(args.tp))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp))
-    dist.init_process_group("gloo", rank=rank, world_size=args.tp, timeout=timedelta(minutes=5))
+def rank_main(rank: int, args, results):
     cfg = model_config(args.model)
     loader = BatchLoader(load_tokens(None)[0], args.seq_len, args.batch_size, 0, 1, seed=0)
     batches = [loader.next_batch() for _ in range(args.steps)]
@@ -139,7 +132,6 @@ def rank_main(rank: int, args, port: int, results):
                 "meshpar_step_s": round(ours_s, 4), "torch_step_s": round(theirs_s, 4),
                 "ours_over_theirs": round(ours_s / theirs_s, 3), "max_rel_loss_diff": max(diffs),
             })
-    dist.destroy_process_group()
 
 
 def main():
@@ -150,10 +142,8 @@ def main():
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    results = mp.get_context("spawn").Queue()
-    mp.start_processes(rank_main, args=(args, free_port(), results), nprocs=args.tp, start_method="spawn")
-    for _ in range(2):
-        print(json.dumps(results.get()))
+    for line in run_on_local_ranks(rank_main, args.tp, args, 2):
+        print(json.dumps(line))
 
 
 if __name__ == "__main__":

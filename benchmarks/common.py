@@ -1,0 +1,37 @@
+"""What every benchmark here does: start a gloo world of local processes, give each rank
+its share of the cores, and collect rank 0's result lines."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from meshpar.train.launch import free_port
+
+
+def init_rank(rank: int, world_size: int, port: int):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=5))
+
+
+def _entry(rank, rank_main, world_size, port, args, results):
+    init_rank(rank, world_size, port)
+    try:
+        rank_main(rank, args, results)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_local_ranks(rank_main, world_size: int, args, num_results: int) -> list:
+    """rank_main(rank, args, results) on `world_size` gloo ranks; rank 0 puts
+    `num_results` items on `results`, returned in order."""
+    results = mp.get_context("spawn").Queue()
+    mp.start_processes(_entry, args=(rank_main, world_size, free_port(), args, results),
+                       nprocs=world_size, start_method="spawn")
+    return [results.get() for _ in range(num_results)]
