@@ -90,8 +90,9 @@ def test_200_steps_bf16_and_fp16():
 @pytest.mark.parametrize("layout", [{"pp": 2}, {"tp": 2, "sequence_parallel": True}])
 def test_16_bit_compute_with_tp_and_pp(worlds, precision, layout):
     """The same 16-bit run, split: PP passes fp32 hidden states (the residual stream stays
-    fp32 under autocast) so it matches closely; TP sums partial products in 16 bits, so
-    it matches to 16-bit rounding."""
+    fp32 under autocast) and matches closely - not exactly, as the ranks run one thread
+    and the reference two, and 16-bit kernels round differently per blocking; TP sums
+    partial products in 16 bits and matches to 16-bit rounding."""
     def config(**parallel):
         cfg = fast_config(steps=5, precision=precision, micro_batch_size=4,
                           tp=parallel.get("tp", 1), sequence_parallel=parallel.get("sequence_parallel", False))
@@ -99,7 +100,7 @@ def test_16_bit_compute_with_tp_and_pp(worlds, precision, layout):
         return cfg
 
     reference = train_and_report(config())
-    tolerance = 1e-5 if "pp" in layout else 5e-3
+    tolerance = 1e-4 if "pp" in layout else 5e-3
     for run in worlds(2).run(train_and_report, config(**layout)):
         torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]),
                                    rtol=tolerance, atol=0)
