@@ -49,11 +49,19 @@ def test_schedules_equal_single_device(worlds, reference, pp, micro_batch, sched
         assert_same_training(run, reference)
 
 
+# The quick suite runs five of these; `pytest -m slow` adds the other seven.
+QUICK = {("1f1b", "dp"), ("zb-h1", "dp"), ("gpipe", "tp"), ("interleaved-1f1b", "tp")}
+
+
+def composition(name, v, layout, quick):
+    return pytest.param(name, v, layout, marks=() if quick else pytest.mark.slow)
+
+
 @pytest.mark.parametrize("schedule, virtual_stages, layout", [
-    *[(name, v, {"dp": 2}) for name, v in SCHEDULES],
-    *[(name, v, {"tp": 2}) for name, v in SCHEDULES],
-    ("interleaved-1f1b", 2, {"tp": 2, "sequence_parallel": True}),
-    ("zb-h1", 1, {"tp": 2, "sequence_parallel": True, "model": {"num_kv_heads": 1}}),
+    *[composition(name, v, {"dp": 2}, (name, "dp") in QUICK) for name, v in SCHEDULES],
+    *[composition(name, v, {"tp": 2}, (name, "tp") in QUICK) for name, v in SCHEDULES],
+    composition("interleaved-1f1b", 2, {"tp": 2, "sequence_parallel": True}, True),
+    composition("zb-h1", 1, {"tp": 2, "sequence_parallel": True, "model": {"num_kv_heads": 1}}, False),
 ])
 def test_pipeline_composes_with_dp_and_tp(worlds, reference, schedule, virtual_stages, layout):
     cfg = pipeline_config(2, schedule, 2, virtual_stages, **layout)

@@ -86,8 +86,12 @@ def test_200_steps_bf16_and_fp16():
     assert fp16 == pytest.approx(bf16, rel=0.02)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("layout", [{"pp": 2}, {"tp": 2, "sequence_parallel": True}])
+@pytest.mark.parametrize("precision, layout", [
+    ("bf16", {"pp": 2}),
+    ("fp16", {"tp": 2, "sequence_parallel": True}),
+    pytest.param("fp16", {"pp": 2}, marks=pytest.mark.slow),
+    pytest.param("bf16", {"tp": 2, "sequence_parallel": True}, marks=pytest.mark.slow),
+])
 def test_16_bit_compute_with_tp_and_pp(worlds, precision, layout):
     """The same 16-bit run, split: PP passes fp32 hidden states (the residual stream stays
     fp32 under autocast) and matches closely - not exactly, as the ranks run one thread
