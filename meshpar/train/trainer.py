@@ -91,21 +91,29 @@ class Trainer:
             self.pipeline.compute_context = self.compute
         self.skipped_steps = 0
 
+    def _microbatches(self, loader: BatchLoader) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This rank's rows of the loader's next global batch, as micro-batches on the device."""
+        inputs, targets = loader.next_batch()
+        return ([x.to(self.device) for x in inputs.chunk(self.num_microbatches)],
+                [y.to(self.device) for y in targets.chunk(self.num_microbatches)])
+
+    def _set_lr(self, step: int) -> float:
+        lr = lr_at(step, self.cfg.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def train_step(self) -> dict:
         if self.asynchronous:
             return self.train_step_async()
         tr = self.cfg.train
         start = time.perf_counter()
-        lr = lr_at(self.step, tr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self._set_lr(self.step)
 
-        inputs, targets = self.loader.next_batch()
+        xs, ys = self._microbatches(self.loader)
         self.reducer.zero_grad()
         # Each micro-batch's summed token loss is divided by the tokens of the whole
         # global batch: the partial losses add up, over micro-batches and dp ranks, to the mean.
-        xs = [x.to(self.device) for x in inputs.chunk(self.num_microbatches)]
-        ys = [y.to(self.device) for y in targets.chunk(self.num_microbatches)]
         scale = self.scaler.scale if self.scaler else 1.0
         if self.pipeline:
             wait_before = self.pipeline.recv_wait_s
@@ -155,9 +163,7 @@ class Trainer:
         start = time.perf_counter()
         t = self.step
         last = t == tr.steps - 1
-        inputs, targets = self.loader.next_batch()
-        xs = [x.to(self.device) for x in inputs.chunk(self.num_microbatches)]
-        ys = [y.to(self.device) for y in targets.chunk(self.num_microbatches)]
+        xs, ys = self._microbatches(self.loader)
         wait_before = self.pipeline.recv_wait_s
         self.pipeline.begin_version(t)
         loss_sum = self.pipeline.run_segment(t, xs, ys, self.tokens_per_step, last)
@@ -176,9 +182,7 @@ class Trainer:
 
     def _apply_gradient(self, batch: int) -> tuple[float, float]:
         """One optimizer update from batch `batch`'s gradient (async schedule)."""
-        lr = lr_at(batch, self.cfg.train)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self._set_lr(batch)
         self.pipeline.finish_version(batch)
         self.parallel.sync_grads()
         self.reducer.reduce()
@@ -196,9 +200,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         self.model.eval()
         for _ in range(tr.eval_batches):
-            inputs, targets = loader.next_batch()
-            xs = [x.to(self.device) for x in inputs.chunk(self.num_microbatches)]
-            ys = [y.to(self.device) for y in targets.chunk(self.num_microbatches)]
+            xs, ys = self._microbatches(loader)
             if self.pipeline:
                 loss_sum += self.pipeline.forward_only(xs, ys, total_tokens)
             else:
