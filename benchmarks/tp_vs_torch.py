@@ -31,18 +31,7 @@ from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model, model_config
 from meshpar.parallel.apply import parallelize
 from meshpar.train.data import BatchLoader, load_tokens
-from common import run_on_local_ranks
-
-
-def loopback_bytes() -> int:
-    """Bytes sent over the loopback interface so far, by every process on the machine:
-    all gloo traffic between local ranks, headers included."""
-    with open("/proc/net/dev") as f:
-        for line in f:
-            name, _, fields = line.partition(":")
-            if name.strip() == "lo":
-                return int(fields.split()[8])  # transmit bytes
-    raise RuntimeError("no loopback interface in /proc/net/dev")
+from common import loopback_bytes, run_on_local_ranks
 
 
 def torch_tp_plan(model, sp: bool) -> dict:

@@ -17,6 +17,12 @@ def layer_counts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer counts like 3,3,2") from None
 
 
+def offload_list(text: str) -> list[str]:
+    """'optimizer,params' -> ['optimizer', 'params'] (params implies optimizer)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    return sorted(set(items) | ({"optimizer"} if "params" in items else set()))
+
+
 # flag -> (section, field, type, help)
 TRAIN_FLAGS = {
     "--dp": ("parallel", "dp", int, "data-parallel degree"),
@@ -31,6 +37,11 @@ TRAIN_FLAGS = {
     "--recompute": ("parallel", "recompute", str, "activation recomputation: none, full or selective (none)"),
     "--recompute-every": ("parallel", "recompute_every", int, "with --recompute full: every N-th layer only (1)"),
     "--bucket-mb": ("parallel", "bucket_mb", float, "gradient bucket size in MiB (default 25)"),
+    "--zero": ("parallel", "zero", int, "ZeRO stage over dp: 0 replicated, 1 optimizer states sharded, "
+                                        "2 and gradients, 3 and parameters (default 0)"),
+    "--offload": ("parallel", "offload", offload_list, "keep in host memory: optimizer (states, master "
+                                                       "weights and the step), params (ZeRO-3 shards; "
+                                                       "implies optimizer); comma-separated"),
     "--global-batch-size": ("train", "global_batch_size", int, "sequences per optimizer step (default 32)"),
     "--micro-batch-size": ("train", "micro_batch_size", int,
                            "sequences per forward on one dp rank (default: the whole per-rank batch)"),
@@ -73,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sequence-parallel", action="store_true",
                        help="with --tp: shard norms and the residual stream along the sequence")
     train.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    train.add_argument("--no-overlap", action="store_true",
+                       help="reduce gradients after backward instead of from its hooks (for comparison)")
 
     sim = commands.add_parser("simulate", help="simulate a pipeline schedule: timeline and bubble",
                               description="Generate, validate and simulate a pipeline schedule; no "
@@ -154,6 +167,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.parallel.sequence_parallel = True
     if args.no_progress:
         cfg.train.progress = False
+    if args.no_overlap:
+        cfg.parallel.overlap = False
     return cfg
 
 

@@ -103,8 +103,7 @@ def all_gather(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str)
         return tensor
     tensor = tensor.contiguous()
     out = tensor.new_empty((n * tensor.shape[0], *tensor.shape[1:]))
-    mesh.ledger.record(axis, "all_gather", tag, _nbytes(out), (n - 1) / n * _nbytes(out))
-    _all_gather_single(out, tensor, group=mesh.group(axis))
+    all_gather_into(mesh, axis, out, tensor, tag=tag)
     return out
 
 
@@ -115,9 +114,40 @@ def reduce_scatter(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: 
         return tensor
     tensor = tensor.contiguous()
     out = tensor.new_empty((tensor.shape[0] // n, *tensor.shape[1:]))
-    mesh.ledger.record(axis, "reduce_scatter", tag, _nbytes(tensor), (n - 1) / n * _nbytes(tensor))
-    _reduce_scatter_single(out, tensor, group=mesh.group(axis))
+    reduce_scatter_into(mesh, axis, out, tensor, tag=tag)
     return out
+
+
+def all_gather_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
+                    tag: str, async_op: bool = False):
+    """`out` (n times `tensor` along dim 0) receives every rank's `tensor`. Returns the work
+    when `async_op` (None when nothing had to move)."""
+    n = mesh.size(axis)
+    if n == 1:
+        out.copy_(tensor)
+        return None
+    mesh.ledger.record(axis, "all_gather", tag, _nbytes(out), (n - 1) / n * _nbytes(out))
+    return _all_gather_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
+
+
+def reduce_scatter_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
+                        tag: str, async_op: bool = False):
+    """`out` receives this rank's 1/n (dim 0) of the sum of every rank's `tensor`."""
+    n = mesh.size(axis)
+    if n == 1:
+        out.copy_(tensor)
+        return None
+    mesh.ledger.record(axis, "reduce_scatter", tag, _nbytes(tensor), (n - 1) / n * _nbytes(tensor))
+    return _reduce_scatter_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
+
+
+def all_reduce_async(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str):
+    """In-place sum over the `axis` slice, started in the background: wait on the work."""
+    n = mesh.size(axis)
+    if n == 1:
+        return None
+    mesh.ledger.record(axis, "all_reduce", tag, _nbytes(tensor), 2 * (n - 1) / n * _nbytes(tensor))
+    return dist.all_reduce(tensor, group=mesh.group(axis), async_op=True)
 
 
 def batch_send_recv(mesh: ParallelMesh, axis: str, sends: list[tuple[torch.Tensor, int, int, str]],

@@ -16,6 +16,7 @@ from meshpar.model.config import LARGE_PRESETS, PRESETS, ModelConfig, model_conf
 from meshpar.parallel.precision import PRECISIONS
 from meshpar.parallel.recompute import POLICIES
 from meshpar.parallel.tensor_plan import tensor_parallel_problems
+from meshpar.parallel.zero import OFFLOADS, STAGES
 from meshpar.pipeline.schedules import GENERATORS
 from meshpar.pipeline.split import split_problems
 
@@ -49,7 +50,10 @@ class ParallelConfig:
     pp_layers: list[int] | None = None  # layers per stage; default: balanced by cost
     recompute: str = "none"  # none, full or selective activation recomputation
     recompute_every: int = 1  # with full: recompute every N-th layer only
-    bucket_mb: float = 25.0  # gradient bucket size for the dp all-reduce
+    bucket_mb: float = 25.0  # gradient bucket size for the dp reduction
+    zero: int = 0  # ZeRO stage over dp: 0 replicated, 1 optimizer, 2 + gradients, 3 + parameters sharded
+    overlap: bool = True  # launch each bucket's dp reduction from backward as soon as it is complete
+    offload: list[str] = field(default_factory=list)  # "optimizer" and/or "params" (ZeRO-3) to host memory
 
     @property
     def world_size(self) -> int:
@@ -132,6 +136,28 @@ def _batch_splits(tr: TrainConfig, dp: int) -> bool:
         return False
     per_rank = tr.global_batch_size // dp
     return tr.micro_batch_size is None or (tr.micro_batch_size >= 1 and per_rank % tr.micro_batch_size == 0)
+
+
+def _zero_problems(cfg: Config, model: ModelConfig | None) -> list[str]:
+    par = cfg.parallel
+    problems = []
+    if par.zero not in STAGES:
+        problems.append(f"--zero {par.zero}: choose one of {', '.join(map(str, STAGES))}")
+    unknown = [o for o in par.offload if o not in OFFLOADS]
+    if unknown:
+        problems.append(f"--offload {','.join(unknown)}: choose from {', '.join(OFFLOADS)}")
+    if "params" in par.offload and par.zero != 3:
+        problems.append("--offload params keeps parameter shards in host memory: it needs --zero 3")
+    if par.zero != 0 and par.schedule == "async" and par.pp > 1:
+        problems.append(f"--zero {par.zero} with --schedule async is not supported: the async schedule keeps "
+                        f"whole weight snapshots per batch in flight, which sharded states would not see; "
+                        f"use --zero 0 or another schedule")
+    if par.zero == 3 and model is not None and model.tie_embeddings:
+        problems.append("--zero 3 with tied embeddings is not supported: the shared weight would be gathered "
+                        "and freed by two layers; untie them or use --zero 2")
+    if par.offload and par.schedule == "async" and par.pp > 1:
+        problems.append("--offload with --schedule async is not supported; use another schedule")
+    return problems
 
 
 def _divisors(n: int) -> str:
@@ -220,6 +246,7 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
                         "batch on its own weight snapshot, which recomputation in backward would not see")
     if par.bucket_mb <= 0:
         problems.append(f"parallel.bucket_mb={par.bucket_mb} must be positive")
+    problems += _zero_problems(cfg, model)
 
     for name in ("global_batch_size", "seq_len", "steps", "eval_batches"):
         if getattr(tr, name) < 1:

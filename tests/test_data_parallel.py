@@ -70,13 +70,14 @@ def test_ledger_counts_the_gradient_all_reduce(worlds):
 
 
 def run_buckets(cfg) -> int:
-    """Bucket count, from the parameter sizes in backward order."""
+    """Bucket count, from the units' (embedding, layers, norm, output) sizes in backward order."""
     from meshpar.model import build_model
+    from meshpar.parallel.zero import units_of
 
     limit = cfg.parallel.bucket_mb * 2**20
     count, filled = 0, 0
-    for p in reversed(list(build_model(cfg.model.resolve(), 0).parameters())):
-        filled += p.numel() * 4
+    for unit in reversed(units_of(build_model(cfg.model.resolve(), 0))):
+        filled += sum(p.numel() for p in unit.parameters()) * 4
         if filled >= limit:
             count, filled = count + 1, 0
     return count + (filled > 0)
@@ -90,5 +91,6 @@ def test_summary_reports_every_rank(worlds):
     for state in summary["model_state_bytes_per_rank"]:
         # fp32 parameters, gradients and AdamW's two moments: 16 bytes per parameter
         assert state == {"params": 4 * num_params, "grads": 4 * num_params,
-                         "optimizer": 8 * num_params, "total": 16 * num_params}
+                         "optimizer": 8 * num_params, "total": 16 * num_params,
+                         "host": {"params": 0, "grads": 0, "optimizer": 0, "total": 0}}
     assert summary["comm"]["dp"]["all_reduce"]["bytes"] == runs[1]["summary"]["comm"]["dp"]["all_reduce"]["bytes"]

@@ -3,7 +3,7 @@
     1. tensor (and sequence) parallelism: shard the layers over tp
     2. pipeline parallelism: keep this rank's stages (layers split over pp x virtual stages)
     3. activation recomputation of the layers this rank holds
-    4. data parallelism happens in the trainer's reducer, over dp
+    4. data parallelism (ZeRO stages 0-3) wraps the result, over dp: see zero.py
 
 The model arrives as the full, seeded single-device reference and leaves holding only
 this rank's slices of it.
@@ -38,12 +38,14 @@ class ParallelModel:
     module: nn.Module
     mesh: ParallelMesh
     loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy_sum
-    grad_syncs: list[Callable[[], None]] = field(default_factory=list)  # after backward, before dp
+    # Sum over tp the gradients partial there; called per gradient bucket before dp.
+    grad_syncs: list[Callable[[list[nn.Parameter] | None], None]] = field(default_factory=list)
     num_stages: int = 1  # pipeline stages over all ranks; module is a PipelineChunks when above 1
+    data_parallel: object = None  # the ShardedDataParallel wrapping `module`, once built
 
-    def sync_grads(self):
+    def sync_grads(self, params: list[nn.Parameter] | None = None):
         for sync in self.grad_syncs:
-            sync()
+            sync(params)
 
     @property
     def pipelined(self) -> bool:
@@ -51,8 +53,16 @@ class ParallelModel:
 
     def full_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """Parameters (or gradients) gathered back to full shape and to every stage
-        (collective over tp and pp)."""
-        state = full_state(self.module, self.mesh, grads)
+        (collective over tp and pp). Under ZeRO-2/3 only parameters: the gradients are
+        sharded over dp."""
+        zero = self.data_parallel
+        if zero is not None and zero.stage >= 2 and grads:
+            raise ValueError("full gradients do not exist under ZeRO stage 2-3 (sharded over dp)")
+        if zero is not None and zero.stage == 3:
+            with zero.gathered():
+                state = full_state(self.module, self.mesh, grads)
+        else:
+            state = full_state(self.module, self.mesh, grads)
         if self.mesh.size("pp") > 1:
             merged = {}
             for part in comm.all_gather_object(self.mesh, state, tag="gather_full", axis="pp"):

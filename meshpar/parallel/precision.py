@@ -44,10 +44,9 @@ class DynamicLossScaler:
         self.clean_steps = 0
         self.overflows_left = cfg.hysteresis
 
-    def unscale_and_check(self, params: list[nn.Parameter], mesh: ParallelMesh) -> bool:
-        """Divide the gradients by the scale; True if any gradient on any rank of any axis
-        holds an Inf or NaN (then every rank skips the step)."""
-        grads = [p.grad for p in params if p.grad is not None]
+    def unscale_and_check(self, grads: list[torch.Tensor], mesh: ParallelMesh) -> bool:
+        """Divide the gradients (this rank's, or its shards of them) by the scale; True if
+        any gradient on any rank of any axis holds an Inf or NaN (then every rank skips)."""
         torch._foreach_mul_(grads, 1.0 / self.scale)
         bad = torch.zeros((), device=grads[0].device if grads else "cpu")
         for g in grads:

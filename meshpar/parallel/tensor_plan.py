@@ -160,14 +160,18 @@ class TensorParallelLlama:
         return vocab_parallel_cross_entropy(logits_local, targets, self.vocab_start,
                                             self.num_valid_local, self.mesh).sum()
 
-    def sync_grads(self):
+    def sync_grads(self, params: list[torch.nn.Parameter] | None = None):
         """After backward: sum over tp the gradients that are partial there - norm weights
         under sequence parallelism, and replicated KV heads (each holder saw only its own
-        query heads' share)."""
+        query heads' share). `params`: only those among them (one gradient bucket); the tp
+        ranks of one slice call this for the same buckets in the same order."""
         # Under pipeline parallelism a rank holds some layers only: the others have no
         # gradient here (and the tp ranks of one stage hold the same layers).
-        norms = [p for p in self.sequence_parallel_params if p.grad is not None]
-        replicated_kv = [p for p in self.replicated_kv if p.grad is not None]
+        wanted = None if params is None else {id(p) for p in params}
+        norms = [p for p in self.sequence_parallel_params
+                 if p.grad is not None and (wanted is None or id(p) in wanted)]
+        replicated_kv = [p for p in self.replicated_kv
+                         if p.grad is not None and (wanted is None or id(p) in wanted)]
         if norms:
             flat = torch.cat([p.grad.flatten() for p in norms])
             comm.all_reduce(self.mesh, "tp", flat, tag="sp_norm_grads")

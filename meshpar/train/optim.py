@@ -19,11 +19,14 @@ from meshpar.parallel.sharding import shard_spec
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on norm gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=(cfg.beta1, cfg.beta2), foreach=True)
+    return adamw([p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2], cfg)
+
+
+def adamw(decayed: list[torch.Tensor], undecayed: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
+    groups = [{"params": decayed, "weight_decay": cfg.weight_decay},
+              {"params": undecayed, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=peak_lr(cfg),
+                             betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
 def peak_lr(cfg: TrainConfig) -> float:
@@ -46,19 +49,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def global_grad_norm(params: list[nn.Parameter], mesh: ParallelMesh) -> torch.Tensor:
-    """L2 norm of the full model's gradient. Squares of sharded parameters are summed
-    across their shard axis (a chunk held by several ranks counted once); replicated
-    parameters are counted once; pipeline stages add up."""
+def global_grad_norm(pieces: list[tuple[nn.Parameter, torch.Tensor]], mesh: ParallelMesh,
+                     sharded_over_dp: bool = False) -> torch.Tensor:
+    """L2 norm of the full model's gradient, from (parameter, gradient piece) pairs. Squares
+    of tp-sharded parameters are summed across their shard axis (a chunk held by several
+    ranks counted once); pieces sharded over dp (ZeRO) are summed over dp; pipeline stages
+    add up."""
     squares_by_axes: dict[tuple[str, ...], torch.Tensor] = defaultdict(lambda: 0.0)
-    for p in params:
-        if p.grad is not None:
-            spec = shard_spec(p)
-            axes = (spec.axis,) if spec else ()
-            squares = p.grad.detach().float().pow(2).sum() / (spec.replicas if spec else 1)
-            squares_by_axes[axes] = squares_by_axes[axes] + squares
-    total = torch.zeros((), dtype=torch.float32, device=params[0].device)
-    for axes, squares in squares_by_axes.items():
+    for p, grad in pieces:
+        spec = shard_spec(p)
+        axes = ((spec.axis,) if spec else ()) + (("dp",) if sharded_over_dp else ())
+        squares = grad.detach().float().pow(2).sum() / (spec.replicas if spec else 1)
+        squares_by_axes[axes] = squares_by_axes[axes] + squares
+    total = torch.zeros((), dtype=torch.float32, device=pieces[0][1].device if pieces else "cpu")
+    for axes, squares in sorted(squares_by_axes.items(), key=lambda item: item[0]):  # the same order on every rank
         squares = torch.as_tensor(squares, dtype=torch.float32, device=total.device).clone()
         for axis in axes:
             comm.all_reduce(mesh, axis, squares, tag="grad_norm")
@@ -67,11 +71,17 @@ def global_grad_norm(params: list[nn.Parameter], mesh: ParallelMesh) -> torch.Te
     return total.sqrt()
 
 
-def clip_grads(params: list[nn.Parameter], max_norm: float, mesh: ParallelMesh) -> float:
-    """Scale gradients so their global norm is at most `max_norm` (0: no clipping);
-    return the norm before clipping."""
-    norm = global_grad_norm(params, mesh)
+def clip_by_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> float:
+    """Scale `grads` so that a global norm `norm` becomes at most `max_norm` (0: no
+    clipping); return the norm."""
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
+        torch._foreach_mul_(grads, scale)
     return norm.item()
+
+
+def clip_grads(params: list[nn.Parameter], max_norm: float, mesh: ParallelMesh) -> float:
+    """Clip replicated (or tp-sharded) parameters' gradients by their global norm; return
+    the norm before clipping."""
+    pieces = [(p, p.grad) for p in params if p.grad is not None]
+    return clip_by_norm([g for _, g in pieces], global_grad_norm(pieces, mesh), max_norm)

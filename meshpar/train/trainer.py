@@ -15,14 +15,14 @@ from meshpar.config import Config
 from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
 from meshpar.parallel.apply import ParallelModel, parallelize
-from meshpar.parallel.data import DataParallelReducer
+from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autocast
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import add_communication, asynchronous, build_schedule
 from meshpar.train.data import BatchLoader, corpus_description, load_tokens
 from meshpar.train.metrics import MetricsLog, Progress, format_bytes
-from meshpar.train.optim import build_optimizer, clip_grads, lr_at
+from meshpar.train.optim import adamw, clip_by_norm, global_grad_norm, lr_at
 
 
 @dataclass
@@ -31,16 +31,6 @@ class TrainResult:
     evals: list[dict]  # {"step", "val_loss"}
     summary: dict
     parallel: ParallelModel  # this rank's final model and how to gather it
-
-
-def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer,
-                      reducer: DataParallelReducer) -> dict[str, int]:
-    """Bytes this rank holds for parameters, gradients and optimizer states."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    states = sum(t.numel() * t.element_size() for state in optimizer.state.values()
-                 for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
-    grads = reducer.grad_bytes()
-    return {"params": params, "grads": grads, "optimizer": states, "total": params + grads + states}
 
 
 class Trainer:
@@ -57,15 +47,18 @@ class Trainer:
         self.model = self.parallel.module
         # Dropout masks: one stream per dp rank, shared by the tp ranks of a replica.
         torch.manual_seed(tr.seed + 1 + mesh.index("dp"))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.reducer = DataParallelReducer(self.params, mesh, int(cfg.parallel.bucket_mb * 2**20))
-        self.optimizer = build_optimizer(self.model, tr)
-
         dp, dp_rank = mesh.size("dp"), mesh.index("dp")
         train_tokens, val_tokens = load_tokens(tr.data)
         self.loader = BatchLoader(train_tokens, tr.seq_len, tr.global_batch_size, dp_rank, dp, tr.seed)
         self.val_tokens = val_tokens
         self.num_microbatches = tr.num_microbatches(dp)
+        # Data parallelism (ZeRO stage 0-3) owns the gradients, the optimizer's view of the
+        # parameters and the dp reduction, launched from backward hooks.
+        self.data_parallel = ShardedDataParallel(
+            self.model, mesh, par.zero, int(par.bucket_mb * 2**20), overlap=par.overlap,
+            offload=par.offload, microbatches=self.num_microbatches, grad_sync=self.parallel.sync_grads)
+        self.parallel.data_parallel = self.data_parallel
+        self.optimizer = adamw(*self.data_parallel.optimizer_params(), tr)
         self.tokens_per_step = tr.global_batch_size * tr.seq_len
         self.is_logger = mesh.rank == 0
         self.step = 0
@@ -111,7 +104,7 @@ class Trainer:
         lr = self._set_lr(self.step)
 
         xs, ys = self._microbatches(self.loader)
-        self.reducer.zero_grad()
+        self.data_parallel.zero_grad()
         # Each micro-batch's summed token loss is divided by the tokens of the whole
         # global batch: the partial losses add up, over micro-batches and dp ranks, to the mean.
         scale = self.scaler.scale if self.scaler else 1.0
@@ -127,20 +120,18 @@ class Trainer:
                 loss = self.parallel.loss_sum(logits, y) / self.tokens_per_step
                 (loss * scale if self.scaler else loss).backward()
                 loss_sum += loss.detach()
-        self.parallel.sync_grads()
-        self.reducer.reduce()
+        self.data_parallel.finish_reduction()
         comm.all_reduce(self.mesh, "dp", loss_sum, tag="loss")
         comm.all_reduce(self.mesh, "pp", loss_sum, tag="loss")  # the last stage holds it
         overflow = False
         if self.scaler:
-            overflow = self.scaler.unscale_and_check(self.params, self.mesh)
+            overflow = self.scaler.unscale_and_check(self.data_parallel.grads(), self.mesh)
             self.scaler.update(overflow)
         grad_norm = None
         if overflow:  # every rank skips: the parameters and optimizer states stay as they are
             self.skipped_steps += 1
         else:
-            grad_norm = clip_grads(self.params, tr.max_grad_norm, self.mesh)
-            self.optimizer.step()
+            grad_norm = self._clip_and_update()
 
         loss_value = loss_sum.item()  # synchronises a CUDA device before timing
         step_time = time.perf_counter() - start
@@ -183,12 +174,18 @@ class Trainer:
     def _apply_gradient(self, batch: int) -> tuple[float, float]:
         """One optimizer update from batch `batch`'s gradient (async schedule)."""
         lr = self._set_lr(batch)
+        self.data_parallel.zero_grad()
         self.pipeline.finish_version(batch)
-        self.parallel.sync_grads()
-        self.reducer.reduce()
-        grad_norm = clip_grads(self.params, self.cfg.train.max_grad_norm, self.mesh)
-        self.optimizer.step()
-        return grad_norm, lr
+        self.data_parallel.finish_reduction()
+        return self._clip_and_update(), lr
+
+    def _clip_and_update(self) -> float:
+        """Clip by the global norm and step the optimizer (on this rank's shard under ZeRO)."""
+        dp = self.data_parallel
+        norm = global_grad_norm(dp.grad_pieces(), self.mesh, sharded_over_dp=dp.grads_sharded)
+        norm = clip_by_norm(dp.grads(), norm, self.cfg.train.max_grad_norm)
+        dp.step(self.optimizer)
+        return norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -250,7 +247,7 @@ class Trainer:
     def summary(self, steps: list[dict], evals: list[dict]) -> dict:
         """The final record: ledger per axis and model-state bytes of every rank."""
         ledger = self.mesh.ledger.summary()  # taken before the gather below adds to it
-        state = model_state_bytes(self.model, self.optimizer, self.reducer)
+        state = self.data_parallel.state_bytes(self.optimizer)
         per_rank = comm.all_gather_object(self.mesh, {"state": state, "ledger": ledger}, tag="summary")
         timed = steps[1:] or steps  # the first step pays for warm-up
         return {

@@ -1,0 +1,394 @@
+"""Data parallelism over the `dp` axis, replicated or sharded (ZeRO stages 0-3).
+
+Parameters and gradients live in flat buckets; each parameter (and its `.grad`) is a view
+into its bucket. A bucket is a run of consecutive *units* (the embedding, each transformer
+layer, the final norm, the output layer), taken in reverse order - the order in which
+backward finishes them - and closed at `bucket_bytes`; under ZeRO-3 a bucket is exactly
+one unit, the granularity at which parameters are gathered.
+
+    stage  parameters          gradients                       optimizer states + update
+    0      full                full, all-reduced               full, every rank
+    1      full                full, reduce-scattered          1/N: each rank its shard,
+    2      full                1/N: reduce-scattered, the        then the parameters are
+                               full buffer freed                 all-gathered
+    3      1/N, gathered per   1/N, as stage 2                 1/N, no gather after it
+           unit for its forward and again for its backward
+
+With N = dp ranks, the wire bytes per rank and step (ring-equivalent) are 2(N-1)/N of the
+gradient bytes for stages 0-2 (all-reduce, or reduce-scatter + all-gather) and 3(N-1)/N
+for stage 3 (two gathers and a reduce-scatter), once per step when there is one
+micro-batch; with m micro-batches stage 3 gathers 2m times.
+
+A bucket's reduction is launched from the gradient hooks as soon as its last gradient of
+the step has been accumulated (`overlap`), while backward goes on with earlier layers;
+gradient accumulation over micro-batches communicates nothing until the final one.
+Gradients that are partial over tp (sequence-parallel norms, replicated KV heads) are
+summed over tp by `grad_sync` just before the dp reduction of their bucket.
+
+Offload: `optimizer` keeps an fp32 master copy of this rank's shard, its gradient and the
+optimizer states in host memory and runs the step there; `params` (stage 3) keeps the
+parameter shards themselves in host memory between uses.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from meshpar import comm
+from meshpar.mesh import ParallelMesh
+
+STAGES = (0, 1, 2, 3)
+OFFLOADS = ("optimizer", "params")
+
+
+def units_of(module: nn.Module) -> list[nn.Module]:
+    """The modules holding parameters, in forward order: direct children, with module
+    lists and dicts (the layers) opened one level."""
+    units = []
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            units += [m for m in child.children() if any(True for _ in m.parameters())]
+        elif any(True for _ in child.parameters()):
+            units.append(child)
+    return units
+
+
+@dataclass
+class Bucket:
+    index: int
+    units: list[nn.Module]  # forward order
+    params: list[nn.Parameter]
+    offsets: list[int]
+    numel: int  # padded to a multiple of the dp size when sharded
+    shard: tuple[int, int]  # this rank's [start, end) of the flat buffer
+    param_flat: torch.Tensor  # full parameters; under ZeRO-3 allocated only while gathered
+    param_shard: torch.Tensor  # this rank's slice: a view of param_flat, or its own (ZeRO-3)
+    grad_shard: torch.Tensor | None = None  # stage 2-3: this rank's reduced gradient
+    grad_flat: torch.Tensor | None = None  # full gradients; stages 2-3 free it after reduction
+    accumulated: int = 0  # gradient accumulations this step, over all params
+    reduction: object = None  # the in-flight work, if any
+    reduced_into: torch.Tensor | None = None  # stage 1: where the reduce-scatter landed
+    launched: bool = False
+    gathered: bool = True
+    gather_work: object = None
+    gather_source: torch.Tensor | None = None
+    host: dict[str, torch.Tensor] = field(default_factory=dict)  # offloaded master, grad
+
+    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        p = self.params[i]
+        return flat[self.offsets[i]:self.offsets[i] + p.numel()].view_as(p)
+
+
+class ShardedDataParallel:
+    def __init__(self, module: nn.Module, mesh: ParallelMesh, stage: int = 0,
+                 bucket_bytes: int = 25 * 2**20, overlap: bool = True, offload: tuple[str, ...] = (),
+                 microbatches: int = 1, grad_sync: Callable[[list[nn.Parameter]], None] | None = None):
+        if stage not in STAGES:
+            raise ValueError(f"ZeRO stage {stage}: choose one of {', '.join(map(str, STAGES))}")
+        offload = set(offload) | ({"optimizer"} if "params" in offload else set())  # params implies it
+        self.mesh, self.stage, self.overlap, self.offload = mesh, stage, overlap, tuple(sorted(offload))
+        self.microbatches = microbatches
+        self.grad_sync = grad_sync or (lambda params: None)
+        self.n, self.rank = mesh.size("dp"), mesh.index("dp")
+        self.events: list[tuple[float, str, int]] = []  # (time, what, bucket): the overlap trace
+        self.buckets: list[Bucket] = []
+        units = units_of(module)
+        seen: set[int] = set()
+        pending: list[nn.Module] = []
+        pending_bytes = 0
+        for unit in reversed(units):
+            pending.insert(0, unit)
+            pending_bytes += sum(p.numel() * p.element_size() for p in unit.parameters())
+            if stage == 3 or pending_bytes >= bucket_bytes:
+                self._add_bucket(pending, seen)
+                pending, pending_bytes = [], 0
+        if pending:
+            self._add_bucket(pending, seen)
+        self._slot_of = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
+        for p in self.params():
+            p.register_post_accumulate_grad_hook(self._on_grad)
+        if stage == 3:
+            self._install_gather_hooks()
+            for b in self.buckets:
+                self._free_params(b)
+
+    # --- layout -----------------------------------------------------------------------
+
+    def _add_bucket(self, units: list[nn.Module], seen: set[int]):
+        params = []
+        for unit in units:
+            for p in unit.parameters():
+                if p.requires_grad and id(p) not in seen:  # a tied weight belongs to one bucket
+                    seen.add(id(p))
+                    params.append(p)
+        if not params:
+            return
+        offsets, total = [], 0
+        for p in params:
+            offsets.append(total)
+            total += p.numel()
+        sharded = self.stage >= 1
+        numel = -(-total // self.n) * self.n if sharded else total
+        size = numel // self.n if sharded else numel
+        start = self.rank * size if sharded else 0
+        first = params[0]
+        param_flat = torch.zeros(numel, dtype=first.dtype, device=first.device)
+        with torch.no_grad():
+            for p, offset in zip(params, offsets):
+                param_flat[offset:offset + p.numel()].copy_(p.detach().flatten())
+                p.data = param_flat[offset:offset + p.numel()].view_as(p)
+        param_shard = param_flat[start:start + size]
+        if self.stage == 3:
+            home = "cpu" if "params" in self.offload else first.device
+            param_shard = param_shard.clone().to(home)
+            if home == "cpu" and torch.cuda.is_available():
+                param_shard = param_shard.pin_memory()
+        bucket = Bucket(len(self.buckets), list(units), params, offsets, numel, (start, start + size),
+                        param_flat, param_shard)
+        if self.stage <= 1:
+            bucket.grad_flat = torch.zeros_like(param_flat)
+            for i, p in enumerate(params):
+                p.grad = bucket.view(bucket.grad_flat, i)
+        else:
+            bucket.grad_shard = torch.zeros_like(param_shard, device=first.device)
+        if "optimizer" in self.offload:
+            pin = torch.cuda.is_available()
+            master = param_shard if param_shard.device.type == "cpu" and self.stage == 3 else \
+                param_shard.detach().to("cpu", copy=True)
+            bucket.host = {"master": master.pin_memory() if pin and not master.is_pinned() else master,
+                           "grad": torch.zeros(size, dtype=first.dtype, pin_memory=pin)}
+        self.buckets.append(bucket)
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for b in self.buckets for p in b.params]
+
+    def _master(self, b: Bucket) -> torch.Tensor:
+        return b.host["master"] if b.host else b.param_shard
+
+    def _grad_of_shard(self, b: Bucket) -> torch.Tensor:
+        """This rank's reduced gradient, where the optimizer reads it (before offload)."""
+        if self.stage == 0:
+            return b.grad_flat
+        if self.stage == 1:
+            return b.grad_flat[b.shard[0]:b.shard[1]]
+        return b.grad_shard
+
+    def optimizer_params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(decayed, undecayed) leaf tensors for the optimizer: each parameter's piece of
+        this rank's shard, aliasing the master shard, with `.grad` aliasing its gradient.
+        Matrices are decayed, vectors (norm gains) not - as the whole parameter would be."""
+        decayed, undecayed = [], []
+        for b in self.buckets:
+            master = self._master(b)
+            grad = b.host["grad"] if b.host else self._grad_of_shard(b)
+            lo_shard, hi_shard = b.shard
+            for p, offset in zip(b.params, b.offsets):
+                lo, hi = max(offset, lo_shard), min(offset + p.numel(), hi_shard)
+                if lo >= hi:
+                    continue
+                piece = nn.Parameter(master[lo - lo_shard:hi - lo_shard])
+                piece.grad = grad[lo - lo_shard:hi - lo_shard]
+                (decayed if p.ndim >= 2 else undecayed).append(piece)
+        return decayed, undecayed
+
+    def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, gradient piece) for every piece this rank owns after reduction."""
+        pieces = []
+        for b in self.buckets:
+            grad, (lo_shard, hi_shard) = self._grad_of_shard(b), b.shard
+            for p, offset in zip(b.params, b.offsets):
+                lo, hi = max(offset, lo_shard), min(offset + p.numel(), hi_shard)
+                if lo < hi:
+                    pieces.append((p, grad[lo - lo_shard:hi - lo_shard]))
+        return pieces
+
+    def grads(self) -> list[torch.Tensor]:
+        """This rank's reduced gradient shards (for unscaling and clipping)."""
+        return [self._grad_of_shard(b) for b in self.buckets]
+
+    @property
+    def grads_sharded(self) -> bool:
+        return self.stage >= 1
+
+    # --- a step -----------------------------------------------------------------------
+
+    def zero_grad(self):
+        for b in self.buckets:
+            b.accumulated, b.launched, b.reduction, b.reduced_into = 0, False, None, None
+            if b.grad_flat is not None:
+                b.grad_flat.zero_()
+        self.events.clear()
+
+    def _on_grad(self, p: nn.Parameter):
+        b, i = self._slot_of[id(p)]
+        if b.grad_flat is None:  # stages 2-3: the full buffer lives from here to the reduction
+            b.grad_flat = torch.zeros(b.numel, dtype=p.dtype, device=p.device)
+        slot = b.view(b.grad_flat, i)
+        if p.grad.data_ptr() != slot.data_ptr():  # a fresh gradient: move it into the bucket
+            slot.add_(p.grad)
+            p.grad = slot
+        b.accumulated += 1
+        done = b.accumulated % len(b.params) == 0
+        if self.stage == 3 and done:  # this unit's backward for one micro-batch is over
+            self._free_params(b)
+        if self.overlap and b.accumulated == len(b.params) * self.microbatches:
+            self._launch(b)
+
+    def _launch(self, b: Bucket):
+        """Start the bucket's dp reduction (asynchronous when overlapping)."""
+        self.grad_sync(b.params)
+        self.events.append((time.perf_counter(), "launch", b.index))
+        if self.stage == 0:
+            b.reduction = comm.all_reduce_async(self.mesh, "dp", b.grad_flat, tag="grads")
+        else:
+            out = b.grad_shard if b.grad_shard is not None else torch.empty_like(b.param_shard)
+            b.reduced_into = out
+            b.reduction = comm.reduce_scatter_into(self.mesh, "dp", out, b.grad_flat, tag="grads",
+                                                   async_op=True)
+        b.launched = True
+        self._free_finished()
+
+    def _complete(self, b: Bucket):
+        if b.reduction is not None:
+            b.reduction.wait()
+            b.reduction = None
+        if self.stage == 1 and b.reduced_into is not None:
+            b.grad_flat[b.shard[0]:b.shard[1]].copy_(b.reduced_into)
+            b.reduced_into = None
+        if self.stage >= 2 and b.grad_flat is not None:
+            b.grad_flat = None
+            for p in b.params:
+                p.grad = None
+
+    def _free_finished(self):
+        """Stages 2-3: release full gradient buffers whose reduce-scatter is done."""
+        if self.stage < 2:
+            return
+        for b in self.buckets:
+            if b.launched and b.grad_flat is not None and (b.reduction is None or b.reduction.is_completed()):
+                self._complete(b)
+
+    def finish_reduction(self):
+        """After the last backward of the step: launch what the hooks did not (no overlap,
+        or gradients set outside backward) and wait for every reduction."""
+        self.events.append((time.perf_counter(), "backward_done", -1))
+        for b in self.buckets:
+            if not b.launched:
+                if b.grad_flat is None:  # stage 2-3 bucket that received no gradient
+                    b.grad_flat = torch.zeros(b.numel, dtype=b.param_shard.dtype, device=b.param_shard.device)
+                self._launch(b)
+        for b in self.buckets:
+            self._complete(b)
+
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.Optimizer):
+        """The optimizer on this rank's shard (on the host when offloaded), then the
+        updated shards gathered into the full parameters (stages 1-2)."""
+        for b in self.buckets:
+            if b.host:
+                b.host["grad"].copy_(self._grad_of_shard(b))
+        optimizer.step()
+        for b in self.buckets:
+            if b.host and b.host["master"] is not b.param_shard:
+                b.param_shard.copy_(b.host["master"])
+            if self.stage in (1, 2):
+                comm.all_gather_into(self.mesh, "dp", b.param_flat, b.param_shard.clone(), tag="params_step")
+
+    # --- ZeRO-3: parameters gathered around each use ------------------------------------
+
+    def _install_gather_hooks(self):
+        order = self.buckets[::-1]  # forward order
+        for i, b in enumerate(order):
+            ahead = order[i + 1] if i + 1 < len(order) else None
+            behind = order[i - 1] if i > 0 else None
+            for unit in b.units:
+                unit.register_forward_pre_hook(lambda m, args, b=b, ahead=ahead: self._before_forward(b, ahead))
+                unit.register_forward_hook(lambda m, args, out, b=b, behind=behind: self._after_forward(b, behind, out))
+
+    def _before_forward(self, b: Bucket, ahead: Bucket | None):
+        self._gather(b, "forward" if torch.is_grad_enabled() else "eval")
+        if ahead is not None:  # prefetch: its all-gather runs while this unit computes
+            self._gather(ahead, "forward" if torch.is_grad_enabled() else "eval", wait=False)
+        self._wait_gather(b)
+
+    def _after_forward(self, b: Bucket, behind: Bucket | None, out):
+        self._free_params(b)
+        if torch.is_tensor(out) and out.requires_grad:
+            def before_backward(grad, b=b, behind=behind):
+                self._gather(b, "backward")
+                if behind is not None:
+                    self._gather(behind, "backward", wait=False)
+                self._wait_gather(b)
+            out.register_hook(before_backward)
+
+    def _gather(self, b: Bucket, purpose: str, wait: bool = True):
+        if b.gathered:
+            return
+        storage = b.param_flat.untyped_storage()
+        storage.resize_(b.numel * b.param_flat.element_size())
+        # The shard is copied to the device first (from host memory when offloaded).
+        b.gather_source = b.param_shard.to(b.param_flat.device, copy=True)
+        b.gather_work = comm.all_gather_into(self.mesh, "dp", b.param_flat.data, b.gather_source,
+                                             tag=f"params_{purpose}", async_op=True)
+        b.gathered = True
+        if wait:
+            self._wait_gather(b)
+
+    def _wait_gather(self, b: Bucket):
+        if b.gather_work is not None:
+            b.gather_work.wait()
+            b.gather_work = None
+        b.gather_source = None
+
+    def _free_params(self, b: Bucket):
+        if self.stage != 3 or not b.gathered:
+            return
+        self._wait_gather(b)
+        b.param_flat.untyped_storage().resize_(0)
+        b.gathered = False
+
+    def gathered(self):
+        """Context: every bucket's full parameters present (ZeRO-3), e.g. to read them."""
+        zero = self
+
+        class _Gathered:
+            def __enter__(self):
+                for b in zero.buckets:
+                    zero._gather(b, "read")
+
+            def __exit__(self, *exc):
+                for b in zero.buckets:
+                    zero._free_params(b)
+
+        return _Gathered()
+
+    # --- accounting ---------------------------------------------------------------------
+
+    def state_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """Bytes held now for parameters, gradients and optimizer states, split into the
+        device's and the host's (offloaded) memory. Counted from the tensors themselves."""
+        def size(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+
+        device = {"params": 0, "grads": 0, "optimizer": 0}
+        host = {"params": 0, "grads": 0, "optimizer": 0}
+        for b in self.buckets:
+            device["params"] += b.param_flat.untyped_storage().nbytes()
+            if self.stage == 3:
+                (host if "params" in self.offload else device)["params"] += size(b.param_shard)
+            device["grads"] += size(b.grad_flat) + size(b.grad_shard)
+            if b.host:
+                if b.host["master"] is not b.param_shard:
+                    host["optimizer"] += size(b.host["master"])
+                host["grads"] += size(b.host["grad"])
+        states = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                     for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
+        (host if "optimizer" in self.offload else device)["optimizer"] += states
+        out = {**device, "total": sum(device.values())}
+        out["host"] = {**host, "total": sum(host.values())}
+        return out

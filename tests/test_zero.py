@@ -1,0 +1,194 @@
+"""ZeRO stages 0-3 over dp against the single-device reference: losses of every step and
+final parameters (20 steps, fp32, AdamW), with and without accumulation and offload;
+model-state bytes per rank against the ZeRO formulas; the ledger against the analytic
+volume; and the overlap of reductions with backward, from the event trace."""
+
+import pytest
+import torch
+
+from meshpar.config import validate
+from reference import fast_config, train_and_report
+
+REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return train_and_report(fast_config(dp=1))
+
+
+def zero_config(dp: int, stage: int, micro_batch_size: int | None = None, offload: tuple = (), **parallel):
+    cfg = fast_config(dp=dp, micro_batch_size=micro_batch_size)
+    cfg.parallel.zero, cfg.parallel.offload = stage, list(offload)
+    for key, value in parallel.items():
+        setattr(cfg.parallel, key, value)
+    return cfg
+
+
+def train_each(configs: list) -> list[dict]:
+    """Several runs in one call on every rank (one round trip to the world)."""
+    return [train_and_report(cfg) for cfg in configs]
+
+
+def assert_matches(run: dict, ref: dict, label: str):
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(ref["losses"]), rtol=REL, atol=0,
+                               msg=lambda m: f"{label}: {m}")
+    for name, value in ref["params"].items():
+        diff = run["params"][name] - value
+        assert diff.norm() <= REL * value.norm(), f"{label} {name}: relative error {diff.norm() / value.norm():.2e}"
+
+
+def variants(stage: int) -> list[tuple[int | None, tuple]]:
+    """(micro_batch_size, offload): with and without accumulation and offload."""
+    offloads = [(), ("optimizer",)] + ([("params",)] if stage == 3 else [])
+    return [(mbs, off) for mbs in (None, 2) for off in offloads]
+
+
+def run_matrix(worlds, reference, dp: int, cases: list[tuple[int, int | None, tuple]]):
+    configs = [zero_config(dp, stage, mbs, off) for stage, mbs, off in cases]
+    results = worlds(dp).run(train_each, configs)
+    for (stage, mbs, off), first, last in zip(cases, results[0], results[-1]):
+        label = f"dp={dp} zero={stage} micro_batch={mbs} offload={off}"
+        assert_matches(first, reference, label)
+        assert_matches(last, reference, label + " (last rank)")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_equals_single_device_dp2(worlds, reference, stage):
+    # by default: plain, and accumulation with offload (the rest of the matrix is slow)
+    cases = [(None, ()), (2, ("params",) if stage == 3 else ("optimizer",))]
+    run_matrix(worlds, reference, 2, [(stage, mbs, off) for mbs, off in cases])
+
+
+def test_zero_equals_single_device_dp4_subset(worlds, reference):
+    run_matrix(worlds, reference, 4, [(2, 2, ("optimizer",)), (3, None, ())])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dp", [2, 4])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_equals_single_device_full_matrix(worlds, reference, dp, stage):
+    run_matrix(worlds, reference, dp, [(stage, mbs, off) for mbs, off in variants(stage)])
+
+
+LAYOUTS = {"tp2_sp": {"tp": 2, "sequence_parallel": True},
+           "pp2_1f1b": {"pp": 2, "schedule": "1f1b", "micro_batch_size": 2},
+           "pp2_zb": {"pp": 2, "schedule": "zb-h1", "micro_batch_size": 4}}
+QUICK_COMPOSITIONS = {("tp2_sp", 3), ("pp2_1f1b", 3), ("pp2_zb", 2)}
+
+
+@pytest.mark.parametrize("layout, stage", [
+    pytest.param(layout, stage, marks=[] if (layout, stage) in QUICK_COMPOSITIONS else [pytest.mark.slow])
+    for layout in LAYOUTS for stage in (1, 2, 3)])
+def test_zero_composes_with_tp_and_pp(worlds, reference, layout, stage):
+    """dp=2 on 4 ranks, each dp slice of tp or pp ranks sharding over its own dp group."""
+    settings = dict(LAYOUTS[layout])
+    cfg = zero_config(2, stage, settings.pop("micro_batch_size", None), **settings)
+    for rank, run in enumerate(worlds(4).run(train_and_report, cfg)):
+        assert_matches(run, reference, f"{layout} zero={stage} rank {rank}")
+
+
+def test_model_state_bytes_follow_the_zero_formulas(worlds):
+    n = 4
+    configs = [zero_config(n, stage) for stage in range(4)]
+    configs += [zero_config(n, 1, offload=("optimizer",)), zero_config(n, 3, offload=("params",))]
+    for cfg in configs:
+        cfg.train.steps = 2
+    results = worlds(n).run(train_each, configs)
+    psi = configs[0].model.resolve().num_params()
+    fp32 = 4
+    # (params, grads, optimizer) on the device, in bytes: fp32 parameters and gradients,
+    # AdamW's two fp32 moments; 1/N where the stage shards them.
+    expected = {
+        0: (fp32 * psi, fp32 * psi, 2 * fp32 * psi),
+        1: (fp32 * psi, fp32 * psi, 2 * fp32 * psi / n),
+        2: (fp32 * psi, fp32 * psi / n, 2 * fp32 * psi / n),
+        3: (fp32 * psi / n, fp32 * psi / n, 2 * fp32 * psi / n),
+        "1+offload": (fp32 * psi, fp32 * psi, 0),
+        "3+offload params": (0, fp32 * psi / n, 0),
+    }
+    for key, rank_results in zip(expected, zip(*results)):
+        for run in rank_results:
+            state = run["summary"]["model_state_bytes_per_rank"][0]
+            for kind, value in zip(("params", "grads", "optimizer"), expected[key]):
+                # within 2%: each bucket is padded to a multiple of N elements
+                assert state[kind] == pytest.approx(value, rel=0.02, abs=0), f"zero {key} {kind}: {state}"
+            if "offload" in str(key):  # on the host: this rank's master shard, its gradient, the moments
+                host = state["host"]
+                assert host["grads"] == pytest.approx(fp32 * psi / n, rel=0.02)
+                if key == "3+offload params":  # the shard in host memory is the master itself
+                    assert host["params"] == pytest.approx(fp32 * psi / n, rel=0.02)
+                    assert host["optimizer"] == pytest.approx(2 * fp32 * psi / n, rel=0.02)
+                else:
+                    assert host["optimizer"] == pytest.approx(3 * fp32 * psi / n, rel=0.02)
+
+
+def test_ledger_volume_per_step(worlds):
+    n, steps = 4, 3
+    configs = [zero_config(n, stage) for stage in range(4)]
+    for cfg in configs:
+        cfg.train.steps = steps
+    results = worlds(n).run(train_each, configs)
+    grad_bytes = 4 * configs[0].model.resolve().num_params()
+    ring = (n - 1) / n
+    # wire bytes per rank and step, ring-equivalent: all-reduce counts 2(N-1)/N, reduce-
+    # scatter and all-gather (N-1)/N of the full gradient or parameter bytes
+    training_tags = {0: {"grads"}, 1: {"grads", "params_step"}, 2: {"grads", "params_step"},
+                     3: {"grads", "params_forward", "params_backward"}}
+    for stage, run in enumerate(results[0]):
+        wire = sum(entry.wire_bytes for (axis, op, tag), entry in run["ledger"].items()
+                   if axis == "dp" and tag in training_tags[stage])
+        factor = 3 if stage == 3 else 2
+        assert wire / steps == pytest.approx(factor * ring * grad_bytes, rel=1e-3), f"zero {stage}"
+        ops = {op for (axis, op, tag), _ in run["ledger"].items() if axis == "dp" and tag in training_tags[stage]}
+        assert ops == ({"all_reduce"} if stage == 0 else {"reduce_scatter", "all_gather"})
+
+
+def overlap_trace(stage: int, overlap: bool) -> dict:
+    from meshpar.config import check
+    from meshpar.mesh import ParallelMesh
+    from meshpar.train.launch import mesh_shape
+    from meshpar.train.trainer import Trainer
+
+    cfg = zero_config(2, stage, overlap=overlap, bucket_mb=0.05)
+    trainer = Trainer(check(cfg), ParallelMesh.build(mesh_shape(cfg)), torch.device("cpu"))
+    trainer.train_step()
+    events = trainer.data_parallel.events
+    done = next(t for t, what, _ in events if what == "backward_done")
+    launches = [t for t, what, _ in events if what == "launch"]
+    return {"buckets": len(trainer.data_parallel.buckets), "launched": len(launches),
+            "before_backward_done": sum(t < done for t in launches)}
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_reductions_launch_during_backward(worlds, stage):
+    overlapped = worlds(2).run(overlap_trace, stage, True)[0]
+    assert overlapped["buckets"] > 3
+    # every bucket's reduction started from a backward hook, before backward returned
+    assert overlapped["launched"] == overlapped["before_backward_done"] == overlapped["buckets"]
+    serial = worlds(2).run(overlap_trace, stage, False)[0]
+    assert serial["launched"] == serial["buckets"] and serial["before_backward_done"] == 0
+
+
+def test_zero_with_fp16_matches_replicated_fp16(worlds):
+    configs = [zero_config(2, stage) for stage in (0, 2, 3)]
+    for cfg in configs:
+        cfg.train.precision, cfg.train.steps = "fp16", 6
+    results = worlds(2).run(train_each, configs)[0]
+    for stage, run in zip((2, 3), results[1:]):
+        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(results[0]["losses"]), rtol=1e-4, atol=0,
+                                   msg=lambda m: f"zero {stage}: {m}")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"zero": 4}, "choose one of 0, 1, 2, 3"),
+    ({"offload": ["disk"]}, "choose from optimizer, params"),
+    ({"zero": 2, "offload": ["params"]}, "needs --zero 3"),
+    ({"zero": 1, "pp": 2, "schedule": "async"}, "--zero 1 with --schedule async"),
+])
+def test_zero_config_errors_name_the_choices(change, message):
+    cfg = fast_config(dp=2)
+    for key, value in change.items():
+        setattr(cfg.parallel, key, value)
+    problems = validate(cfg)
+    assert any(message in p for p in problems), problems
