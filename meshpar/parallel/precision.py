@@ -14,7 +14,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh

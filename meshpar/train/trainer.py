@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from meshpar import comm
 from meshpar.config import Config
@@ -99,7 +98,6 @@ class Trainer:
     def train_step(self) -> dict:
         if self.asynchronous:
             return self.train_step_async()
-        tr = self.cfg.train
         start = time.perf_counter()
         lr = self._set_lr(self.step)
 
