@@ -74,13 +74,14 @@ def rank_main(rank: int, args, results):
         steps[f"meshpar_zero{stage}"] = meshpar_step(model, zero, adamw(*zero.optimizer_params(), train_cfg),
                                                      global_tokens)
     ddp = DistributedDataParallel(build_model(cfg, seed=0), bucket_cap_mb=25)
-    steps["ddp"] = torch_step(ddp, torch.optim.AdamW(ddp.parameters(), lr=LR, weight_decay=0.0))
+    betas = (train_cfg.beta1, train_cfg.beta2)  # the same AdamW as meshpar's
+    steps["ddp"] = torch_step(ddp, torch.optim.AdamW(ddp.parameters(), lr=LR, betas=betas, weight_decay=0.0))
     fsdp = build_model(cfg, seed=0)
     device_mesh = init_device_mesh("cpu", (args.dp,))
     for unit in units_of(fsdp):  # the same granularity as meshpar's ZeRO-3 gathers
         fully_shard(unit, mesh=device_mesh, reshard_after_forward=True)
     fully_shard(fsdp, mesh=device_mesh)
-    steps["fsdp2"] = torch_step(fsdp, torch.optim.AdamW(fsdp.parameters(), lr=LR, weight_decay=0.0))
+    steps["fsdp2"] = torch_step(fsdp, torch.optim.AdamW(fsdp.parameters(), lr=LR, betas=betas, weight_decay=0.0))
 
     times = {name: [] for name in steps}
     wire, ledger = {}, {}

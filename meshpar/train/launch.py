@@ -8,6 +8,7 @@ each with the same environment torchrun would give it.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from datetime import timedelta
@@ -18,7 +19,7 @@ import torch.multiprocessing as mp
 
 from meshpar.config import Config
 from meshpar.mesh import MeshShape, ParallelMesh
-from meshpar.train.trainer import TrainResult, Trainer
+from meshpar.train.trainer import Trainer
 
 COMM_TIMEOUT = timedelta(minutes=5)
 
@@ -43,8 +44,8 @@ def set_cpu_threads(local_world_size: int):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
 
 
-def run_rank(cfg: Config) -> TrainResult:
-    """Train as the rank torchrun's environment variables describe."""
+def run_rank(cfg: Config) -> dict:
+    """Train as the rank torchrun's environment variables describe; returns the summary."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
     if cfg.train.device == "cuda":
@@ -56,7 +57,12 @@ def run_rank(cfg: Config) -> TrainResult:
     dist.init_process_group(backend, timeout=COMM_TIMEOUT)
     try:
         mesh = ParallelMesh.build(mesh_shape(cfg))
-        return Trainer(cfg, mesh, device).run()
+        summary = Trainer(cfg, mesh, device).run().summary
+        # The trainer's gradient hooks form reference cycles around tensors that gloo's
+        # worker threads have handled; free them now, not during interpreter shutdown
+        # (where their release can abort the process).
+        gc.collect()
+        return summary
     finally:
         dist.destroy_process_group()
 
@@ -68,15 +74,15 @@ def _local_rank_main(rank: int, cfg: Config, world_size: int, port: int):
     run_rank(cfg)
 
 
-def launch(cfg: Config) -> TrainResult | None:
-    """Run a validated config. Returns the result when this process trained rank 0's
+def launch(cfg: Config) -> dict | None:
+    """Run a validated config. Returns the summary when this process trained rank 0's
     share itself (one rank, or under torchrun), None after spawning local ranks."""
     if under_torchrun():
         return run_rank(cfg)
     world_size = cfg.parallel.world_size
     if world_size == 1:
         device = torch.device(cfg.train.device)
-        return Trainer(cfg, ParallelMesh.single(), device).run()
+        return Trainer(cfg, ParallelMesh.single(), device).run().summary
     mp.start_processes(_local_rank_main, args=(cfg, world_size, free_port()),
                        nprocs=world_size, join=True, start_method="spawn")
     return None

@@ -238,7 +238,9 @@ class Trainer:
     def banner(self) -> str:
         tr = self.cfg.train
         return (f"meshpar: {self.cfg.model.name} ({self.model_cfg.num_params():,} parameters) on "
-                f"{self.mesh.world_size} rank(s), {self.mesh.describe()}, {self.device.type}; "
+                f"{self.mesh.world_size} rank(s), {self.mesh.describe()}, ZeRO-{self.cfg.parallel.zero}"
+                + (f" (offload {', '.join(self.data_parallel.offload)})" if self.data_parallel.offload else "")
+                + f", {self.device.type}; "
                 f"global batch {tr.global_batch_size} x {tr.seq_len} tokens, "
                 f"{self.num_microbatches} micro-batch(es) per rank; data: {corpus_description(tr.data)}")
 
@@ -257,6 +259,8 @@ class Trainer:
             "mesh": {axis: self.mesh.size(axis) for axis in ("pp", "dp", "cp", "tp")},
             "num_params": self.model_cfg.num_params(),
             "precision": self.cfg.train.precision,
+            "zero": self.cfg.parallel.zero,
+            "offload": list(self.data_parallel.offload),
             **({"skipped_steps": self.skipped_steps, "final_loss_scale": self.scaler.scale} if self.scaler else {}),
             "comm": ledger,
             "comm_per_rank": [r["ledger"] for r in per_rank],
@@ -298,8 +302,10 @@ def format_summary(summary: dict) -> str:
                      f"predicted {pipe['predicted_peak_inflight_microbatches']}, held on rank 0 "
                      f"{pipe['measured_peak_live_microbatches_rank0']}")
     states = summary["model_state_bytes_per_rank"]
+    host = states[0]["host"]
     lines.append(f"model state per rank: {format_bytes(states[0]['total'])} "
                  f"(params {format_bytes(states[0]['params'])}, grads {format_bytes(states[0]['grads'])}, "
                  f"optimizer {format_bytes(states[0]['optimizer'])})"
+                 + (f" + offloaded to host {format_bytes(host['total'])}" if host["total"] else "")
                  + ("" if all(s == states[0] for s in states) else " on rank 0; differs per rank"))
     return "\n".join(lines)
