@@ -25,7 +25,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ""
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/data_parallel_buckets.py
+	$(BIN)/python benchmarks/zero_vs_torch.py
 	$(BIN)/python benchmarks/tp_vs_torch.py
 	$(BIN)/python benchmarks/activation_memory.py
 	$(BIN)/python benchmarks/pp_vs_torch.py

@@ -29,6 +29,8 @@ TRAIN_FLAGS = {
     "--tp": ("parallel", "tp", int, "tensor-parallel degree"),
     "--pp": ("parallel", "pp", int, "pipeline-parallel degree"),
     "--cp": ("parallel", "cp", int, "context-parallel degree"),
+    "--cp-impl": ("parallel", "cp_impl", str, "context-parallel attention: ring (K/V passed around the cp "
+                                              "ranks) or all-to-all (Ulysses; heads divisible by cp) (ring)"),
     "--schedule": ("parallel", "schedule", str, "pipeline schedule: naive, gpipe, 1f1b, interleaved-1f1b, "
                                                  "zb-h1 (default 1f1b)"),
     "--virtual-stages": ("parallel", "virtual_stages", int, "pipeline chunks per rank, for interleaved-1f1b (1)"),

@@ -150,6 +150,19 @@ def all_reduce_async(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag
     return dist.all_reduce(tensor, group=mesh.group(axis), async_op=True)
 
 
+def all_to_all(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str) -> torch.Tensor:
+    """Block i of dim 0 (size n) goes to rank i of the `axis` slice; block j of the result
+    came from rank j."""
+    n = mesh.size(axis)
+    if n == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    out = torch.empty_like(tensor)
+    mesh.ledger.record(axis, "all_to_all", tag, _nbytes(tensor), (n - 1) / n * _nbytes(tensor))
+    dist.all_to_all_single(out, tensor, group=mesh.group(axis))
+    return out
+
+
 def batch_send_recv(mesh: ParallelMesh, axis: str, sends: list[tuple[torch.Tensor, int, int, str]],
                     recvs: list[tuple[torch.Tensor, int, int]]) -> tuple[list, list]:
     """Point-to-point along `axis` as one batch: sends are (tensor, global peer, tag, ledger

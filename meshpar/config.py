@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshpar.model.config import LARGE_PRESETS, PRESETS, ModelConfig, model_config
+from meshpar.parallel.context import context_parallel_problems
 from meshpar.parallel.precision import PRECISIONS
 from meshpar.parallel.recompute import POLICIES
 from meshpar.parallel.tensor_plan import tensor_parallel_problems
@@ -45,6 +46,7 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     sequence_parallel: bool = False  # Megatron SP: norms and residual sharded on the sequence over tp
+    cp_impl: str = "ring"  # context-parallel attention: ring or all-to-all (Ulysses)
     schedule: str = "1f1b"  # pipeline schedule (see meshpar/pipeline/schedules.py)
     virtual_stages: int = 1  # pipeline chunks per rank (interleaved-1f1b)
     pp_layers: list[int] | None = None  # layers per stage; default: balanced by cost
@@ -213,11 +215,9 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
     for axis in ("dp", "tp", "pp", "cp"):
         if getattr(par, axis) < 1:
             problems.append(f"--{axis}={getattr(par, axis)} must be at least 1")
-    not_yet = {"cp": "context"}
-    for axis, kind in not_yet.items():
-        if getattr(par, axis) > 1:
-            problems.append(f"{kind} parallelism (--{axis}={getattr(par, axis)}) is not implemented "
-                            f"yet; use --{axis} 1 (data parallelism, --dp, is available)")
+    if model is not None and par.cp > 1 and par.tp >= 1:
+        problems += context_parallel_problems(model.num_heads, model.num_kv_heads, tr.seq_len, par.cp, par.tp,
+                                              par.sequence_parallel, par.cp_impl, model.dropout)
     if par.virtual_stages < 1:
         problems.append(f"--virtual-stages={par.virtual_stages} must be at least 1")
     if par.schedule not in GENERATORS:

@@ -95,13 +95,13 @@ class ParallelMesh:
                 group = dist.new_group(ranks)
                 if rank in ranks:
                     groups[axis] = group
-                if axis == "pp":
+                if axis in ("pp", "cp"):
                     # Point-to-point gets a group of its own: sends and receives advance a
                     # group's sequence number on some ranks only, which would make the
                     # collectives' consistency check (TORCH_DISTRIBUTED_DEBUG=DETAIL) fail.
                     p2p = dist.new_group(ranks)
                     if rank in ranks:
-                        groups["pp_p2p"] = p2p
+                        groups[f"{axis}_p2p"] = p2p
         return cls(shape, rank, groups)
 
     @property
@@ -128,6 +128,10 @@ class ParallelMesh:
         """Global ranks of this rank's slice along `axis`, in axis order."""
         coords = self.coords()
         return [self.shape.rank(**{**coords, axis: i}) for i in range(self.size(axis))]
+
+    def peer(self, axis: str, index: int) -> int:
+        """The global rank at `index` along `axis`, other coordinates as this rank's."""
+        return self.shape.rank(**{**self.coords(), axis: index})
 
     def describe(self) -> str:
         return " x ".join(f"{axis}={self.size(axis)}" for axis in AXES)

@@ -1,9 +1,10 @@
 """parallelize(): the one place where the parallelisms are composed, in a fixed order.
 
     1. tensor (and sequence) parallelism: shard the layers over tp
-    2. pipeline parallelism: keep this rank's stages (layers split over pp x virtual stages)
-    3. activation recomputation of the layers this rank holds
-    4. data parallelism (ZeRO stages 0-3) wraps the result, over dp: see zero.py
+    2. context parallelism: attention cores over cp (the trainer feeds each rank its tokens)
+    3. pipeline parallelism: keep this rank's stages (layers split over pp x virtual stages)
+    4. activation recomputation of the layers this rank holds
+    5. data parallelism (ZeRO stages 0-3) wraps the result, over dp: see zero.py
 
 The model arrives as the full, seeded single-device reference and leaves holding only
 this rank's slices of it.
@@ -21,6 +22,7 @@ from torch import nn
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.model.llama import Transformer
+from meshpar.parallel.context import ContextParallelAttention, local_positions
 from meshpar.parallel.sharding import full_state
 from meshpar.parallel.recompute import apply_recompute
 from meshpar.parallel.tensor_plan import TensorParallelLlama
@@ -42,6 +44,11 @@ class ParallelModel:
     grad_syncs: list[Callable[[list[nn.Parameter] | None], None]] = field(default_factory=list)
     num_stages: int = 1  # pipeline stages over all ranks; module is a PipelineChunks when above 1
     data_parallel: object = None  # the ShardedDataParallel wrapping `module`, once built
+
+    def local_positions(self, seq_len: int, device=None) -> torch.Tensor | None:
+        """Global positions of this rank's tokens under context parallelism (None: all)."""
+        cp = self.mesh.size("cp")
+        return None if cp == 1 else local_positions(seq_len, cp, self.mesh.index("cp"), device)
 
     def sync_grads(self, params: list[nn.Parameter] | None = None):
         for sync in self.grad_syncs:
@@ -73,15 +80,20 @@ class ParallelModel:
 
 def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool = False,
                 num_stages: int = 1, stage_layer_counts: list[int] | None = None,
-                recompute: str = "none", recompute_every: int = 1) -> ParallelModel:
+                recompute: str = "none", recompute_every: int = 1, cp_impl: str = "ring") -> ParallelModel:
     """Shard `model` (the full seeded reference) for this rank of `mesh`. `num_stages` is
     pp x virtual stages; `stage_layer_counts` fixes the layers per stage (default: balanced);
-    `recompute` is none, full or selective (full: every `recompute_every`-th layer)."""
+    `recompute` is none, full or selective (full: every `recompute_every`-th layer);
+    `cp_impl` is ring or all-to-all attention over cp."""
     parallel = ParallelModel(model, mesh)
     if mesh.size("tp") > 1:
         tp = TensorParallelLlama(model, mesh, sequence_parallel)
         parallel.loss_sum = tp.loss
         parallel.grad_syncs.append(tp.sync_grads)
+    if mesh.size("cp") > 1:
+        attend = ContextParallelAttention(mesh, cp_impl)
+        for layer in model.layers:
+            layer.attention.attend = attend
     if num_stages > 1:
         counts = stage_layer_counts or balanced_split(model.cfg, num_stages)
         ranges = stage_layers_of(counts)

@@ -242,6 +242,9 @@ class ShardedDataParallel:
     def _launch(self, b: Bucket):
         """Start the bucket's dp reduction (asynchronous when overlapping)."""
         self.grad_sync(b.params)
+        # Context-parallel ranks saw different tokens of the same sequences: their
+        # gradients add up, like dp's (a joint dp x cp group would do both in one step).
+        comm.all_reduce(self.mesh, "cp", b.grad_flat, tag="grads")
         self.events.append((time.perf_counter(), "launch", b.index))
         if self.stage == 0:
             b.reduction = comm.all_reduce_async(self.mesh, "dp", b.grad_flat, tag="grads")

@@ -66,6 +66,7 @@ class PipelineChunks(nn.Module):
         self.stage_layers = stage_layers
         self.num_stages = num_stages
         self.seq_shards = seq_shards  # tp under sequence parallelism: hidden states hold s / tp tokens
+        self.positions: torch.Tensor | None = None  # this rank's tokens' global positions (context parallelism)
         if 0 in stage_layers:
             self.embedding = model.embedding
         self.layers = nn.ModuleDict({str(i): model.layers[i] for r in stage_layers.values() for i in r})
@@ -84,7 +85,7 @@ class PipelineChunks(nn.Module):
             x = self.embedding(x)
         else:
             seq = x.shape[1] * self.seq_shards
-        positions = torch.arange(seq, device=x.device)
+        positions = self.positions if self.positions is not None else torch.arange(seq, device=x.device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for i in self.stage_layers[stage]:
             x = self.layers[str(i)](x, cos, sin)

@@ -42,7 +42,7 @@ class Trainer:
         num_stages = par.pp * par.virtual_stages
         self.parallel = parallelize(build_model(self.model_cfg, tr.seed, device), mesh,
                                     par.sequence_parallel, num_stages, par.pp_layers,
-                                    par.recompute, par.recompute_every)
+                                    par.recompute, par.recompute_every, par.cp_impl)
         self.model = self.parallel.module
         # Dropout masks: one stream per dp rank, shared by the tp ranks of a replica.
         torch.manual_seed(tr.seed + 1 + mesh.index("dp"))
@@ -51,6 +51,7 @@ class Trainer:
         self.loader = BatchLoader(train_tokens, tr.seq_len, tr.global_batch_size, dp_rank, dp, tr.seed)
         self.val_tokens = val_tokens
         self.num_microbatches = tr.num_microbatches(dp)
+        self.positions = self.parallel.local_positions(tr.seq_len, device)  # None without cp
         # Data parallelism (ZeRO stage 0-3) owns the gradients, the optimizer's view of the
         # parameters and the dp reduction, launched from backward hooks.
         self.data_parallel = ShardedDataParallel(
@@ -68,7 +69,8 @@ class Trainer:
             else:
                 self.schedule = build_schedule(par.schedule, par.pp, par.virtual_stages, self.num_microbatches)
             micro_batch = tr.global_batch_size // dp // self.num_microbatches
-            seq_shard = tr.seq_len // (mesh.size("tp") if par.sequence_parallel else 1)
+            seq_shard = tr.seq_len // mesh.size("cp") // (mesh.size("tp") if par.sequence_parallel else 1)
+            self.model.positions = self.positions
             self.pipeline = PipelineRuntime(self.schedule, self.model, mesh, self.parallel.loss_sum,
                                             (micro_batch, seq_shard, self.model_cfg.hidden_size), device,
                                             microbatches_per_step=self.num_microbatches)
@@ -84,8 +86,11 @@ class Trainer:
         self.skipped_steps = 0
 
     def _microbatches(self, loader: BatchLoader) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """This rank's rows of the loader's next global batch, as micro-batches on the device."""
+        """This rank's rows of the loader's next global batch (and under context parallelism
+        its tokens of them), as micro-batches on the device."""
         inputs, targets = loader.next_batch()
+        if self.positions is not None:
+            inputs, targets = inputs[:, self.positions.cpu()], targets[:, self.positions.cpu()]
         return ([x.to(self.device) for x in inputs.chunk(self.num_microbatches)],
                 [y.to(self.device) for y in targets.chunk(self.num_microbatches)])
 
@@ -114,12 +119,13 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             for x, y in zip(xs, ys):
                 with self.compute():
-                    logits = self.model(x)
+                    logits = self.model(x, self.positions)
                 loss = self.parallel.loss_sum(logits, y) / self.tokens_per_step
                 (loss * scale if self.scaler else loss).backward()
                 loss_sum += loss.detach()
         self.data_parallel.finish_reduction()
         comm.all_reduce(self.mesh, "dp", loss_sum, tag="loss")
+        comm.all_reduce(self.mesh, "cp", loss_sum, tag="loss")
         comm.all_reduce(self.mesh, "pp", loss_sum, tag="loss")  # the last stage holds it
         overflow = False
         if self.scaler:
@@ -157,6 +163,7 @@ class Trainer:
         self.pipeline.begin_version(t)
         loss_sum = self.pipeline.run_segment(t, xs, ys, self.tokens_per_step, last)
         comm.all_reduce(self.mesh, "dp", loss_sum, tag="loss")
+        comm.all_reduce(self.mesh, "cp", loss_sum, tag="loss")
         comm.all_reduce(self.mesh, "pp", loss_sum, tag="loss")
         grad_norm, lr = None, None
         for batch in ([t - 1] if t >= 1 else []) + ([t] if last else []):
@@ -201,10 +208,11 @@ class Trainer:
             else:
                 for x, y in zip(xs, ys):
                     with self.compute():
-                        logits = self.model(x)
+                        logits = self.model(x, self.positions)
                     loss_sum += self.parallel.loss_sum(logits, y) / total_tokens
         self.model.train()
         comm.all_reduce(self.mesh, "dp", loss_sum, tag="eval")
+        comm.all_reduce(self.mesh, "cp", loss_sum, tag="eval")
         comm.all_reduce(self.mesh, "pp", loss_sum, tag="eval")
         return loss_sum.item()
 

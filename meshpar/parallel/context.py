@@ -1,0 +1,255 @@
+"""Context parallelism: the sequence split over the `cp` axis, attention across it.
+
+Layout (causal load balancing): the sequence is cut into 2*cp chunks and rank i holds
+chunks i and 2*cp-1-i, so every rank has as many early (cheap) as late (expensive) query
+tokens. Everything but attention is token-wise and runs on the local tokens unchanged;
+rotary embeddings use each token's global position.
+
+Two attention implementations replace the model's attention core (`Attention.attend`):
+
+ring        Each rank keeps its queries; K and V blocks travel around the ring of cp
+            ranks, the next block's send/receive in flight while the current one is
+            computed. Partial results merge by log-sum-exp rescaling. Chunk pairs that
+            the causal mask hides entirely are skipped. Backward sends K/V round again,
+            with their gradient accumulators following them home.
+all-to-all  (Ulysses) One all-to-all turns sequence-sharded q, k, v into head-sharded
+            ones over the whole sequence; ordinary causal attention runs on heads/cp
+            heads; a second all-to-all turns the output back. Needs the (per tp rank)
+            heads divisible by cp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from meshpar import comm
+from meshpar.mesh import ParallelMesh
+
+IMPLEMENTATIONS = ("ring", "all-to-all")
+
+
+def chunks_of(rank: int, cp: int) -> tuple[int, int]:
+    return rank, 2 * cp - 1 - rank
+
+
+def local_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """Global positions of the tokens rank `rank` holds, in its local order."""
+    chunk = seq_len // (2 * cp)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in chunks_of(rank, cp)])
+
+
+def causal_pairs(rank: int, cp: int, chunk: int) -> int:
+    """(query, key) pairs rank `rank` evaluates under ring attention: every chunk pair
+    not hidden by the causal mask, diagonal pairs in full (they are computed masked)."""
+    return sum(chunk * chunk for q in chunks_of(rank, cp) for o in range(cp) for k in chunks_of(o, cp) if k <= q)
+
+
+def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """GQA: key/value head j serves query heads j*g .. (j+1)*g-1."""
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _fold_kv_grad(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, h, s, d = grad.shape
+    return grad if h == kv_heads else grad.view(b, kv_heads, h // kv_heads, s, d).sum(2)
+
+
+class _Ring:
+    """Who sends to whom on this rank's cp ring."""
+
+    def __init__(self, mesh: ParallelMesh):
+        self.mesh, self.cp, self.rank = mesh, mesh.size("cp"), mesh.index("cp")
+        self.next = mesh.peer("cp", (self.rank + 1) % self.cp)
+        self.prev = mesh.peer("cp", (self.rank - 1) % self.cp)
+
+    def shift(self, tensor: torch.Tensor, tag: int, purpose: str):
+        """Send `tensor` to the next rank, receive the previous rank's; returns the
+        receive buffer and the works to wait on."""
+        buffer = torch.empty_like(tensor)
+        sends, recvs = comm.batch_send_recv(self.mesh, "cp", [(tensor, self.next, tag, purpose)],
+                                            [(buffer, self.prev, tag)])
+        return buffer, sends + recvs
+
+
+def _wait(works):
+    for work in works:
+        work.wait()
+
+
+class RingAttention(torch.autograd.Function):
+    """Causal attention over the cp ring; q (b, h, s, d), k and v (b, g, s, d) hold this
+    rank's tokens (chunks rank and 2cp-1-rank, s = 2 chunks)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mesh: ParallelMesh):
+        ring = _Ring(mesh)
+        cp, r = ring.cp, ring.rank
+        b, h, s, d = q.shape
+        chunk = s // 2
+        scale = 1 / math.sqrt(d)
+        qf = q.float()
+        out = torch.zeros_like(qf)
+        lse = torch.full((b, h, s), -math.inf, device=q.device)
+        kv = torch.stack([k, v])
+        works = []
+        for step in range(cp):
+            owner = (r - step) % cp
+            if step < cp - 1:
+                incoming, works = ring.shift(kv, step, "ring_kv")
+            kf, vf = (_expand_kv(t.float(), h) for t in kv)
+            for qi, qc in enumerate(chunks_of(r, cp)):
+                rows = slice(qi * chunk, (qi + 1) * chunk)
+                for ki, kc in enumerate(chunks_of(owner, cp)):
+                    if kc > qc:
+                        continue  # entirely in the future
+                    cols = slice(ki * chunk, (ki + 1) * chunk)
+                    scores = qf[:, :, rows] @ kf[:, :, cols].transpose(-1, -2) * scale
+                    if kc == qc:
+                        scores = scores.masked_fill(_future(chunk, q.device), -math.inf)
+                    block_lse = torch.logsumexp(scores, dim=-1)
+                    block_out = torch.softmax(scores, dim=-1) @ vf[:, :, cols]
+                    new_lse = torch.logaddexp(lse[:, :, rows], block_lse)
+                    out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new_lse).unsqueeze(-1)
+                                       + block_out * torch.exp(block_lse - new_lse).unsqueeze(-1))
+                    lse[:, :, rows] = new_lse
+            if step < cp - 1:
+                _wait(works)
+                kv = incoming
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mesh = mesh
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring = _Ring(ctx.mesh)
+        cp, r = ring.cp, ring.rank
+        b, h, s, d = q.shape
+        chunk = s // 2
+        scale = 1 / math.sqrt(d)
+        qf, dout = q.float(), grad_out.float()
+        delta = (dout * out.float()).sum(-1)  # rowsum(dO * O)
+        dq = torch.zeros_like(qf)
+        kv = torch.stack([k, v])
+        dkv_in, dkv_works = None, []
+        for step in range(cp):
+            owner = (r - step) % cp
+            if step < cp - 1:
+                incoming, kv_works = ring.shift(kv, 2 * step, "ring_kv")
+            kf, vf = (_expand_kv(t.float(), h) for t in kv)
+            dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+            for qi, qc in enumerate(chunks_of(r, cp)):
+                rows = slice(qi * chunk, (qi + 1) * chunk)
+                for ki, kc in enumerate(chunks_of(owner, cp)):
+                    if kc > qc:
+                        continue
+                    cols = slice(ki * chunk, (ki + 1) * chunk)
+                    scores = qf[:, :, rows] @ kf[:, :, cols].transpose(-1, -2) * scale
+                    if kc == qc:
+                        scores = scores.masked_fill(_future(chunk, q.device), -math.inf)
+                    p = torch.exp(scores - lse[:, :, rows].unsqueeze(-1))
+                    dv[:, :, cols] += p.transpose(-1, -2) @ dout[:, :, rows]
+                    dp = dout[:, :, rows] @ vf[:, :, cols].transpose(-1, -2)
+                    ds = p * (dp - delta[:, :, rows].unsqueeze(-1)) * scale
+                    dq[:, :, rows] += ds @ kf[:, :, cols]
+                    dk[:, :, cols] += ds.transpose(-1, -2) @ qf[:, :, rows]
+            dkv = torch.stack([_fold_kv_grad(dk, k.shape[1]), _fold_kv_grad(dv, v.shape[1])])
+            if dkv_in is not None:  # the accumulator of this block, from the ranks before
+                _wait(dkv_works)
+                dkv = dkv + dkv_in
+            # pass it on: after the last step it arrives back at the block's owner
+            dkv_in, dkv_works = ring.shift(dkv, 2 * step + 1, "ring_dkv")
+            if step < cp - 1:
+                _wait(kv_works)
+                kv = incoming
+        _wait(dkv_works)
+        dk, dv = dkv_in.to(k.dtype).unbind(0)
+        return dq.to(q.dtype), dk, dv, None
+
+
+def _future(chunk: int, device) -> torch.Tensor:
+    return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu(1)
+
+
+class _AllToAll(torch.autograd.Function):
+    """(b, h, s, d) split on heads into cp groups, gathered on the sequence: (b, h/cp, cp*s, d)
+    with rank-major token order; backward is the inverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, mesh: ParallelMesh, to_heads: bool):
+        ctx.mesh, ctx.to_heads = mesh, to_heads
+        return _exchange(x, mesh, to_heads)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _exchange(grad.contiguous(), ctx.mesh, not ctx.to_heads), None, None
+
+
+def _exchange(x: torch.Tensor, mesh: ParallelMesh, to_heads: bool) -> torch.Tensor:
+    cp = mesh.size("cp")
+    if to_heads:  # (b, h, s, d) -> (b, h/cp, cp*s, d)
+        b, h, s, d = x.shape
+        send = x.view(b, cp, h // cp, s, d).transpose(0, 1).contiguous()  # head group j goes to rank j
+        recv = comm.all_to_all(mesh, "cp", send, tag="ulysses")  # [source rank] (b, h/cp, s, d)
+        return recv.permute(1, 2, 0, 3, 4).reshape(b, h // cp, cp * s, d)
+    b, hc, s_full, d = x.shape  # back: (b, h/cp, cp*s, d) -> (b, h, s, d)
+    s = s_full // cp
+    send = x.view(b, hc, cp, s, d).permute(2, 0, 1, 3, 4).contiguous()  # tokens of rank j go to j
+    recv = comm.all_to_all(mesh, "cp", send, tag="ulysses")  # [source rank = head group]
+    return recv.transpose(0, 1).reshape(b, cp * hc, s, d)
+
+
+def ulysses_attention(q, k, v, mesh: ParallelMesh) -> torch.Tensor:
+    cp, h = mesh.size("cp"), q.shape[1]
+    s = q.shape[2]
+    if k.shape[1] % cp:  # too few KV heads to split: give every query head its own copy
+        k, v = _expand_kv(k, h), _expand_kv(v, h)
+    qh, kh, vh = (_AllToAll.apply(t, mesh, True) for t in (q, k, v))
+    # rank-major order -> natural order of positions, and back after attention
+    positions = torch.cat([local_positions(s * cp, cp, r, q.device) for r in range(cp)])
+    order = torch.argsort(positions)
+    qh, kh, vh = (t[:, :, order] for t in (qh, kh, vh))
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=kh.shape[1] != qh.shape[1])
+    out = out[:, :, torch.argsort(order)]
+    return _AllToAll.apply(out, mesh, False)
+
+
+class ContextParallelAttention:
+    """The attention core over the cp axis, in place of `Attention.attend`."""
+
+    def __init__(self, mesh: ParallelMesh, impl: str = "ring"):
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown context-parallel implementation {impl!r}; choose one of "
+                             f"{', '.join(IMPLEMENTATIONS)}")
+        self.mesh, self.impl = mesh, impl
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.impl == "ring":
+            return RingAttention.apply(q, k, v, self.mesh)
+        return ulysses_attention(q, k, v, self.mesh)
+
+
+def context_parallel_problems(num_heads: int, num_kv_heads: int, seq_len: int, cp: int, tp: int,
+                              sequence_parallel: bool, impl: str, dropout: float) -> list[str]:
+    if cp == 1:
+        return []
+    found = []
+    if impl not in IMPLEMENTATIONS:
+        found.append(f"unknown --cp-impl {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+    if seq_len % (2 * cp):
+        found.append(f"--seq-len {seq_len} must be divisible by 2 x cp = {2 * cp} (causal load "
+                     f"balancing cuts the sequence into 2 x cp chunks)")
+    elif sequence_parallel and (seq_len // cp) % tp:
+        found.append(f"--sequence-parallel with --cp {cp}: each cp rank's {seq_len // cp} tokens must be "
+                     f"divisible by --tp {tp}")
+    if impl == "all-to-all" and (num_heads // max(tp, 1)) % cp:
+        found.append(f"--cp-impl all-to-all needs the attention heads per tp rank ({num_heads // max(tp, 1)}) "
+                     f"divisible by --cp {cp}; use --cp-impl ring")
+    if dropout > 0:
+        found.append("--cp above 1 with dropout is not supported: each rank would draw masks for its own "
+                     "tokens only; set the model's dropout to 0")
+    return found
