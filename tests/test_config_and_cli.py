@@ -32,7 +32,7 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     (["--pp", "2", "--pp-layers", "3,3"], "--pp-layers 3,3 sums to 6, the model has 8 layers"),
     (["--pp", "2", "--pp-layers", "4,2,2"], "--pp-layers has 3 entries for 2 stages"),
     (["--pp", "2", "--pp-layers", "4,x"], "is not a comma-separated list of layer counts"),
-    (["--cp", "2"], "context parallelism (--cp=2) is not implemented yet"),
+    (["--cp", "2", "--seq-len", "50"], "must be divisible by 2 x cp = 4"),
     (["--micro-batch-size", "5"], "--micro-batch-size=5 must divide the per-rank batch 32/1=32"),
     (["--data", "/nonexistent/corpus.txt"], "no such file or folder"),
     (["--seq-len", "300"], "--seq-len=300 exceeds the model's max_seq_len=256"),

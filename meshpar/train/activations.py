@@ -90,12 +90,16 @@ def predicted_saved_bytes(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
 
 
 def measure_layer(cfg: ModelConfig, mesh, batch: int, seq: int, sequence_parallel: bool,
-                  layer_index: int = 0, recompute: str = "none") -> dict[str, int]:
+                  layer_index: int = 0, recompute: str = "none", cp_impl: str = "ring") -> dict[str, int]:
     """Saved bytes of one layer of the model parallelized on `mesh`, for one forward."""
     from meshpar.model import build_model
     from meshpar.parallel.apply import parallelize
 
-    parallel = parallelize(build_model(cfg, seed=0), mesh, sequence_parallel, recompute=recompute)
+    parallel = parallelize(build_model(cfg, seed=0), mesh, sequence_parallel, recompute=recompute,
+                           cp_impl=cp_impl)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    positions = parallel.local_positions(seq)  # context parallelism: this rank's tokens only
+    if positions is not None:
+        tokens = tokens[:, positions]
     return measure_saved_bytes(parallel.module, parallel.module.layers[layer_index],
-                               lambda: parallel.module(tokens))
+                               lambda: parallel.module(tokens, positions))
