@@ -22,7 +22,7 @@ def attention_errors(cp: int, impl: str, seq: int, heads: int, kv_heads: int) ->
     """Relative errors of this rank's slice of the output and of the q, k, v gradients."""
     from meshpar.parallel.context import ContextParallelAttention
 
-    mesh = ParallelMesh.build(MeshShape(cp=cp))
+    mesh = ParallelMesh.build(MeshShape(cp=cp)) if cp > 1 else ParallelMesh.single()
     g = torch.Generator().manual_seed(0)
     b, d = 2, 8
     q = torch.randn(b, heads, seq, d, generator=g, requires_grad=True)
@@ -49,6 +49,19 @@ def test_attention_equals_single_device(worlds, cp, impl):
     for seq, heads, kv_heads in ((24, 4, 2), (40, 8, 2), (24, 4, 4)):
         for errors in worlds(cp).run(attention_errors, cp, impl, seq, heads, kv_heads):
             assert max(errors.values()) < REL, (seq, heads, kv_heads, errors)
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_ring_blocks_on_one_rank(monkeypatch, flash):
+    """The block kernels alone (cp = 1): PyTorch's CPU flash kernel, and the plain formula
+    that other devices use, against SDPA."""
+    from meshpar.parallel import context
+
+    if not flash:
+        monkeypatch.setattr(context, "_FLASH_CPU", None)
+        monkeypatch.setattr(context, "_FLASH_CPU_BACKWARD", None)
+    errors = attention_errors(1, "ring", 24, 4, 2)
+    assert max(errors.values()) < REL, errors
 
 
 def cp_config(cp: int, impl: str = "ring", **parallel):

@@ -79,9 +79,45 @@ def _wait(works):
         work.wait()
 
 
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _block_forward(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a query chunk over a key/value chunk (equal head counts): the output
+    and the log-sum-exp of each query row's scores, both fp32. On CPU, PyTorch's tiled
+    flash kernel; elsewhere the plain formula."""
+    if q.device.type == "cpu" and _FLASH_CPU is not None:
+        out, lse = _FLASH_CPU(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal)
+        return out.float(), lse.float()
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        scores = scores.masked_fill(_future(q.shape[2], q.device), -math.inf)
+    return torch.softmax(scores, dim=-1) @ v.float(), torch.logsumexp(scores, dim=-1)
+
+
+def _block_backward(dout, q, k, v, out, lse, causal: bool):
+    """Gradients of one block given the *final* output and log-sum-exp of the query rows:
+    P = exp(S - lse), dS = P (dP - rowsum(dO O)) - the block's exact share."""
+    if q.device.type == "cpu" and _FLASH_CPU_BACKWARD is not None:
+        return _FLASH_CPU_BACKWARD(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+                                   out.contiguous(), lse.contiguous(), 0.0, causal)
+    scale = 1 / math.sqrt(q.shape[-1])
+    qf, kf, vf, dof = q.float(), k.float(), v.float(), dout.float()
+    scores = qf @ kf.transpose(-1, -2) * scale
+    if causal:
+        scores = scores.masked_fill(_future(q.shape[2], q.device), -math.inf)
+    p = torch.exp(scores - lse.unsqueeze(-1))
+    delta = (dof * out.float()).sum(-1, keepdim=True)
+    ds = p * (dof @ vf.transpose(-1, -2) - delta) * scale
+    return ds @ kf, ds.transpose(-1, -2) @ qf, p.transpose(-1, -2) @ dof
+
+
 class RingAttention(torch.autograd.Function):
     """Causal attention over the cp ring; q (b, h, s, d), k and v (b, g, s, d) hold this
-    rank's tokens (chunks rank and 2cp-1-rank, s = 2 chunks)."""
+    rank's tokens (chunks rank and 2cp-1-rank, s = 2 chunks). Within a step, each of the
+    2 x 2 chunk pairs is skipped (key chunk later than the query chunk), computed causally
+    (the same chunk) or in full."""
 
     @staticmethod
     def forward(ctx, q, k, v, mesh: ParallelMesh):
@@ -89,28 +125,21 @@ class RingAttention(torch.autograd.Function):
         cp, r = ring.cp, ring.rank
         b, h, s, d = q.shape
         chunk = s // 2
-        scale = 1 / math.sqrt(d)
-        qf = q.float()
-        out = torch.zeros_like(qf)
+        out = torch.zeros(b, h, s, d, device=q.device)
         lse = torch.full((b, h, s), -math.inf, device=q.device)
         kv = torch.stack([k, v])
-        works = []
         for step in range(cp):
             owner = (r - step) % cp
-            if step < cp - 1:
+            if step < cp - 1:  # the next block travels while this one is computed
                 incoming, works = ring.shift(kv, step, "ring_kv")
-            kf, vf = (_expand_kv(t.float(), h) for t in kv)
+            kx, vx = (_expand_kv(t, h) for t in kv)
             for qi, qc in enumerate(chunks_of(r, cp)):
                 rows = slice(qi * chunk, (qi + 1) * chunk)
                 for ki, kc in enumerate(chunks_of(owner, cp)):
                     if kc > qc:
-                        continue  # entirely in the future
+                        continue
                     cols = slice(ki * chunk, (ki + 1) * chunk)
-                    scores = qf[:, :, rows] @ kf[:, :, cols].transpose(-1, -2) * scale
-                    if kc == qc:
-                        scores = scores.masked_fill(_future(chunk, q.device), -math.inf)
-                    block_lse = torch.logsumexp(scores, dim=-1)
-                    block_out = torch.softmax(scores, dim=-1) @ vf[:, :, cols]
+                    block_out, block_lse = _block_forward(q[:, :, rows], kx[:, :, cols], vx[:, :, cols], kc == qc)
                     new_lse = torch.logaddexp(lse[:, :, rows], block_lse)
                     out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new_lse).unsqueeze(-1)
                                        + block_out * torch.exp(block_lse - new_lse).unsqueeze(-1))
@@ -130,39 +159,37 @@ class RingAttention(torch.autograd.Function):
         cp, r = ring.cp, ring.rank
         b, h, s, d = q.shape
         chunk = s // 2
-        scale = 1 / math.sqrt(d)
-        qf, dout = q.float(), grad_out.float()
-        delta = (dout * out.float()).sum(-1)  # rowsum(dO * O)
-        dq = torch.zeros_like(qf)
+        grad_out = grad_out.to(q.dtype)
+        dq = torch.zeros(b, h, s, d, device=q.device)
         kv = torch.stack([k, v])
         dkv_in, dkv_works = None, []
         for step in range(cp):
             owner = (r - step) % cp
             if step < cp - 1:
                 incoming, kv_works = ring.shift(kv, 2 * step, "ring_kv")
-            kf, vf = (_expand_kv(t.float(), h) for t in kv)
-            dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+            kx, vx = (_expand_kv(t, h) for t in kv)
+            dk = torch.zeros(b, h, s, d, device=q.device)
+            dv = torch.zeros(b, h, s, d, device=q.device)
             for qi, qc in enumerate(chunks_of(r, cp)):
                 rows = slice(qi * chunk, (qi + 1) * chunk)
                 for ki, kc in enumerate(chunks_of(owner, cp)):
                     if kc > qc:
                         continue
                     cols = slice(ki * chunk, (ki + 1) * chunk)
-                    scores = qf[:, :, rows] @ kf[:, :, cols].transpose(-1, -2) * scale
-                    if kc == qc:
-                        scores = scores.masked_fill(_future(chunk, q.device), -math.inf)
-                    p = torch.exp(scores - lse[:, :, rows].unsqueeze(-1))
-                    dv[:, :, cols] += p.transpose(-1, -2) @ dout[:, :, rows]
-                    dp = dout[:, :, rows] @ vf[:, :, cols].transpose(-1, -2)
-                    ds = p * (dp - delta[:, :, rows].unsqueeze(-1)) * scale
-                    dq[:, :, rows] += ds @ kf[:, :, cols]
-                    dk[:, :, cols] += ds.transpose(-1, -2) @ qf[:, :, rows]
+                    bq, bk, bv = _block_backward(grad_out[:, :, rows], q[:, :, rows], kx[:, :, cols],
+                                                 vx[:, :, cols], out[:, :, rows], lse[:, :, rows], kc == qc)
+                    dq[:, :, rows] += bq
+                    dk[:, :, cols] += bk
+                    dv[:, :, cols] += bv
             dkv = torch.stack([_fold_kv_grad(dk, k.shape[1]), _fold_kv_grad(dv, v.shape[1])])
             if dkv_in is not None:  # the accumulator of this block, from the ranks before
                 _wait(dkv_works)
                 dkv = dkv + dkv_in
             # pass it on: after the last step it arrives back at the block's owner
-            dkv_in, dkv_works = ring.shift(dkv, 2 * step + 1, "ring_dkv")
+            if cp > 1:
+                dkv_in, dkv_works = ring.shift(dkv, 2 * step + 1, "ring_dkv")
+            else:
+                dkv_in = dkv
             if step < cp - 1:
                 _wait(kv_works)
                 kv = incoming
