@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tp_vs_torch.py
 	$(BIN)/python benchmarks/activation_memory.py
 	$(BIN)/python benchmarks/pp_vs_torch.py
+	$(BIN)/python benchmarks/long_context.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
