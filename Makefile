@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements-ci.txt
 
 # The default tiny model on 4 local CPU ranks (dp=2 x tp=2, sequence parallel), the built-in corpus.
 demo: $(STAMP)
-	$(BIN)/meshpar train --model tiny --dp 2 --tp 2 --sequence-parallel --steps 200 --metrics-file runs/demo/metrics.jsonl
+	$(BIN)/meshpar train --model tiny --dp 2 --tp 2 --pp 2 --zero 1 --schedule 1f1b --micro-batch-size 4 --steps 120 --metrics-file runs/demo/metrics.jsonl
 
 # The quick suite (slow tests excluded); `make test-all` includes them.
 test: $(STAMP)

@@ -59,6 +59,7 @@ class PipelineRuntime:
         self.measure_activations = measure_activations  # costs a hook call per saved tensor
         self.microbatches_per_step = microbatches_per_step or schedule.num_microbatches
         self.peak_live_microbatches = 0
+        self.peak_saved_bytes = 0  # activations autograd holds on this rank, at their peak
         self.recv_wait_s = 0.0
         self.state = _State()
         self.versions: dict[int, dict[str, torch.Tensor]] = {}  # async: batch -> weights
@@ -72,6 +73,18 @@ class PipelineRuntime:
 
     def _tag(self, stage: int, mb: int, backward: bool, evaluation: bool = False) -> int:
         return ((stage * self.schedule.num_microbatches + mb) * 2 + int(backward)) * 2 + int(evaluation)
+
+    def _live_saved_bytes(self) -> int:
+        """Bytes of the storages autograd keeps for the micro-batches in flight (each
+        storage once; parameters are not activations)."""
+        params = {p.untyped_storage().data_ptr() for p in self.chunks.parameters()}
+        storages = {}
+        for saved in self.state.saved.values():
+            for holder in saved:
+                storage = holder.tensor.untyped_storage()
+                if storage.data_ptr() not in params:
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
     def _live_microbatches(self) -> int:
         return sum(1 for saved in self.state.saved.values() if len(saved))
@@ -197,6 +210,7 @@ class PipelineRuntime:
         st.stage_out[key] = y
         if measure:
             self.peak_live_microbatches = max(self.peak_live_microbatches, self._live_microbatches())
+            self.peak_saved_bytes = max(self.peak_saved_bytes, self._live_saved_bytes())
 
     def _backward(self, key: tuple[int, int], inputs_only: bool):
         st = self.state

@@ -13,7 +13,8 @@ s x s scores), no dropout by default.
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -51,6 +52,25 @@ def measure_saved_bytes(model: nn.Module, layer: nn.Module, run: Callable[[], ob
     out = {name: sum(region.values()) for name, region in storages.items()}
     out["total"] = sum({ptr: n for region in storages.values() for ptr, n in region.items()}.values())
     return out
+
+
+@contextmanager
+def count_saved_bytes(model: nn.Module) -> Iterator[dict[str, int]]:
+    """{'bytes': ...}: the storages autograd saves while the block runs (each once;
+    parameters left out) - one forward's activations, at their peak just before backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    result = {"bytes": 0}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield result
+    result["bytes"] = sum(storages.values())
 
 
 def predicted_saved_bytes(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,

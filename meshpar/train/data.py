@@ -31,9 +31,14 @@ class DataError(ValueError):
 def default_corpus_files() -> list[Path]:
     """The Python standard library's own .py sources (not its tests, not installed
     packages), sorted, so every rank on a machine reads the same bytes."""
+    return list(_stdlib_sources())
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_sources() -> tuple[Path, ...]:  # listing the tree takes a noticeable fraction of a second
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(f for f in root.rglob("*.py")
-                  if not _SKIPPED_STDLIB_DIRS.intersection(f.relative_to(root).parts[:-1]))
+    return tuple(sorted(f for f in root.rglob("*.py")
+                        if not _SKIPPED_STDLIB_DIRS.intersection(f.relative_to(root).parts[:-1])))
 
 
 def _text_files(path: Path) -> list[Path]:

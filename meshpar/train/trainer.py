@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import time
+from contextlib import nullcontext
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +21,10 @@ from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autoc
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import add_communication, asynchronous, build_schedule
+from meshpar.train.activations import count_saved_bytes
 from meshpar.train.data import BatchLoader, corpus_description, load_tokens
 from meshpar.train.metrics import MetricsLog, Progress, format_bytes
+from meshpar.train.plot import plot_losses
 from meshpar.train.optim import adamw, clip_by_norm, global_grad_norm, lr_at
 
 
@@ -84,6 +88,7 @@ class Trainer:
         if self.pipeline:
             self.pipeline.compute_context = self.compute
         self.skipped_steps = 0
+        self.peak_saved_bytes = 0  # activations held for backward (the pipeline counts its own)
 
     def _microbatches(self, loader: BatchLoader) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """This rank's rows of the loader's next global batch (and under context parallelism
@@ -118,9 +123,13 @@ class Trainer:
         else:
             loss_sum = torch.zeros((), device=self.device)
             for x, y in zip(xs, ys):
-                with self.compute():
-                    logits = self.model(x, self.positions)
-                loss = self.parallel.loss_sum(logits, y) / self.tokens_per_step
+                # The first step counts the activations saved for backward (one micro-batch's).
+                with count_saved_bytes(self.model) if self.step == 0 else nullcontext() as saved:
+                    with self.compute():
+                        logits = self.model(x, self.positions)
+                    loss = self.parallel.loss_sum(logits, y) / self.tokens_per_step
+                if saved is not None:
+                    self.peak_saved_bytes = max(self.peak_saved_bytes, saved["bytes"])
                 (loss * scale if self.scaler else loss).backward()
                 loss_sum += loss.detach()
         self.data_parallel.finish_reduction()
@@ -237,6 +246,8 @@ class Trainer:
         finally:
             progress.close()
         summary = self.summary(steps, evals)
+        if self.is_logger and tr.metrics_file:
+            summary["loss_curve"] = plot_losses(steps, evals, Path(tr.metrics_file).with_name("loss.png"))
         log.write(summary)
         log.close()
         if self.is_logger and tr.progress:
@@ -256,8 +267,12 @@ class Trainer:
         """The final record: ledger per axis and model-state bytes of every rank."""
         ledger = self.mesh.ledger.summary()  # taken before the gather below adds to it
         state = self.data_parallel.state_bytes(self.optimizer)
-        per_rank = comm.all_gather_object(self.mesh, {"state": state, "ledger": ledger}, tag="summary")
+        activations = self.pipeline.peak_saved_bytes if self.pipeline else self.peak_saved_bytes
         timed = steps[1:] or steps  # the first step pays for warm-up
+        wait = (sum(s["pipeline_wait_s"] for s in timed) / sum(s["step_time_s"] for s in timed)
+                if self.pipeline else None)
+        per_rank = comm.all_gather_object(self.mesh, {"state": state, "ledger": ledger, "activations": activations,
+                                                      "wait": wait}, tag="summary")
         return {
             "summary": True,
             "steps": len(steps),
@@ -273,11 +288,12 @@ class Trainer:
             "comm": ledger,
             "comm_per_rank": [r["ledger"] for r in per_rank],
             "model_state_bytes_per_rank": [r["state"] for r in per_rank],
-            **({"pipeline": self.pipeline_summary(timed)} if self.pipeline else {}),
+            "activation_bytes_per_rank": [r["activations"] for r in per_rank],
+            **({"pipeline": self.pipeline_summary(timed, [r["wait"] for r in per_rank])} if self.pipeline else {}),
         }
 
-    def pipeline_summary(self, timed: list[dict]) -> dict:
-        """The simulator's bubble beside the executed one (rank 0's time waiting on
+    def pipeline_summary(self, timed: list[dict], wait_per_rank: list[float]) -> dict:
+        """The simulator's bubble beside the executed one (each rank's time waiting on
         receives over its step time) and the live micro-batches, predicted and measured."""
         costs = Costs(forward=1.0, backward_input=1.0, backward_weight=1.0)
         sim = simulate(self.schedule, costs)
@@ -286,7 +302,8 @@ class Trainer:
             "stages": self.schedule.num_stages,
             "microbatches": self.schedule.num_microbatches,
             "predicted_bubble_fraction": sim.bubble_fraction,
-            "measured_wait_fraction": sum(s["pipeline_wait_s"] for s in timed) / sum(s["step_time_s"] for s in timed),
+            "measured_wait_fraction": sum(wait_per_rank) / len(wait_per_rank),  # mean over ranks
+            "measured_wait_fraction_per_rank": wait_per_rank,
             "predicted_peak_inflight_microbatches": sim.peak_inflight_microbatches,
             "measured_peak_live_microbatches_rank0": self.pipeline.peak_live_microbatches,
         }
@@ -305,8 +322,11 @@ def format_summary(summary: dict) -> str:
     if "pipeline" in summary:
         pipe = summary["pipeline"]
         lines.append(f"pipeline {pipe['schedule']}, {pipe['stages']} stages x {pipe['microbatches']} micro-batches: "
-                     f"bubble predicted {pipe['predicted_bubble_fraction']:.1%} (unit costs), rank 0 waited on "
-                     f"receives {pipe['measured_wait_fraction']:.1%} of its step; peak in-flight micro-batches "
+                     f"bubble predicted {pipe['predicted_bubble_fraction']:.1%} (unit costs), measured "
+                     f"{pipe['measured_wait_fraction']:.1%} (time waiting on receives over step time, mean of "
+                     f"{len(pipe['measured_wait_fraction_per_rank'])} ranks, "
+                     f"{min(pipe['measured_wait_fraction_per_rank']):.1%}-"
+                     f"{max(pipe['measured_wait_fraction_per_rank']):.1%}); peak in-flight micro-batches "
                      f"predicted {pipe['predicted_peak_inflight_microbatches']}, held on rank 0 "
                      f"{pipe['measured_peak_live_microbatches_rank0']}")
     states = summary["model_state_bytes_per_rank"]
@@ -316,4 +336,9 @@ def format_summary(summary: dict) -> str:
                  f"optimizer {format_bytes(states[0]['optimizer'])})"
                  + (f" + offloaded to host {format_bytes(host['total'])}" if host["total"] else "")
                  + ("" if all(s == states[0] for s in states) else " on rank 0; differs per rank"))
+    acts = summary["activation_bytes_per_rank"]
+    lines.append(f"activations held for backward, peak per rank: {format_bytes(min(acts))}"
+                 + ("" if min(acts) == max(acts) else f" to {format_bytes(max(acts))}"))
+    if summary.get("loss_curve"):
+        lines.append(f"loss curve: {summary['loss_curve']}")
     return "\n".join(lines)

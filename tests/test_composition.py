@@ -1,0 +1,128 @@
+"""Every layout composes: dp x tp x pp x cp factorizations of 4 and 8 ranks, with each ZeRO
+stage, pipeline schedule and recomputation policy, against the single-device reference
+(10 steps, fp32, gradient clipping active on every step). A representative subset runs
+by default; the full matrix is marked slow. Also the demo layout's golden losses."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshpar.config import validate
+from reference import fast_config, train_and_report
+from test_zero import assert_matches, train_each
+
+STEPS = 10
+MAX_GRAD_NORM = 0.05  # below every step's norm: a norm over one shard or stage would clip wrongly
+GOLDEN = Path(__file__).parent / "golden" / "demo_losses.json"
+
+
+def layout_config(dp: int, tp: int, pp: int, cp: int, zero: int = 0, schedule: str = "1f1b",
+                  recompute: str = "none", steps: int = STEPS):
+    cfg = fast_config(steps=steps, seq_len=64, max_grad_norm=MAX_GRAD_NORM)
+    par = cfg.parallel
+    par.dp, par.tp, par.pp, par.cp, par.zero, par.recompute = dp, tp, pp, cp, zero, recompute
+    if pp > 1:
+        par.schedule = schedule
+        par.virtual_stages = 2 if schedule == "interleaved-1f1b" else 1
+        per_rank = cfg.train.global_batch_size // dp
+        cfg.train.micro_batch_size = max(1, per_rank // (2 * pp))  # about 2 x pp micro-batches
+    return cfg
+
+
+def factorizations(world: int):
+    for dp, tp, pp in itertools.product((1, 2, 4, 8), repeat=3):
+        if world % (dp * tp * pp) == 0:
+            yield dp, tp, pp, world // (dp * tp * pp)
+
+
+def matrix(world: int):
+    """Every legal (dp, tp, pp, cp, zero, schedule, recompute) for `world` ranks."""
+    for dp, tp, pp, cp in factorizations(world):
+        for zero, schedule, recompute in itertools.product(
+                (0, 1, 2, 3), ("1f1b", "interleaved-1f1b", "zb-h1") if pp > 1 else ("1f1b",), ("none", "selective")):
+            cfg = layout_config(dp, tp, pp, cp, zero, schedule, recompute)
+            if not validate(cfg):
+                yield (dp, tp, pp, cp, zero, schedule, recompute)
+
+
+def label(case) -> str:
+    dp, tp, pp, cp, zero, schedule, recompute = case
+    return f"dp{dp}-tp{tp}-pp{pp}-cp{cp}-zero{zero}-{schedule}-{recompute}"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    ref = train_and_report(layout_config(1, 1, 1, 1))
+    assert min(ref["grad_norms"]) > MAX_GRAD_NORM  # clipping acts on every step
+    return ref
+
+
+def run_cases(worlds, reference, world: int, cases: list):
+    results = worlds(world).run(train_each, [layout_config(*case) for case in cases])
+    for case, runs in zip(cases, zip(*results)):
+        for rank, run in enumerate(runs):
+            assert_matches(run, reference, f"{label(case)} rank {rank}")
+            torch.testing.assert_close(torch.tensor(run["grad_norms"]), torch.tensor(reference["grad_norms"]),
+                                       rtol=1e-5, atol=0)
+
+
+REPRESENTATIVE = {
+    8: [(2, 2, 2, 1, 1, "1f1b", "none"),  # the demo layout
+        (1, 2, 2, 2, 3, "zb-h1", "selective"),
+        (2, 1, 2, 2, 2, "interleaved-1f1b", "none"),
+        (2, 2, 1, 2, 3, "1f1b", "selective")],
+    4: [(1, 1, 2, 2, 0, "interleaved-1f1b", "selective"),
+        (2, 1, 1, 2, 2, "1f1b", "none"),
+        (1, 2, 2, 1, 3, "zb-h1", "none")],
+}
+
+
+@pytest.mark.parametrize("world", [4, 8])
+def test_representative_layouts(worlds, reference, world):
+    run_cases(worlds, reference, world, REPRESENTATIVE[world])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [4, 8])
+def test_full_matrix(worlds, reference, world):
+    cases = list(matrix(world))
+    for start in range(0, len(cases), 16):  # a few round trips, each well inside the timeout
+        run_cases(worlds, reference, world, cases[start:start + 16])
+
+
+def test_matrix_covers_every_factorization():
+    for world in (4, 8):
+        covered = {case[:4] for case in matrix(world)}
+        assert covered == set(factorizations(world)), set(factorizations(world)) - covered
+
+
+def demo_config(steps: int):
+    from meshpar.cli import build_parser, config_from_args
+    from meshpar.config import check
+
+    argv = Path(__file__).parent.parent.joinpath("Makefile").read_text().split("meshpar train", 1)[1].split("\n")[0]
+    cfg = config_from_args(build_parser().parse_args(["train", *argv.split()]))
+    cfg.train.steps, cfg.train.metrics_file, cfg.train.progress = steps, None, False
+    cfg.train.eval_every = 0
+    return check(cfg)
+
+
+def test_demo_layout_reproduces_its_golden_losses(worlds):
+    """The first steps of `make demo` (warmup: the same learning rates whatever the run's
+    length) give exactly the recorded losses."""
+    golden = json.loads(GOLDEN.read_text())
+    steps = 12
+    cfg = demo_config(steps)
+    assert cfg.parallel.world_size == 8
+    losses = worlds(8).run(train_and_report, cfg)[0]["losses"]
+    assert losses == golden["losses"][:steps]
+
+
+@pytest.mark.slow
+def test_demo_golden_losses_whole_run(worlds):
+    golden = json.loads(GOLDEN.read_text())
+    cfg = demo_config(len(golden["losses"]))
+    assert worlds(8).run(train_and_report, cfg)[0]["losses"] == golden["losses"]
