@@ -86,11 +86,12 @@ def test_representative_layouts(worlds, reference, world):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3 * 3600)  # about 20 minutes at 4 ranks and 90 at 8 on 2 cores
 @pytest.mark.parametrize("world", [4, 8])
 def test_full_matrix(worlds, reference, world):
     cases = list(matrix(world))
-    for start in range(0, len(cases), 16):  # a few round trips, each well inside the timeout
-        run_cases(worlds, reference, world, cases[start:start + 16])
+    for start in range(0, len(cases), 8):  # round trips of 8 runs, each well inside the World's timeout
+        run_cases(worlds, reference, world, cases[start:start + 8])
 
 
 def test_matrix_covers_every_factorization():
@@ -122,7 +123,8 @@ def test_demo_layout_reproduces_its_golden_losses(worlds):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_demo_golden_losses_whole_run(worlds):
     golden = json.loads(GOLDEN.read_text())
     cfg = demo_config(len(golden["losses"]))
-    assert worlds(8).run(train_and_report, cfg)[0]["losses"] == golden["losses"]
+    assert worlds(8).run(train_and_report, cfg, timeout_s=600)[0]["losses"] == golden["losses"]
