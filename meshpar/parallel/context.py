@@ -41,10 +41,20 @@ def local_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tens
     return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in chunks_of(rank, cp)])
 
 
+def visible_blocks(rank: int, owner: int, cp: int, chunk: int):
+    """(query rows, key columns, causal) of the chunk pairs that rank `rank`'s queries
+    evaluate against rank `owner`'s keys: a key chunk later than the query chunk is hidden
+    by the causal mask and skipped; the same chunk is computed with the mask."""
+    for qi, qc in enumerate(chunks_of(rank, cp)):
+        for ki, kc in enumerate(chunks_of(owner, cp)):
+            if kc <= qc:
+                yield slice(qi * chunk, (qi + 1) * chunk), slice(ki * chunk, (ki + 1) * chunk), kc == qc
+
+
 def causal_pairs(rank: int, cp: int, chunk: int) -> int:
-    """(query, key) pairs rank `rank` evaluates under ring attention: every chunk pair
-    not hidden by the causal mask, diagonal pairs in full (they are computed masked)."""
-    return sum(chunk * chunk for q in chunks_of(rank, cp) for o in range(cp) for k in chunks_of(o, cp) if k <= q)
+    """(query, key) pairs rank `rank` evaluates under ring attention, counted from the
+    blocks it computes (diagonal blocks in full: they are computed masked)."""
+    return sum(chunk * chunk for owner in range(cp) for _ in visible_blocks(rank, owner, cp, chunk))
 
 
 def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -133,17 +143,12 @@ class RingAttention(torch.autograd.Function):
             if step < cp - 1:  # the next block travels while this one is computed
                 incoming, works = ring.shift(kv, step, "ring_kv")
             kx, vx = (_expand_kv(t, h) for t in kv)
-            for qi, qc in enumerate(chunks_of(r, cp)):
-                rows = slice(qi * chunk, (qi + 1) * chunk)
-                for ki, kc in enumerate(chunks_of(owner, cp)):
-                    if kc > qc:
-                        continue
-                    cols = slice(ki * chunk, (ki + 1) * chunk)
-                    block_out, block_lse = _block_forward(q[:, :, rows], kx[:, :, cols], vx[:, :, cols], kc == qc)
-                    new_lse = torch.logaddexp(lse[:, :, rows], block_lse)
-                    out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new_lse).unsqueeze(-1)
-                                       + block_out * torch.exp(block_lse - new_lse).unsqueeze(-1))
-                    lse[:, :, rows] = new_lse
+            for rows, cols, causal in visible_blocks(r, owner, cp, chunk):
+                block_out, block_lse = _block_forward(q[:, :, rows], kx[:, :, cols], vx[:, :, cols], causal)
+                new_lse = torch.logaddexp(lse[:, :, rows], block_lse)
+                out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new_lse).unsqueeze(-1)
+                                   + block_out * torch.exp(block_lse - new_lse).unsqueeze(-1))
+                lse[:, :, rows] = new_lse
             if step < cp - 1:
                 _wait(works)
                 kv = incoming
@@ -170,17 +175,12 @@ class RingAttention(torch.autograd.Function):
             kx, vx = (_expand_kv(t, h) for t in kv)
             dk = torch.zeros(b, h, s, d, device=q.device)
             dv = torch.zeros(b, h, s, d, device=q.device)
-            for qi, qc in enumerate(chunks_of(r, cp)):
-                rows = slice(qi * chunk, (qi + 1) * chunk)
-                for ki, kc in enumerate(chunks_of(owner, cp)):
-                    if kc > qc:
-                        continue
-                    cols = slice(ki * chunk, (ki + 1) * chunk)
-                    bq, bk, bv = _block_backward(grad_out[:, :, rows], q[:, :, rows], kx[:, :, cols],
-                                                 vx[:, :, cols], out[:, :, rows], lse[:, :, rows], kc == qc)
-                    dq[:, :, rows] += bq
-                    dk[:, :, cols] += bk
-                    dv[:, :, cols] += bv
+            for rows, cols, causal in visible_blocks(r, owner, cp, chunk):
+                bq, bk, bv = _block_backward(grad_out[:, :, rows], q[:, :, rows], kx[:, :, cols],
+                                             vx[:, :, cols], out[:, :, rows], lse[:, :, rows], causal)
+                dq[:, :, rows] += bq
+                dk[:, :, cols] += bk
+                dv[:, :, cols] += bv
             dkv = torch.stack([_fold_kv_grad(dk, k.shape[1]), _fold_kv_grad(dv, v.shape[1])])
             if dkv_in is not None:  # the accumulator of this block, from the ranks before
                 _wait(dkv_works)
