@@ -129,6 +129,13 @@ class ParallelMesh:
         coords = self.coords()
         return [self.shape.rank(**{**coords, axis: i}) for i in range(self.size(axis))]
 
+    def destroy(self):
+        """Release this mesh's process groups (their connections and threads); for a
+        process that builds many meshes, as the test worlds do. Collective."""
+        for group in set(self.groups.values()):
+            dist.destroy_process_group(group)
+        self.groups.clear()
+
     def peer(self, axis: str, index: int) -> int:
         """The global rank at `index` along `axis`, other coordinates as this rank's."""
         return self.shape.rank(**{**self.coords(), axis: index})

@@ -3,6 +3,8 @@ whatever mesh the config asks for (on every rank of a World, or in-process)."""
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from meshpar.config import Config, ModelSection, ParallelConfig, TrainConfig, check
@@ -28,7 +30,7 @@ def train_and_report(cfg: Config) -> dict:
     check(cfg)
     mesh = ParallelMesh.build(mesh_shape(cfg)) if cfg.parallel.world_size > 1 else ParallelMesh.single()
     result = Trainer(cfg, mesh, torch.device("cpu")).run()
-    return {
+    report = {
         "losses": [s["loss"] for s in result.steps],
         "grad_norms": [s["grad_norm"] for s in result.steps],  # None where no update ran (async, step 1)
         "val_loss": result.summary["val_loss"],
@@ -36,3 +38,7 @@ def train_and_report(cfg: Config) -> dict:
         "ledger": dict(mesh.ledger.entries),
         "summary": result.summary,
     }
+    del result
+    gc.collect()  # the trainer's hooks hold tensors in reference cycles; free them with the groups
+    mesh.destroy()  # a world runs hundreds of layouts: do not keep every one's groups and threads
+    return report
