@@ -33,6 +33,7 @@ parameter shards themselves in host memory between uses.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -78,6 +79,14 @@ class Bucket:
     gather_work: object = None
     gather_source: torch.Tensor | None = None
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # offloaded master, grad
+
+    def owned(self):
+        """(parameter, slice of this rank's shard) for each parameter overlapping the shard."""
+        lo_shard, hi_shard = self.shard
+        for p, offset in zip(self.params, self.offsets):
+            lo, hi = max(offset, lo_shard), min(offset + p.numel(), hi_shard)
+            if lo < hi:
+                yield p, slice(lo - lo_shard, hi - lo_shard)
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         p = self.params[i]
@@ -186,26 +195,15 @@ class ShardedDataParallel:
         for b in self.buckets:
             master = self._master(b)
             grad = b.host["grad"] if b.host else self._grad_of_shard(b)
-            lo_shard, hi_shard = b.shard
-            for p, offset in zip(b.params, b.offsets):
-                lo, hi = max(offset, lo_shard), min(offset + p.numel(), hi_shard)
-                if lo >= hi:
-                    continue
-                piece = nn.Parameter(master[lo - lo_shard:hi - lo_shard])
-                piece.grad = grad[lo - lo_shard:hi - lo_shard]
+            for p, part in b.owned():
+                piece = nn.Parameter(master[part])
+                piece.grad = grad[part]
                 (decayed if p.ndim >= 2 else undecayed).append(piece)
         return decayed, undecayed
 
     def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """(parameter, gradient piece) for every piece this rank owns after reduction."""
-        pieces = []
-        for b in self.buckets:
-            grad, (lo_shard, hi_shard) = self._grad_of_shard(b), b.shard
-            for p, offset in zip(b.params, b.offsets):
-                lo, hi = max(offset, lo_shard), min(offset + p.numel(), hi_shard)
-                if lo < hi:
-                    pieces.append((p, grad[lo - lo_shard:hi - lo_shard]))
-        return pieces
+        return [(p, self._grad_of_shard(b)[part]) for b in self.buckets for p, part in b.owned()]
 
     def grads(self) -> list[torch.Tensor]:
         """This rank's reduced gradient shards (for unscaling and clipping)."""
@@ -355,20 +353,16 @@ class ShardedDataParallel:
         b.param_flat.untyped_storage().resize_(0)
         b.gathered = False
 
+    @contextmanager
     def gathered(self):
         """Context: every bucket's full parameters present (ZeRO-3), e.g. to read them."""
-        zero = self
-
-        class _Gathered:
-            def __enter__(self):
-                for b in zero.buckets:
-                    zero._gather(b, "read")
-
-            def __exit__(self, *exc):
-                for b in zero.buckets:
-                    zero._free_params(b)
-
-        return _Gathered()
+        for b in self.buckets:
+            self._gather(b, "read")
+        try:
+            yield
+        finally:
+            for b in self.buckets:
+                self._free_params(b)
 
     # --- accounting ---------------------------------------------------------------------
 
