@@ -44,6 +44,12 @@ TRAIN_FLAGS = {
     "--offload": ("parallel", "offload", offload_list, "keep in host memory: optimizer (states, master "
                                                        "weights and the step), params (ZeRO-3 shards; "
                                                        "implies optimizer); comma-separated"),
+    "--grad-compression": ("parallel", "grad_compression", str,
+                           "dp gradients on the wire: none (fp32), bf16, fp16, or int8 with a scale per "
+                           "1024 elements and error feedback (none)"),
+    "--ranks-per-node": ("parallel", "ranks_per_node", int, "ranks per node, for placement and the "
+                                                            "hierarchical all-reduce (default: torchrun's "
+                                                            "LOCAL_WORLD_SIZE, else all ranks)"),
     "--global-batch-size": ("train", "global_batch_size", int, "sequences per optimizer step (default 32)"),
     "--micro-batch-size": ("train", "micro_batch_size", int,
                            "sequences per forward on one dp rank (default: the whole per-rank batch)"),
@@ -88,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
     train.add_argument("--no-overlap", action="store_true",
                        help="reduce gradients after backward instead of from its hooks (for comparison)")
+    train.add_argument("--no-error-feedback", action="store_true",
+                       help="with --grad-compression int8: drop each step's quantization error (for comparison)")
+    train.add_argument("--hierarchical-allreduce", action="store_true",
+                       help="ZeRO-0 all-reduce in three steps: reduce-scatter inside each node, all-reduce "
+                            "across nodes, all-gather inside the node")
 
     sim = commands.add_parser("simulate", help="simulate a pipeline schedule: timeline and bubble",
                               description="Generate, validate and simulate a pipeline schedule; no "
@@ -171,6 +182,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.train.progress = False
     if args.no_overlap:
         cfg.parallel.overlap = False
+    if args.no_error_feedback:
+        cfg.parallel.error_feedback = False
+    if args.hierarchical_allreduce:
+        cfg.parallel.hierarchical_allreduce = True
     return cfg
 
 

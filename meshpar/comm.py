@@ -4,7 +4,10 @@
 tensor for all-reduce, the gathered output for all-gather, the unreduced input for
 reduce-scatter). `wire_bytes` is what one rank sends under a ring algorithm
 (2(n-1)/n of the payload for all-reduce, (n-1)/n for all-gather and reduce-scatter).
-An axis of size 1 moves nothing and records nothing.
+`inter_node_bytes` is the part of it that runs at inter-node bandwidth: all of a
+collective's wire bytes when its group spans nodes (every step of a ring waits for its
+slowest link), a send's bytes when its peer is on another node. An axis of size 1 moves
+nothing and records nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Entry:
     calls: int = 0
     bytes: int = 0
     wire_bytes: float = 0.0
+    inter_node_bytes: float = 0.0
 
 
 class Ledger:
@@ -37,15 +41,19 @@ class Ledger:
     def __init__(self):
         self.entries: dict[tuple[str, str, str], Entry] = defaultdict(Entry)
 
-    def record(self, axis: str, op: str, tag: str, payload_bytes: int, wire_bytes: float):
+    def record(self, axis: str, op: str, tag: str, payload_bytes: int, wire_bytes: float,
+               inter_node: bool = False):
         entry = self.entries[(axis, op, tag)]
         entry.calls += 1
         entry.bytes += payload_bytes
         entry.wire_bytes += wire_bytes
+        if inter_node:
+            entry.inter_node_bytes += wire_bytes
 
     def total(self, field: str = "bytes", axis: str | None = None, op: str | None = None,
               tag: str | None = None) -> float:
-        """Sum of `field` ('calls', 'bytes' or 'wire_bytes') over matching entries."""
+        """Sum of `field` ('calls', 'bytes', 'wire_bytes' or 'inter_node_bytes') over
+        matching entries."""
         return sum(getattr(entry, field) for (a, o, t), entry in self.entries.items()
                    if axis in (None, a) and op in (None, o) and tag in (None, t))
 
@@ -53,18 +61,25 @@ class Ledger:
         self.entries.clear()
 
     def summary(self) -> dict[str, dict]:
-        """{axis: {op: {calls, bytes, wire_bytes}}}, summed over tags; JSON-ready."""
+        """{axis: {op: {calls, bytes, wire_bytes, inter_node_bytes}}}, summed over tags;
+        JSON-ready."""
         out: dict[str, dict] = {}
         for (axis, op, _tag), entry in sorted(self.entries.items()):
-            slot = out.setdefault(axis, {}).setdefault(op, {"calls": 0, "bytes": 0, "wire_bytes": 0})
+            slot = out.setdefault(axis, {}).setdefault(
+                op, {"calls": 0, "bytes": 0, "wire_bytes": 0, "inter_node_bytes": 0})
             slot["calls"] += entry.calls
             slot["bytes"] += entry.bytes
             slot["wire_bytes"] += round(entry.wire_bytes)
+            slot["inter_node_bytes"] += round(entry.inter_node_bytes)
         return out
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _record(mesh: ParallelMesh, axis: str, op: str, tag: str, payload: int, wire_fraction: float):
+    mesh.ledger.record(axis, op, tag, payload, wire_fraction * payload, mesh.spans_nodes(axis))
 
 
 def all_reduce(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str,
@@ -73,7 +88,7 @@ def all_reduce(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str,
     n = mesh.world_size if axis == "world" else mesh.size(axis)
     if n == 1:
         return tensor
-    mesh.ledger.record(axis, "all_reduce", tag, _nbytes(tensor), 2 * (n - 1) / n * _nbytes(tensor))
+    _record(mesh, axis, "all_reduce", tag, _nbytes(tensor), 2 * (n - 1) / n)
     dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=mesh.group(axis))
     return tensor
 
@@ -85,7 +100,7 @@ def all_gather_object(mesh: ParallelMesh, obj, *, tag: str, axis: str = "world")
     if n == 1:
         return [obj]
     payload = len(pickle.dumps(obj))
-    mesh.ledger.record(axis, "all_gather_object", tag, n * payload, (n - 1) * payload)
+    _record(mesh, axis, "all_gather_object", tag, n * payload, (n - 1) / n)
     out = [None] * n
     dist.all_gather_object(out, obj, group=mesh.group(axis))
     return out
@@ -126,7 +141,7 @@ def all_gather_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: to
     if n == 1:
         out.copy_(tensor)
         return None
-    mesh.ledger.record(axis, "all_gather", tag, _nbytes(out), (n - 1) / n * _nbytes(out))
+    _record(mesh, axis, "all_gather", tag, _nbytes(out), (n - 1) / n)
     return _all_gather_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
 
 
@@ -137,7 +152,7 @@ def reduce_scatter_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor
     if n == 1:
         out.copy_(tensor)
         return None
-    mesh.ledger.record(axis, "reduce_scatter", tag, _nbytes(tensor), (n - 1) / n * _nbytes(tensor))
+    _record(mesh, axis, "reduce_scatter", tag, _nbytes(tensor), (n - 1) / n)
     return _reduce_scatter_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
 
 
@@ -146,7 +161,7 @@ def all_reduce_async(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag
     n = mesh.size(axis)
     if n == 1:
         return None
-    mesh.ledger.record(axis, "all_reduce", tag, _nbytes(tensor), 2 * (n - 1) / n * _nbytes(tensor))
+    _record(mesh, axis, "all_reduce", tag, _nbytes(tensor), 2 * (n - 1) / n)
     return dist.all_reduce(tensor, group=mesh.group(axis), async_op=True)
 
 
@@ -156,11 +171,21 @@ def all_to_all(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str)
     n = mesh.size(axis)
     if n == 1:
         return tensor
-    tensor = tensor.contiguous()
     out = torch.empty_like(tensor)
-    mesh.ledger.record(axis, "all_to_all", tag, _nbytes(tensor), (n - 1) / n * _nbytes(tensor))
-    dist.all_to_all_single(out, tensor, group=mesh.group(axis))
+    all_to_all_into(mesh, axis, out, tensor, tag=tag)
     return out
+
+
+def all_to_all_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
+                    tag: str, async_op: bool = False):
+    """`out` receives block j (of n along dim 0) from rank j; this rank's block i goes to
+    rank i. Returns the work when `async_op`."""
+    n = mesh.size(axis)
+    if n == 1:
+        out.copy_(tensor)
+        return None
+    _record(mesh, axis, "all_to_all", tag, _nbytes(tensor), (n - 1) / n)
+    return dist.all_to_all_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
 
 
 def batch_send_recv(mesh: ParallelMesh, axis: str, sends: list[tuple[torch.Tensor, int, int, str]],
@@ -170,7 +195,8 @@ def batch_send_recv(mesh: ParallelMesh, axis: str, sends: list[tuple[torch.Tenso
     ledger records each send's bytes (what this rank puts on the wire)."""
     ops = []
     for tensor, peer, tag, purpose in sends:
-        mesh.ledger.record(axis, "send", purpose, _nbytes(tensor), _nbytes(tensor))
+        mesh.ledger.record(axis, "send", purpose, _nbytes(tensor), _nbytes(tensor),
+                           mesh.node_of(peer) != mesh.node_of(mesh.rank))
         ops.append(dist.P2POp(dist.isend, tensor, peer, group=mesh.group(f"{axis}_p2p"), tag=tag))
     ops += [dist.P2POp(dist.irecv, buffer, peer, group=mesh.group(f"{axis}_p2p"), tag=tag)
             for buffer, peer, tag in recvs]

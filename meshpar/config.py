@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshpar.model.config import LARGE_PRESETS, PRESETS, ModelConfig, model_config
+from meshpar.mesh import MeshShape
 from meshpar.parallel.context import context_parallel_problems
+from meshpar.parallel.grad_reduce import COMPRESSIONS
 from meshpar.parallel.precision import PRECISIONS
 from meshpar.parallel.recompute import POLICIES
 from meshpar.parallel.tensor_plan import tensor_parallel_problems
@@ -56,6 +58,10 @@ class ParallelConfig:
     zero: int = 0  # ZeRO stage over dp: 0 replicated, 1 optimizer, 2 + gradients, 3 + parameters sharded
     overlap: bool = True  # launch each bucket's dp reduction from backward as soon as it is complete
     offload: list[str] = field(default_factory=list)  # "optimizer" and/or "params" (ZeRO-3) to host memory
+    grad_compression: str = "none"  # dp gradients on the wire: none (fp32), bf16, fp16 or int8
+    error_feedback: bool = True  # int8: carry each step's quantization error into the next
+    ranks_per_node: int | None = None  # default: torchrun's LOCAL_WORLD_SIZE, else every rank on one node
+    hierarchical_allreduce: bool = False  # dp all-reduce: inside nodes, then across, then inside
 
     @property
     def world_size(self) -> int:
@@ -162,6 +168,58 @@ def _zero_problems(cfg: Config, model: ModelConfig | None) -> list[str]:
     return problems
 
 
+def ranks_per_node(par: ParallelConfig, env=None) -> int:
+    """The node size: as configured, else torchrun's LOCAL_WORLD_SIZE, else the world."""
+    env = os.environ if env is None else env
+    if par.ranks_per_node is not None:
+        return par.ranks_per_node
+    if "LOCAL_WORLD_SIZE" in env and "RANK" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    return par.world_size
+
+
+def _communication_problems(cfg: Config, env) -> list[str]:
+    par = cfg.parallel
+    problems = []
+    if par.grad_compression not in COMPRESSIONS:
+        problems.append(f"--grad-compression {par.grad_compression}: choose one of {', '.join(COMPRESSIONS)}")
+    elif par.grad_compression == "int8":
+        if par.zero == 3:
+            problems.append("--grad-compression int8 works with --zero 0-2: its error feedback keeps a full "
+                            "fp32 gradient per rank, which ZeRO-3 exists to avoid; use bf16 or fp16 with ZeRO-3")
+        if cfg.train.precision == "fp16":
+            problems.append("--grad-compression int8 with --precision fp16 is not supported: the error carried "
+                            "between steps would be in units of a loss scale that may have changed; use bf16")
+        if par.hierarchical_allreduce:
+            problems.append("--hierarchical-allreduce runs in fp32 or 16 bits; use --grad-compression none, "
+                            "bf16 or fp16 with it")
+    if par.grad_compression != "none" and par.schedule == "async" and par.pp > 1:
+        problems.append("--grad-compression with --schedule async is not supported; use another schedule")
+    k = ranks_per_node(par, env)
+    if k < 1 or par.world_size % k:
+        problems.append(f"--ranks-per-node {k} must divide the world size {par.world_size}; "
+                        f"use one of {_divisors(par.world_size)}")
+        return problems
+    if k % par.tp:
+        problems.append(f"--tp {par.tp} does not fit in a node of {k} ranks: tensor parallelism exchanges "
+                        f"activations twice per layer and stays inside a node; use a tp dividing {k}")
+    if par.hierarchical_allreduce:
+        if par.zero != 0:
+            problems.append(f"--hierarchical-allreduce replaces ZeRO-0's all-reduce; --zero {par.zero} "
+                            f"reduce-scatters gradients instead; use --zero 0")
+        shape = MeshShape(pp=par.pp, dp=par.dp, cp=par.cp, tp=par.tp)
+        try:
+            per_node, nodes = shape.node_split("dp", k)
+        except ValueError as err:
+            problems.append(f"--hierarchical-allreduce needs the same number of dp ranks on each node: {err}")
+        else:
+            if per_node == 1 or nodes == 1:
+                problems.append(f"--hierarchical-allreduce needs dp to span nodes with several ranks on each; "
+                                f"here dp={par.dp} has {per_node} rank(s) on each of {nodes} node(s) "
+                                f"of {k} ranks (set --ranks-per-node)")
+    return problems
+
+
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
@@ -247,6 +305,9 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
     if par.bucket_mb <= 0:
         problems.append(f"parallel.bucket_mb={par.bucket_mb} must be positive")
     problems += _zero_problems(cfg, model)
+    env = os.environ if env is None else env
+    if all(getattr(par, axis) >= 1 for axis in ("dp", "tp", "pp", "cp")):
+        problems += _communication_problems(cfg, env)
 
     for name in ("global_batch_size", "seq_len", "steps", "eval_batches"):
         if getattr(tr, name) < 1:
@@ -287,7 +348,6 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
     if model is not None and tr.seq_len > model.max_seq_len:
         problems.append(f"--seq-len={tr.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
 
-    env = os.environ if env is None else env
     if "WORLD_SIZE" in env and "RANK" in env and int(env["WORLD_SIZE"]) != par.world_size:
         problems.append(f"torchrun started {env['WORLD_SIZE']} ranks but dp*tp*pp*cp = "
                         f"{par.world_size}; make the degrees multiply to the world size")

@@ -1,8 +1,11 @@
 """ParallelMesh: the one object that knows the layout of ranks.
 
-Axes, slowest to fastest: pp, dp, cp, tp. Tensor parallelism varies fastest so that a tp
-group sits on consecutive ranks, inside one node; pipeline stages vary slowest, across
-nodes. The mesh is passed explicitly to whatever needs it; there are no globals.
+Axes, slowest to fastest: pp, dp, cp, tp. Nodes hold consecutive ranks (`ranks_per_node`
+of them), so this order is the topology-aware placement: tensor parallelism, which
+exchanges activations twice per layer, varies fastest and stays inside a node; then
+context parallelism, then data parallelism; pipeline stages, which pass one activation
+per micro-batch, vary slowest and span nodes. The mesh is passed explicitly to whatever
+needs it; there are no globals.
 """
 
 from __future__ import annotations
@@ -50,6 +53,32 @@ class MeshShape:
             rank = rank * self.size(axis) + coords.get(axis, 0)
         return rank
 
+    def node_split(self, axis: str, ranks_per_node: int) -> tuple[int, int]:
+        """(ranks per node, nodes) of every `axis` slice, when each slice has the same
+        number of ranks on each node it touches; ValueError otherwise."""
+        splits = set()
+        for ranks in self.axis_groups(axis):
+            per_node: dict[int, int] = {}
+            for r in ranks:
+                per_node[r // ranks_per_node] = per_node.get(r // ranks_per_node, 0) + 1
+            if len(set(per_node.values())) != 1:
+                raise ValueError(f"{axis} ranks {ranks} are spread unevenly over nodes of {ranks_per_node}")
+            splits.add((next(iter(per_node.values())), len(per_node)))
+        if len(splits) != 1:
+            raise ValueError(f"{axis} slices are split differently over nodes of {ranks_per_node}")
+        return splits.pop()
+
+    def placement(self, ranks_per_node: int) -> dict[str, str]:
+        """Where each axis of size above 1 lies: inside a node or across how many nodes."""
+        out = {}
+        for axis in AXES:
+            if self.size(axis) == 1:
+                continue
+            spans = {tuple(sorted({r // ranks_per_node for r in ranks})) for ranks in self.axis_groups(axis)}
+            nodes = max(len(s) for s in spans)
+            out[axis] = "inside a node" if nodes == 1 else f"across {nodes} nodes"
+        return out
+
     def axis_groups(self, axis: str) -> list[list[int]]:
         """Every slice along `axis`: the ranks that differ only in their `axis` index."""
         others = [a for a in AXES if a != axis]
@@ -68,6 +97,10 @@ class ParallelMesh:
     rank: int
     groups: dict[str, object] = field(default_factory=dict)  # axis -> ProcessGroup
     ledger: Ledger = field(default_factory=Ledger)
+    ranks_per_node: int | None = None  # None: every rank on one node
+    # Hierarchical data parallelism: dp split into its ranks on this node ("dp_intra")
+    # and the ranks at the same place on every node ("dp_inter"), when dp spans nodes.
+    sub_sizes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def single(cls) -> ParallelMesh:
@@ -75,9 +108,10 @@ class ParallelMesh:
         return cls(MeshShape(), 0)
 
     @classmethod
-    def build(cls, shape: MeshShape) -> ParallelMesh:
-        """Create one process group per axis slice. Collective: every rank calls this
-        with the same shape, after `torch.distributed.init_process_group`."""
+    def build(cls, shape: MeshShape, ranks_per_node: int | None = None) -> ParallelMesh:
+        """Create one process group per axis slice (and dp's intra- and inter-node halves
+        when dp spans nodes with several ranks on each). Collective: every rank calls
+        this with the same arguments, after `torch.distributed.init_process_group`."""
         if shape.world_size == 1:
             return cls.single()
         if not dist.is_initialized():
@@ -102,14 +136,41 @@ class ParallelMesh:
                     p2p = dist.new_group(ranks)
                     if rank in ranks:
                         groups[f"{axis}_p2p"] = p2p
-        return cls(shape, rank, groups)
+        sub_sizes = {}
+        if ranks_per_node is not None and shape.dp > 1:
+            per_node, nodes = shape.node_split("dp", ranks_per_node)
+            if per_node > 1 and nodes > 1:
+                sub_sizes = {"dp_intra": per_node, "dp_inter": nodes}
+                for ranks in shape.axis_groups("dp"):
+                    halves = [ranks[i:i + per_node] for i in range(0, len(ranks), per_node)]
+                    for group_ranks, name in [(h, "dp_intra") for h in halves] + \
+                                              [(list(g), "dp_inter") for g in zip(*halves)]:
+                        group = dist.new_group(group_ranks)
+                        if rank in group_ranks:
+                            groups[name] = group
+        return cls(shape, rank, groups, ranks_per_node=ranks_per_node, sub_sizes=sub_sizes)
 
     @property
     def world_size(self) -> int:
         return self.shape.world_size
 
     def size(self, axis: str) -> int:
+        if axis in self.sub_sizes:
+            return self.sub_sizes[axis]
         return self.shape.size(axis)
+
+    def node_of(self, rank: int) -> int:
+        return 0 if self.ranks_per_node is None else rank // self.ranks_per_node
+
+    def spans_nodes(self, axis: str) -> bool:
+        """Whether this rank's `axis` slice ('world' for all ranks) reaches other nodes:
+        its collectives then run at inter-node bandwidth."""
+        if self.ranks_per_node is None or self.ranks_per_node >= self.world_size or axis == "dp_intra":
+            return False
+        if axis == "dp_inter":
+            return True
+        ranks = range(self.world_size) if axis == "world" else self.ranks(axis.removesuffix("_p2p"))
+        return len({r // self.ranks_per_node for r in ranks}) > 1
 
     def index(self, axis: str) -> int:
         """This rank's index along `axis`."""

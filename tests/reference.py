@@ -8,8 +8,7 @@ import gc
 import torch
 
 from meshpar.config import Config, ModelSection, ParallelConfig, TrainConfig, check
-from meshpar.mesh import ParallelMesh
-from meshpar.train.launch import mesh_shape
+from meshpar.train.launch import build_mesh
 from meshpar.train.trainer import Trainer
 
 
@@ -28,7 +27,7 @@ def fast_config(dp: int = 1, steps: int = 20, tp: int = 1, sequence_parallel: bo
 def train_and_report(cfg: Config) -> dict:
     """Train `cfg` on this rank; what a test compares against the reference."""
     check(cfg)
-    mesh = ParallelMesh.build(mesh_shape(cfg)) if cfg.parallel.world_size > 1 else ParallelMesh.single()
+    mesh = build_mesh(cfg)
     result = Trainer(cfg, mesh, torch.device("cpu")).run()
     report = {
         "losses": [s["loss"] for s in result.steps],

@@ -54,12 +54,24 @@ def test_ledger_totals_and_summary():
     ledger = Ledger()
     ledger.record("dp", "all_reduce", "grads", 100, 150.0)
     ledger.record("dp", "all_reduce", "grads", 100, 150.0)
-    ledger.record("dp", "all_reduce", "loss", 4, 6.0)
+    ledger.record("dp", "all_reduce", "loss", 4, 6.0, inter_node=True)
     ledger.record("tp", "all_gather", "act", 64, 32.0)
     assert ledger.total("bytes", axis="dp", tag="grads") == 200
     assert ledger.total("calls", axis="dp") == 3
     assert ledger.total("wire_bytes") == 338.0
+    assert ledger.total("inter_node_bytes") == 6.0
     assert ledger.summary() == {
-        "dp": {"all_reduce": {"calls": 3, "bytes": 204, "wire_bytes": 306}},
-        "tp": {"all_gather": {"calls": 1, "bytes": 64, "wire_bytes": 32}},
+        "dp": {"all_reduce": {"calls": 3, "bytes": 204, "wire_bytes": 306, "inter_node_bytes": 6}},
+        "tp": {"all_gather": {"calls": 1, "bytes": 64, "wire_bytes": 32, "inter_node_bytes": 0}},
     }
+
+
+def test_node_split_and_placement():
+    shape = MeshShape(pp=2, dp=2, cp=1, tp=2)  # ranks: pp slowest, tp fastest
+    assert shape.placement(4) == {"pp": "across 2 nodes", "dp": "inside a node", "tp": "inside a node"}
+    assert shape.placement(2) == {"pp": "across 2 nodes", "dp": "across 2 nodes", "tp": "inside a node"}
+    assert MeshShape(dp=8).node_split("dp", 4) == (4, 2)
+    assert MeshShape(dp=4, tp=2).node_split("dp", 4) == (2, 2)
+    assert MeshShape(dp=2, tp=4).node_split("dp", 4) == (1, 2)
+    with pytest.raises(ValueError, match="unevenly"):
+        MeshShape(dp=4, tp=3).node_split("dp", 4)  # dp ranks 0, 3, 6, 9 on nodes 0, 0, 1, 2

@@ -25,6 +25,9 @@ gradient accumulation over micro-batches communicates nothing until the final on
 Gradients that are partial over tp (sequence-parallel norms, replicated KV heads) are
 summed over tp by `grad_sync` just before the dp reduction of their bucket.
 
+How the reductions cross dp - fp32, 16-bit, int8 with error feedback, hierarchical - is
+the `GradReducer`'s business (grad_reduce.py).
+
 Offload: `optimizer` keeps an fp32 master copy of this rank's shard, its gradient and the
 optimizer states in host memory and runs the step there; `params` (stage 3) keeps the
 parameter shards themselves in host memory between uses.
@@ -42,6 +45,7 @@ from torch import nn
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
+from meshpar.parallel.grad_reduce import GradReducer
 
 STAGES = (0, 1, 2, 3)
 OFFLOADS = ("optimizer", "params")
@@ -96,13 +100,15 @@ class Bucket:
 class ShardedDataParallel:
     def __init__(self, module: nn.Module, mesh: ParallelMesh, stage: int = 0,
                  bucket_bytes: int = 25 * 2**20, overlap: bool = True, offload: tuple[str, ...] = (),
-                 microbatches: int = 1, grad_sync: Callable[[list[nn.Parameter]], None] | None = None):
+                 microbatches: int = 1, grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
+                 reducer: GradReducer | None = None):
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage {stage}: choose one of {', '.join(map(str, STAGES))}")
         offload = set(offload) | ({"optimizer"} if "params" in offload else set())  # params implies it
         self.mesh, self.stage, self.overlap, self.offload = mesh, stage, overlap, tuple(sorted(offload))
         self.microbatches = microbatches
         self.grad_sync = grad_sync or (lambda params: None)
+        self.reducer = reducer or GradReducer(mesh)
         self.n, self.rank = mesh.size("dp"), mesh.index("dp")
         self.events: list[tuple[float, str, int]] = []  # (time, what, bucket): the overlap trace
         self.buckets: list[Bucket] = []
@@ -142,7 +148,8 @@ class ShardedDataParallel:
             offsets.append(total)
             total += p.numel()
         sharded = self.stage >= 1
-        numel = -(-total // self.n) * self.n if sharded else total
+        align = self.reducer.alignment(sharded)
+        numel = -(-total // align) * align
         size = numel // self.n if sharded else numel
         start = self.rank * size if sharded else 0
         first = params[0]
@@ -245,12 +252,11 @@ class ShardedDataParallel:
         comm.all_reduce(self.mesh, "cp", b.grad_flat, tag="grads")
         self.events.append((time.perf_counter(), "launch", b.index))
         if self.stage == 0:
-            b.reduction = comm.all_reduce_async(self.mesh, "dp", b.grad_flat, tag="grads")
+            b.reduction = self.reducer.all_reduce(b.index, b.grad_flat)
         else:
             out = b.grad_shard if b.grad_shard is not None else torch.empty_like(b.param_shard)
             b.reduced_into = out
-            b.reduction = comm.reduce_scatter_into(self.mesh, "dp", out, b.grad_flat, tag="grads",
-                                                   async_op=True)
+            b.reduction = self.reducer.reduce_scatter(b.index, b.grad_flat, out)
         b.launched = True
         self._free_finished()
 
@@ -386,6 +392,7 @@ class ShardedDataParallel:
         states = sum(t.numel() * t.element_size() for state in optimizer.state.values()
                      for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
         (host if "optimizer" in self.offload else device)["optimizer"] += states
+        device["grads"] += self.reducer.state_bytes()  # error feedback: a gradient's worth
         out = {**device, "total": sum(device.values())}
         out["host"] = {**host, "total": sum(host.values())}
         return out

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from meshpar.config import Config
+from meshpar.config import Config, ranks_per_node
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.train.trainer import Trainer
 
@@ -39,6 +39,13 @@ def mesh_shape(cfg: Config) -> MeshShape:
     return MeshShape(pp=p.pp, dp=p.dp, cp=p.cp, tp=p.tp)
 
 
+def build_mesh(cfg: Config) -> ParallelMesh:
+    """This rank's mesh, its nodes as torchrun (or --ranks-per-node) describes them."""
+    if cfg.parallel.world_size == 1:
+        return ParallelMesh.single()
+    return ParallelMesh.build(mesh_shape(cfg), ranks_per_node(cfg.parallel))
+
+
 def set_cpu_threads(local_world_size: int):
     """Share the cores between the local ranks instead of oversubscribing them."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
@@ -56,7 +63,7 @@ def run_rank(cfg: Config) -> dict:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, timeout=COMM_TIMEOUT)
     try:
-        mesh = ParallelMesh.build(mesh_shape(cfg))
+        mesh = build_mesh(cfg)
         summary = Trainer(cfg, mesh, device).run().summary
         # The trainer's gradient hooks form reference cycles around tensors that gloo's
         # worker threads have handled; free them now, not during interpreter shutdown

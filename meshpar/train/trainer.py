@@ -16,6 +16,7 @@ from meshpar.config import Config
 from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
 from meshpar.parallel.apply import ParallelModel, parallelize
+from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autocast
 from meshpar.pipeline.check import Costs, simulate
@@ -60,7 +61,8 @@ class Trainer:
         # parameters and the dp reduction, launched from backward hooks.
         self.data_parallel = ShardedDataParallel(
             self.model, mesh, par.zero, int(par.bucket_mb * 2**20), overlap=par.overlap,
-            offload=par.offload, microbatches=self.num_microbatches, grad_sync=self.parallel.sync_grads)
+            offload=par.offload, microbatches=self.num_microbatches, grad_sync=self.parallel.sync_grads,
+            reducer=GradReducer(mesh, par.grad_compression, par.error_feedback, par.hierarchical_allreduce))
         self.parallel.data_parallel = self.data_parallel
         self.optimizer = adamw(*self.data_parallel.optimizer_params(), tr)
         self.tokens_per_step = tr.global_batch_size * tr.seq_len
@@ -255,13 +257,24 @@ class Trainer:
         return TrainResult(steps, evals, summary, self.parallel)
 
     def banner(self) -> str:
-        tr = self.cfg.train
+        tr, par = self.cfg.train, self.cfg.parallel
+        reducer = self.data_parallel.reducer
+        scheme = ("" if par.grad_compression == "none" else f", dp gradients in {par.grad_compression}"
+                  + (" without error feedback" if par.grad_compression == "int8" and not par.error_feedback else ""))
         return (f"meshpar: {self.cfg.model.name} ({self.model_cfg.num_params():,} parameters) on "
-                f"{self.mesh.world_size} rank(s), {self.mesh.describe()}, ZeRO-{self.cfg.parallel.zero}"
+                f"{self.mesh.world_size} rank(s), {self.mesh.describe()}, ZeRO-{par.zero}"
                 + (f" (offload {', '.join(self.data_parallel.offload)})" if self.data_parallel.offload else "")
+                + scheme + (", hierarchical all-reduce" if reducer.hierarchical else "")
                 + f", {self.device.type}; "
                 f"global batch {tr.global_batch_size} x {tr.seq_len} tokens, "
-                f"{self.num_microbatches} micro-batch(es) per rank; data: {corpus_description(tr.data)}")
+                f"{self.num_microbatches} micro-batch(es) per rank; data: {corpus_description(tr.data)}"
+                f"\nplacement: {format_placement(self.placement())}")
+
+    def placement(self) -> dict:
+        """Nodes and where each axis lies on them (tp inside a node, pp across nodes)."""
+        k = self.mesh.ranks_per_node or self.mesh.world_size
+        return {"ranks_per_node": k, "nodes": self.mesh.world_size // k,
+                "axes": self.mesh.shape.placement(k)}
 
     def summary(self, steps: list[dict], evals: list[dict]) -> dict:
         """The final record: ledger per axis and model-state bytes of every rank."""
@@ -284,6 +297,10 @@ class Trainer:
             "precision": self.cfg.train.precision,
             "zero": self.cfg.parallel.zero,
             "offload": list(self.data_parallel.offload),
+            "grad_compression": self.cfg.parallel.grad_compression,
+            "error_feedback": self.data_parallel.reducer.error_feedback,
+            "hierarchical_allreduce": self.data_parallel.reducer.hierarchical,
+            "placement": self.placement(),
             **({"skipped_steps": self.skipped_steps, "final_loss_scale": self.scaler.scale} if self.scaler else {}),
             "comm": ledger,
             "comm_per_rank": [r["ledger"] for r in per_rank],
@@ -309,6 +326,11 @@ class Trainer:
         }
 
 
+def format_placement(placement: dict) -> str:
+    axes = ", ".join(f"{axis} {where}" for axis, where in placement["axes"].items()) or "one rank"
+    return f"{placement['nodes']} node(s) x {placement['ranks_per_node']} ranks; {axes}"
+
+
 def format_summary(summary: dict) -> str:
     lines = ["", "== summary " + "=" * 50,
              f"steps {summary['steps']}   final loss {summary['final_loss']:.4f}   "
@@ -319,6 +341,11 @@ def format_summary(summary: dict) -> str:
                          f"payload {format_bytes(entry['bytes']):>11}  wire {format_bytes(entry['wire_bytes']):>11}")
     if not summary["comm"]:
         lines.append("comm rank 0  none (a single rank)")
+    if summary["placement"]["nodes"] > 1:
+        inter = sum(e["inter_node_bytes"] for ops in summary["comm"].values() for e in ops.values())
+        total = sum(e["wire_bytes"] for ops in summary["comm"].values() for e in ops.values())
+        lines.append(f"placement: {format_placement(summary['placement'])}; rank 0 wire bytes inside its node "
+                     f"{format_bytes(total - inter)}, across nodes {format_bytes(inter)}")
     if "pipeline" in summary:
         pipe = summary["pipeline"]
         lines.append(f"pipeline {pipe['schedule']}, {pipe['stages']} stages x {pipe['microbatches']} micro-batches: "
