@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements-ci.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
-# The default tiny model on 4 local CPU ranks (dp=2 x tp=2, sequence parallel), the built-in corpus.
+# The default tiny model on 8 local CPU ranks (dp=2 x tp=2 x pp=2, 1F1B, ZeRO-1), the built-in corpus.
 demo: $(STAMP)
 	$(BIN)/meshpar train --model tiny --dp 2 --tp 2 --pp 2 --zero 1 --schedule 1f1b --micro-batch-size 4 --steps 120 --metrics-file runs/demo/metrics.jsonl
 
@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/activation_memory.py
 	$(BIN)/python benchmarks/pp_vs_torch.py
 	$(BIN)/python benchmarks/long_context.py
+	$(BIN)/python benchmarks/comm.py
+	$(BIN)/python benchmarks/compression_training.py --out runs/bench/compression.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
