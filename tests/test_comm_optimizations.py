@@ -110,6 +110,19 @@ def test_compressed_runs_track_fp32(dp4_runs, zero):
             assert torch.equal(runs[-1]["params"][name], value), (scheme, name)
 
 
+def test_compression_composes_with_tp_pp_and_accumulation(worlds):
+    """bf16 on dp 2 x tp 2 with SP; int8 on dp 2 x pp 2 (1F1B, ZeRO-1, two micro-batches)."""
+    tp = comm_config(2, steps=4, compression="bf16", tp=2, sequence_parallel=True)
+    pp = comm_config(2, steps=4, zero=1, compression="int8", pp=2)
+    pp.train.micro_batch_size = 4
+    plain = [comm_config(2, steps=4, tp=2, sequence_parallel=True), comm_config(2, steps=4, zero=1, pp=2)]
+    plain[1].train.micro_batch_size = 4
+    runs = worlds(4).run(train_each, [tp, pp, *plain])[0]
+    assert relative_gap(runs[0]["losses"], runs[2]["losses"]) < 1e-3
+    assert relative_gap(runs[1]["losses"], runs[3]["losses"]) < 1e-2
+    assert grad_wire(runs[3]) / grad_wire(runs[1]) > 3.9
+
+
 def test_int8_with_error_feedback_trains_like_fp32(worlds):
     """100 steps at dp=2: the last 10 losses' mean within 2% of the uncompressed run's."""
     configs = [comm_config(2, steps=100, compression=scheme) for scheme in ("none", "int8")]
