@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print total_time, bubble_fraction and "
                                                           "peak_inflight_microbatches as JSON")
     sim.add_argument("--actions", action="store_true", help="also print each rank's action list")
+
+    from meshpar.planner.report import add_arguments
+    planner = commands.add_parser("plan", help="predict memory and step time of layouts; rank them",
+                                  description="Search the layouts of a model on a cluster, predict each "
+                                              "one's memory per GPU and step time, and rank them. No "
+                                              "process group is started.")
+    add_arguments(planner)
     return parser
 
 
@@ -193,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "simulate":
         return simulate_command(args)
+    if args.command == "plan":
+        from meshpar.planner.report import plan_command
+        return plan_command(args)
     try:
         cfg = check(config_from_args(args))
     except ConfigError as err:

@@ -1,0 +1,111 @@
+"""GPUs, clusters and the efficiency constants: what fraction of a peak the planner
+assumes each kind of work reaches.
+
+Peaks are datasheet figures (dense bf16 tensor-core FLOP/s, memory, NVLink bandwidth per
+GPU and direction, one network adapter per GPU). Efficiencies come from the
+microbenchmarks in `data/` (measured on one H100 and one H200 with PyTorch 2.11; see
+`data/README.md`) where they exist, and otherwise from first principles; docs/planner.md
+lists each with its source. None is fitted to end-to-end training results: those are the
+planner's held-out validation.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    peak_tflops: float  # dense bf16
+    memory_bytes: float
+    intra_node_GBps: float  # NVLink, per GPU and direction
+    inter_node_GBps: float  # network, per GPU and direction
+    memory_GBps: float  # HBM
+    host_link_GBps: float = 25.0  # PCIe to host memory (offload), per direction
+
+
+GPUS = {
+    "a100-40gb": GPU("a100-40gb", 312, 40e9, 300, 25, 1555),  # NVLink 3, HDR 200 Gb/s
+    "a100-80gb": GPU("a100-80gb", 312, 80e9, 300, 25, 2039),
+    "h100-80gb": GPU("h100-80gb", 989, 80e9, 450, 50, 3350, 55),  # NVLink 4, NDR 400 Gb/s, PCIe 5
+    "h200": GPU("h200", 989, 141e9, 450, 50, 4800, 55),
+    "b200": GPU("b200", 2250, 180e9, 900, 100, 8000, 55),  # NVLink 5, 800 Gb/s
+}
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achieved fraction of the peak."""
+
+    matmul: float  # bf16 GEMMs of transformer shapes
+    attention: float  # flash attention, forward + backward, of the matmul peak
+    intra_collective: float  # ring bus bandwidth over NVLink
+    inter_collective: float  # ring bus bandwidth over the network
+    memory: float  # streaming kernels (optimizer step, norms) of HBM bandwidth
+    host_adam_params_per_s: float = 1e9  # CPU AdamW with --offload optimizer, per GPU's share
+
+
+def _from_microbenchmark(path: Path, peak_tflops: float) -> dict:
+    data = json.loads(path.read_text())
+    gemms = [g["tflops"] for g in data["gemm"] if g["tokens"] >= 8192 and "tp8" not in g["shape"]]
+    attention = [a["fwd_bwd_tflops"] for a in data["attention"]]
+    return {"matmul": round(statistics.median(gemms) / peak_tflops, 3),
+            "attention": round(statistics.median(attention) / peak_tflops, 3),
+            "memory": round(data["other"]["copy_GBps_read_plus_write"] / 1e3 / _HBM_TBPS[data["device"]], 3)}
+
+
+_HBM_TBPS = {"NVIDIA H100 80GB HBM3": 3.35, "NVIDIA H200": 4.8}
+# First principles: a ring all-reduce over NVLink reaches about 80% of the link's
+# bandwidth as bus bandwidth once messages are large (protocol and synchronisation
+# overhead), over InfiniBand/RoCE about 85% of the adapter's line rate.
+_COLLECTIVES = {"intra_collective": 0.8, "inter_collective": 0.85}
+
+
+MEASURED = {"h100-80gb": "h100-microbench-2026-11-26.json", "h200": "h200-microbench-2026-11-26.json"}
+
+
+def default_efficiency(gpu: GPU) -> Efficiency:
+    """From this GPU's microbenchmark file, else the H100's (the nearest measured part)."""
+    source = gpu.name if gpu.name in MEASURED else "h100-80gb"
+    return Efficiency(**_from_microbenchmark(DATA / MEASURED[source], GPUS[source].peak_tflops), **_COLLECTIVES)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpu: GPU
+    gpus: int
+    gpus_per_node: int
+    efficiency: Efficiency
+
+    @property
+    def nodes(self) -> int:
+        return self.gpus // self.gpus_per_node
+
+    def to_json(self) -> dict:
+        return {"gpu": asdict(self.gpu), "gpus_per_node": self.gpus_per_node, "efficiency": asdict(self.efficiency)}
+
+
+def load_cluster(path: str | Path, gpus: int | None = None) -> Cluster:
+    """A cluster file (as `meshpar calibrate` writes): {"gpu": {...}, "gpus_per_node",
+    "efficiency": {...}, optional "gpus"}."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        gpu = GPU(**raw["gpu"])
+        efficiency = Efficiency(**raw["efficiency"])
+        return Cluster(gpu, gpus or raw.get("gpus", raw["gpus_per_node"]), raw["gpus_per_node"], efficiency)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read the cluster file {path}: {err}") from None
+
+
+def make_cluster(gpu: str, gpus: int, gpus_per_node: int, **overrides) -> Cluster:
+    """A preset GPU with any of its fields overridden (None leaves a field as it is)."""
+    if gpu not in GPUS:
+        raise ValueError(f"unknown --gpu {gpu}; choose one of {', '.join(GPUS)}")
+    chosen = replace(GPUS[gpu], **{k: v for k, v in overrides.items() if v is not None})
+    return Cluster(chosen, gpus, gpus_per_node, default_efficiency(chosen))

@@ -1,0 +1,103 @@
+"""Bytes per GPU of a layout: parameters, gradients, optimizer states, activations and
+buffers, on the busiest rank (the first pipeline stage holds the most micro-batches).
+
+By default the accounting follows meshpar's trainer whatever the compute precision:
+parameters and gradients in fp32 (autocast computes in 16 bits from them) and AdamW's two
+fp32 moments - 16 bytes per parameter; the parameters are the master weights.
+`param_bytes=2, grad_bytes=2, master_bytes=4` reproduces the ZeRO paper's mixed-precision
+accounting instead (16-bit parameters and gradients, 12 bytes of fp32 master weights and
+moments). ZeRO shards optimizer states (stage 1), then gradients (2), then parameters (3)
+over dp; `offload=optimizer` moves the states (and master weights) to host memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from meshpar.planner.layout import Layout, pipeline_shape
+from meshpar.planner.model import ModelSpec
+
+WORKSPACE_BYTES = 2 * 2**30  # CUDA context, cuBLAS and NCCL workspaces, allocator slack
+BUCKET_BYTES = 25 * 2**20  # meshpar's gradient bucket
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    param_bytes: int = 4
+    grad_bytes: int = 4
+    master_bytes: int = 0  # a separate fp32 copy of the weights (0: the parameters are the master)
+    moment_bytes: int = 8  # AdamW's two moments
+    activation_bytes: int = 4  # per activation element: 4 in fp32, 2 in bf16/fp16
+
+    @classmethod
+    def for_precision(cls, precision: str, param_bytes: int | None = None, grad_bytes: int | None = None) -> "Dtypes":
+        activation = 4 if precision == "fp32" else 2
+        p = 4 if param_bytes is None else param_bytes
+        g = 4 if grad_bytes is None else grad_bytes
+        return cls(p, g, 4 if p < 4 else 0, 8, activation)
+
+
+def params_per_rank(spec: ModelSpec, layout: Layout) -> int:
+    """Parameters on the busiest rank before ZeRO-3 sharding: the first pipeline stage's
+    layers and embedding (or the last stage's output layer, if larger), over tp. Norm
+    gains are replicated over tp; they are counted whole."""
+    layers = -(-spec.layers // layout.pp)
+    per_layer = spec.layer_params() // layout.tp
+    if layout.pp == 1:
+        ends = spec.embedding_params() + spec.head_params()
+    else:
+        ends = max(spec.embedding_params(), spec.head_params())
+    return layers * per_layer + ends // layout.tp
+
+
+def layer_activation_bytes(spec: ModelSpec, layout: Layout, dtypes: Dtypes) -> float:
+    """Bytes one layer saves for backward per micro-batch on one rank."""
+    return _layer_activation_bytes(spec, layout.micro_batch_size, spec.seq_len // layout.cp, layout.tp,
+                                   layout.sequence_parallel, layout.recompute, dtypes.activation_bytes)
+
+
+@lru_cache(maxsize=4096)
+def _layer_activation_bytes(spec: ModelSpec, b: int, s: int, t: int, sp: bool, recompute: str,
+                            element_bytes: int) -> float:
+    if spec.arch == "llama":
+        from meshpar.train.activations import predicted_saved_bytes
+        return predicted_saved_bytes(spec.as_meshpar(), b, s, t, sp, element_bytes, recompute)["total"]
+    # GPT-style (Korthikanti et al. 2022), in units of 16-bit bytes, scaled to the element size
+    h, a = spec.hidden, spec.heads
+    scores = 0 if spec.flash_attention or recompute == "selective" else 5 * a * s / h
+    if recompute == "full":
+        per = 2 / (t if sp else 1)
+    elif sp:
+        per = (34 + scores) / t
+    else:
+        per = 10 + 24 / t + scores / t
+    return s * b * h * per * element_bytes / 2
+
+
+def head_activation_bytes(spec: ModelSpec, layout: Layout, dtypes: Dtypes) -> float:
+    """The final norm, the logits kept by the loss (fp32) and the token ids."""
+    b, s, t = layout.micro_batch_size, spec.seq_len // layout.cp, layout.tp
+    norm = (2 * b * s * spec.hidden + b * s) * dtypes.activation_bytes
+    return norm + 4 * b * s * spec.vocab / t + 8 * b * s
+
+
+def memory_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dtypes = Dtypes()) -> dict[str, float]:
+    n = layout.dp
+    params = params_per_rank(spec, layout)
+    param_bytes = params * dtypes.param_bytes / (n if layout.zero >= 3 else 1)
+    grad_bytes = params * dtypes.grad_bytes / (n if layout.zero >= 2 else 1)
+    optimizer = params * (dtypes.master_bytes + dtypes.moment_bytes) / (n if layout.zero >= 1 else 1)
+    if layout.offload == "optimizer":
+        optimizer = 0.0
+    shape = pipeline_shape(layout.schedule, layout.pp, layout.virtual_stages, layout.microbatches(global_batch))
+    layers_per_chunk = -(-spec.layers // (layout.pp * layout.virtual_stages))
+    activations = shape.peak_inflight * layers_per_chunk * layer_activation_bytes(spec, layout, dtypes)
+    if layout.pp == 1:
+        activations += head_activation_bytes(spec, layout, dtypes)
+    other = WORKSPACE_BYTES + 2 * BUCKET_BYTES
+    if layout.zero == 3:  # two units gathered at once (the one running, the one prefetched)
+        other += 2 * spec.layer_params() / layout.tp * dtypes.param_bytes
+    total = param_bytes + grad_bytes + optimizer + activations + other
+    return {"params": param_bytes, "grads": grad_bytes, "optimizer": optimizer,
+            "activations": activations, "other": other, "total": total}

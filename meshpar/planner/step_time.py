@@ -1,0 +1,114 @@
+"""Step time of a layout: compute, the exposed communication of each axis, the pipeline
+bubble and the optimizer step.
+
+Per micro-batch and pipeline stage (the most loaded one):
+- compute: matmul FLOPs at `peak x efficiency.matmul`, attention score FLOPs at
+  `peak x efficiency.attention`; backward twice the forward, plus the recomputed forward
+  (full: the whole layer; selective: the attention core); the memory-bound element-wise
+  work (norms, activation functions, rotary, residual adds) as bytes through HBM at
+  `memory_GBps x efficiency.memory`, and the loss over the vocabulary likewise;
+- tp: 4 all-reduces (or all-gather + reduce-scatter pairs with SP: the same bytes) of the
+  micro-batch's b x s/cp x h activations per layer, forward and backward, over NVLink, not
+  overlapped;
+- cp (ring): cp-1 K/V chunks per layer forward, twice that backward, overlapped with the
+  attention they feed: only the excess is exposed;
+- pp: one activation send per micro-batch and stage boundary, forward and backward.
+The pipeline then runs m micro-batches with the schedule's bubble (from the simulator).
+dp: one reduction of the gradients per step (ZeRO-3 gathers the parameters twice per
+micro-batch as well), overlapped with the last micro-batch's backward; over NVLink when a
+dp group fits in a node, else over the network.
+"""
+
+from __future__ import annotations
+
+from meshpar.planner.hardware import Cluster
+from meshpar.planner.layout import Layout, pipeline_shape
+from meshpar.planner.memory import Dtypes, params_per_rank
+from meshpar.planner.model import ModelSpec
+
+ACTIVATION_WIRE_BYTES = 2  # activations cross tp, cp and pp links in 16 bits on GPUs
+
+
+def _ring_time(payload: float, n: int, GBps: float, efficiency: float, all_reduce: bool = True) -> float:
+    if n == 1:
+        return 0.0
+    factor = 2 * (n - 1) / n if all_reduce else (n - 1) / n
+    return factor * payload / (GBps * 1e9 * efficiency)
+
+
+def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: int,
+              dtypes: Dtypes = Dtypes()) -> dict[str, float]:
+    gpu, eff = cluster.gpu, cluster.efficiency
+    peak = gpu.peak_tflops * 1e12
+    b, s, t, cp = layout.micro_batch_size, spec.seq_len // layout.cp, layout.tp, layout.cp
+    tokens = b * s  # per micro-batch on this rank's cp slice
+    layers = -(-spec.layers // layout.pp)
+    m = layout.microbatches(global_batch)
+
+    # compute, per micro-batch and stage
+    matmul_fwd = 2 * tokens * spec.layer_params() / t
+    attention_fwd = 4 * b * s * spec.seq_len * spec.hidden / 2 / t  # causal: half of the s x s scores
+    attention_eff = eff.attention if spec.flash_attention else eff.attention * 0.5
+    layer_fwd = matmul_fwd / (peak * eff.matmul) + attention_fwd / (peak * attention_eff)
+    layer_bwd = 2 * matmul_fwd / (peak * eff.matmul) + 2.5 * attention_fwd / (peak * attention_eff)
+    if layout.recompute == "full":
+        layer_bwd += layer_fwd
+    elif layout.recompute == "selective":
+        layer_bwd += attention_fwd / (peak * attention_eff)
+    # element-wise passes per layer, forward and backward (elements read plus written):
+    # two norms (~6 each over b s h), the MLP's activation (~9 over b s f), rotary on q
+    # and k and the residual adds (~8 over b s h); tp splits the MLP, SP the rest
+    hbm = gpu.memory_GBps * 1e9 * eff.memory
+    elementwise = tokens * ACTIVATION_WIRE_BYTES * (
+        20 * spec.hidden / (t if layout.sequence_parallel else 1) + 9 * spec.ffn_hidden / t)
+    layer_fwd += elementwise / 3 / hbm
+    layer_bwd += 2 * elementwise / 3 / hbm
+    # output layer and the loss (log-softmax forward and backward over the logits), on the last stage
+    head = 2 * tokens * spec.vocab * spec.hidden / t / (peak * eff.matmul)
+    head += 4 * tokens * spec.vocab / t * 4 / hbm
+    forward = layers * layer_fwd + (head if layout.pp == 1 else head / layout.pp)
+    backward = layers * layer_bwd + 2 * (head if layout.pp == 1 else head / layout.pp)
+
+    # tensor parallelism: inside a node
+    activation = tokens * spec.hidden * ACTIVATION_WIRE_BYTES
+    tp_per_layer = 4 * _ring_time(activation, t, gpu.intra_node_GBps, eff.intra_collective)
+    tp = layers * tp_per_layer
+    # context parallelism: the ring's K/V (and dK/dV backward) behind the attention
+    kv = 2 * b * s * max(1, spec.kv_heads // t) * spec.head_dim * ACTIVATION_WIRE_BYTES
+    cp_link = gpu.intra_node_GBps if t * cp <= cluster.gpus_per_node else gpu.inter_node_GBps
+    cp_comm = 3 * (cp - 1) * kv / (cp_link * 1e9 * eff.intra_collective) if cp > 1 else 0.0
+    cp_exposed = layers * max(0.0, cp_comm - 3.5 * attention_fwd / (peak * attention_eff))
+    # pipeline: one activation each way per micro-batch across nodes
+    pp_link = gpu.inter_node_GBps if t * cp * layout.dp * layout.pp > cluster.gpus_per_node else gpu.intra_node_GBps
+    pp_send = (activation / (t if layout.sequence_parallel else 1)) / (pp_link * 1e9 * eff.inter_collective) \
+        if layout.pp > 1 else 0.0
+    per_microbatch = forward + backward + tp + cp_exposed + 2 * pp_send * layout.virtual_stages
+    shape = pipeline_shape(layout.schedule, layout.pp, layout.virtual_stages, m)
+    busy = m * per_microbatch
+    pipeline_total = busy / (1 - shape.bubble_fraction)
+
+    # data parallelism
+    params = params_per_rank(spec, layout)
+    grad_payload = params * dtypes.grad_bytes
+    dp_span = t * cp * layout.dp
+    dp_link, dp_eff = ((gpu.intra_node_GBps, eff.intra_collective) if dp_span <= cluster.gpus_per_node
+                       else (gpu.inter_node_GBps, eff.inter_collective))
+    dp_comm = _ring_time(grad_payload, layout.dp, dp_link, dp_eff)  # all-reduce = reduce-scatter + all-gather
+    if layout.zero == 3:  # parameters gathered for forward and again for backward, per micro-batch
+        dp_comm += 2 * m * _ring_time(params * dtypes.param_bytes, layout.dp, dp_link, dp_eff, all_reduce=False)
+        overlap = m * (forward + backward)
+    else:
+        overlap = backward
+    dp_exposed = max(0.0, dp_comm - overlap)
+    # optimizer: streaming parameters, gradients and states once
+    local = params / (layout.dp if layout.zero >= 1 else 1)
+    if layout.offload == "optimizer":
+        optimizer = local / eff.host_adam_params_per_s + 2 * local * 4 / (gpu.host_link_GBps * 1e9)
+    else:
+        state_bytes = dtypes.param_bytes + dtypes.grad_bytes + dtypes.master_bytes + dtypes.moment_bytes
+        optimizer = 2 * local * state_bytes / (gpu.memory_GBps * 1e9 * eff.memory)
+
+    total = pipeline_total + dp_exposed + optimizer
+    return {"compute": m * (forward + backward), "tp": m * tp, "cp": m * cp_exposed,
+            "pp": m * 2 * pp_send * layout.virtual_stages, "dp": dp_exposed,
+            "bubble": pipeline_total - busy, "optimizer": optimizer, "total": total}
