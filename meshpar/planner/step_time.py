@@ -26,9 +26,6 @@ from meshpar.planner.layout import Layout, pipeline_shape
 from meshpar.planner.memory import Dtypes, params_per_rank
 from meshpar.planner.model import ModelSpec
 
-ACTIVATION_WIRE_BYTES = 2  # activations cross tp, cp and pp links in 16 bits on GPUs
-
-
 def _ring_time(payload: float, n: int, GBps: float, efficiency: float, all_reduce: bool = True) -> float:
     if n == 1:
         return 0.0
@@ -42,6 +39,7 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     peak = gpu.peak_tflops * 1e12
     b, s, t, cp = layout.micro_batch_size, spec.seq_len // layout.cp, layout.tp, layout.cp
     tokens = b * s  # per micro-batch on this rank's cp slice
+    element = dtypes.activation_bytes  # activations cross tp, cp and pp links in the compute dtype
     layers = -(-spec.layers // layout.pp)
     m = layout.microbatches(global_batch)
 
@@ -59,7 +57,7 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     # two norms (~6 each over b s h), the MLP's activation (~9 over b s f), rotary on q
     # and k and the residual adds (~8 over b s h); tp splits the MLP, SP the rest
     hbm = gpu.memory_GBps * 1e9 * eff.memory
-    elementwise = tokens * ACTIVATION_WIRE_BYTES * (
+    elementwise = tokens * element * (
         20 * spec.hidden / (t if layout.sequence_parallel else 1) + 9 * spec.ffn_hidden / t)
     layer_fwd += elementwise / 3 / hbm
     layer_bwd += 2 * elementwise / 3 / hbm
@@ -70,11 +68,11 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     backward = layers * layer_bwd + 2 * (head if layout.pp == 1 else head / layout.pp)
 
     # tensor parallelism: inside a node
-    activation = tokens * spec.hidden * ACTIVATION_WIRE_BYTES
+    activation = tokens * spec.hidden * element
     tp_per_layer = 4 * _ring_time(activation, t, gpu.intra_node_GBps, eff.intra_collective)
     tp = layers * tp_per_layer
     # context parallelism: the ring's K/V (and dK/dV backward) behind the attention
-    kv = 2 * b * s * max(1, spec.kv_heads // t) * spec.head_dim * ACTIVATION_WIRE_BYTES
+    kv = 2 * b * s * max(1, spec.kv_heads // t) * spec.head_dim * element
     cp_link = gpu.intra_node_GBps if t * cp <= cluster.gpus_per_node else gpu.inter_node_GBps
     cp_comm = 3 * (cp - 1) * kv / (cp_link * 1e9 * eff.intra_collective) if cp > 1 else 0.0
     cp_exposed = layers * max(0.0, cp_comm - 3.5 * attention_fwd / (peak * attention_eff))

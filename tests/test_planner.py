@@ -1,0 +1,211 @@
+"""The planner against what can be counted: parameter counts of real models, model-state
+and activation bytes measured in training, the pipeline simulator, the ZeRO paper's
+formulas; and its command line."""
+
+import json
+
+import pytest
+import torch
+
+from meshpar.cli import main
+from meshpar.model import build_model, model_config
+from meshpar.model.config import PRESETS as MESHPAR_PRESETS
+from meshpar.pipeline.check import Costs, simulate
+from meshpar.pipeline.schedules import build_schedule
+from meshpar.planner.hardware import make_cluster
+from meshpar.planner.layout import Layout, pipeline_shape
+from meshpar.planner.memory import Dtypes, memory_bytes
+from meshpar.planner.model import PRESETS, from_hf_config
+from meshpar.planner.search import parse_fix, plan
+from reference import fast_config, train_and_report
+
+
+def layout(dp=1, tp=1, pp=1, cp=1, zero=0, schedule="none", v=1, mbs=16, sp=False, recompute="none"):
+    return Layout(dp, tp, pp, cp, zero, schedule, v, mbs, sp, recompute, "none")
+
+
+# --- parameters ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(MESHPAR_PRESETS))
+def test_parameter_count_equals_the_real_model(name):
+    cfg = model_config(name)
+    with torch.device("meta"):
+        model = build_model(cfg, seed=0, device=torch.device("meta"))
+    assert PRESETS[name].params() == sum(p.numel() for p in model.parameters())
+
+
+def test_gpt_parameter_counts(tmp_path):
+    # GPT-2 small, as Hugging Face counts it (tied embeddings): 124,439,808
+    config = {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert from_hf_config(tmp_path / "config.json").params() == 124_439_808
+    assert abs(PRESETS["gpt3-175b"].params() / 175e9 - 1) < 0.01
+
+
+def test_llama_hf_config_matches_the_preset(tmp_path):
+    config = {"hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+              "intermediate_size": 28672, "vocab_size": 128256, "max_position_embeddings": 8192}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert from_hf_config(tmp_path / "config.json").params() == PRESETS["llama3-70b"].params()
+
+
+# --- model state against training -----------------------------------------------------------
+
+def state_runs(dp: int) -> list[dict]:
+    runs = []
+    for zero in range(4):
+        cfg = fast_config(dp=dp, steps=1)
+        cfg.parallel.zero = zero
+        runs.append(train_and_report(cfg)["summary"]["model_state_bytes_per_rank"][0])
+    return runs
+
+
+@pytest.mark.parametrize("dp", [1, 2, 4])
+def test_model_state_bytes_equal_training(worlds, dp):
+    measured = state_runs(dp) if dp == 1 else worlds(dp).run(state_runs, dp)[0]
+    spec = PRESETS["tiny"]
+    for zero, state in enumerate(measured):
+        predicted = memory_bytes(spec, layout(dp=dp, zero=zero, mbs=16 // dp), 16)
+        for part in ("params", "grads", "optimizer"):
+            assert predicted[part] == state[part], (dp, zero, part)
+
+
+def test_zero_paper_accounting():
+    """16-bit parameters and gradients plus 12 bytes of fp32 master and moments: 16 Psi,
+    4 Psi + 12 Psi/N, 2 Psi + 14 Psi/N, 16 Psi/N (Rajbhandari et al. 2020)."""
+    spec, n = PRESETS["llama3-8b"], 64
+    psi = spec.params()
+    dtypes = Dtypes.for_precision("bf16", param_bytes=2, grad_bytes=2)
+    expected = [16 * psi, 4 * psi + 12 * psi / n, 2 * psi + 14 * psi / n, 16 * psi / n]
+    for zero, bytes_ in enumerate(expected):
+        m = memory_bytes(spec, layout(dp=n, zero=zero, mbs=1), n, dtypes)
+        assert m["params"] + m["grads"] + m["optimizer"] == pytest.approx(bytes_, rel=1e-12)
+
+
+# --- activations against training -----------------------------------------------------------
+
+ACTIVATION_CASES = [  # (model, dp, tp, pp, sp, recompute, schedule, micro-batch)
+    ("tiny", 1, 1, 1, False, "none", "none", 16),
+    ("tiny", 1, 2, 1, False, "none", "none", 16),
+    ("tiny", 1, 2, 1, True, "selective", "none", 16),
+    ("tiny", 1, 4, 1, True, "none", "none", 16),
+    ("tiny", 1, 1, 1, False, "full", "none", 16),
+    ("tiny", 1, 1, 2, False, "none", "1f1b", 4),
+    ("tiny", 1, 2, 2, True, "selective", "1f1b", 4),
+    ("small", 1, 2, 1, True, "none", "none", 16),
+    ("small", 1, 1, 2, False, "none", "1f1b", 4),
+]
+
+
+def activation_runs(cases: list) -> list[list[int]]:
+    out = []
+    for name, dp, tp, pp, sp, recompute, schedule, mbs in cases:
+        cfg = fast_config(dp=dp, steps=1, tp=tp, sequence_parallel=sp, micro_batch_size=mbs)
+        cfg.model.name = name
+        cfg.parallel.pp, cfg.parallel.recompute = pp, recompute
+        if pp > 1:
+            cfg.parallel.schedule = schedule
+        out.append(train_and_report(cfg)["summary"]["activation_bytes_per_rank"])
+    return out
+
+
+def test_activation_bytes_within_10_percent_of_training(worlds):
+    by_world: dict[int, list] = {}
+    for case in ACTIVATION_CASES:
+        by_world.setdefault(case[1] * case[2] * case[3], []).append(case)
+    for world, cases in by_world.items():
+        measured = activation_runs(cases) if world == 1 else worlds(world).run(activation_runs, cases)[0]
+        for case, per_rank in zip(cases, measured):
+            name, dp, tp, pp, sp, recompute, schedule, mbs = case
+            spec = PRESETS[name].__class__(**{**PRESETS[name].__dict__, "seq_len": 64})
+            predicted = memory_bytes(spec, layout(dp, tp, pp, 1, 0, schedule, 1, mbs, sp, recompute), 16)
+            assert abs(predicted["activations"] / per_rank[0] - 1) < 0.10, (case, predicted["activations"], per_rank)
+
+
+# --- pipeline ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule, pp, v", [("1f1b", 4, 1), ("interleaved-1f1b", 4, 2), ("zb-h1", 8, 1)])
+def test_pipeline_shape_extrapolates_the_simulator_exactly(schedule, pp, v):
+    for m in (pp, 4 * pp, 5 * pp, 8 * pp):
+        sim = simulate(build_schedule(schedule, pp, v, m), Costs(1.0, 1.0, 1.0))
+        shape = pipeline_shape(schedule, pp, v, m)
+        assert shape.bubble_fraction == pytest.approx(sim.bubble_fraction, abs=1e-12)
+        assert shape.peak_inflight == max(sim.peak_inflight_microbatches)
+
+
+# --- search -----------------------------------------------------------------------------
+
+def test_fixed_layout_that_does_not_fit_still_gets_its_prediction():
+    cluster = make_cluster("h100-80gb", 8, 8)
+    fixed = parse_fix("dp=8,tp=1,pp=1,cp=1,zero=0,micro_batch_size=8,recompute=none,offload=none,"
+                      "sequence_parallel=false")
+    candidates = plan(PRESETS["llama3-8b"], cluster, 64, fixed=fixed)
+    assert len(candidates) == 1 and not candidates[0].fits
+    assert candidates[0].memory["total"] > 80e9 and candidates[0].time["total"] > 0
+
+
+def test_search_prefers_what_fits_and_recomputation_trades_time_for_memory():
+    cluster = make_cluster("h100-80gb", 64, 8)
+    candidates = plan(PRESETS["llama3-8b"], cluster, 256)
+    fits = [c.fits for c in candidates]
+    assert fits == sorted(fits, reverse=True) and fits[0]
+    times = [c.time["total"] for c in candidates if c.fits]
+    assert all(a <= b + 1e-9 for a, b in zip(times, times[1:]))  # ties broken by memory
+    base = dict(dp=8, tp=8, pp=1, cp=1, zero=1, schedule="none", virtual_stages=1, micro_batch_size=4,
+                sequence_parallel=True, offload="none")
+    none, full = (plan(PRESETS["llama3-8b"], cluster, 256, fixed={**base, "recompute": r})[0] for r in ("none", "full"))
+    assert full.memory["activations"] < none.memory["activations"] / 5
+    assert full.time["compute"] > none.time["compute"] * 1.2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tp=8,foo=1", "with keys dp, tp"),
+    ("tp=eight", "expected an integer"),
+    ("sequence_parallel=maybe", "true or false"),
+])
+def test_bad_fix_is_refused(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_fix(text)
+
+
+def test_plan_command_json(capsys):
+    assert main(["plan", "--model", "llama3-8b", "--gpus", "16", "--global-batch-size", "64",
+                 "--seq-len", "4096", "--json", "--top", "3", "--fix", "tp=8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["candidates"]) == 3
+    first = out["candidates"][0]
+    assert first["tp"] == 8 and first["fits"]
+    for key in ("dp", "tp", "pp", "cp", "zero", "schedule", "virtual_stages", "micro_batch_size",
+                "sequence_parallel", "recompute", "offload", "step_time_s", "tokens_per_s", "mfu"):
+        assert key in first
+    assert set(first["memory_bytes"]) == {"params", "grads", "optimizer", "activations", "other", "total"}
+
+
+def test_plan_command_table_and_explanation(capsys):
+    assert main(["plan", "--model", "llama3-8b", "--gpus", "16", "--global-batch-size", "64", "--explain",
+                 "--gpu-hour-price", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "winner:" in out and "over dp=" in out and "$" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt5"], "unknown --model gpt5"),
+    (["--model", "tiny", "--arch", "gpt"], "exactly one of"),
+    (["--arch", "gpt", "--layers", "4"], "needs --hidden, --heads, --vocab"),
+    (["--model", "tiny", "--gpu", "tpu"], "choose one of a100-40gb"),
+])
+def test_plan_command_errors(capsys, argv, message):
+    assert main(["plan", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_layout_fits_names_the_closest(capsys):
+    assert main(["plan", "--model", "llama3-405b", "--gpus", "8", "--global-batch-size", "8"]) == 1
+    assert "the closest" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_llama3_70b_on_1024_gpus():
+    candidates = plan(PRESETS["llama3-70b"].__class__(**{**PRESETS["llama3-70b"].__dict__, "seq_len": 8192}),
+                      make_cluster("h100-80gb", 1024, 8), 1024, Dtypes.for_precision("bf16"))
+    assert candidates[0].fits and candidates[0].layout.tp <= 8
