@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "one's memory per GPU and step time, and rank them. No "
                                               "process group is started.")
     add_arguments(planner)
+    calibrate = commands.add_parser("calibrate", help="measure this machine and write a cluster file",
+                                    description="Measure matmul, attention, copy and all-reduce rates with "
+                                                "every local rank busy at once, and write a cluster file "
+                                                "for `meshpar plan --cluster`.")
+    calibrate.add_argument("--ranks", type=int, default=8, help="local ranks, each one 'GPU' (default 8)")
+    calibrate.add_argument("--out", default="cluster.json", help="where to write (default cluster.json)")
     return parser
 
 
@@ -200,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "simulate":
         return simulate_command(args)
+    if args.command == "calibrate":
+        from meshpar.planner.calibrate import calibrate_command
+        return calibrate_command(args)
     if args.command == "plan":
         from meshpar.planner.report import plan_command
         return plan_command(args)

@@ -28,6 +28,8 @@ class GPU:
     inter_node_GBps: float  # network, per GPU and direction
     memory_GBps: float  # HBM
     host_link_GBps: float = 25.0  # PCIe to host memory (offload), per direction
+    intra_node_latency_us: float = 10.0  # a small all-reduce over NVLink (NCCL, first principles)
+    inter_node_latency_us: float = 25.0  # the same across the network
 
 
 GPUS = {
@@ -96,7 +98,7 @@ def load_cluster(path: str | Path, gpus: int | None = None) -> Cluster:
     "efficiency": {...}, optional "gpus"}."""
     try:
         raw = json.loads(Path(path).read_text())
-        gpu = GPU(**raw["gpu"])
+        gpu = GPU(**raw["gpu"])  # "measured" and other extra keys are notes
         efficiency = Efficiency(**raw["efficiency"])
         return Cluster(gpu, gpus or raw.get("gpus", raw["gpus_per_node"]), raw["gpus_per_node"], efficiency)
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:

@@ -26,11 +26,13 @@ from meshpar.planner.layout import Layout, pipeline_shape
 from meshpar.planner.memory import Dtypes, params_per_rank
 from meshpar.planner.model import ModelSpec
 
-def _ring_time(payload: float, n: int, GBps: float, efficiency: float, all_reduce: bool = True) -> float:
+def _ring_time(payload: float, n: int, GBps: float, efficiency: float, all_reduce: bool = True,
+               latency_us: float = 0.0) -> float:
+    """Latency plus bytes over bus bandwidth (the alpha-beta model of a ring)."""
     if n == 1:
         return 0.0
     factor = 2 * (n - 1) / n if all_reduce else (n - 1) / n
-    return factor * payload / (GBps * 1e9 * efficiency)
+    return latency_us * 1e-6 + factor * payload / (GBps * 1e9 * efficiency)
 
 
 def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: int,
@@ -69,17 +71,20 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
 
     # tensor parallelism: inside a node
     activation = tokens * spec.hidden * element
-    tp_per_layer = 4 * _ring_time(activation, t, gpu.intra_node_GBps, eff.intra_collective)
+    tp_per_layer = 4 * _ring_time(activation, t, gpu.intra_node_GBps, eff.intra_collective,
+                                  latency_us=gpu.intra_node_latency_us)
     tp = layers * tp_per_layer
     # context parallelism: the ring's K/V (and dK/dV backward) behind the attention
     kv = 2 * b * s * max(1, spec.kv_heads // t) * spec.head_dim * element
     cp_link = gpu.intra_node_GBps if t * cp <= cluster.gpus_per_node else gpu.inter_node_GBps
-    cp_comm = 3 * (cp - 1) * kv / (cp_link * 1e9 * eff.intra_collective) if cp > 1 else 0.0
+    cp_latency = gpu.intra_node_latency_us if cp_link == gpu.intra_node_GBps else gpu.inter_node_latency_us
+    cp_comm = 3 * (cp - 1) * (kv / (cp_link * 1e9 * eff.intra_collective) + cp_latency * 1e-6) if cp > 1 else 0.0
     cp_exposed = layers * max(0.0, cp_comm - 3.5 * attention_fwd / (peak * attention_eff))
     # pipeline: one activation each way per micro-batch across nodes
     pp_link = gpu.inter_node_GBps if t * cp * layout.dp * layout.pp > cluster.gpus_per_node else gpu.intra_node_GBps
-    pp_send = (activation / (t if layout.sequence_parallel else 1)) / (pp_link * 1e9 * eff.inter_collective) \
-        if layout.pp > 1 else 0.0
+    pp_latency = gpu.inter_node_latency_us if pp_link == gpu.inter_node_GBps else gpu.intra_node_latency_us
+    pp_send = (pp_latency * 1e-6 + (activation / (t if layout.sequence_parallel else 1))
+               / (pp_link * 1e9 * eff.inter_collective)) if layout.pp > 1 else 0.0
     per_microbatch = forward + backward + tp + cp_exposed + 2 * pp_send * layout.virtual_stages
     shape = pipeline_shape(layout.schedule, layout.pp, layout.virtual_stages, m)
     busy = m * per_microbatch
@@ -89,11 +94,15 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     params = params_per_rank(spec, layout)
     grad_payload = params * dtypes.grad_bytes
     dp_span = t * cp * layout.dp
-    dp_link, dp_eff = ((gpu.intra_node_GBps, eff.intra_collective) if dp_span <= cluster.gpus_per_node
-                       else (gpu.inter_node_GBps, eff.inter_collective))
-    dp_comm = _ring_time(grad_payload, layout.dp, dp_link, dp_eff)  # all-reduce = reduce-scatter + all-gather
-    if layout.zero == 3:  # parameters gathered for forward and again for backward, per micro-batch
-        dp_comm += 2 * m * _ring_time(params * dtypes.param_bytes, layout.dp, dp_link, dp_eff, all_reduce=False)
+    dp_link, dp_eff, dp_latency = (
+        (gpu.intra_node_GBps, eff.intra_collective, gpu.intra_node_latency_us) if dp_span <= cluster.gpus_per_node
+        else (gpu.inter_node_GBps, eff.inter_collective, gpu.inter_node_latency_us))
+    # all-reduce, or reduce-scatter + all-gather: the same bytes; a collective per unit (layer)
+    dp_comm = _ring_time(grad_payload, layout.dp, dp_link, dp_eff) + \
+        (layers + 2) * dp_latency * 1e-6 * (layout.dp > 1)
+    if layout.zero == 3:  # parameters gathered for forward and again for backward, per micro-batch and layer
+        dp_comm += 2 * m * (_ring_time(params * dtypes.param_bytes, layout.dp, dp_link, dp_eff, all_reduce=False)
+                            + layers * dp_latency * 1e-6 * (layout.dp > 1))
         overlap = m * (forward + backward)
     else:
         overlap = backward

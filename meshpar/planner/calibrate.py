@@ -1,0 +1,94 @@
+"""`meshpar calibrate`: measure this machine as the planner sees a cluster - each local
+rank a "GPU" - and write a cluster file for `meshpar plan --cluster`.
+
+All ranks measure at once, as they would compute during training, so each rank's rate is
+its share of the machine: matmul FLOP/s (the peak, efficiency 1), attention FLOP/s (as a
+fraction of it), copy bandwidth, and gloo all-reduce bus bandwidth and latency between
+the local ranks (the same inside and across "nodes": there is one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+
+def _rate(fn, work: float, seconds: float = 1.0, repeats: int | None = None) -> float:
+    """Work per second of `fn`, run for about `seconds` - or exactly `repeats` times, as a
+    collective must be: every rank has to call it equally often."""
+    fn()
+    dist.barrier()
+    start, runs = time.perf_counter(), 0
+    while (runs < repeats) if repeats is not None else (time.perf_counter() - start < seconds):
+        fn()
+        runs += 1
+    dist.barrier()
+    return work * runs / (time.perf_counter() - start)
+
+
+def _measure(rank: int, ranks: int, port: int, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
+    dist.init_process_group("gloo", rank=rank, world_size=ranks, timeout=timedelta(minutes=5))
+    try:
+        n = 512
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        matmul = _rate(lambda: a @ b, 2 * n**3)
+        q, k, v = (torch.randn(4, 8, 256, 32, requires_grad=True) for _ in range(3))
+
+        def attention():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        attention_rate = _rate(attention, 3.5 * 4 * 4 * 8 * 256 * 256 * 32 / 2)
+        x, y = torch.empty(2**22), torch.randn(2**22)
+        copy = _rate(lambda: x.copy_(y), 2 * 4 * 2**22)
+        big, small = torch.ones(2**22), torch.ones(1)
+        bus = _rate(lambda: dist.all_reduce(big), 2 * (ranks - 1) / ranks * big.numel() * 4, repeats=5)
+        latency = 1 / _rate(lambda: dist.all_reduce(small), 1.0, repeats=200)
+        gathered = [None] * ranks
+        dist.all_gather_object(gathered, (matmul, attention_rate, copy, bus, latency))
+        if rank == 0:
+            results.put(gathered)
+    finally:
+        dist.destroy_process_group()
+
+
+def calibrate(ranks: int) -> dict:
+    """A cluster file's contents for `ranks` local ranks on this machine."""
+    from meshpar.train.launch import free_port
+
+    results = mp.get_context("spawn").Queue()
+    mp.start_processes(_measure, args=(ranks, free_port(), results), nprocs=ranks, start_method="spawn")
+    matmul, attention, copy, bus, latency = (statistics.median(column) for column in zip(*results.get()))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / ranks
+    return {
+        "gpu": {"name": f"cpu-rank-of-{ranks}", "peak_tflops": matmul / 1e12, "memory_bytes": memory,
+                "intra_node_GBps": bus / 1e9, "inter_node_GBps": bus / 1e9, "memory_GBps": copy / 1e9,
+                "host_link_GBps": copy / 1e9, "intra_node_latency_us": latency * 1e6,
+                "inter_node_latency_us": latency * 1e6},
+        "gpus": ranks, "gpus_per_node": ranks,
+        "efficiency": {"matmul": 1.0, "attention": min(1.0, attention / matmul), "intra_collective": 1.0,
+                       "inter_collective": 1.0, "memory": 1.0, "host_adam_params_per_s": copy / 32},
+        "measured": time.strftime("%Y-%m-%d"),
+    }
+
+
+def calibrate_command(args) -> int:
+    if args.ranks < 2:
+        print("meshpar calibrate: --ranks must be at least 2 (collectives need a peer)")
+        return 2
+    cluster = calibrate(args.ranks)
+    with open(args.out, "w") as f:
+        json.dump(cluster, f, indent=1)
+    gpu = cluster["gpu"]
+    print(f"{args.ranks} local ranks, each: matmul {gpu['peak_tflops'] * 1e3:.1f} GFLOP/s, attention "
+          f"{cluster['efficiency']['attention']:.0%} of it, copy {gpu['memory_GBps']:.1f} GB/s; all-reduce bus "
+          f"{gpu['intra_node_GBps']:.2f} GB/s, latency {gpu['intra_node_latency_us']:.0f} us -> {args.out}")
+    return 0
