@@ -21,6 +21,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 
+WIDTHS = (16, 32, 64, 128, 256)
+
+
 def _rate(fn, work: float, seconds: float = 1.0, repeats: int | None = None) -> float:
     """Work per second of `fn`, run for about `seconds` - or exactly `repeats` times, as a
     collective must be: every rank has to call it equally often."""
@@ -42,6 +45,10 @@ def _measure(rank: int, ranks: int, port: int, results):
         n = 512
         a, b = torch.randn(n, n), torch.randn(n, n)
         matmul = _rate(lambda: a @ b, 2 * n**3)
+        widths = {}
+        for w in WIDTHS:  # tensor parallelism narrows the GEMMs
+            bw = torch.randn(n, w)
+            widths[w] = _rate(lambda: a @ bw, 2 * n * n * w, seconds=0.3)
         q, k, v = (torch.randn(4, 8, 256, 32, requires_grad=True) for _ in range(3))
 
         def attention():
@@ -53,7 +60,7 @@ def _measure(rank: int, ranks: int, port: int, results):
         bus = _rate(lambda: dist.all_reduce(big), 2 * (ranks - 1) / ranks * big.numel() * 4, repeats=5)
         latency = 1 / _rate(lambda: dist.all_reduce(small), 1.0, repeats=200)
         gathered = [None] * ranks
-        dist.all_gather_object(gathered, (matmul, attention_rate, copy, bus, latency))
+        dist.all_gather_object(gathered, (matmul, attention_rate, copy, bus, latency, widths))
         if rank == 0:
             results.put(gathered)
     finally:
@@ -66,16 +73,19 @@ def calibrate(ranks: int) -> dict:
 
     results = mp.get_context("spawn").Queue()
     mp.start_processes(_measure, args=(ranks, free_port(), results), nprocs=ranks, start_method="spawn")
-    matmul, attention, copy, bus, latency = (statistics.median(column) for column in zip(*results.get()))
+    measured = results.get()
+    matmul, attention, copy, bus, latency = (statistics.median(column) for column in list(zip(*measured))[:5])
+    widths = [(w, statistics.median(r[5][w] for r in measured) / matmul) for w in WIDTHS]
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / ranks
     return {
         "gpu": {"name": f"cpu-rank-of-{ranks}", "peak_tflops": matmul / 1e12, "memory_bytes": memory,
                 "intra_node_GBps": bus / 1e9, "inter_node_GBps": bus / 1e9, "memory_GBps": copy / 1e9,
                 "host_link_GBps": copy / 1e9, "intra_node_latency_us": latency * 1e6,
                 "inter_node_latency_us": latency * 1e6},
-        "gpus": ranks, "gpus_per_node": ranks,
+        "gpus": ranks, "gpus_per_node": ranks, "oversubscribed": ranks > (os.cpu_count() or 1),
         "efficiency": {"matmul": 1.0, "attention": min(1.0, attention / matmul), "intra_collective": 1.0,
-                       "inter_collective": 1.0, "memory": 1.0, "host_adam_params_per_s": copy / 32},
+                       "inter_collective": 1.0, "memory": 1.0, "host_adam_params_per_s": copy / 32,
+                       "matmul_by_width": widths + [(512, 1.0)]},
         "measured": time.strftime("%Y-%m-%d"),
     }
 

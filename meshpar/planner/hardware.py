@@ -12,7 +12,9 @@ planner's held-out validation.
 from __future__ import annotations
 
 import json
+import math
 import statistics
+from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -51,13 +53,34 @@ class Efficiency:
     inter_collective: float  # ring bus bandwidth over the network
     memory: float  # streaming kernels (optimizer step, norms) of HBM bandwidth
     host_adam_params_per_s: float = 1e9  # CPU AdamW with --offload optimizer, per GPU's share
+    # matmul efficiency by the narrower of a GEMM's k and n (tensor parallelism narrows
+    # them): (width, fraction of peak) pairs, interpolated in log2(width); empty: `matmul`
+    matmul_by_width: tuple = ()
+
+    def matmul_fraction(self, width: float) -> float:
+        table = sorted(self.matmul_by_width)
+        if not table:
+            return self.matmul
+        if width <= table[0][0]:
+            return table[0][1] * width / table[0][0]  # narrower than measured: proportionally slower
+        for (w0, f0), (w1, f1) in zip(table, table[1:]):
+            if width <= w1:
+                x = (math.log2(width) - math.log2(w0)) / (math.log2(w1) - math.log2(w0))
+                return f0 + x * (f1 - f0)
+        return table[-1][1]
 
 
 def _from_microbenchmark(path: Path, peak_tflops: float) -> dict:
     data = json.loads(path.read_text())
     gemms = [g["tflops"] for g in data["gemm"] if g["tokens"] >= 8192 and "tp8" not in g["shape"]]
     attention = [a["fwd_bwd_tflops"] for a in data["attention"]]
+    by_width = defaultdict(list)
+    for g in data["gemm"]:
+        if g["tokens"] >= 8192:
+            by_width[min(g["k"], g["n"])].append(g["tflops"])
     return {"matmul": round(statistics.median(gemms) / peak_tflops, 3),
+            "matmul_by_width": tuple((w, round(statistics.median(v) / peak_tflops, 3))
+                                     for w, v in sorted(by_width.items())),
             "attention": round(statistics.median(attention) / peak_tflops, 3),
             "memory": round(data["other"]["copy_GBps_read_plus_write"] / 1e3 / _HBM_TBPS[data["device"]], 3)}
 
@@ -84,13 +107,18 @@ class Cluster:
     gpus: int
     gpus_per_node: int
     efficiency: Efficiency
+    # More ranks than cores (a CPU machine): a rank that waits lends its core to the
+    # others, and communication runs on the same cores as compute - so the pipeline
+    # bubble costs nothing and nothing overlaps.
+    oversubscribed: bool = False
 
     @property
     def nodes(self) -> int:
         return self.gpus // self.gpus_per_node
 
     def to_json(self) -> dict:
-        return {"gpu": asdict(self.gpu), "gpus_per_node": self.gpus_per_node, "efficiency": asdict(self.efficiency)}
+        return {"gpu": asdict(self.gpu), "gpus_per_node": self.gpus_per_node, "efficiency": asdict(self.efficiency),
+                "oversubscribed": self.oversubscribed}
 
 
 def load_cluster(path: str | Path, gpus: int | None = None) -> Cluster:
@@ -99,8 +127,10 @@ def load_cluster(path: str | Path, gpus: int | None = None) -> Cluster:
     try:
         raw = json.loads(Path(path).read_text())
         gpu = GPU(**raw["gpu"])  # "measured" and other extra keys are notes
-        efficiency = Efficiency(**raw["efficiency"])
-        return Cluster(gpu, gpus or raw.get("gpus", raw["gpus_per_node"]), raw["gpus_per_node"], efficiency)
+        efficiency = Efficiency(**{**raw["efficiency"],
+                                   "matmul_by_width": tuple(map(tuple, raw["efficiency"].get("matmul_by_width", ())))})
+        return Cluster(gpu, gpus or raw.get("gpus", raw["gpus_per_node"]), raw["gpus_per_node"], efficiency,
+                       raw.get("oversubscribed", False))
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"cannot read the cluster file {path}: {err}") from None
 

@@ -46,11 +46,11 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     m = layout.microbatches(global_batch)
 
     # compute, per micro-batch and stage
-    matmul_fwd = 2 * tokens * spec.layer_params() / t
+    matmul_time = sum(2 * tokens * k * n / (peak * eff.matmul_fraction(min(k, n))) for k, n in _gemms(spec, t))
     attention_fwd = 4 * b * s * spec.seq_len * spec.hidden / 2 / t  # causal: half of the s x s scores
     attention_eff = eff.attention if spec.flash_attention else eff.attention * 0.5
-    layer_fwd = matmul_fwd / (peak * eff.matmul) + attention_fwd / (peak * attention_eff)
-    layer_bwd = 2 * matmul_fwd / (peak * eff.matmul) + 2.5 * attention_fwd / (peak * attention_eff)
+    layer_fwd = matmul_time + attention_fwd / (peak * attention_eff)
+    layer_bwd = 2 * matmul_time + 2.5 * attention_fwd / (peak * attention_eff)
     if layout.recompute == "full":
         layer_bwd += layer_fwd
     elif layout.recompute == "selective":
@@ -71,15 +71,20 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
 
     # tensor parallelism: inside a node
     activation = tokens * spec.hidden * element
-    tp_per_layer = 4 * _ring_time(activation, t, gpu.intra_node_GBps, eff.intra_collective,
-                                  latency_us=gpu.intra_node_latency_us)
+    if layout.sequence_parallel:  # an all-gather and a reduce-scatter where an all-reduce was
+        tp_per_layer = 8 * _ring_time(activation, t, gpu.intra_node_GBps, eff.intra_collective, all_reduce=False,
+                                      latency_us=gpu.intra_node_latency_us)
+    else:
+        tp_per_layer = 4 * _ring_time(activation, t, gpu.intra_node_GBps, eff.intra_collective,
+                                      latency_us=gpu.intra_node_latency_us)
     tp = layers * tp_per_layer
     # context parallelism: the ring's K/V (and dK/dV backward) behind the attention
     kv = 2 * b * s * max(1, spec.kv_heads // t) * spec.head_dim * element
     cp_link = gpu.intra_node_GBps if t * cp <= cluster.gpus_per_node else gpu.inter_node_GBps
     cp_latency = gpu.intra_node_latency_us if cp_link == gpu.intra_node_GBps else gpu.inter_node_latency_us
     cp_comm = 3 * (cp - 1) * (kv / (cp_link * 1e9 * eff.intra_collective) + cp_latency * 1e-6) if cp > 1 else 0.0
-    cp_exposed = layers * max(0.0, cp_comm - 3.5 * attention_fwd / (peak * attention_eff))
+    hidden_behind = 0.0 if cluster.oversubscribed else 3.5 * attention_fwd / (peak * attention_eff)
+    cp_exposed = layers * max(0.0, cp_comm - hidden_behind)
     # pipeline: one activation each way per micro-batch across nodes
     pp_link = gpu.inter_node_GBps if t * cp * layout.dp * layout.pp > cluster.gpus_per_node else gpu.intra_node_GBps
     pp_latency = gpu.inter_node_latency_us if pp_link == gpu.inter_node_GBps else gpu.intra_node_latency_us
@@ -88,7 +93,7 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     per_microbatch = forward + backward + tp + cp_exposed + 2 * pp_send * layout.virtual_stages
     shape = pipeline_shape(layout.schedule, layout.pp, layout.virtual_stages, m)
     busy = m * per_microbatch
-    pipeline_total = busy / (1 - shape.bubble_fraction)
+    pipeline_total = busy if cluster.oversubscribed else busy / (1 - shape.bubble_fraction)
 
     # data parallelism
     params = params_per_rank(spec, layout)
@@ -106,7 +111,7 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
         overlap = m * (forward + backward)
     else:
         overlap = backward
-    dp_exposed = max(0.0, dp_comm - overlap)
+    dp_exposed = dp_comm if cluster.oversubscribed else max(0.0, dp_comm - overlap)
     # optimizer: streaming parameters, gradients and states once
     local = params / (layout.dp if layout.zero >= 1 else 1)
     if layout.offload == "optimizer":
@@ -119,3 +124,11 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     return {"compute": m * (forward + backward), "tp": m * tp, "cp": m * cp_exposed,
             "pp": m * 2 * pp_send * layout.virtual_stages, "dp": dp_exposed,
             "bubble": pipeline_total - busy, "optimizer": optimizer, "total": total}
+
+
+def _gemms(spec: ModelSpec, t: int) -> list[tuple[int, int]]:
+    """(k, n) of each weight matrix of a layer on one tp rank."""
+    h, f, kv = spec.hidden, spec.ffn_hidden, spec.kv_heads * spec.head_dim
+    if spec.arch == "gpt":
+        return [(h, 3 * h // t), (h // t, h), (h, f // t), (f // t, h)]
+    return [(h, (h + 2 * kv) // t), (h // t, h), (h, 2 * f // t), (f // t, h)]
