@@ -68,6 +68,9 @@ TRAIN_FLAGS = {
                                      "(default: the Python standard library's sources)"),
     "--metrics-file": ("train", "metrics_file", str, "write JSON lines of metrics here"),
     "--device": ("train", "device", str, "cpu or cuda (default cpu)"),
+    "--check-consistency-every": ("train", "check_consistency_every", int,
+                                  "every N steps, check that replicated parameters are identical on every "
+                                  "rank (by checksum) and name the first that is not (default 0: never)"),
     "--precision": ("train", "precision", str, "fp32, bf16 or fp16 compute; fp32 master weights (fp32)"),
     "--loss-scale-initial": ("train", "loss_scale_initial", float, "fp16: initial loss scale (65536)"),
     "--loss-scale-growth-interval": ("train", "loss_scale_growth_interval", int,
@@ -127,7 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "for `meshpar plan --cluster`.")
     calibrate.add_argument("--ranks", type=int, default=8, help="local ranks, each one 'GPU' (default 8)")
     calibrate.add_argument("--out", default="cluster.json", help="where to write (default cluster.json)")
+    plot = commands.add_parser("plot", help="draw loss, learning rate and throughput from a metrics file",
+                               description="Draw the curves of a `meshpar train --metrics-file` run.")
+    plot.add_argument("metrics", help="the metrics JSON-lines file")
+    plot.add_argument("--out", required=True, help="PNG file to write")
+    commands.add_parser("env", help="versions, devices, backends and the detected topology",
+                        description="Print what this machine has for meshpar.")
     return parser
+
+
+def plot_command(args) -> int:
+    from meshpar.train.plot import plot_metrics, read_metrics
+
+    try:
+        steps, evals = read_metrics(args.metrics)
+    except ValueError as err:
+        print(f"meshpar plot: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(steps)} steps, {len(evals)} evaluations -> {plot_metrics(steps, evals, args.out)}")
+    return 0
 
 
 def costs_arg(text: str):
@@ -206,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "simulate":
         return simulate_command(args)
+    if args.command == "plot":
+        return plot_command(args)
+    if args.command == "env":
+        from meshpar.env import env_command
+        return env_command(args)
     if args.command == "calibrate":
         from meshpar.planner.calibrate import calibrate_command
         return calibrate_command(args)

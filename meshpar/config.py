@@ -94,6 +94,7 @@ class TrainConfig:
     loss_scale_backoff: float = 0.5
     loss_scale_hysteresis: int = 2
     progress: bool = True
+    check_consistency_every: int = 0  # compare replicated parameters across ranks every N steps (0: never)
 
     def num_microbatches(self, dp: int) -> int:
         per_rank = self.global_batch_size // dp
@@ -312,7 +313,7 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
     for name in ("global_batch_size", "seq_len", "steps", "eval_batches"):
         if getattr(tr, name) < 1:
             problems.append(f"--{name.replace('_', '-')}={getattr(tr, name)} must be at least 1")
-    for name in ("warmup_steps", "eval_every", "seed"):
+    for name in ("warmup_steps", "eval_every", "seed", "check_consistency_every"):
         if getattr(tr, name) < 0:
             problems.append(f"--{name.replace('_', '-')}={getattr(tr, name)} must be at least 0")
     if tr.precision not in PRECISIONS:

@@ -83,6 +83,7 @@ class Bucket:
     gather_work: object = None
     gather_source: torch.Tensor | None = None
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # offloaded master, grad
+    finite: torch.Tensor | None = None  # this rank's own gradients were finite (before any reduction)
 
     def owned(self):
         """(parameter, slice of this rank's shard) for each parameter overlapping the shard."""
@@ -208,6 +209,10 @@ class ShardedDataParallel:
                 (decayed if p.ndim >= 2 else undecayed).append(piece)
         return decayed, undecayed
 
+    def produced_nonfinite(self) -> bool:
+        """Whether this rank's own gradients (before reduction) held a NaN or Inf."""
+        return any(b.finite is not None and not bool(b.finite) for b in self.buckets)
+
     def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """(parameter, gradient piece) for every piece this rank owns after reduction."""
         return [(p, self._grad_of_shard(b)[part]) for b in self.buckets for p, part in b.owned()]
@@ -246,6 +251,9 @@ class ShardedDataParallel:
 
     def _launch(self, b: Bucket):
         """Start the bucket's dp reduction (asynchronous when overlapping)."""
+        # One flag per bucket, read only when the step's gradient norm is not finite: it
+        # tells which rank a NaN came from before the reduction spread it to every rank.
+        b.finite = torch.isfinite(b.grad_flat).all()
         self.grad_sync(b.params)
         # Context-parallel ranks saw different tokens of the same sequences: their
         # gradients add up, like dp's (a joint dp x cp group would do both in one step).

@@ -48,3 +48,54 @@ def plot_runs(curves: dict[str, list[float]], path: str | Path, title: str = "")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(step records, evaluation records) of a metrics JSON-lines file."""
+    import json
+
+    steps, evals = [], []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise ValueError(f"cannot read the metrics file {path}: {err.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{number} is not a JSON line") from None
+        if "val_loss" in record and "summary" not in record:
+            evals.append(record)
+        elif "loss" in record and "step" in record:
+            steps.append(record)
+    if not steps:
+        raise ValueError(f"{path} holds no training steps (is it a `meshpar train --metrics-file`?)")
+    return steps, evals
+
+
+def plot_metrics(steps: list[dict], evals: list[dict], path: str | Path) -> str:
+    """Loss (training and validation), learning rate and throughput against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [s["step"] for s in steps]
+    fig, (loss, lr, speed) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    loss.plot(x, [s["loss"] for s in steps], linewidth=1, label="train")
+    if evals:
+        loss.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation")
+    loss.set_ylabel("loss (nats per token)")
+    loss.legend()
+    lr.plot([s["step"] for s in steps if s["lr"] is not None], [s["lr"] for s in steps if s["lr"] is not None])
+    lr.set_ylabel("learning rate")
+    speed.plot(x, [s["tokens_per_s"] for s in steps], linewidth=1)
+    speed.set_ylabel("tokens/s")
+    speed.set_xlabel("step")
+    for ax in (loss, lr, speed):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)

@@ -4,6 +4,7 @@ case where every mesh axis has size 1."""
 from __future__ import annotations
 
 import functools
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,6 +24,7 @@ from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import add_communication, asynchronous, build_schedule
 from meshpar.train.activations import count_saved_bytes
+from meshpar.train.checks import check_finite, check_replicas
 from meshpar.train.data import BatchLoader, corpus_description, load_tokens
 from meshpar.train.metrics import MetricsLog, Progress, format_bytes
 from meshpar.train.plot import plot_losses
@@ -146,7 +148,7 @@ class Trainer:
         if overflow:  # every rank skips: the parameters and optimizer states stay as they are
             self.skipped_steps += 1
         else:
-            grad_norm = self._clip_and_update()
+            grad_norm = self._clip_and_update(loss_sum)
 
         loss_value = loss_sum.item()  # synchronises a CUDA device before timing
         step_time = time.perf_counter() - start
@@ -195,13 +197,27 @@ class Trainer:
         self.data_parallel.finish_reduction()
         return self._clip_and_update(), lr
 
-    def _clip_and_update(self) -> float:
-        """Clip by the global norm and step the optimizer (on this rank's shard under ZeRO)."""
+    def _clip_and_update(self, loss_sum: torch.Tensor | None = None) -> float:
+        """Clip by the global norm and step the optimizer (on this rank's shard under ZeRO);
+        a loss or gradient that is not finite stops the run on every rank."""
         dp = self.data_parallel
-        norm = global_grad_norm(dp.grad_pieces(), self.mesh, sharded_over_dp=dp.grads_sharded)
+        pieces = dp.grad_pieces()
+        norm = global_grad_norm(pieces, self.mesh, sharded_over_dp=dp.grads_sharded)
+        loss = 0.0 if loss_sum is None else loss_sum.item()
+        if not (math.isfinite(norm.item()) and math.isfinite(loss)):
+            names = self._param_names()
+            check_finite(self.step + 1, loss, norm.item(), [(names[id(p)], g) for p, g in pieces], self.mesh,
+                         dp.produced_nonfinite())
         norm = clip_by_norm(dp.grads(), norm, self.cfg.train.max_grad_norm)
         dp.step(self.optimizer)
         return norm
+
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): name for name, p in self.model.named_parameters()}
+
+    def check_consistency(self):
+        """Replicated parameters identical on every rank (DivergenceError if not)."""
+        check_replicas(self.model, self.mesh, self.step, params_sharded_over_dp=self.cfg.parallel.zero == 3)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -237,6 +253,8 @@ class Trainer:
         try:
             for _ in range(tr.steps):
                 record = self.train_step()
+                if tr.check_consistency_every and self.step % tr.check_consistency_every == 0:
+                    self.check_consistency()
                 steps.append(record)
                 log.write(record)
                 progress.step(record)
