@@ -68,6 +68,9 @@ TRAIN_FLAGS = {
                                      "(default: the Python standard library's sources)"),
     "--metrics-file": ("train", "metrics_file", str, "write JSON lines of metrics here"),
     "--device": ("train", "device", str, "cpu or cuda (default cpu)"),
+    "--comm-timeout": ("train", "comm_timeout", float,
+                       "seconds a rank may wait in one collective before it prints where it is stuck "
+                       "(mesh coordinates, operation, group, last 20 collectives) and the run exits (300)"),
     "--check-consistency-every": ("train", "check_consistency_every", int,
                                   "every N steps, check that replicated parameters are identical on every "
                                   "rank (by checksum) and name the first that is not (default 0: never)"),

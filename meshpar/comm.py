@@ -13,7 +13,9 @@ nothing and records nothing.
 from __future__ import annotations
 
 import pickle
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,13 +38,28 @@ class Entry:
 
 class Ledger:
     """Calls and bytes, keyed by (axis, op, tag). `tag` says what the bytes were for
-    ("grads", "loss", ...) so a test can check one purpose against its formula."""
+    ("grads", "loss", ...) so a test can check one purpose against its formula.
+
+    It also keeps the last 20 operations issued and the one this rank is blocked in, if
+    any, for the hang watchdog (watchdog.py)."""
 
     def __init__(self):
         self.entries: dict[tuple[str, str, str], Entry] = defaultdict(Entry)
+        self.history: deque[tuple[float, str, str, str, int]] = deque(maxlen=20)  # (time, axis, op, tag, bytes)
+        self.pending: tuple[float, str, str, str] | None = None  # (since, axis, op, tag)
+
+    @contextmanager
+    def waiting(self, axis: str, op: str, tag: str):
+        """Marks the block as this rank waiting on `op` over `axis`."""
+        self.pending = (time.monotonic(), axis, op, tag)
+        try:
+            yield
+        finally:
+            self.pending = None
 
     def record(self, axis: str, op: str, tag: str, payload_bytes: int, wire_bytes: float,
                inter_node: bool = False):
+        self.history.append((time.time(), axis, op, tag, payload_bytes))
         entry = self.entries[(axis, op, tag)]
         entry.calls += 1
         entry.bytes += payload_bytes
@@ -89,7 +106,8 @@ def all_reduce(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str,
     if n == 1:
         return tensor
     _record(mesh, axis, "all_reduce", tag, _nbytes(tensor), 2 * (n - 1) / n)
-    dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=mesh.group(axis))
+    with mesh.ledger.waiting(axis, "all_reduce", tag):
+        dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=mesh.group(axis))
     return tensor
 
 
@@ -102,7 +120,8 @@ def all_gather_object(mesh: ParallelMesh, obj, *, tag: str, axis: str = "world")
     payload = len(pickle.dumps(obj))
     _record(mesh, axis, "all_gather_object", tag, n * payload, (n - 1) / n)
     out = [None] * n
-    dist.all_gather_object(out, obj, group=mesh.group(axis))
+    with mesh.ledger.waiting(axis, "all_gather_object", tag):
+        dist.all_gather_object(out, obj, group=mesh.group(axis))
     return out
 
 
@@ -142,7 +161,8 @@ def all_gather_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: to
         out.copy_(tensor)
         return None
     _record(mesh, axis, "all_gather", tag, _nbytes(out), (n - 1) / n)
-    return _all_gather_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
+    with mesh.ledger.waiting(axis, "all_gather", tag):
+        return _all_gather_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
 
 
 def reduce_scatter_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
@@ -153,7 +173,8 @@ def reduce_scatter_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor
         out.copy_(tensor)
         return None
     _record(mesh, axis, "reduce_scatter", tag, _nbytes(tensor), (n - 1) / n)
-    return _reduce_scatter_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
+    with mesh.ledger.waiting(axis, "reduce_scatter", tag):
+        return _reduce_scatter_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
 
 
 def all_reduce_async(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str):
@@ -185,7 +206,8 @@ def all_to_all_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: to
         out.copy_(tensor)
         return None
     _record(mesh, axis, "all_to_all", tag, _nbytes(tensor), (n - 1) / n)
-    return dist.all_to_all_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
+    with mesh.ledger.waiting(axis, "all_to_all", tag):
+        return dist.all_to_all_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
 
 
 def batch_send_recv(mesh: ParallelMesh, axis: str, sends: list[tuple[torch.Tensor, int, int, str]],

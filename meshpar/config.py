@@ -94,6 +94,7 @@ class TrainConfig:
     loss_scale_backoff: float = 0.5
     loss_scale_hysteresis: int = 2
     progress: bool = True
+    comm_timeout: float = 300.0  # seconds one collective may wait before the watchdog ends the run
     check_consistency_every: int = 0  # compare replicated parameters across ranks every N steps (0: never)
 
     def num_microbatches(self, dp: int) -> int:
@@ -322,6 +323,8 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
         problems.append("the loss scale must start positive and back off by a factor in (0, 1)")
     if tr.loss_scale_growth_interval < 1 or tr.loss_scale_hysteresis < 1:
         problems.append("train.loss_scale_growth_interval and loss_scale_hysteresis must be at least 1")
+    if tr.comm_timeout <= 0:
+        problems.append(f"--comm-timeout={tr.comm_timeout} must be positive (seconds)")
     if tr.lr <= 0:
         problems.append(f"--lr={tr.lr} must be positive")
     if not 0 <= tr.min_lr_ratio <= 1:

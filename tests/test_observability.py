@@ -90,3 +90,17 @@ def test_plot_command(tmp_path, capsys):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "3 steps, 2 evaluations" in capsys.readouterr().out
     assert main(["plot", str(tmp_path / "missing.jsonl"), "--out", "x.png"]) == 2
+
+
+def test_a_stalled_rank_ends_the_run_within_the_timeout_with_a_report():
+    timeout = 3.0
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(Path(__file__).parent / "stall_one_rank.py"), str(timeout)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed < timeout + 30, elapsed  # start-up of two processes included
+    report = result.stderr
+    assert "meshpar watchdog: rank 0 (pp=0, dp=0, cp=0, tp=0)" in report
+    assert "in all_reduce over dp (ranks [0, 1]) for 'loss'" in report
+    assert report.count("warmup") == 3 and "its last 4 collectives" in report

@@ -270,7 +270,8 @@ class ShardedDataParallel:
 
     def _complete(self, b: Bucket):
         if b.reduction is not None:
-            b.reduction.wait()
+            with self.mesh.ledger.waiting("dp", "gradient reduction", "grads"):
+                b.reduction.wait()
             b.reduction = None
         if self.stage == 1 and b.reduced_into is not None:
             b.grad_flat[b.shard[0]:b.shard[1]].copy_(b.reduced_into)
@@ -356,7 +357,8 @@ class ShardedDataParallel:
 
     def _wait_gather(self, b: Bucket):
         if b.gather_work is not None:
-            b.gather_work.wait()
+            with self.mesh.ledger.waiting("dp", "all_gather", "params"):
+                b.gather_work.wait()
             b.gather_work = None
         b.gather_source = None
 

@@ -263,8 +263,9 @@ class PipelineRuntime:
         send_works, recv_works = comm.batch_send_recv(self.mesh, "pp", sends, recvs)
         st.pending_sends += send_works
         start = time.perf_counter()
-        for work in recv_works:
-            work.wait()
+        with self.mesh.ledger.waiting("pp", "recv", "activations"):
+            for work in recv_works:
+                work.wait()
         self.recv_wait_s += time.perf_counter() - start
         for a, buffer in received:
             if a.kind == "rF":

@@ -20,8 +20,10 @@ import torch.multiprocessing as mp
 from meshpar.config import Config, ranks_per_node
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.train.trainer import Trainer
+from meshpar.train.watchdog import Watchdog
 
-COMM_TIMEOUT = timedelta(minutes=5)
+# The process group's own timeout sits past the watchdog's, so the watchdog reports first.
+TIMEOUT_MARGIN_S = 60
 
 
 def under_torchrun(env=os.environ) -> bool:
@@ -61,10 +63,12 @@ def run_rank(cfg: Config) -> dict:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=COMM_TIMEOUT)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.train.comm_timeout + TIMEOUT_MARGIN_S))
     try:
         mesh = build_mesh(cfg)
+        watchdog = Watchdog(mesh, cfg.train.comm_timeout).start()
         summary = Trainer(cfg, mesh, device).run().summary
+        watchdog.stop()
         # The trainer's gradient hooks form reference cycles around tensors that gloo's
         # worker threads have handled; free them now, not during interpreter shutdown
         # (where their release can abort the process).
