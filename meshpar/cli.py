@@ -68,6 +68,8 @@ TRAIN_FLAGS = {
                                      "(default: the Python standard library's sources)"),
     "--metrics-file": ("train", "metrics_file", str, "write JSON lines of metrics here"),
     "--device": ("train", "device", str, "cpu or cuda (default cpu)"),
+    "--trace": ("train", "trace_dir", str, "write a Chrome/Perfetto trace per rank (DIR/rankN.json) of steps "
+                                           "2-4: compute, pipeline actions, sends, receives, collectives"),
     "--comm-timeout": ("train", "comm_timeout", float,
                        "seconds a rank may wait in one collective before it prints where it is stuck "
                        "(mesh coordinates, operation, group, last 20 collectives) and the run exits (300)"),
@@ -98,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sequence-parallel", action="store_true",
                        help="with --tp: shard norms and the residual stream along the sequence")
     train.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    train.add_argument("--dry-run", action="store_true",
+                       help="build each pipeline stage on the meta device, print per-rank parameters, memory "
+                            "estimates and the pipeline schedule, and exit without training (any model size)")
     train.add_argument("--no-overlap", action="store_true",
                        help="reduce gradients after backward instead of from its hooks (for comparison)")
     train.add_argument("--no-error-feedback", action="store_true",
@@ -242,12 +247,16 @@ def main(argv: list[str] | None = None) -> int:
         from meshpar.planner.report import plan_command
         return plan_command(args)
     try:
-        cfg = check(config_from_args(args))
+        cfg = check(config_from_args(args), dry_run=args.dry_run)
     except ConfigError as err:
         print("meshpar: the configuration has problems:", file=sys.stderr)
         for problem in err.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        from meshpar.train.dry_run import dry_run
+        print(dry_run(cfg))
+        return 0
     from meshpar.train.launch import launch  # imports the trainer only for a valid config
 
     try:

@@ -47,15 +47,20 @@ class Ledger:
         self.entries: dict[tuple[str, str, str], Entry] = defaultdict(Entry)
         self.history: deque[tuple[float, str, str, str, int]] = deque(maxlen=20)  # (time, axis, op, tag, bytes)
         self.pending: tuple[float, str, str, str] | None = None  # (since, axis, op, tag)
+        self.wait_s: dict[str, float] = defaultdict(float)  # axis -> seconds blocked in its operations
 
     @contextmanager
     def waiting(self, axis: str, op: str, tag: str):
-        """Marks the block as this rank waiting on `op` over `axis`."""
-        self.pending = (time.monotonic(), axis, op, tag)
+        """Marks the block as this rank waiting on `op` over `axis`: for the watchdog, the
+        time split (wait_s) and a trace (a profiler range named after it)."""
+        start = time.monotonic()
+        self.pending = (start, axis, op, tag)
         try:
-            yield
+            with torch.profiler.record_function(f"{op} {axis} {tag}"):
+                yield
         finally:
             self.pending = None
+            self.wait_s[axis] += time.monotonic() - start
 
     def record(self, axis: str, op: str, tag: str, payload_bytes: int, wire_bytes: float,
                inter_node: bool = False):

@@ -94,6 +94,7 @@ class TrainConfig:
     loss_scale_backoff: float = 0.5
     loss_scale_hysteresis: int = 2
     progress: bool = True
+    trace_dir: str | None = None  # write a Chrome/Perfetto trace per rank of steps 2-4 here
     comm_timeout: float = 300.0  # seconds one collective may wait before the watchdog ends the run
     check_consistency_every: int = 0  # compare replicated parameters across ranks every N steps (0: never)
 
@@ -242,8 +243,9 @@ def _check_types(cfg: Config) -> list[str]:
     return problems
 
 
-def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
-    """Every problem with `cfg`, as messages naming the valid choices; [] if none."""
+def validate(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = False) -> list[str]:
+    """Every problem with `cfg`, as messages naming the valid choices; [] if none.
+    `dry_run`: the layout is only built on the meta device, so any model size will do."""
     problems = _check_types(cfg)
     if problems:
         return problems
@@ -267,10 +269,10 @@ def validate(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
                 if par.pp > 1 and model.tie_embeddings:
                     problems.append("tied embeddings with --pp above 1 are not supported yet (the embedding "
                                     "and the output layer sit on different ranks); untie them or use --pp 1")
-            if cfg.model.name in LARGE_PRESETS and tr.device == "cpu":
+            if cfg.model.name in LARGE_PRESETS and tr.device == "cpu" and not dry_run:
                 problems.append(f"model {cfg.model.name} has {model.num_params() / 1e9:.1f}B parameters: "
                                 f"too large to train on a CPU (it is there for the planner); "
-                                f"use tiny or small")
+                                f"use tiny or small, or check the layout with --dry-run")
 
     for axis in ("dp", "tp", "pp", "cp"):
         if getattr(par, axis) < 1:
@@ -392,9 +394,9 @@ def _check_data(path: str | None, seq_len: int, vocab_size: int | None) -> list[
     return problems
 
 
-def check(cfg: Config, env: dict[str, str] | None = None) -> Config:
+def check(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = False) -> Config:
     """Raise ConfigError with every problem in `cfg`; return it unchanged if none."""
-    problems = validate(cfg, env)
+    problems = validate(cfg, env, dry_run)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -104,3 +104,46 @@ def test_a_stalled_rank_ends_the_run_within_the_timeout_with_a_report():
     assert "meshpar watchdog: rank 0 (pp=0, dp=0, cp=0, tp=0)" in report
     assert "in all_reduce over dp (ranks [0, 1]) for 'loss'" in report
     assert report.count("warmup") == 3 and "its last 4 collectives" in report
+
+
+def test_trace_and_time_split(tmp_path, capsys):
+    metrics = tmp_path / "m.jsonl"
+    assert main(["train", "--dp", "2", "--pp", "2", "--micro-batch-size", "4", "--steps", "5",
+                 "--global-batch-size", "16", "--seq-len", "32", "--eval-every", "0", "--no-progress",
+                 "--metrics-file", str(metrics), "--trace", str(tmp_path / "trace")]) == 0
+    for rank in range(4):
+        events = json.loads((tmp_path / "trace" / f"rank{rank}.json").read_text())["traceEvents"]
+        names = {e.get("name") for e in events}
+        stage = rank // 2
+        assert f"F stage {stage} micro-batch 0" in names and f"B stage {stage} micro-batch 1" in names
+        assert "gradient reduction dp grads" in names
+        assert "recv pp activations" in names  # stage 1 receives activations, stage 0 their gradients
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    step = next(r for r in records if "step_time_s" in r)
+    assert step["compute_s"] + step["comm_s"] + step["bubble_s"] == pytest.approx(step["step_time_s"], rel=1e-6)
+    assert step["memory_bytes"] > 0 and "mfu" not in step  # no MFU on a CPU: its peak is unknown
+    summary = records[-1]
+    assert len(summary["time_split_per_rank_s"]) == 4
+    assert summary["time_split_per_rank_s"][3]["bubble_s"] > 0  # the last stage waits for activations
+
+
+def test_dry_run_of_a_large_layout(capsys):
+    start = time.monotonic()
+    assert main(["train", "--model", "llama3-70b", "--tp", "8", "--pp", "4", "--dp", "2", "--dry-run",
+                 "--micro-batch-size", "4", "--seq-len", "4096", "--precision", "bf16", "--zero", "1"]) == 0
+    out = capsys.readouterr().out
+    assert time.monotonic() - start < 60
+    rows = [line.split() for line in out.splitlines() if line[:5].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
+    assert sum(int(r[2]) for r in rows) == 80  # every layer on some stage
+    from meshpar.model import model_config
+    per_slice = sum(int(r[3].replace(",", "")) for r in rows)
+    cfg = model_config("llama3-70b")
+    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size  # replicated over tp, counted once per shard
+    assert per_slice * 8 == cfg.num_params() + 7 * norms
+    assert "rank 0: 0F0" in out and "rank 3:" in out
+
+
+def test_the_same_layout_without_dry_run_is_refused_on_a_cpu(capsys):
+    assert main(["train", "--model", "llama3-70b", "--tp", "8"]) == 2
+    assert "--dry-run" in capsys.readouterr().err

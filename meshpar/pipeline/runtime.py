@@ -163,6 +163,10 @@ class PipelineRuntime:
         self.state.pending_sends.clear()
 
     def _compute(self, a: Action):
+        with torch.profiler.record_function(f"{a.kind} stage {a.stage} micro-batch {a.microbatch}"):
+            self._compute_action(a)
+
+    def _compute_action(self, a: Action):
         key = (a.stage, a.microbatch)
         if a.kind == "F":
             self._forward(a.stage, a.microbatch)

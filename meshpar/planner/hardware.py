@@ -141,3 +141,17 @@ def make_cluster(gpu: str, gpus: int, gpus_per_node: int, **overrides) -> Cluste
         raise ValueError(f"unknown --gpu {gpu}; choose one of {', '.join(GPUS)}")
     chosen = replace(GPUS[gpu], **{k: v for k, v in overrides.items() if v is not None})
     return Cluster(chosen, gpus, gpus_per_node, default_efficiency(chosen))
+
+
+def device_peak_flops(device) -> float | None:
+    """Dense bf16 peak FLOP/s of a CUDA device meshpar knows by name (H100, H200, A100,
+    B200); None on a CPU or an unknown GPU."""
+    import torch
+
+    if getattr(device, "type", device) != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for key, gpu in (("H200", "h200"), ("H100", "h100-80gb"), ("A100", "a100-80gb"), ("B200", "b200")):
+        if key in name:
+            return GPUS[gpu].peak_tflops * 1e12
+    return None

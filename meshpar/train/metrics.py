@@ -38,8 +38,10 @@ class Progress:
     def step(self, record: dict):
         if self.bar:
             lr = "-" if record["lr"] is None else f"{record['lr']:.2e}"  # async: no update at step 1
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=lr,
-                                 tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+            extra = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
+            mem = {"mem": format_bytes(record["memory_bytes"])} if "memory_bytes" in record else {}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=lr, tok_s=f"{record['tokens_per_s']:,.0f}",
+                                 **extra, **mem, refresh=False)
             self.bar.update(1)
 
     def message(self, text: str):
@@ -49,6 +51,17 @@ class Progress:
     def close(self):
         if self.bar:
             self.bar.close()
+
+
+def peak_memory(device) -> int:
+    """Peak bytes: allocated on a GPU, the process's resident set on a CPU."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def format_bytes(n: float) -> str:

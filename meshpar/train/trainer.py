@@ -26,7 +26,10 @@ from meshpar.pipeline.schedules import add_communication, asynchronous, build_sc
 from meshpar.train.activations import count_saved_bytes
 from meshpar.train.checks import check_finite, check_replicas
 from meshpar.train.data import BatchLoader, corpus_description, load_tokens
-from meshpar.train.metrics import MetricsLog, Progress, format_bytes
+from meshpar.planner.hardware import device_peak_flops
+from meshpar.planner.model import from_meshpar
+from meshpar.train.metrics import MetricsLog, Progress, format_bytes, peak_memory
+from meshpar.train.trace import Tracer
 from meshpar.train.plot import plot_losses
 from meshpar.train.optim import adamw, clip_by_norm, global_grad_norm, lr_at
 
@@ -93,6 +96,8 @@ class Trainer:
             self.pipeline.compute_context = self.compute
         self.skipped_steps = 0
         self.peak_saved_bytes = 0  # activations held for backward (the pipeline counts its own)
+        self.flops_per_token = from_meshpar(self.model_cfg, tr.seq_len).flops_per_token()
+        self.peak_flops = device_peak_flops(device)  # None on a CPU: no MFU
 
     def _microbatches(self, loader: BatchLoader) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """This rank's rows of the loader's next global batch (and under context parallelism
@@ -110,8 +115,17 @@ class Trainer:
         return lr
 
     def train_step(self) -> dict:
-        if self.asynchronous:
-            return self.train_step_async()
+        waits_before = dict(self.mesh.ledger.wait_s)
+        record = self.train_step_async() if self.asynchronous else self._train_step()
+        waits = {axis: t - waits_before.get(axis, 0.0) for axis, t in self.mesh.ledger.wait_s.items()}
+        bubble = waits.pop("pp", 0.0)  # waiting on pipeline receives
+        record.update(compute_s=max(0.0, record["step_time_s"] - sum(waits.values()) - bubble),
+                      comm_s=sum(waits.values()), bubble_s=bubble, memory_bytes=peak_memory(self.device))
+        if self.peak_flops:
+            record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.mesh.world_size * self.peak_flops)
+        return record
+
+    def _train_step(self) -> dict:
         start = time.perf_counter()
         lr = self._set_lr(self.step)
 
@@ -250,9 +264,14 @@ class Trainer:
             print(self.banner(), flush=True)
         progress = Progress(tr.steps, tr.progress and self.is_logger)
         steps, evals = [], []
+        tracer = Tracer(tr.trace_dir, self.mesh.rank, self.device, tr.steps) if tr.trace_dir else None
         try:
             for _ in range(tr.steps):
+                if tracer:
+                    tracer.before_step(self.step)
                 record = self.train_step()
+                if tracer:
+                    tracer.after_step(self.step)
                 if tr.check_consistency_every and self.step % tr.check_consistency_every == 0:
                     self.check_consistency()
                 steps.append(record)
@@ -265,6 +284,8 @@ class Trainer:
                     progress.message(f"step {self.step:>5}  val_loss {val['val_loss']:.4f}")
         finally:
             progress.close()
+            if tracer:
+                tracer.close()
         summary = self.summary(steps, evals)
         if self.is_logger and tr.metrics_file:
             summary["loss_curve"] = plot_losses(steps, evals, Path(tr.metrics_file).with_name("loss.png"))
@@ -302,8 +323,9 @@ class Trainer:
         timed = steps[1:] or steps  # the first step pays for warm-up
         wait = (sum(s["pipeline_wait_s"] for s in timed) / sum(s["step_time_s"] for s in timed)
                 if self.pipeline else None)
+        split = {part: sum(s[part] for s in timed) / len(timed) for part in ("compute_s", "comm_s", "bubble_s")}
         per_rank = comm.all_gather_object(self.mesh, {"state": state, "ledger": ledger, "activations": activations,
-                                                      "wait": wait}, tag="summary")
+                                                      "wait": wait, "time_split": split}, tag="summary")
         return {
             "summary": True,
             "steps": len(steps),
@@ -324,6 +346,8 @@ class Trainer:
             "comm_per_rank": [r["ledger"] for r in per_rank],
             "model_state_bytes_per_rank": [r["state"] for r in per_rank],
             "activation_bytes_per_rank": [r["activations"] for r in per_rank],
+            "time_split_per_rank_s": [r["time_split"] for r in per_rank],  # mean per step: compute, comm, bubble
+            **({"trace_dir": self.cfg.train.trace_dir} if self.cfg.train.trace_dir else {}),
             **({"pipeline": self.pipeline_summary(timed, [r["wait"] for r in per_rank])} if self.pipeline else {}),
         }
 
@@ -381,6 +405,12 @@ def format_summary(summary: dict) -> str:
                  f"optimizer {format_bytes(states[0]['optimizer'])})"
                  + (f" + offloaded to host {format_bytes(host['total'])}" if host["total"] else "")
                  + ("" if all(s == states[0] for s in states) else " on rank 0; differs per rank"))
+    split = summary["time_split_per_rank_s"]
+    lines.append("time per step, mean over ranks: " + ", ".join(
+        f"{part.removesuffix('_s')} {sum(r[part] for r in split) / len(split):.3f} s" for part in split[0])
+        + f" (slowest rank's compute {max(r['compute_s'] for r in split):.3f} s)")
+    if summary.get("trace_dir"):
+        lines.append(f"traces (chrome://tracing, ui.perfetto.dev): {summary['trace_dir']}/rank*.json")
     acts = summary["activation_bytes_per_rank"]
     lines.append(f"activations held for backward, peak per rank: {format_bytes(min(acts))}"
                  + ("" if min(acts) == max(acts) else f" to {format_bytes(max(acts))}"))

@@ -1,0 +1,73 @@
+"""`meshpar train --dry-run`: check a layout without paying for it. In this one process,
+whatever the layout's size, build each pipeline stage's model on the meta device (shapes,
+no memory), count the parameters a rank there holds, estimate its memory with the
+planner, and print the pipeline schedule; start no process group.
+
+Ranks that differ only in dp, cp or tp hold the same number of parameters (tp shards are
+even, padding included), so one build per pipeline stage covers every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from meshpar.config import Config
+from meshpar.mesh import MeshShape, ParallelMesh
+from meshpar.model import build_model
+from meshpar.model.llama import TransformerBlock
+from meshpar.parallel.apply import parallelize
+from meshpar.pipeline.check import Costs, simulate
+from meshpar.pipeline.schedules import build_schedule
+from meshpar.planner.layout import Layout
+from meshpar.planner.memory import Dtypes, WORKSPACE_BYTES, layer_activation_bytes
+from meshpar.planner.model import from_meshpar
+from meshpar.train.metrics import format_bytes
+
+
+def dry_run(cfg: Config) -> str:
+    par, tr = cfg.parallel, cfg.train
+    model_cfg = cfg.model.resolve()
+    shape = MeshShape(pp=par.pp, dp=par.dp, cp=par.cp, tp=par.tp)
+    m = tr.num_microbatches(par.dp)
+    mbs = tr.global_batch_size // par.dp // m
+    dtypes = Dtypes.for_precision(tr.precision)
+    layout = Layout(par.dp, par.tp, par.pp, par.cp, par.zero, par.schedule if par.pp > 1 else "none",
+                    par.virtual_stages, mbs, par.sequence_parallel, par.recompute,
+                    "optimizer" if par.offload else "none")
+    per_layer = layer_activation_bytes(from_meshpar(model_cfg, tr.seq_len), layout, dtypes)
+    schedule = build_schedule(par.schedule, par.pp, par.virtual_stages, m) if par.pp > 1 else None
+    inflight = simulate(schedule, Costs(1.0, 1.0, 1.0)).peak_inflight_microbatches if schedule else [1]
+    lines = [f"dry run: {cfg.model.name} ({model_cfg.num_params():,} parameters), {shape.world_size} ranks "
+             f"(pp={par.pp} x dp={par.dp} x cp={par.cp} x tp={par.tp}), ZeRO-{par.zero}, {tr.precision}, "
+             f"{m} micro-batch(es) of {mbs} x {tr.seq_len} tokens per dp rank",
+             f"{'stage':>5}  {'ranks':<16} {'layers':>6} {'parameters':>14} {'model state':>12} "
+             f"{'activations':>12} {'total':>12}"]
+    total_params = 0
+    for stage in range(par.pp):
+        mesh = ParallelMesh(shape, shape.rank(pp=stage))  # no process groups: parallelize only slices
+        with torch.device("meta"):
+            model = build_model(model_cfg, tr.seed, "meta")
+        parallel = parallelize(model, mesh, par.sequence_parallel, par.pp * par.virtual_stages, par.pp_layers,
+                               par.recompute, par.recompute_every, par.cp_impl)
+        params = sum(p.numel() for p in parallel.module.parameters())
+        total_params += params
+        layers = sum(isinstance(m, TransformerBlock) for m in parallel.module.modules())
+        n = par.dp
+        state = params * (dtypes.param_bytes / (n if par.zero >= 3 else 1)
+                          + dtypes.grad_bytes / (n if par.zero >= 2 else 1)
+                          + (0 if par.offload else (dtypes.master_bytes + dtypes.moment_bytes) / (n if par.zero else 1)))
+        activations = inflight[stage] * layers / par.virtual_stages * per_layer
+        ranks = [r for r in range(shape.world_size) if shape.coords(r)["pp"] == stage]
+        span = f"{ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else f"{len(ranks)} ranks"
+        lines.append(f"{stage:>5}  {span:<16} {layers:>6} {params:>14,} {format_bytes(state):>12} "
+                     f"{format_bytes(activations):>12} {format_bytes(state + activations + WORKSPACE_BYTES):>12}")
+    lines.append(f"every rank of a stage holds its parameters; over all stages {total_params:,} per tp x cp x dp "
+                 f"slice (x{par.tp} tp shards = {total_params * par.tp:,} with replicated norms counted per shard). "
+                 f"Model state as the trainer keeps it (fp32 parameters, gradients, AdamW moments; ZeRO-{par.zero}); "
+                 f"activations from the planner's per-layer bytes ({format_bytes(per_layer)}) x layers x the "
+                 f"schedule's peak in-flight micro-batches; total adds {format_bytes(WORKSPACE_BYTES)} of workspace.")
+    if schedule is not None:
+        lines.append(f"\npipeline schedule {schedule.name}, {par.pp} stages x {m} micro-batches "
+                     f"(peak in flight per rank {inflight}):")
+        lines += [f"  rank {r}: {text}" for r, text in enumerate(schedule.text())]
+    return "\n".join(lines)
