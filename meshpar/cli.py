@@ -138,9 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "for `meshpar plan --cluster`.")
     calibrate.add_argument("--ranks", type=int, default=8, help="local ranks, each one 'GPU' (default 8)")
     calibrate.add_argument("--out", default="cluster.json", help="where to write (default cluster.json)")
-    plot = commands.add_parser("plot", help="draw loss, learning rate and throughput from a metrics file",
-                               description="Draw the curves of a `meshpar train --metrics-file` run.")
-    plot.add_argument("metrics", help="the metrics JSON-lines file")
+    plot = commands.add_parser("plot", help="draw loss, learning rate and throughput from a metrics file, "
+                                            "or the executed pipeline from traces",
+                               description="Draw the curves of a `meshpar train --metrics-file` run, or with "
+                                           "--trace the pipeline timeline a `meshpar train --trace` run executed.")
+    plot.add_argument("metrics", nargs="?", help="the metrics JSON-lines file")
+    plot.add_argument("--trace", help="a `meshpar train --trace` directory: draw its executed pipeline")
     plot.add_argument("--out", required=True, help="PNG file to write")
     commands.add_parser("env", help="versions, devices, backends and the detected topology",
                         description="Print what this machine has for meshpar.")
@@ -148,9 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plot_command(args) -> int:
-    from meshpar.train.plot import plot_metrics, read_metrics
+    from meshpar.train.plot import plot_metrics, plot_trace_timeline, read_metrics
 
+    if (args.metrics is None) == (args.trace is None):
+        print("meshpar plot: give a metrics file or --trace DIR (one of them)", file=sys.stderr)
+        return 2
     try:
+        if args.trace:
+            print(f"executed pipeline -> {plot_trace_timeline(args.trace, args.out)}")
+            return 0
         steps, evals = read_metrics(args.metrics)
     except ValueError as err:
         print(f"meshpar plot: {err}", file=sys.stderr)
@@ -259,11 +268,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from meshpar.train.launch import launch  # imports the trainer only for a valid config
 
+    import torch.multiprocessing as mp
+
     try:
         launch(cfg)
     except KeyboardInterrupt:
         print("meshpar: interrupted", file=sys.stderr)
         return 130
+    except mp.ProcessRaisedException as err:  # a local rank raised: its traceback is the message
+        print(f"meshpar: rank {err.error_index} failed; the other ranks were stopped.\n{err}", file=sys.stderr)
+        return 1
+    except mp.ProcessExitedException as err:  # a local rank exited (the watchdog, a signal)
+        print(f"meshpar: rank {err.error_index} exited with code {err.exit_code} (its report, if any, is "
+              f"above); the other ranks were stopped", file=sys.stderr)
+        return 1
     return 0
 
 

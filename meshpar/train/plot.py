@@ -99,3 +99,53 @@ def plot_metrics(steps: list[dict], evals: list[dict], path: str | Path) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
+
+
+def plot_trace_timeline(directory: str | Path, path: str | Path) -> str:
+    """The executed pipeline, from `--trace` files: one row per rank, its forward,
+    backward (input and weight) passes and its waits on pipeline receives, on the common
+    clock of the traces."""
+    import json
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = sorted(Path(directory).glob("rank*.json"), key=lambda f: int(re.sub(r"\D", "", f.stem)))
+    if not files:
+        raise ValueError(f"{directory} holds no rank*.json traces (write them with `meshpar train --trace`)")
+    colors = {"F": "tab:blue", "B": "tab:orange", "I": "tab:orange", "W": "tab:green", "wait": "lightgrey"}
+    action = re.compile(r"^([FBIW]) stage (\d+) micro-batch (\d+)$")
+    rows = []
+    for f in files:
+        events = json.loads(f.read_text())["traceEvents"]
+        spans = []
+        for e in events:
+            name, dur = e.get("name", ""), e.get("dur")
+            if dur is None:
+                continue
+            match = action.match(name)
+            if match:
+                spans.append((e["ts"], dur, match.group(1), match.group(3)))
+            elif name == "recv pp activations":
+                spans.append((e["ts"], dur, "wait", ""))
+        rows.append(spans)
+    start = min(s[0] for spans in rows for s in spans)
+    fig, ax = plt.subplots(figsize=(11, 0.6 * len(rows) + 1.5))
+    for rank, spans in enumerate(rows):
+        for ts, dur, kind, mb in spans:
+            ax.barh(rank, dur / 1e3, left=(ts - start) / 1e3, color=colors[kind], edgecolor="black",
+                    linewidth=0.3, height=0.7)
+            if mb and dur / 1e3 > 2:
+                ax.text((ts - start + dur / 2) / 1e3, rank, mb, ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(len(rows)), [f"rank {r}" for r in range(len(rows))])
+    ax.invert_yaxis()
+    ax.set_xlabel("time (ms) - forward blue, backward orange, weight green, waiting on a receive grey")
+    ax.set_title(f"executed pipeline, from {directory}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
