@@ -157,29 +157,30 @@ def reduce_scatter(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: 
     return out
 
 
-def all_gather_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
-                    tag: str, async_op: bool = False):
-    """`out` (n times `tensor` along dim 0) receives every rank's `tensor`. Returns the work
-    when `async_op` (None when nothing had to move)."""
+def _into(mesh: ParallelMesh, axis: str, op: str, tag: str, out: torch.Tensor, tensor: torch.Tensor,
+          payload: torch.Tensor, collective, async_op: bool):
+    """The shape shared by the collectives that write into `out`: nothing to move on one
+    rank, else record the payload ((n-1)/n of it on the wire) and run `collective`."""
     n = mesh.size(axis)
     if n == 1:
         out.copy_(tensor)
         return None
-    _record(mesh, axis, "all_gather", tag, _nbytes(out), (n - 1) / n)
-    with mesh.ledger.waiting(axis, "all_gather", tag):
-        return _all_gather_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
+    _record(mesh, axis, op, tag, _nbytes(payload), (n - 1) / n)
+    with mesh.ledger.waiting(axis, op, tag):
+        return collective(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
+
+
+def all_gather_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
+                    tag: str, async_op: bool = False):
+    """`out` (n times `tensor` along dim 0) receives every rank's `tensor`. Returns the work
+    when `async_op` (None when nothing had to move)."""
+    return _into(mesh, axis, "all_gather", tag, out, tensor, out, _all_gather_single, async_op)
 
 
 def reduce_scatter_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
                         tag: str, async_op: bool = False):
     """`out` receives this rank's 1/n (dim 0) of the sum of every rank's `tensor`."""
-    n = mesh.size(axis)
-    if n == 1:
-        out.copy_(tensor)
-        return None
-    _record(mesh, axis, "reduce_scatter", tag, _nbytes(tensor), (n - 1) / n)
-    with mesh.ledger.waiting(axis, "reduce_scatter", tag):
-        return _reduce_scatter_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
+    return _into(mesh, axis, "reduce_scatter", tag, out, tensor, tensor, _reduce_scatter_single, async_op)
 
 
 def all_reduce_async(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str):
@@ -206,13 +207,7 @@ def all_to_all_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: to
                     tag: str, async_op: bool = False):
     """`out` receives block j (of n along dim 0) from rank j; this rank's block i goes to
     rank i. Returns the work when `async_op`."""
-    n = mesh.size(axis)
-    if n == 1:
-        out.copy_(tensor)
-        return None
-    _record(mesh, axis, "all_to_all", tag, _nbytes(tensor), (n - 1) / n)
-    with mesh.ledger.waiting(axis, "all_to_all", tag):
-        return dist.all_to_all_single(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
+    return _into(mesh, axis, "all_to_all", tag, out, tensor, tensor, dist.all_to_all_single, async_op)
 
 
 def batch_send_recv(mesh: ParallelMesh, axis: str, sends: list[tuple[torch.Tensor, int, int, str]],

@@ -5,13 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_losses(steps: list[dict], evals: list[dict], path: str | Path) -> str:
-    """Training loss per step and validation loss per evaluation; returns the path."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: str | Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_losses(steps: list[dict], evals: list[dict], path: str | Path) -> str:
+    """Training loss per step and validation loss per evaluation; returns the path."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="train loss", linewidth=1)
     if evals:
@@ -20,20 +35,12 @@ def plot_losses(steps: list[dict], evals: list[dict], path: str | Path) -> str:
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_runs(curves: dict[str, list[float]], path: str | Path, title: str = "") -> str:
     """Several runs' training loss per step, one line each; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, losses in curves.items():
         ax.plot(range(1, len(losses) + 1), losses, label=label, linewidth=1)
@@ -43,11 +50,7 @@ def plot_runs(curves: dict[str, list[float]], path: str | Path, title: str = "")
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -75,11 +78,7 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
 
 def plot_metrics(steps: list[dict], evals: list[dict], path: str | Path) -> str:
     """Loss (training and validation), learning rate and throughput against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     x = [s["step"] for s in steps]
     fig, (loss, lr, speed) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     loss.plot(x, [s["loss"] for s in steps], linewidth=1, label="train")
@@ -94,11 +93,7 @@ def plot_metrics(steps: list[dict], evals: list[dict], path: str | Path) -> str:
     speed.set_xlabel("step")
     for ax in (loss, lr, speed):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_trace_timeline(directory: str | Path, path: str | Path) -> str:
@@ -108,11 +103,7 @@ def plot_trace_timeline(directory: str | Path, path: str | Path) -> str:
     import json
     import re
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     files = sorted(Path(directory).glob("rank*.json"), key=lambda f: int(re.sub(r"\D", "", f.stem)))
     if not files:
         raise ValueError(f"{directory} holds no rank*.json traces (write them with `meshpar train --trace`)")
@@ -144,8 +135,4 @@ def plot_trace_timeline(directory: str | Path, path: str | Path) -> str:
     ax.invert_yaxis()
     ax.set_xlabel("time (ms) - forward blue, backward orange, weight green, waiting on a receive grey")
     ax.set_title(f"executed pipeline, from {directory}")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
