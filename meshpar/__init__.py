@@ -1,3 +1,26 @@
-"""meshpar: train transformers too large for one device."""
+"""meshpar: train transformers too large for one device.
+
+The public API - everything else is meshpar's own business and may change:
+
+- `init_mesh`, `parallelize`, `Plan`, `PipelinePlan`, `Parallelized`: bring your own model
+  and training loop (see meshpar/api.py and docs/api.md);
+- building blocks usable on their own: `ColumnLinear`, `RowLinear`, `VocabEmbedding`,
+  `vocab_parallel_cross_entropy`, `ShardedDataParallel` (ZeRO 0-3), `RingAttention`
+  (context parallelism), `build_schedule` and `simulate` (pipeline schedules as data and
+  their simulator), `ParallelMesh`.
+"""
 
 __version__ = "0.1.0"
+
+from meshpar.api import Parallelized, init_mesh, parallelize  # noqa: E402
+from meshpar.mesh import ParallelMesh  # noqa: E402
+from meshpar.parallel.context import RingAttention  # noqa: E402
+from meshpar.parallel.plan import ColumnLinear, PipelinePlan, Plan, RowLinear, VocabEmbedding  # noqa: E402
+from meshpar.parallel.tensor import vocab_parallel_cross_entropy  # noqa: E402
+from meshpar.parallel.zero import ShardedDataParallel  # noqa: E402
+from meshpar.pipeline.check import simulate  # noqa: E402
+from meshpar.pipeline.schedules import build_schedule  # noqa: E402
+
+__all__ = ["init_mesh", "parallelize", "Plan", "PipelinePlan", "Parallelized", "ParallelMesh", "ColumnLinear",
+           "RowLinear", "VocabEmbedding", "vocab_parallel_cross_entropy", "ShardedDataParallel", "RingAttention",
+           "build_schedule", "simulate"]

@@ -155,11 +155,13 @@ class ParallelMesh:
         return self.shape.world_size
 
     def size(self, axis: str) -> int:
+        """Ranks along `axis` (or a hierarchical sub-axis, dp_intra / dp_inter)."""
         if axis in self.sub_sizes:
             return self.sub_sizes[axis]
         return self.shape.size(axis)
 
     def node_of(self, rank: int) -> int:
+        """The node holding global rank `rank` (0 when nodes are not configured)."""
         return 0 if self.ranks_per_node is None else rank // self.ranks_per_node
 
     def spans_nodes(self, axis: str) -> bool:
@@ -177,9 +179,10 @@ class ParallelMesh:
         return self.shape.coords(self.rank)[axis]
 
     def coords(self) -> dict[str, int]:
+        """This rank's index along every axis."""
         return self.shape.coords(self.rank)
 
-    def group(self, axis: str):
+    def group(self, axis: str) -> object:
         """The process group of this rank's slice along `axis` ('world' for all ranks)."""
         if axis == "world":
             return dist.group.WORLD
@@ -190,7 +193,7 @@ class ParallelMesh:
         coords = self.coords()
         return [self.shape.rank(**{**coords, axis: i}) for i in range(self.size(axis))]
 
-    def destroy(self):
+    def destroy(self) -> None:
         """Release this mesh's process groups (their connections and threads); for a
         process that builds many meshes, as the test worlds do. Collective."""
         for group in set(self.groups.values()):
@@ -202,4 +205,5 @@ class ParallelMesh:
         return self.shape.rank(**{**self.coords(), axis: index})
 
     def describe(self) -> str:
+        """'pp=2 x dp=2 x cp=1 x tp=2'."""
         return " x ".join(f"{axis}={self.size(axis)}" for axis in AXES)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -99,6 +99,10 @@ class Bucket:
 
 
 class ShardedDataParallel:
+    """Data parallelism over the mesh's dp axis at ZeRO stage 0-3 (see the module
+    docstring): flat gradient buckets reduced from backward hooks, the optimizer on this
+    rank's shard (`optimizer_params`), parameters gathered back after `step`."""
+
     def __init__(self, module: nn.Module, mesh: ParallelMesh, stage: int = 0,
                  bucket_bytes: int = 25 * 2**20, overlap: bool = True, offload: tuple[str, ...] = (),
                  microbatches: int = 1, grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
@@ -182,6 +186,7 @@ class ShardedDataParallel:
         self.buckets.append(bucket)
 
     def params(self) -> list[nn.Parameter]:
+        """The parameters it manages, bucket by bucket."""
         return [p for b in self.buckets for p in b.params]
 
     def _master(self, b: Bucket) -> torch.Tensor:
@@ -227,7 +232,8 @@ class ShardedDataParallel:
 
     # --- a step -----------------------------------------------------------------------
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
+        """Start a step: no gradient accumulated, no reduction launched."""
         for b in self.buckets:
             b.accumulated, b.launched, b.reduction, b.reduced_into = 0, False, None, None
             if b.grad_flat is not None:
@@ -289,7 +295,7 @@ class ShardedDataParallel:
             if b.launched and b.grad_flat is not None and (b.reduction is None or b.reduction.is_completed()):
                 self._complete(b)
 
-    def finish_reduction(self):
+    def finish_reduction(self) -> None:
         """After the last backward of the step: launch what the hooks did not (no overlap,
         or gradients set outside backward) and wait for every reduction."""
         self.events.append((time.perf_counter(), "backward_done", -1))
@@ -302,7 +308,7 @@ class ShardedDataParallel:
             self._complete(b)
 
     @torch.no_grad()
-    def step(self, optimizer: torch.optim.Optimizer):
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer on this rank's shard (on the host when offloaded), then the
         updated shards gathered into the full parameters (stages 1-2)."""
         for b in self.buckets:
@@ -370,7 +376,7 @@ class ShardedDataParallel:
         b.gathered = False
 
     @contextmanager
-    def gathered(self):
+    def gathered(self) -> Iterator[None]:
         """Context: every bucket's full parameters present (ZeRO-3), e.g. to read them."""
         for b in self.buckets:
             self._gather(b, "read")

@@ -172,5 +172,7 @@ def validate(schedule: Schedule) -> None:
 
 
 def simulate(schedule: Schedule, costs: Costs = Costs()) -> Simulation:
+    """Validate `schedule`, then run it on an event clock with these action costs: total
+    time, bubble fraction and peak in-flight micro-batches per rank."""
     validate(schedule)
     return _run(schedule, costs)

@@ -117,6 +117,9 @@ GENERATORS = {
 
 
 def build_schedule(name: str, p: int, v: int, m: int, communication: bool = True) -> Schedule:
+    """The schedule `name` for p ranks, v chunks per rank and m micro-batches, as data
+    (each rank's list of actions), with sends and receives added unless `communication`
+    is False. ValueError names the valid choices."""
     if name not in GENERATORS:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(GENERATORS)}")
     schedule = GENERATORS[name](p, v, m)

@@ -1,0 +1,161 @@
+"""meshpar from Python: bring your own model and your own loop.
+
+    mesh = meshpar.init_mesh(dp=2, tp=2)                 # under torchrun
+    model = meshpar.parallelize(MyModel(), mesh, my_plan, zero=1, lr=3e-4)
+    for inputs, targets in batches:                       # this dp rank's rows
+        loss = model.step(inputs, targets)                # forward, backward, update
+
+`step` runs forward, backward, the dp reduction (ZeRO stage 0-3), global-norm clipping
+and AdamW for any layout - tensor-parallel by the plan, a pipeline (any synchronous
+schedule) when the mesh has pp > 1, data-parallel over dp. The loss is the mean
+next-token cross entropy over the global batch, as one device would compute it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from meshpar import comm
+from meshpar.config import TrainConfig
+from meshpar.mesh import MeshShape, ParallelMesh
+from meshpar.parallel.plan import FUSED_ATTR, Plan, PlannedStages, apply_tensor_plan, gather_fused
+from meshpar.parallel.sharding import gather_full, shard_spec
+from meshpar.parallel.tensor import vocab_parallel_cross_entropy
+from meshpar.parallel.zero import ShardedDataParallel
+from meshpar.pipeline.runtime import PipelineRuntime
+from meshpar.pipeline.schedules import GENERATORS, build_schedule
+from meshpar.pipeline.split import stage_layers_of
+from meshpar.train.optim import adamw, clip_by_norm, global_grad_norm
+
+
+def init_mesh(dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, *, backend: str | None = None,
+              timeout_s: float = 300.0) -> ParallelMesh:
+    """The mesh of this process's rank, from torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT); starts the default process group if none is running
+    (gloo, or nccl when CUDA is available). One process and no torchrun: a single rank.
+    The degrees must multiply to the world size."""
+    for name, value in (("dp", dp), ("tp", tp), ("pp", pp), ("cp", cp)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be at least 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dp * tp * pp * cp != world:
+        raise ValueError(f"dp*tp*pp*cp = {dp * tp * pp * cp} but the world has {world} rank(s); "
+                         f"start with `torchrun --nproc-per-node {dp * tp * pp * cp} ...` or change the degrees")
+    if world == 1:
+        return ParallelMesh.single()
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return ParallelMesh.build(MeshShape(pp=pp, dp=dp, cp=cp, tp=tp), int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+@dataclass
+class Parallelized:
+    """A model split over a mesh, its optimizer, and one training step. Build it with
+    `parallelize`."""
+
+    module: nn.Module
+    mesh: ParallelMesh
+    plan: Plan
+    optimizer: torch.optim.Optimizer
+    data_parallel: ShardedDataParallel
+    microbatches: int
+    max_grad_norm: float
+    schedule: str
+    vocab: dict = field(default_factory=dict)
+    pipeline: PipelineRuntime | None = None
+
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross entropy of a micro-batch (vocab-parallel when the
+        plan splits the output layer)."""
+        if self.vocab:
+            return vocab_parallel_cross_entropy(logits, targets, self.vocab["vocab_start"],
+                                                self.vocab["vocab_local"], self.mesh).sum()
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """One optimizer step on this dp rank's rows of the global batch (tokens and
+        next-token targets, batch x sequence); returns the global batch's mean loss."""
+        xs, ys = inputs.chunk(self.microbatches), targets.chunk(self.microbatches)
+        tokens = targets.numel() * self.mesh.size("dp")
+        self.data_parallel.zero_grad()
+        if self.mesh.size("pp") > 1:
+            loss = self._pipeline(xs[0]).run(list(xs), list(ys), tokens)
+        else:
+            loss = torch.zeros((), device=inputs.device)
+            for x, y in zip(xs, ys):
+                part = self.loss_sum(self.module(x), y) / tokens
+                part.backward()
+                loss += part.detach()
+        self.data_parallel.finish_reduction()
+        for axis in ("dp", "pp"):
+            comm.all_reduce(self.mesh, axis, loss, tag="loss")
+        dp = self.data_parallel
+        norm = global_grad_norm(dp.grad_pieces(), self.mesh, sharded_over_dp=dp.grads_sharded)
+        clip_by_norm(dp.grads(), norm, self.max_grad_norm)
+        dp.step(self.optimizer)
+        return loss.item()
+
+    def _pipeline(self, micro_batch: torch.Tensor) -> PipelineRuntime:
+        if self.pipeline is None:
+            pp = self.mesh.size("pp")
+            shape = (micro_batch.shape[0], micro_batch.shape[1], self.plan.pipeline.hidden_size)
+            self.pipeline = PipelineRuntime(build_schedule(self.schedule, pp, 1, self.microbatches), self.module,
+                                            self.mesh, self.loss_sum, shape, micro_batch.device,
+                                            measure_activations=False)
+        return self.pipeline
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter this rank's pipeline stage holds, at full (single-device)
+        shape. Collective over tp and dp."""
+        out = {}
+        with self.data_parallel.gathered():
+            for name, p in self.module.named_parameters():
+                full = gather_full(p, shard_spec(p), self.mesh)
+                parts = getattr(p, FUSED_ATTR, 1)
+                out[_model_name(name, self.plan)] = gather_fused(full, parts, self.mesh.size("tp")) if parts > 1 else full
+        return out
+
+
+def _model_name(name: str, plan: Plan) -> str:
+    return name  # PlannedStages keeps the model's own names
+
+
+def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int = 0, microbatches: int = 1,
+                schedule: str = "1f1b", lr: float = 3e-4, weight_decay: float = 0.1,
+                betas: tuple[float, float] = (0.9, 0.95), max_grad_norm: float = 1.0) -> Parallelized:
+    """Split `model` (built the same, from the same seed, on every rank) over `mesh` by
+    `plan`: tensor parallelism over tp, a pipeline of `schedule` with `microbatches`
+    micro-batches per step over pp (the plan's `pipeline` part), ZeRO stage `zero` over
+    dp, and an AdamW with these settings (matrices decayed, vectors not)."""
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero={zero}: choose 0, 1, 2 or 3")
+    if mesh.size("cp") > 1:
+        raise ValueError("context parallelism is not offered for plans yet; use meshpar's own model for cp")
+    pp = mesh.size("pp")
+    if pp > 1:
+        if plan.pipeline is None:
+            raise ValueError("pp > 1 needs the plan's `pipeline` part (PipelinePlan)")
+        if schedule not in GENERATORS or schedule in ("async", "interleaved-1f1b"):
+            raise ValueError(f"schedule {schedule!r}: choose one of naive, gpipe, 1f1b, zb-h1")
+        if zero == 3:
+            raise ValueError("zero=3 with a pipeline of a planned model is not supported; use zero 0-2")
+    vocab = apply_tensor_plan(model, plan, mesh)
+    if pp > 1:
+        blocks = len(model.get_submodule(plan.pipeline.blocks))
+        if blocks < pp:
+            raise ValueError(f"{blocks} blocks cannot fill {pp} pipeline stages")
+        counts = [blocks // pp + (1 if s < blocks % pp else 0) for s in range(pp)]
+        stage = mesh.index("pp")
+        model = PlannedStages(model, plan.pipeline, {stage: stage_layers_of(counts)[stage]}, pp)
+    data_parallel = ShardedDataParallel(model, mesh, zero, microbatches=microbatches)
+    settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
+    optimizer = adamw(*data_parallel.optimizer_params(), settings)
+    return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab)

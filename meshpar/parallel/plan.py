@@ -1,0 +1,223 @@
+"""Plans: tensor and pipeline parallelism for a model meshpar did not write, from a map of
+its module names to parallel styles - no edit to the model.
+
+    column            nn.Linear split by output features; {name: k} for k fused outputs
+                      (q, k, v in one projection: each of the k parts is split, so rank r
+                      holds its heads of each); bias split alike
+    row               nn.Linear split by input features; partial outputs summed over tp,
+                      then the bias added once
+    vocab_embedding   nn.Embedding split by rows (vocabulary)
+    vocab_output      the output nn.Linear split by vocabulary; the loss is the
+                      vocab-parallel cross entropy (the full logits are never gathered)
+    divide_by_tp      attributes divided by tp (an attention's head count)
+    pipeline          the model as first modules + embed(), a ModuleList of blocks,
+                      last modules + head(): stages are runs of blocks
+
+Names are `fnmatch` patterns over `named_modules()`. Sequence parallelism is not offered
+for plans (a plan does not know where the model's norms and residuals are).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshpar.mesh import ParallelMesh
+from meshpar.parallel.sharding import SPEC_ATTR, ShardSpec
+from meshpar.parallel.tensor import copy_to_tensor_parallel, reduce_from_tensor_parallel
+
+FUSED_ATTR = "meshpar_fused_chunks"  # a column parameter's k fused parts, for gathering it back
+
+
+@dataclass
+class PipelinePlan:
+    """The model as a pipeline: `first` modules and `embed(model, tokens) -> hidden` on
+    the first stage, the blocks of the ModuleList `blocks` (each `block(hidden) ->
+    hidden`) spread over the stages, `last` modules and `head(model, hidden) -> logits`
+    on the last stage. `hidden_size` is the width of what passes between stages."""
+
+    blocks: str
+    first: list[str]
+    last: list[str]
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    hidden_size: int
+
+
+@dataclass
+class Plan:
+    """Module-name patterns (fnmatch over `named_modules()`) mapped to parallel styles:
+
+    - column: nn.Linear split by output features; {pattern: k} for k fused outputs (q, k,
+      v in one projection: each part is split, so a rank holds its heads of each);
+    - row: nn.Linear split by input features, partial outputs summed, the bias added once;
+    - vocab_embedding: nn.Embedding split by vocabulary rows;
+    - vocab_output: the output nn.Linear split by vocabulary, with the vocab-parallel
+      cross entropy (the full logits are never gathered);
+    - divide_by_tp: attributes divided by tp (an attention's head count);
+    - pipeline: a PipelinePlan, for pp > 1."""
+
+    column: dict[str, int] | list[str] = field(default_factory=dict)
+    row: list[str] = field(default_factory=list)
+    vocab_embedding: list[str] = field(default_factory=list)
+    vocab_output: str | None = None
+    divide_by_tp: dict[str, list[str]] = field(default_factory=dict)
+    pipeline: PipelinePlan | None = None
+
+    def columns(self) -> dict[str, int]:
+        """The column patterns with their fused-part counts."""
+        return dict.fromkeys(self.column, 1) if isinstance(self.column, list) else dict(self.column)
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _param(local: torch.Tensor, spec: ShardSpec | None = None, fused: int = 1) -> nn.Parameter:
+    param = nn.Parameter(local.detach().clone().contiguous())
+    if spec is not None:
+        setattr(param, SPEC_ATTR, spec)
+    if fused > 1:
+        setattr(param, FUSED_ATTR, fused)
+    return param
+
+
+class ColumnLinear(nn.Module):
+    """y_local = x W_local^T + b_local, W split by output features (each of `fused` parts
+    split on its own); x is replicated on the tp ranks."""
+
+    def __init__(self, linear: nn.Linear, mesh: ParallelMesh, fused: int = 1):
+        super().__init__()
+        t, r = mesh.size("tp"), mesh.index("tp")
+        self.mesh = mesh
+        rows = linear.out_features
+        if rows % (fused * t):
+            raise ValueError(f"{rows} output features do not split into {fused} parts over tp={t}")
+
+        def split(tensor):
+            return torch.cat([part.chunk(t)[r] for part in tensor.chunk(fused)])
+        spec = ShardSpec.even("tp", 0, rows, t)
+        self.weight = _param(split(linear.weight), spec, fused)
+        self.bias = None if linear.bias is None else _param(split(linear.bias), spec, fused)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's output features of the full input."""
+        return F.linear(copy_to_tensor_parallel(x, self.mesh), self.weight, self.bias)
+
+
+class RowLinear(nn.Module):
+    """y = sum over tp of x_local W_local^T, plus the bias once; W split by input features."""
+
+    def __init__(self, linear: nn.Linear, mesh: ParallelMesh):
+        super().__init__()
+        t, r = mesh.size("tp"), mesh.index("tp")
+        if linear.in_features % t:
+            raise ValueError(f"{linear.in_features} input features do not split over tp={t}")
+        self.mesh = mesh
+        self.weight = _param(linear.weight.chunk(t, dim=1)[r], ShardSpec.even("tp", 1, linear.in_features, t))
+        self.bias = None if linear.bias is None else _param(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The full output from this rank's input features."""
+        y = reduce_from_tensor_parallel(F.linear(x, self.weight), self.mesh)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabEmbedding(nn.Module):
+    """Rows [start, start + rows) of the table on each tp rank; partial lookups summed."""
+
+    def __init__(self, embedding: nn.Embedding, mesh: ParallelMesh):
+        super().__init__()
+        t, r = mesh.size("tp"), mesh.index("tp")
+        vocab = embedding.num_embeddings
+        if vocab % t:
+            raise ValueError(f"a vocabulary of {vocab} does not split over tp={t}")
+        self.mesh, self.start = mesh, r * vocab // t
+        self.weight = _param(embedding.weight.chunk(t)[r], ShardSpec.even("tp", 0, vocab, t))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full embeddings, each looked up on the rank owning its row."""
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_parallel(x, self.mesh)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def apply_tensor_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh) -> dict:
+    """Replace the planned modules by their tp-parallel versions, in place. Returns what
+    the loss needs: {"vocab_start", "vocab_local"} when the output is vocab-parallel."""
+    if mesh.size("tp") == 1:
+        return {}
+    t = mesh.size("tp")
+    columns = plan.columns()
+    found = set()
+    for name, module in list(model.named_modules()):
+        for patterns, build in ((columns, lambda m, n: ColumnLinear(m, mesh, columns[_which(n, columns)])),
+                                (plan.row, lambda m, n: RowLinear(m, mesh)),
+                                (plan.vocab_embedding, lambda m, n: VocabEmbedding(m, mesh))):
+            if name and _matches(name, patterns):
+                _set(model, name, build(module, name))
+                found.add(name)
+        if name and _matches(name, plan.divide_by_tp):
+            for attr in next(v for p, v in plan.divide_by_tp.items() if fnmatch.fnmatchcase(name, p)):
+                value = getattr(module, attr)
+                if value % t:
+                    raise ValueError(f"{name}.{attr}={value} does not divide by tp={t}")
+                setattr(module, attr, value // t)
+    out = {}
+    if plan.vocab_output:
+        head = model.get_submodule(plan.vocab_output)
+        _set(model, plan.vocab_output, ColumnLinear(head, mesh))
+        out = {"vocab_start": mesh.index("tp") * head.out_features // t, "vocab_local": head.out_features // t}
+        found.add(plan.vocab_output)
+    if not found:
+        raise ValueError("the plan matched no module of the model: check its names against named_modules()")
+    return out
+
+
+def _which(name: str, patterns: dict[str, int]) -> str:
+    return next(p for p in patterns if fnmatch.fnmatchcase(name, p))
+
+
+def gather_fused(full_chunks: torch.Tensor, parts: int, tp: int) -> torch.Tensor:
+    """Undo a fused column split: the ranks' locals, concatenated in rank order, back into
+    [part 0 of every rank, part 1 of every rank, ...]."""
+    per_rank = full_chunks.chunk(tp)
+    return torch.cat([rank_local.chunk(parts)[k] for k in range(parts) for rank_local in per_rank])
+
+
+class PlannedStages(nn.Module):
+    """The stages one rank holds of a planned model, under the model's parameter names,
+    with the interface the pipeline runtime drives: forward_stage(stage, x)."""
+
+    def __init__(self, model: nn.Module, pipeline: PipelinePlan, stage_blocks: dict[int, range], num_stages: int):
+        super().__init__()
+        self.pipeline, self.stage_blocks, self.num_stages = pipeline, stage_blocks, num_stages
+        blocks = model.get_submodule(pipeline.blocks)
+        if 0 in stage_blocks:
+            for name in pipeline.first:
+                setattr(self, name, model.get_submodule(name))
+        setattr(self, pipeline.blocks, nn.ModuleDict({str(i): blocks[i] for r in stage_blocks.values() for i in r}))
+        if num_stages - 1 in stage_blocks:
+            for name in pipeline.last:
+                setattr(self, name, model.get_submodule(name))
+
+    def forward_stage(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        if stage == 0:
+            x = self.pipeline.embed(self, x)
+        blocks = getattr(self, self.pipeline.blocks)
+        for i in self.stage_blocks[stage]:
+            x = blocks[str(i)](x)
+        if stage == self.num_stages - 1:
+            x = self.pipeline.head(self, x)
+        return x
