@@ -120,12 +120,9 @@ class Parallelized:
             for name, p in self.module.named_parameters():
                 full = gather_full(p, shard_spec(p), self.mesh)
                 parts = getattr(p, FUSED_ATTR, 1)
-                out[_model_name(name, self.plan)] = gather_fused(full, parts, self.mesh.size("tp")) if parts > 1 else full
+                # PlannedStages keeps the model's own parameter names
+                out[name] = gather_fused(full, parts, self.mesh.size("tp")) if parts > 1 else full
         return out
-
-
-def _model_name(name: str, plan: Plan) -> str:
-    return name  # PlannedStages keeps the model's own names
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int = 0, microbatches: int = 1,
