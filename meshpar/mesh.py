@@ -101,6 +101,7 @@ class ParallelMesh:
     # Hierarchical data parallelism: dp split into its ranks on this node ("dp_intra")
     # and the ranks at the same place on every node ("dp_inter"), when dp spans nodes.
     sub_sizes: dict[str, int] = field(default_factory=dict)
+    _spans: dict[str, bool] = field(default_factory=dict, repr=False)  # spans_nodes, per axis
 
     @classmethod
     def single(cls) -> ParallelMesh:
@@ -171,8 +172,10 @@ class ParallelMesh:
             return False
         if axis == "dp_inter":
             return True
-        ranks = range(self.world_size) if axis == "world" else self.ranks(axis.removesuffix("_p2p"))
-        return len({r // self.ranks_per_node for r in ranks}) > 1
+        if axis not in self._spans:  # asked on every collective: work it out once
+            ranks = range(self.world_size) if axis == "world" else self.ranks(axis.removesuffix("_p2p"))
+            self._spans[axis] = len({r // self.ranks_per_node for r in ranks}) > 1
+        return self._spans[axis]
 
     def index(self, axis: str) -> int:
         """This rank's index along `axis`."""

@@ -51,6 +51,15 @@ def params_per_rank(spec: ModelSpec, layout: Layout) -> int:
     return layers * per_layer + ends // layout.tp
 
 
+def state_bytes(params: int, dp: int, zero: int, offload_optimizer: bool, dtypes: Dtypes) -> tuple[float, float, float]:
+    """(parameter, gradient, optimizer-state) bytes on a rank holding `params` parameters:
+    ZeRO shards the optimizer states over dp (stage 1), then the gradients (2), then the
+    parameters (3); offloaded states live in host memory (0 here)."""
+    return (params * dtypes.param_bytes / (dp if zero >= 3 else 1),
+            params * dtypes.grad_bytes / (dp if zero >= 2 else 1),
+            0.0 if offload_optimizer else params * (dtypes.master_bytes + dtypes.moment_bytes) / (dp if zero else 1))
+
+
 def layer_activation_bytes(spec: ModelSpec, layout: Layout, dtypes: Dtypes) -> float:
     """Bytes one layer saves for backward per micro-batch on one rank."""
     return _layer_activation_bytes(spec, layout.micro_batch_size, spec.seq_len // layout.cp, layout.tp,
@@ -83,13 +92,8 @@ def head_activation_bytes(spec: ModelSpec, layout: Layout, dtypes: Dtypes) -> fl
 
 
 def memory_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dtypes = Dtypes()) -> dict[str, float]:
-    n = layout.dp
-    params = params_per_rank(spec, layout)
-    param_bytes = params * dtypes.param_bytes / (n if layout.zero >= 3 else 1)
-    grad_bytes = params * dtypes.grad_bytes / (n if layout.zero >= 2 else 1)
-    optimizer = params * (dtypes.master_bytes + dtypes.moment_bytes) / (n if layout.zero >= 1 else 1)
-    if layout.offload == "optimizer":
-        optimizer = 0.0
+    params, grads, optimizer = state_bytes(params_per_rank(spec, layout), layout.dp, layout.zero,
+                                           layout.offload == "optimizer", dtypes)
     shape = pipeline_shape(layout.schedule, layout.pp, layout.virtual_stages, layout.microbatches(global_batch))
     layers_per_chunk = -(-spec.layers // (layout.pp * layout.virtual_stages))
     activations = shape.peak_inflight * layers_per_chunk * layer_activation_bytes(spec, layout, dtypes)
@@ -98,6 +102,6 @@ def memory_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dty
     other = WORKSPACE_BYTES + 2 * BUCKET_BYTES
     if layout.zero == 3:  # two units gathered at once (the one running, the one prefetched)
         other += 2 * spec.layer_params() / layout.tp * dtypes.param_bytes
-    total = param_bytes + grad_bytes + optimizer + activations + other
-    return {"params": param_bytes, "grads": grad_bytes, "optimizer": optimizer,
+    total = params + grads + optimizer + activations + other
+    return {"params": params, "grads": grads, "optimizer": optimizer,
             "activations": activations, "other": other, "total": total}

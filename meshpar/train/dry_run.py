@@ -19,7 +19,7 @@ from meshpar.parallel.apply import parallelize
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.schedules import build_schedule
 from meshpar.planner.layout import Layout
-from meshpar.planner.memory import Dtypes, WORKSPACE_BYTES, layer_activation_bytes
+from meshpar.planner.memory import Dtypes, WORKSPACE_BYTES, layer_activation_bytes, state_bytes
 from meshpar.planner.model import from_meshpar
 from meshpar.train.metrics import format_bytes
 
@@ -52,10 +52,7 @@ def dry_run(cfg: Config) -> str:
         params = sum(p.numel() for p in parallel.module.parameters())
         total_params += params
         layers = sum(isinstance(m, TransformerBlock) for m in parallel.module.modules())
-        n = par.dp
-        state = params * (dtypes.param_bytes / (n if par.zero >= 3 else 1)
-                          + dtypes.grad_bytes / (n if par.zero >= 2 else 1)
-                          + (0 if par.offload else (dtypes.master_bytes + dtypes.moment_bytes) / (n if par.zero else 1)))
+        state = sum(state_bytes(params, par.dp, par.zero, bool(par.offload), dtypes))
         activations = inflight[stage] * layers / par.virtual_stages * per_layer
         ranks = [r for r in range(shape.world_size) if shape.coords(r)["pp"] == stage]
         span = f"{ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else f"{len(ranks)} ranks"
