@@ -76,6 +76,16 @@ TRAIN_FLAGS = {
     "--check-consistency-every": ("train", "check_consistency_every", int,
                                   "every N steps, check that replicated parameters are identical on every "
                                   "rank (by checksum) and name the first that is not (default 0: never)"),
+    "--save-dir": ("train", "save_dir", str, "write sharded checkpoints here (DIR/step-N, atomic); one is "
+                                            "always written at the end and when stopping early"),
+    "--save-every": ("train", "save_every", int, "steps between checkpoints (default 0: only at the end)"),
+    "--keep-checkpoints": ("train", "keep_checkpoints", int, "keep the newest K complete checkpoints (3)"),
+    "--init-from": ("train", "init_from", str, "start from the parameters of a checkpoint or a Hugging Face "
+                                               "Llama directory (its model shape when --model is not given)"),
+    "--stop-after-step": ("train", "stop_after_step", int, "save and exit cleanly after step N "
+                                                           "(continue later with --resume)"),
+    "--stop-after-minutes": ("train", "stop_after_minutes", float,
+                             "save and exit cleanly after the first step that ends past M minutes"),
     "--precision": ("train", "precision", str, "fp32, bf16 or fp16 compute; fp32 master weights (fp32)"),
     "--loss-scale-initial": ("train", "loss_scale_initial", float, "fp16: initial loss scale (65536)"),
     "--loss-scale-growth-interval": ("train", "loss_scale_growth_interval", int,
@@ -100,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sequence-parallel", action="store_true",
                        help="with --tp: shard norms and the residual stream along the sequence")
     train.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint in --save-dir, in any layout "
+                            "(from scratch when there is none, as on a job's first start)")
     train.add_argument("--dry-run", action="store_true",
                        help="build each pipeline stage on the meta device, print per-rank parameters, memory "
                             "estimates and the pipeline schedule, and exit without training (any model size)")
@@ -231,6 +244,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.parallel.sequence_parallel = True
     if args.no_progress:
         cfg.train.progress = False
+    if args.resume:
+        cfg.train.resume = True
     if args.no_overlap:
         cfg.parallel.overlap = False
     if args.no_error_feedback:

@@ -97,6 +97,13 @@ class TrainConfig:
     trace_dir: str | None = None  # write a Chrome/Perfetto trace per rank of steps 2-4 here
     comm_timeout: float = 300.0  # seconds one collective may wait before the watchdog ends the run
     check_consistency_every: int = 0  # compare replicated parameters across ranks every N steps (0: never)
+    save_dir: str | None = None  # checkpoints go here, one step-N directory each (and one at the end)
+    save_every: int = 0  # steps between checkpoints (0: only at the end and when stopping early)
+    keep_checkpoints: int = 3  # the newest K complete checkpoints are kept
+    resume: bool = False  # continue from the newest complete checkpoint in save_dir (from scratch if none)
+    init_from: str | None = None  # start from these parameters: a checkpoint or a Hugging Face Llama directory
+    stop_after_step: int | None = None  # save and exit cleanly after this step
+    stop_after_minutes: float | None = None  # save and exit cleanly after the step that passes this wall time
 
     def num_microbatches(self, dp: int) -> int:
         per_rank = self.global_batch_size // dp
@@ -221,6 +228,66 @@ def _communication_problems(cfg: Config, env) -> list[str]:
                                 f"here dp={par.dp} has {per_node} rank(s) on each of {nodes} node(s) "
                                 f"of {k} ranks (set --ranks-per-node)")
     return problems
+
+
+def _checkpoint_problems(cfg: Config) -> list[str]:
+    """Flags of saving and resuming; the checkpoints named must exist, be complete and
+    hold this run's model (their headers are read, nothing else)."""
+    tr, par = cfg.train, cfg.parallel
+    problems = []
+    for name in ("save_every", "stop_after_step", "stop_after_minutes", "resume"):
+        value = getattr(tr, name)
+        if value and not tr.save_dir:
+            problems.append(f"--{name.replace('_', '-')} needs --save-dir (where the checkpoint goes)")
+    if tr.save_every < 0:
+        problems.append(f"--save-every={tr.save_every} must be at least 0 (0: only at the end)")
+    if tr.keep_checkpoints < 1:
+        problems.append(f"--keep-checkpoints={tr.keep_checkpoints} must be at least 1")
+    if tr.stop_after_step is not None and tr.stop_after_step < 1:
+        problems.append(f"--stop-after-step={tr.stop_after_step} must be at least 1")
+    if tr.stop_after_minutes is not None and tr.stop_after_minutes <= 0:
+        problems.append(f"--stop-after-minutes={tr.stop_after_minutes} must be positive")
+    if tr.save_dir and par.schedule == "async" and par.pp > 1:
+        problems.append("--save-dir with --schedule async is not supported: between two steps the async "
+                        "schedule holds a batch's gradient half applied; use another schedule")
+    if problems:
+        return problems
+    from meshpar.checkpoint import CheckpointError, latest_checkpoint, open_checkpoint
+
+    sources = []
+    if tr.resume and latest_checkpoint(tr.save_dir) is not None:
+        sources.append(("--resume", tr.save_dir))
+    if tr.init_from:
+        if not Path(tr.init_from).exists():
+            return [f"--init-from {tr.init_from}: no such file or directory"]
+        sources.append(("--init-from", tr.init_from))
+    for flag, path in sources:
+        try:
+            saved = open_checkpoint(path).meta["model"]
+        except CheckpointError as err:
+            problems.append(f"{flag}: {err}")
+            continue
+        ours = dataclasses.asdict(cfg.model.resolve())
+        differ = [f"{k} {ours[k]} (checkpoint {saved[k]})" for k in ours if k in saved and saved[k] != ours[k]]
+        if differ:
+            problems.append(f"{flag} {path} holds another model: this run's {cfg.model.name} differs in "
+                            f"{', '.join(differ)}")
+    return problems
+
+
+def adopt_checkpoint_model(cfg: Config) -> None:
+    """With --init-from and the default model, the model's shape is the checkpoint's."""
+    if not cfg.train.init_from or cfg.model.name != "tiny" or cfg.model.overrides or not Path(cfg.train.init_from).exists():
+        return
+    from meshpar.checkpoint import CheckpointError, open_checkpoint
+
+    try:
+        saved = open_checkpoint(cfg.train.init_from).meta["model"]
+    except CheckpointError:
+        return  # validate() reports it
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    name = saved.get("name") if saved.get("name") in PRESETS else "tiny"
+    cfg.model = ModelSection(name=name, overrides={k: v for k, v in saved.items() if k in fields})
 
 
 def _divisors(n: int) -> str:
@@ -358,6 +425,8 @@ def validate(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = Fal
         problems.append(f"torchrun started {env['WORLD_SIZE']} ranks but dp*tp*pp*cp = "
                         f"{par.world_size}; make the degrees multiply to the world size")
     problems += _check_device(tr.device, par.world_size, env)
+    if model is not None and not problems:
+        problems += _checkpoint_problems(cfg)
     if tr.seq_len >= 1:
         problems += _check_data(tr.data, tr.seq_len, model.vocab_size if model else None)
     return problems
@@ -395,7 +464,9 @@ def _check_data(path: str | None, seq_len: int, vocab_size: int | None) -> list[
 
 
 def check(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = False) -> Config:
-    """Raise ConfigError with every problem in `cfg`; return it unchanged if none."""
+    """Raise ConfigError with every problem in `cfg`; return it (its model read from
+    --init-from when none is given) if none."""
+    adopt_checkpoint_model(cfg)
     problems = validate(cfg, env, dry_run)
     if problems:
         raise ConfigError(problems)

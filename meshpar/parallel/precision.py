@@ -68,3 +68,6 @@ class DynamicLossScaler:
 
     def state_dict(self) -> dict:
         return {"scale": self.scale, "clean_steps": self.clean_steps, "overflows_left": self.overflows_left}
+
+    def load_state_dict(self, state: dict):
+        self.scale, self.clean_steps, self.overflows_left = state["scale"], state["clean_steps"], state["overflows_left"]

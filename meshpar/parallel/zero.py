@@ -64,6 +64,17 @@ def units_of(module: nn.Module) -> list[nn.Module]:
 
 
 @dataclass
+class OptimizerPiece:
+    """One optimizer leaf: elements [start, stop) of `param`'s flattened local tensor,
+    this rank's share of it (all of it below ZeRO-1)."""
+
+    param: nn.Parameter
+    start: int
+    stop: int
+    leaf: nn.Parameter  # what the optimizer steps; its state is keyed by it
+
+
+@dataclass
 class Bucket:
     index: int
     units: list[nn.Module]  # forward order
@@ -129,6 +140,7 @@ class ShardedDataParallel:
                 pending, pending_bytes = [], 0
         if pending:
             self._add_bucket(pending, seen)
+        self.optimizer_pieces: list[OptimizerPiece] = []  # filled by optimizer_params()
         self._slot_of = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         for p in self.params():
             p.register_post_accumulate_grad_hook(self._on_grad)
@@ -205,6 +217,7 @@ class ShardedDataParallel:
         this rank's shard, aliasing the master shard, with `.grad` aliasing its gradient.
         Matrices are decayed, vectors (norm gains) not - as the whole parameter would be."""
         decayed, undecayed = [], []
+        self.optimizer_pieces = []
         for b in self.buckets:
             master = self._master(b)
             grad = b.host["grad"] if b.host else self._grad_of_shard(b)
@@ -212,7 +225,27 @@ class ShardedDataParallel:
                 piece = nn.Parameter(master[part])
                 piece.grad = grad[part]
                 (decayed if p.ndim >= 2 else undecayed).append(piece)
+                offset = b.offsets[next(i for i, q in enumerate(b.params) if q is p)]
+                self.optimizer_pieces.append(OptimizerPiece(p, part.start + b.shard[0] - offset,
+                                                            part.stop + b.shard[0] - offset, piece))
         return decayed, undecayed
+
+    @torch.no_grad()
+    def load_params(self, values_of: Callable[[nn.Parameter], torch.Tensor]) -> None:
+        """Overwrite every parameter with `values_of(param)` (its whole local tensor)
+        wherever this rank keeps it: the full buffer, its shard, the offloaded master."""
+        for b in self.buckets:
+            lo_shard, hi_shard = b.shard
+            for p, offset in zip(b.params, b.offsets):
+                values = values_of(p).reshape(-1).to(b.param_shard.dtype)
+                if self.stage < 3:
+                    b.param_flat[offset:offset + p.numel()].copy_(values)
+                lo, hi = max(offset, lo_shard), min(offset + p.numel(), hi_shard)
+                if lo < hi:
+                    mine = values[lo - offset:hi - offset]
+                    b.param_shard[lo - lo_shard:hi - lo_shard].copy_(mine)
+                    if b.host and b.host["master"] is not b.param_shard:
+                        b.host["master"][lo - lo_shard:hi - lo_shard].copy_(mine)
 
     def produced_nonfinite(self) -> bool:
         """Whether this rank's own gradients (before reduction) held a NaN or Inf."""

@@ -10,13 +10,22 @@ from tqdm import tqdm
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `path` (rank 0 only; no-op elsewhere)."""
+    """Appends one JSON object per line to `path` (rank 0 only; no-op elsewhere).
+    `continue_after`: a resumed run keeps the records of steps up to it and goes on."""
 
-    def __init__(self, path: str | None, enabled: bool):
+    def __init__(self, path: str | None, enabled: bool, continue_after: int | None = None):
         self.file = None
         if path and enabled:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if continue_after is not None and path.is_file():
+                for line in path.read_text().splitlines():
+                    record = json.loads(line)
+                    if not record.get("summary") and record.get("step", 0) <= continue_after:
+                        kept.append(line + "\n")
             self.file = open(path, "w")
+            self.file.writelines(kept)
 
     def write(self, record: dict):
         if self.file:
@@ -31,8 +40,8 @@ class MetricsLog:
 class Progress:
     """tqdm bar with the latest step's figures; silent when disabled."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.bar = tqdm(total=total, desc="train", unit="step", file=sys.stderr,
+    def __init__(self, total: int, enabled: bool, initial: int = 0):
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr,
                         dynamic_ncols=True) if enabled else None
 
     def step(self, record: dict):

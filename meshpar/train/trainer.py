@@ -30,6 +30,9 @@ from meshpar.planner.hardware import device_peak_flops
 from meshpar.planner.model import from_meshpar
 from meshpar.train.metrics import MetricsLog, Progress, format_bytes, peak_memory
 from meshpar.train.trace import Tracer
+from meshpar.train.faults import Faults
+from meshpar.checkpoint import CheckpointReader, latest_checkpoint, open_checkpoint
+from meshpar.checkpoint.training import load_parameters, restore_training, save_training
 from meshpar.train.plot import plot_losses
 from meshpar.train.optim import adamw, clip_by_norm, global_grad_norm, lr_at
 
@@ -98,6 +101,22 @@ class Trainer:
         self.peak_saved_bytes = 0  # activations held for backward (the pipeline counts its own)
         self.flops_per_token = from_meshpar(self.model_cfg, tr.seq_len).flops_per_token()
         self.peak_flops = device_peak_flops(device)  # None on a CPU: no MFU
+        self.faults = Faults(mesh.rank)
+        self.started_from = self._load_checkpoint()
+
+    def _load_checkpoint(self) -> str | None:
+        """--resume: the newest complete checkpoint in --save-dir, whole; else --init-from:
+        parameters only. Returns what was loaded (None: the seeded initialisation)."""
+        tr = self.cfg.train
+        found = latest_checkpoint(tr.save_dir) if tr.resume and tr.save_dir else None
+        if found is not None:
+            reader = CheckpointReader(found)
+            restore_training(self, reader)
+            return f"resumed from {reader.path} (step {self.step})"
+        if tr.init_from:
+            load_parameters(self, open_checkpoint(tr.init_from))
+            return f"parameters from {tr.init_from}"
+        return None
 
     def _microbatches(self, loader: BatchLoader) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """This rank's rows of the loader's next global batch (and under context parallelism
@@ -257,16 +276,34 @@ class Trainer:
         comm.all_reduce(self.mesh, "pp", loss_sum, tag="eval")
         return loss_sum.item()
 
+    def _stop_requested(self, started: float) -> str | None:
+        """Why the run stops early after this step (the same answer on every rank), or None."""
+        tr = self.cfg.train
+        if tr.stop_after_step is not None and self.step >= tr.stop_after_step and self.step < tr.steps:
+            return f"--stop-after-step {tr.stop_after_step}"
+        if tr.stop_after_minutes is not None and self.step < tr.steps:
+            late = torch.tensor(float(time.monotonic() - started > 60 * tr.stop_after_minutes))
+            comm.all_reduce(self.mesh, "world", late, tag="stop", op="max")  # rank clocks differ
+            if late.item():
+                return f"--stop-after-minutes {tr.stop_after_minutes:g}"
+        return None
+
+    def save_checkpoint(self) -> Path:
+        """Collective: this step's checkpoint under --save-dir."""
+        return save_training(self, before_publish=lambda: self.faults.at("save", self.step))
+
     def run(self) -> TrainResult:
         tr = self.cfg.train
-        log = MetricsLog(tr.metrics_file, self.is_logger)
+        started = time.monotonic()
+        log = MetricsLog(tr.metrics_file, self.is_logger, continue_after=self.step if self.started_from else None)
         if self.is_logger and tr.progress:
             print(self.banner(), flush=True)
-        progress = Progress(tr.steps, tr.progress and self.is_logger)
+        progress = Progress(tr.steps, tr.progress and self.is_logger, initial=self.step)
         steps, evals = [], []
+        stopped = None
         tracer = Tracer(tr.trace_dir, self.mesh.rank, self.device, tr.steps) if tr.trace_dir else None
         try:
-            for _ in range(tr.steps):
+            while self.step < tr.steps and not stopped:
                 if tracer:
                     tracer.before_step(self.step)
                 record = self.train_step()
@@ -282,11 +319,26 @@ class Trainer:
                     evals.append(val)
                     log.write(val)
                     progress.message(f"step {self.step:>5}  val_loss {val['val_loss']:.4f}")
+                stopped = self._stop_requested(started)
+                if tr.save_dir and (stopped or self.step == tr.steps
+                                    or (tr.save_every and self.step % tr.save_every == 0)):
+                    path = self.save_checkpoint()
+                    progress.message(f"step {self.step:>5}  checkpoint {path}")
+                self.faults.at("step", self.step)
         finally:
             progress.close()
             if tracer:
                 tracer.close()
+        if not steps:  # resumed at the last step: nothing left to train
+            if self.is_logger and tr.progress:
+                print(f"meshpar: nothing to train: {self.started_from}, and --steps is {tr.steps}", flush=True)
+            log.close()
+            return TrainResult(steps, evals, {"summary": True, "steps": 0, "started_from": self.started_from},
+                               self.parallel)
         summary = self.summary(steps, evals)
+        summary["started_from"] = self.started_from
+        if stopped:
+            summary["stopped"] = f"after step {self.step} ({stopped}); continue with --resume"
         if self.is_logger and tr.metrics_file:
             summary["loss_curve"] = plot_losses(steps, evals, Path(tr.metrics_file).with_name("loss.png"))
         log.write(summary)
@@ -376,7 +428,11 @@ def format_placement(placement: dict) -> str:
 def format_summary(summary: dict) -> str:
     lines = ["", "== summary " + "=" * 50,
              f"steps {summary['steps']}   final loss {summary['final_loss']:.4f}   "
-             f"val loss {summary['val_loss']:.4f}   tokens/s {summary['tokens_per_s']:,.0f}"]
+             + ("" if summary["val_loss"] is None else f"val loss {summary['val_loss']:.4f}   ")
+             + f"tokens/s {summary['tokens_per_s']:,.0f}"]
+    for key in ("started_from", "stopped"):
+        if summary.get(key):
+            lines.append(f"{key.replace('_', ' ')}: {summary[key]}")
     for axis, ops in summary["comm"].items():
         for op, entry in ops.items():
             lines.append(f"comm rank 0  {axis:>3} {op:<14} {entry['calls']:>6} calls  "

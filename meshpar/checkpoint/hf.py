@@ -1,0 +1,176 @@
+"""Hugging Face Llama directories (config.json + safetensors): export and import.
+
+meshpar's model is Llama's architecture with two differences of convention, both
+undone here: parameter names, and the rotary embedding's pairing - meshpar rotates
+interleaved pairs (0,1), (2,3), ... of each head, transformers' Llama the two halves
+(0, d/2), (1, d/2+1), ... - so each head's rows of wq and wk are permuted on the way.
+Nothing here imports transformers: the files are the interface.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from meshpar.checkpoint.regions import Box, CheckpointError, fill_box
+from meshpar.model.config import ModelConfig
+
+WEIGHTS = "model.safetensors"
+_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+          "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+          "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj", "mlp.w_down": "mlp.down_proj",
+          "attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+
+
+def hf_names(cfg: ModelConfig) -> dict[str, str]:
+    """meshpar parameter name -> transformers' LlamaForCausalLM name."""
+    names = {"embedding.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not cfg.tie_embeddings:
+        names["output.weight"] = "lm_head.weight"
+    for i in range(cfg.num_layers):
+        for ours, theirs in _LAYER.items():
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
+def _heads_of(name: str, cfg: ModelConfig) -> int | None:
+    """Heads whose rows need the rotary permutation (wq, wk), else None."""
+    if name.endswith("attention.wq.weight"):
+        return cfg.num_heads
+    if name.endswith("attention.wk.weight"):
+        return cfg.num_kv_heads
+    return None
+
+
+def to_hf_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of each head from interleaved pairs (meshpar) to halves (transformers)."""
+    d = weight.shape[0] // heads
+    return weight.reshape(heads, d // 2, 2, -1).transpose(1, 2).reshape(weight.shape)
+
+
+def from_hf_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    d = weight.shape[0] // heads
+    return weight.reshape(heads, 2, d // 2, -1).transpose(1, 2).reshape(weight.shape)
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.ffn_hidden_size, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len,
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+            "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+            "torch_dtype": "float32"}
+
+
+def model_config_from_hf(raw: dict, where: str) -> ModelConfig:
+    """meshpar's ModelConfig for a transformers Llama config; CheckpointError naming what
+    meshpar's model does not have."""
+    problems = []
+    if raw.get("model_type") != "llama":
+        problems.append(f"model_type {raw.get('model_type')!r} (meshpar reads llama)")
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} (meshpar has plain RoPE)")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if raw.get(key, ok) != ok:
+            problems.append(f"{key}={raw[key]!r} (meshpar has {ok!r})")
+    heads = raw["num_attention_heads"]
+    if raw.get("head_dim", raw["hidden_size"] // heads) * heads != raw["hidden_size"]:
+        problems.append("head_dim x num_attention_heads != hidden_size")
+    if problems:
+        raise CheckpointError(f"{where}: not a model meshpar can build: " + "; ".join(problems))
+    return ModelConfig(vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+                       num_layers=raw["num_hidden_layers"], num_heads=heads,
+                       num_kv_heads=raw.get("num_key_value_heads", heads),
+                       ffn_hidden_size=raw["intermediate_size"],
+                       max_seq_len=raw.get("max_position_embeddings", 2048),
+                       rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
+                       norm_eps=raw.get("rms_norm_eps", 1e-5),
+                       tie_embeddings=raw.get("tie_word_embeddings", False),
+                       init_std=raw.get("initializer_range", 0.02))
+
+
+def is_hf_directory(path: str | os.PathLike) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def export_hf(reader, cfg: ModelConfig, destination: str | os.PathLike) -> Path:
+    """Write `reader`'s parameters (full tensors) as a transformers Llama directory."""
+    out = Path(destination)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for ours, theirs in hf_names(cfg).items():
+        weight = reader.read_full(ours).float()
+        heads = _heads_of(ours, cfg)
+        tensors[theirs] = (to_hf_rotary(weight, heads) if heads else weight).contiguous()
+    save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
+    return out
+
+
+class HFReader:
+    """Reads a transformers Llama directory like a checkpoint's parameters (no training
+    state): full tensors under meshpar's names, cut to any box."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            raw = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{self.path / 'config.json'}: unreadable ({err})") from None
+        self.cfg = model_config_from_hf(raw, str(self.path / "config.json"))
+        self.meta = {"step": 0, "model": {"name": raw.get("_name_or_path") or self.path.name,
+                                          **{f: getattr(self.cfg, f) for f in ModelConfig.__dataclass_fields__}},
+                     "layout": None, "train": None}
+        self.files = sorted(self.path.glob("*.safetensors"))
+        if not self.files:
+            raise CheckpointError(f"{self.path}: no *.safetensors weights (pytorch_model.bin is not read)")
+        self.where: dict[str, Path] = {}
+        for file in self.files:
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    self.where.update({key: file for key in handle.keys()})
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+        self.names = hf_names(self.cfg)
+        missing = [theirs for theirs in self.names.values() if theirs not in self.where]
+        if missing:
+            raise CheckpointError(f"{self.path}: lacks {len(missing)} weight(s) of a Llama model, "
+                                  f"e.g. {', '.join(missing[:3])}")
+
+    @property
+    def step(self) -> int:
+        return 0
+
+    def has(self, name: str, kind: str) -> bool:
+        return kind == "param" and name in self.names
+
+    def full_shape(self, name: str, kind: str = "param") -> tuple[int, ...]:
+        with safe_open(self.where[self.names[name]], framework="pt") as handle:
+            return tuple(handle.get_slice(self.names[name]).get_shape())
+
+    def read_full(self, name: str, kind: str = "param") -> torch.Tensor:
+        if not self.has(name, kind):
+            raise CheckpointError(f"{self.path}: holds no {kind} of {name} (a Hugging Face directory has "
+                                  f"parameters only)")
+        file = self.where[self.names[name]]
+        try:
+            with safe_open(file, framework="pt") as handle:
+                weight = handle.get_tensor(self.names[name]).float()
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file}: {self.names[name]} unreadable ({err})") from None
+        heads = _heads_of(name, self.cfg)
+        return from_hf_rotary(weight, heads) if heads else weight
+
+    def read(self, name: str, kind: str, target: Box) -> torch.Tensor:
+        full = self.read_full(name, kind)
+        return fill_box(target, [(Box.whole(full.shape), full)], f"{kind} of {name}")

@@ -1,0 +1,217 @@
+"""A checkpoint on disk: one safetensors file per rank, written atomically, read in any layout.
+
+    SAVE_DIR/
+      step-00000120/
+        rank-00000.safetensors   each rank's pieces (boxes of full tensors, see regions.py)
+        ...                      and its own state (RNG, error-feedback buffers)
+        meta.json                step, model, layout, the run's counters, every file's size and sha256
+        COMPLETE                 written last: a directory without it is not a checkpoint
+      .step-00000125.tmp/        a save in progress (or killed mid-way): ignored, removed by the next save
+
+Every rank writes its file into the temporary directory; once all have, rank 0 writes
+meta.json, renames the directory to its final name and writes the marker. A kill at any
+moment leaves the newest complete checkpoint as it was. The newest `keep` are kept.
+Under a multi-node run SAVE_DIR must be a filesystem every node sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from meshpar import comm
+from meshpar.checkpoint.regions import Box, CheckpointError, fill_box
+from meshpar.mesh import ParallelMesh
+
+FORMAT = "meshpar-checkpoint"
+VERSION = 1
+MARKER = "COMPLETE"
+META = "meta.json"
+LOCAL = "local/"  # keys of a rank's own state, meaningful only in the layout that wrote it
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank-{rank:05d}.safetensors"
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `root` (a save directory), or `root` itself
+    when it is one; None when there is none."""
+    root = Path(root)
+    if (root / MARKER).is_file():
+        return root
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def write_checkpoint(root: str | os.PathLike, step: int, mesh: ParallelMesh, tensors: dict[str, torch.Tensor],
+                     pieces: list[dict], meta: dict, keep: int, before_publish=None) -> Path:
+    """Collective over every rank: write this rank's `tensors` (described by `pieces`)
+    and, from rank 0, `meta`; publish the directory once every file is on disk.
+    `before_publish()` runs on each rank after its file is written (fault injection)."""
+    root = Path(root)
+    final, tmp = root / step_dir_name(step), root / f".{step_dir_name(step)}.tmp"
+    if mesh.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step-*.tmp"):  # saves killed before they completed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    comm.all_gather_object(mesh, None, tag="checkpoint")  # the directory exists for everyone
+    name = rank_file_name(mesh.rank)
+    header = {"format": FORMAT, "rank": str(mesh.rank), "pieces": json.dumps(pieces)}
+    data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=header)
+    _write_durably(tmp / name, data)
+    if before_publish is not None:
+        before_publish()
+    files = comm.all_gather_object(mesh, (name, len(data), hashlib.sha256(data).hexdigest()), tag="checkpoint")
+    if mesh.rank == 0:
+        meta = {"format": FORMAT, "version": VERSION, "step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **meta, "files": {n: {"bytes": size, "sha256": digest} for n, size, digest in files}}
+        _write_durably(tmp / META, json.dumps(meta, indent=1).encode())
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (a rerun): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_durably(final / MARKER, f"{step}\n".encode())
+        _fsync_dir(final)
+        _fsync_dir(root)
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    comm.all_gather_object(mesh, None, tag="checkpoint")  # no rank goes on before it is published
+    return final
+
+
+class CheckpointReader:
+    """Reads boxes of full tensors out of a complete checkpoint, whatever layout wrote
+    it. Each file's size is checked on opening and its sha256 before its first read."""
+
+    def __init__(self, path: str | os.PathLike):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path}: no complete checkpoint there (a directory with {MARKER} and {META})")
+        self.path = found
+        meta_path = found / META
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{meta_path}: unreadable ({err})") from None
+        if self.meta.get("format") != FORMAT:
+            raise CheckpointError(f"{meta_path}: not a meshpar checkpoint (format {self.meta.get('format')!r})")
+        self._verified: set[str] = set()
+        # (name, kind) -> box -> [(file, key, start, stop)]
+        self.index: dict[tuple[str, str], dict[Box, list]] = defaultdict(lambda: defaultdict(list))
+        for file, expected in self.meta["files"].items():
+            path = found / file
+            size = path.stat().st_size if path.is_file() else None
+            if size != expected["bytes"]:
+                raise CheckpointError(f"{path}: {'missing' if size is None else f'{size} bytes'}, the checkpoint "
+                                      f"recorded {expected['bytes']} (truncated or replaced)")
+            for piece in json.loads(self._open(file).metadata()["pieces"]):
+                self.index[piece["name"], piece["kind"]][Box.from_json(piece["box"])].append(
+                    (file, piece["key"], piece["start"], piece["stop"]))
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+    def _open(self, file: str):
+        path = self.path / file
+        try:
+            return safe_open(path, framework="pt")
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+    def _verify(self, file: str):
+        if file in self._verified:
+            return
+        path, digest = self.path / file, hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        if digest.hexdigest() != self.meta["files"][file]["sha256"]:
+            raise CheckpointError(f"{path}: its sha256 differs from the one recorded when it was saved (corrupt)")
+        self._verified.add(file)
+
+    def _tensor(self, file: str, key: str) -> torch.Tensor:
+        self._verify(file)
+        return self._open(file).get_tensor(key)
+
+    def has(self, name: str, kind: str) -> bool:
+        return (name, kind) in self.index
+
+    def names(self, kind: str = "param") -> list[str]:
+        return sorted(name for name, k in self.index if k == kind)
+
+    def full_shape(self, name: str, kind: str = "param") -> tuple[int, ...]:
+        return next(iter(self.index[name, kind])).full_shape
+
+    def read(self, name: str, kind: str, target: Box) -> torch.Tensor:
+        """The local tensor of `target` for tensor `name` (`kind`: param, exp_avg, exp_avg_sq)."""
+        if (name, kind) not in self.index:
+            raise CheckpointError(f"{self.path}: holds no {kind} of {name}")
+        sources = []
+        for box, parts in self.index[name, kind].items():
+            if target.overlap(box) is None:
+                continue
+            numel = int(torch.tensor(box.local_shape).prod()) if box.local_shape else 1
+            values = None
+            held = 0
+            for file, key, start, stop in parts:
+                piece = self._tensor(file, key)
+                if values is None:
+                    values = torch.zeros(numel, dtype=piece.dtype)
+                values[start:stop] = piece
+                held += stop - start
+            if held != numel:
+                raise CheckpointError(f"{self.path}: the pieces of {kind} of {name} at {box.offsets} hold "
+                                      f"{held} of its {numel} elements")
+            sources.append((box, values))
+        return fill_box(target, sources, f"{kind} of {name}")
+
+    def read_full(self, name: str, kind: str = "param") -> torch.Tensor:
+        return self.read(name, kind, Box.whole(self.full_shape(name, kind)))
+
+    def local_state(self, rank: int) -> dict[str, torch.Tensor]:
+        """What rank `rank` saved of its own (RNG, error feedback), by key without the prefix."""
+        file = rank_file_name(rank)
+        if file not in self.meta["files"]:
+            return {}
+        self._verify(file)
+        handle = self._open(file)
+        return {key[len(LOCAL):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(LOCAL)}

@@ -1,0 +1,116 @@
+"""What a training run's checkpoint holds, and how a trainer saves and restores it.
+
+Saved by every rank, once per distinct piece: each parameter's box (regions.py) and,
+under ZeRO 1-3, only its own flat range of it - as a parameter value and AdamW's two
+moments. Ranks holding a replica (over dp below ZeRO-1, over tp for unsharded weights,
+over cp for everything) write nothing of it. Rank 0 adds the counters every rank shares:
+the step, AdamW's step, the data loader's position, the loss scaler. Each rank adds its
+own RNG and error-feedback buffers, restored only into the same layout (elsewhere the
+RNG is reseeded from the step and the buffers start empty).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from meshpar.checkpoint.regions import CheckpointError, box_of, first_holder
+from meshpar.checkpoint.store import LOCAL, CheckpointReader, write_checkpoint
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def layout_of(cfg) -> dict:
+    """Everything that decides which rank holds which bytes (and its RNG stream)."""
+    par = cfg.parallel
+    return {"world_size": par.world_size, "pp": par.pp, "dp": par.dp, "cp": par.cp, "tp": par.tp,
+            "virtual_stages": par.virtual_stages, "pp_layers": par.pp_layers, "zero": par.zero,
+            "bucket_mb": par.bucket_mb, "sequence_parallel": par.sequence_parallel,
+            "grad_compression": par.grad_compression, "hierarchical_allreduce": par.hierarchical_allreduce,
+            "micro_batch_size": cfg.train.micro_batch_size}
+
+
+def model_meta(cfg) -> dict:
+    return {"name": cfg.model.name, **dataclasses.asdict(cfg.model.resolve())}
+
+
+def _names(trainer) -> dict[int, str]:
+    return {id(p): name for name, p in trainer.model.named_parameters()}
+
+
+def save_training(trainer, before_publish=None) -> Path:
+    """Collective: write the trainer's state as checkpoint `trainer.step` under its save dir."""
+    mesh, dp, tr = trainer.mesh, trainer.data_parallel, trainer.cfg.train
+    names = _names(trainer)
+    writes_replicas = dp.stage >= 1 or mesh.index("dp") == 0
+    tensors, pieces = {}, []
+    for piece in dp.optimizer_pieces:
+        p = piece.param
+        if not (writes_replicas and first_holder(p, mesh)):
+            continue
+        box, name = box_of(p, mesh), names[id(p)]
+        state = trainer.optimizer.state.get(piece.leaf, {})
+        for kind, value in (("param", piece.leaf), *((m, state.get(m)) for m in MOMENTS)):
+            if value is None:  # no optimizer step taken yet: no moments
+                continue
+            key = f"{name}/{kind}/{'.'.join(map(str, box.offsets))}/{piece.start}"
+            tensors[key] = value.detach().reshape(-1)
+            pieces.append({"key": key, "name": name, "kind": kind, "box": box.to_json(),
+                           "start": piece.start, "stop": piece.stop})
+    tensors[LOCAL + "rng/cpu"] = torch.get_rng_state()
+    if trainer.device.type == "cuda":
+        tensors[LOCAL + "rng/cuda"] = torch.cuda.get_rng_state(trainer.device)
+    reducer = dp.reducer
+    for kind, buffers in (("errors", reducer.errors), ("shard_errors", reducer.shard_errors)):
+        for key, value in buffers.items():
+            tensors[f"{LOCAL}feedback/{kind}/{key}"] = value
+    meta = {"model": model_meta(trainer.cfg), "layout": layout_of(trainer.cfg),
+            "train": {"step": trainer.step, "optimizer_step": trainer.step - trainer.skipped_steps,
+                      "skipped_steps": trainer.skipped_steps, "seed": tr.seed,
+                      "loader": trainer.loader.state_dict(),
+                      "loss_scaler": trainer.scaler.state_dict() if trainer.scaler else None}}
+    return write_checkpoint(tr.save_dir, trainer.step, mesh, tensors, pieces, meta, tr.keep_checkpoints,
+                            before_publish)
+
+
+def load_parameters(trainer, reader) -> None:
+    """Every parameter from `reader` (a CheckpointReader or a Hugging Face directory's)."""
+    names, mesh = _names(trainer), trainer.mesh
+    trainer.data_parallel.load_params(lambda p: reader.read(names[id(p)], "param", box_of(p, mesh)))
+
+
+def restore_training(trainer, reader: CheckpointReader) -> None:
+    """The whole state of the run that saved `reader`'s checkpoint, in this trainer's layout."""
+    load_parameters(trainer, reader)
+    saved = reader.meta["train"]
+    if saved is None:
+        raise CheckpointError(f"{reader.path}: holds parameters only (no training state to resume); "
+                              f"start from it with --init-from instead")
+    names, mesh, dp = _names(trainer), trainer.mesh, trainer.data_parallel
+    if saved["optimizer_step"] > 0:
+        for piece in dp.optimizer_pieces:
+            name, box = names[id(piece.param)], box_of(piece.param, mesh)
+            state = {"step": torch.tensor(float(saved["optimizer_step"]))}
+            for kind in MOMENTS:
+                values = reader.read(name, kind, box).reshape(-1)[piece.start:piece.stop]
+                state[kind] = torch.empty_like(piece.leaf).copy_(values)
+            trainer.optimizer.state[piece.leaf] = state
+    trainer.step = saved["step"]
+    trainer.skipped_steps = saved["skipped_steps"]
+    trainer.loader.load_state_dict(saved["loader"])
+    if trainer.scaler and saved["loss_scaler"]:
+        trainer.scaler.load_state_dict(saved["loss_scaler"])
+    if reader.meta["layout"] == layout_of(trainer.cfg):
+        local = reader.local_state(mesh.rank)
+        torch.set_rng_state(local["rng/cpu"])
+        if trainer.device.type == "cuda" and "rng/cuda" in local:
+            torch.cuda.set_rng_state(local["rng/cuda"], trainer.device)
+        reducer = dp.reducer
+        for key, value in local.items():
+            if key.startswith("feedback/"):
+                _, kind, bucket = key.split("/")
+                getattr(reducer, kind)[int(bucket)] = value.to(trainer.device)
+    else:  # another layout: a fresh dropout stream per dp rank, a function of the step
+        torch.manual_seed(trainer.cfg.train.seed + 1 + mesh.index("dp") + 1_000_003 * trainer.step)
