@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("metrics", nargs="?", help="the metrics JSON-lines file")
     plot.add_argument("--trace", help="a `meshpar train --trace` directory: draw its executed pipeline")
     plot.add_argument("--out", required=True, help="PNG file to write")
+    from meshpar.checkpoint.commands import add_arguments as checkpoint_arguments
+    checkpoint_arguments(commands.add_parser("checkpoint", help="inspect, consolidate or export checkpoints",
+                                             description="Checkpoints written by `meshpar train --save-dir`."))
     commands.add_parser("env", help="versions, devices, backends and the detected topology",
                         description="Print what this machine has for meshpar.")
     return parser
@@ -261,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         return simulate_command(args)
     if args.command == "plot":
         return plot_command(args)
+    if args.command == "checkpoint":
+        from meshpar.checkpoint.commands import checkpoint_command
+        return checkpoint_command(args)
     if args.command == "env":
         from meshpar.env import env_command
         return env_command(args)

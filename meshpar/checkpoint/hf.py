@@ -141,8 +141,8 @@ class HFReader:
                     self.where.update({key: file for key in handle.keys()})
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
-        self.names = hf_names(self.cfg)
-        missing = [theirs for theirs in self.names.values() if theirs not in self.where]
+        self.hf_name = hf_names(self.cfg)
+        missing = [theirs for theirs in self.hf_name.values() if theirs not in self.where]
         if missing:
             raise CheckpointError(f"{self.path}: lacks {len(missing)} weight(s) of a Llama model, "
                                   f"e.g. {', '.join(missing[:3])}")
@@ -151,23 +151,26 @@ class HFReader:
     def step(self) -> int:
         return 0
 
+    def names(self, kind: str = "param") -> list[str]:
+        return sorted(self.hf_name) if kind == "param" else []
+
     def has(self, name: str, kind: str) -> bool:
-        return kind == "param" and name in self.names
+        return kind == "param" and name in self.hf_name
 
     def full_shape(self, name: str, kind: str = "param") -> tuple[int, ...]:
-        with safe_open(self.where[self.names[name]], framework="pt") as handle:
-            return tuple(handle.get_slice(self.names[name]).get_shape())
+        with safe_open(self.where[self.hf_name[name]], framework="pt") as handle:
+            return tuple(handle.get_slice(self.hf_name[name]).get_shape())
 
     def read_full(self, name: str, kind: str = "param") -> torch.Tensor:
         if not self.has(name, kind):
             raise CheckpointError(f"{self.path}: holds no {kind} of {name} (a Hugging Face directory has "
                                   f"parameters only)")
-        file = self.where[self.names[name]]
+        file = self.where[self.hf_name[name]]
         try:
             with safe_open(file, framework="pt") as handle:
-                weight = handle.get_tensor(self.names[name]).float()
+                weight = handle.get_tensor(self.hf_name[name]).float()
         except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{file}: {self.names[name]} unreadable ({err})") from None
+            raise CheckpointError(f"{file}: {self.hf_name[name]} unreadable ({err})") from None
         heads = _heads_of(name, self.cfg)
         return from_hf_rotary(weight, heads) if heads else weight
 

@@ -1,0 +1,99 @@
+"""`meshpar checkpoint info | convert | export-hf`: offline, no process group."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from meshpar.checkpoint import CheckpointError, open_checkpoint
+from meshpar.checkpoint.regions import Box
+from meshpar.checkpoint.store import write_checkpoint
+from meshpar.mesh import ParallelMesh
+from meshpar.model.config import ModelConfig
+from meshpar.train.metrics import format_bytes
+
+KINDS = ("param", "exp_avg", "exp_avg_sq")
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    info = actions.add_parser("info", help="what a checkpoint holds: step, model, layout, tensors, files")
+    info.add_argument("path", help="a checkpoint, a save directory (its newest complete one) or a Hugging Face "
+                                   "Llama directory")
+    info.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    convert = actions.add_parser("convert", help="write a consolidated copy (one file, full tensors) that "
+                                                 "loads into any layout; from a Hugging Face directory: import it")
+    convert.add_argument("source")
+    convert.add_argument("destination", help="a save directory; the copy goes to DEST/step-N")
+    export = actions.add_parser("export-hf", help="write a directory transformers' LlamaForCausalLM loads")
+    export.add_argument("source")
+    export.add_argument("destination")
+
+
+def model_of(reader) -> ModelConfig:
+    raw = reader.meta["model"]
+    return ModelConfig(**{k: v for k, v in raw.items() if k in ModelConfig.__dataclass_fields__})
+
+
+def info(reader, verify: bool) -> str:
+    meta, cfg = reader.meta, model_of(reader)
+    lines = [f"checkpoint {reader.path}", f"step {reader.step}"
+             + (f", saved {meta['saved_at']}" if meta.get("saved_at") else ""),
+             f"model {meta['model'].get('name')}: {cfg.num_params():,} parameters, {cfg.num_layers} layers, "
+             f"hidden {cfg.hidden_size}, heads {cfg.num_heads} (kv {cfg.num_kv_heads}), vocab {cfg.vocab_size}"]
+    layout = meta.get("layout")
+    if layout and "world_size" in layout:
+        lines.append("saved by {world_size} rank(s): dp {dp} x tp {tp} x pp {pp} x cp {cp}, ZeRO-{zero}".format(**layout))
+    elif layout:
+        lines.append("consolidated (one file, full tensors)")
+    train = meta.get("train")
+    if train:
+        lines.append(f"training state: optimizer step {train['optimizer_step']}, data position "
+                     f"{train['loader']['samples_consumed']} sequences, seed {train['seed']}"
+                     + (f", loss scale {train['loss_scaler']['scale']:g}" if train.get("loss_scaler") else ""))
+    else:
+        lines.append("parameters only (no training state)")
+    if hasattr(reader, "index"):
+        for kind in KINDS:
+            names = reader.names(kind)
+            if names:
+                lines.append(f"{kind:<11} {len(names):>4} tensors")
+        files = meta["files"]
+        lines.append(f"{len(files)} file(s), {format_bytes(sum(f['bytes'] for f in files.values()))}")
+        if verify:
+            for file in files:
+                reader._verify(file)
+            lines.append("every file's sha256 matches")
+    return "\n".join(lines)
+
+
+def convert(reader, destination: str) -> str:
+    tensors, pieces = {}, []
+    for kind in KINDS:
+        for name in reader.names(kind):
+            full = reader.read_full(name, kind)
+            key = f"{name}/{kind}"
+            tensors[key] = full.reshape(-1)
+            pieces.append({"key": key, "name": name, "kind": kind, "box": Box.whole(full.shape).to_json(),
+                           "start": 0, "stop": full.numel()})
+    meta = {"model": reader.meta["model"], "layout": {"consolidated_from": reader.meta.get("layout")},
+            "train": reader.meta.get("train")}
+    path = write_checkpoint(destination, reader.step, ParallelMesh.single(), tensors, pieces, meta, keep=1 << 30)
+    return f"wrote {path} ({len(pieces)} tensors)"
+
+
+def checkpoint_command(args) -> int:
+    try:
+        reader = open_checkpoint(args.source if args.action != "info" else args.path)
+        if args.action == "info":
+            print(info(reader, args.verify))
+        elif args.action == "convert":
+            print(convert(reader, args.destination))
+        else:
+            from meshpar.checkpoint.hf import export_hf
+            print(f"wrote {export_hf(reader, model_of(reader), args.destination)} "
+                  f"(config.json, model.safetensors; transformers' LlamaForCausalLM.from_pretrained loads it)")
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"meshpar checkpoint: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,253 @@
+"""Checkpoints: saved in one layout, loaded in others with the full state equal bit for bit
+and training going on as if never stopped; atomic publication; clear errors for corrupt
+files; stop and resume flags; Hugging Face export and import."""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshpar.checkpoint import CheckpointError, CheckpointReader, latest_checkpoint, open_checkpoint
+from meshpar.checkpoint.regions import Box
+from meshpar.config import ConfigError, check, validate
+from meshpar.train.launch import build_mesh
+from meshpar.train.trainer import Trainer
+from reference import fast_config
+from test_composition import layout_config
+
+STEPS, STOP = 6, 3
+KINDS = ("param", "exp_avg", "exp_avg_sq")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def resume_and_resave(cfg, resave_dir: str) -> dict:
+    """Load cfg's checkpoint (--resume), write it straight back to `resave_dir` from this
+    layout, then train on; the losses and final parameters."""
+    check(cfg)
+    mesh = build_mesh(cfg)
+    trainer = Trainer(cfg, mesh, torch.device("cpu"))
+    cfg.train.save_dir = resave_dir
+    trainer.save_checkpoint()
+    result = trainer.run()
+    report = {"losses": [s["loss"] for s in result.steps], "params": result.parallel.full_state(),
+              "started_from": result.summary["started_from"]}
+    del trainer, result
+    gc.collect()
+    mesh.destroy()
+    return report
+
+
+def train(cfg) -> dict:
+    check(cfg)
+    mesh = build_mesh(cfg)
+    result = Trainer(cfg, mesh, torch.device("cpu")).run()
+    report = {"losses": [s["loss"] for s in result.steps], "params": result.parallel.full_state(),
+              "summary": result.summary}
+    del result
+    gc.collect()
+    mesh.destroy()
+    return report
+
+
+def saved_layout(**kw):
+    cfg = layout_config(2, 2, 2, 1, zero=1, steps=STEPS)
+    for key, value in kw.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def assert_same_state(a: Path, b: Path):
+    """Every full tensor (parameters, both moments) and every counter equal, bit for bit."""
+    ra, rb = CheckpointReader(a), CheckpointReader(b)
+    for kind in KINDS:
+        assert ra.names(kind) == rb.names(kind) and ra.names(kind), kind
+        for name in ra.names(kind):
+            assert torch.equal(ra.read_full(name, kind), rb.read_full(name, kind)), f"{kind} of {name}"
+    assert ra.meta["train"] == rb.meta["train"]
+
+
+TARGETS = {  # (dp, tp, pp, zero): world 8 unless noted
+    "dp1-tp4-pp2": (1, 4, 2, 0),
+    "dp8-zero3": (8, 1, 1, 3),
+    "tp8 (replicated kv heads)": (1, 8, 1, 2),
+    "one device": (1, 1, 1, 0),
+}
+
+
+def target_config(dp, tp, pp, zero, save_dir):
+    cfg = layout_config(dp, tp, pp, 1, zero=zero, steps=STEPS)
+    cfg.train.save_dir, cfg.train.resume = str(save_dir), True
+    return cfg
+
+
+def test_saved_at_dp2_tp2_pp2_loads_in_any_layout_and_trains_on(worlds, tmp_path):
+    world = worlds(8)
+    whole = world.run(train, saved_layout())[0]
+    stopped = world.run(train, saved_layout(save_dir=str(tmp_path / "saved"), stop_after_step=STOP))[0]
+    assert stopped["losses"] == whole["losses"][:STOP]
+    assert "--stop-after-step 3" in stopped["summary"]["stopped"]
+    checkpoint = latest_checkpoint(tmp_path / "saved")
+    assert checkpoint.name == "step-00000003" and len(list(checkpoint.glob("rank-*.safetensors"))) == 8
+    for label, (dp, tp, pp, zero) in TARGETS.items():
+        own = tmp_path / label.split()[0]
+        shutil.copytree(tmp_path / "saved", own)
+        cfg = target_config(dp, tp, pp, zero, own)
+        resave = str(tmp_path / f"{label.split()[0]}-resaved")
+        report = (world.run(resume_and_resave, cfg, resave)[0] if dp * tp * pp > 1
+                  else resume_and_resave(cfg, resave))
+        assert report["started_from"].startswith("resumed from"), label
+        assert_same_state(checkpoint, Path(resave) / checkpoint.name)  # (it also saved its step 6 there)
+        torch.testing.assert_close(torch.tensor(report["losses"]), torch.tensor(whole["losses"][STOP:]),
+                                   rtol=1e-6, atol=0, msg=lambda m: f"{label}: {m}")
+        for name, value in whole["params"].items():
+            torch.testing.assert_close(report["params"][name], value, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{label} {name}: {m}")
+
+
+def test_resume_in_the_same_layout_is_exact_with_dropout(worlds, tmp_path):
+    """Same layout: RNG (dropout), optimizer and data position restored - bit-identical."""
+    def cfg(**kw):
+        c = fast_config(dp=2, tp=2, steps=STEPS, model={"dropout": 0.1}, save_dir=str(tmp_path), **kw)
+        c.parallel.zero = 2
+        return c
+    world = worlds(4)
+    whole = world.run(train, cfg())[0]
+    shutil.rmtree(tmp_path)
+    world.run(train, cfg(stop_after_step=STOP))
+    resumed = world.run(train, cfg(resume=True))[0]
+    assert resumed["losses"] == whole["losses"][STOP:]
+    for name, value in whole["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+
+
+def test_single_device_stop_resume_and_retention(tmp_path):
+    def cfg(**kw):
+        return fast_config(steps=8, save_dir=str(tmp_path), save_every=2, keep_checkpoints=2, **kw)
+    whole = train(cfg())
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step-00000006", "step-00000008"]
+    shutil.rmtree(tmp_path)
+    (tmp_path / ".step-00000004.tmp").mkdir(parents=True)  # a save that was killed
+    first = train(cfg(stop_after_minutes=1e-9, metrics_file=str(tmp_path / "m.jsonl")))
+    assert len(first["losses"]) == 1 and "--stop-after-minutes" in first["summary"]["stopped"]
+    assert latest_checkpoint(tmp_path).name == "step-00000001"
+    assert not (tmp_path / ".step-00000004.tmp").exists()  # removed by the next save
+    rest = train(cfg(resume=True, metrics_file=str(tmp_path / "m.jsonl")))
+    assert first["losses"] + rest["losses"] == whole["losses"]
+    assert all(torch.equal(rest["params"][n], v) for n, v in whole["params"].items())
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "m.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, 9))  # the resumed run's metrics carry on from step 1's
+    again = train(cfg(resume=True))  # resuming a finished run trains nothing
+    assert again["losses"] == [] and again["summary"]["steps"] == 0
+
+
+def corrupt_copy(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    return latest_checkpoint(destination)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ck")
+    train(fast_config(steps=2, save_dir=str(root)))
+    return root
+
+
+def test_corrupt_or_truncated_files_are_named(small_checkpoint, tmp_path):
+    good = latest_checkpoint(small_checkpoint)
+    file = "rank-00000.safetensors"
+
+    flipped = corrupt_copy(small_checkpoint, tmp_path / "flipped")
+    data = bytearray((flipped / file).read_bytes())
+    data[-100] ^= 0xFF
+    (flipped / file).write_bytes(bytes(data))
+    reader = CheckpointReader(flipped)  # the header is fine; the data is not
+    with pytest.raises(CheckpointError, match=f"{file}: its sha256 differs"):
+        reader.read_full("norm.weight")
+
+    cut = corrupt_copy(small_checkpoint, tmp_path / "cut")
+    (cut / file).write_bytes((good / file).read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{file}: 1000 bytes, the checkpoint recorded"):
+        CheckpointReader(cut)
+
+    broken = corrupt_copy(small_checkpoint, tmp_path / "meta")
+    (broken / "meta.json").write_text("{")
+    with pytest.raises(CheckpointError, match="meta.json: unreadable"):
+        CheckpointReader(broken)
+
+    unpublished = corrupt_copy(small_checkpoint, tmp_path / "unpublished")
+    (unpublished / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        CheckpointReader(tmp_path / "unpublished")
+
+    out = subprocess.run([sys.executable, "-m", "meshpar", "checkpoint", "info", "--verify", str(flipped)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 1 and f"{file}: its sha256 differs" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_flags_are_checked_before_any_process_group(small_checkpoint, tmp_path):
+    assert any("--save-every needs --save-dir" in p for p in validate(fast_config(save_every=2)))
+    assert any("--resume needs --save-dir" in p for p in validate(fast_config(resume=True)))
+    cfg = fast_config(dp=1, save_dir=str(tmp_path))
+    cfg.parallel.pp, cfg.parallel.schedule, cfg.train.micro_batch_size = 2, "async", 8
+    assert any("--save-dir with --schedule async is not supported" in p for p in validate(cfg))
+    other = fast_config(save_dir=str(small_checkpoint), resume=True, model={"hidden_size": 128})
+    assert any("holds another model" in p and "hidden_size 128 (checkpoint 64)" in p for p in validate(other))
+    assert any("no such file" in p for p in validate(fast_config(init_from=str(tmp_path / "nothing"))))
+    with pytest.raises(ConfigError):
+        check(fast_config(keep_checkpoints=0, save_dir=str(tmp_path)))
+
+
+def test_info_and_convert_consolidate_into_one_file(small_checkpoint, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "meshpar", "checkpoint", "info", str(small_checkpoint), "--verify"],
+                         capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert "step 2" in out and "exp_avg_sq    75 tensors" in out and "sha256 matches" in out
+    subprocess.run([sys.executable, "-m", "meshpar", "checkpoint", "convert", str(small_checkpoint),
+                    str(tmp_path)], check=True, capture_output=True, cwd=REPO)
+    consolidated = latest_checkpoint(tmp_path)
+    assert len(list(consolidated.glob("*.safetensors"))) == 1
+    assert_same_state(latest_checkpoint(small_checkpoint), consolidated)
+
+
+def test_boxes_cut_any_layout_out_of_any_other():
+    """A (6, 4) tensor saved as two row halves, read as three column-agnostic thirds
+    and as a padded (4, 4) box at offset 4."""
+    from meshpar.checkpoint.regions import fill_box
+    full = torch.arange(24.0).reshape(6, 4)
+    halves = [(Box((6, 4), (3 * i, 0), (3, 4), (3, 4)), full[3 * i:3 * i + 3]) for i in range(2)]
+    for i in range(3):
+        assert torch.equal(fill_box(Box((6, 4), (2 * i, 0), (2, 4), (2, 4)), halves, "t"), full[2 * i:2 * i + 2])
+    padded = fill_box(Box((6, 4), (4, 0), (2, 4), (4, 4)), halves, "t")
+    assert torch.equal(padded[:2], full[4:]) and not padded[2:].any()
+    with pytest.raises(CheckpointError, match="holds 12 of the 24"):
+        fill_box(Box.whole((6, 4)), halves[:1], "t")
+
+
+def test_hugging_face_round_trip(small_checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from meshpar.checkpoint.commands import model_of
+    from meshpar.model.llama import Transformer
+
+    subprocess.run([sys.executable, "-m", "meshpar", "checkpoint", "export-hf", str(small_checkpoint),
+                    str(tmp_path / "hf")], check=True, capture_output=True, cwd=REPO)
+    reader = open_checkpoint(small_checkpoint)
+    ours = Transformer(model_of(reader)).eval()
+    ours.load_state_dict({name: reader.read_full(name) for name in reader.names()})
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), rtol=0, atol=1e-5)
+    back = open_checkpoint(tmp_path / "hf")  # import: read as a checkpoint's parameters
+    assert back.names() == reader.names()
+    for name in reader.names():
+        assert torch.equal(back.read_full(name), reader.read_full(name)), name
+    # and as --init-from starts a run (one step at a negligible learning rate)
+    start = train(fast_config(steps=1, init_from=str(tmp_path / "hf"), lr=1e-12))
+    for name in reader.names():
+        torch.testing.assert_close(start["params"][name], reader.read_full(name), rtol=0, atol=1e-9)
