@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -251,3 +253,50 @@ def test_hugging_face_round_trip(small_checkpoint, tmp_path):
     start = train(fast_config(steps=1, init_from=str(tmp_path / "hf"), lr=1e-12))
     for name in reader.names():
         torch.testing.assert_close(start["params"][name], reader.read_full(name), rtol=0, atol=1e-9)
+
+
+KILL_STEPS, KILL_EVERY = 12, 4
+
+
+def kill_test_config(save_dir):
+    cfg = fast_config(dp=2, tp=2, steps=KILL_STEPS, model={"dropout": 0.1}, save_dir=str(save_dir),
+                      save_every=KILL_EVERY, eval_batches=1)
+    cfg.parallel.zero = 1
+    return cfg
+
+
+def torchrun(save_dir: Path, fault: str, tmp_path: Path) -> tuple[str, float]:
+    """The kill test's run as a user would start it: torchrun, 4 ranks, one restart allowed."""
+    (tmp_path / "model.toml").write_text('[model]\nname = "tiny"\ndropout = 0.1\n')
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+               "--max-restarts", "1", "-m", "meshpar", "train", "--config", str(tmp_path / "model.toml"),
+               "--dp", "2", "--tp", "2", "--zero", "1", "--steps", str(KILL_STEPS), "--global-batch-size", "16",
+               "--seq-len", "64", "--warmup-steps", "5", "--eval-every", "0", "--eval-batches", "1",
+               "--save-dir", str(save_dir), "--save-every", str(KILL_EVERY), "--resume", "--no-progress",
+               "--metrics-file", str(save_dir / "metrics.jsonl")]
+    start = time.monotonic()
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env={**os.environ, "MESHPAR_FAULT": fault, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr, time.monotonic() - start
+
+
+def test_a_killed_rank_restarts_under_torchrun_and_ends_bit_identical(worlds, tmp_path):
+    """SIGKILL of one rank mid-run, and of another while a checkpoint is being written:
+    torchrun stops the others and restarts the job, which resumes from the newest
+    complete checkpoint and ends with the state of a run never interrupted."""
+    worlds(4).run(train, kill_test_config(tmp_path / "whole"))
+    whole = latest_checkpoint(tmp_path / "whole")
+
+    output, seconds = torchrun(tmp_path / "killed", "kill:2:step:6", tmp_path)
+    assert "failed (exitcode: -9) local_rank: 2" in output
+    assert f"resumed from {tmp_path / 'killed' / 'step-00000004'}" in output
+    assert_same_state(whole, latest_checkpoint(tmp_path / "killed"))
+    records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, KILL_STEPS + 1))
+
+    output, _ = torchrun(tmp_path / "killed-saving", "kill:1:save:8", tmp_path)
+    assert "failed (exitcode: -9) local_rank: 1" in output
+    assert f"resumed from {tmp_path / 'killed-saving' / 'step-00000004'}" in output  # 8 was never published
+    assert_same_state(whole, latest_checkpoint(tmp_path / "killed-saving"))
+    print(f"killed and restarted run: {seconds:.0f} s")

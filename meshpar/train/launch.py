@@ -53,6 +53,20 @@ def set_cpu_threads(local_world_size: int):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
 
 
+def restart_safe_store(timeout: timedelta, env=os.environ) -> dict:
+    """Under torchrun, the rendezvous store outlives a restart (its server is shared
+    between rounds), and with it the addresses the dead attempt's ranks published: a
+    restarted rank would dial them and fail. Each attempt gets its own key prefix."""
+    if "TORCHELASTIC_RESTART_COUNT" not in env:
+        return {}
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    hosted_by_agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size,
+                          is_master=not hosted_by_agent and rank == 0, timeout=timeout, multi_tenant=True)
+    prefix = f"meshpar/attempt-{env['TORCHELASTIC_RESTART_COUNT']}"
+    return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world_size}
+
+
 def run_rank(cfg: Config) -> dict:
     """Train as the rank torchrun's environment variables describe; returns the summary."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -63,7 +77,8 @@ def run_rank(cfg: Config) -> dict:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.train.comm_timeout + TIMEOUT_MARGIN_S))
+    timeout = timedelta(seconds=cfg.train.comm_timeout + TIMEOUT_MARGIN_S)
+    dist.init_process_group(backend, timeout=timeout, **restart_safe_store(timeout))
     try:
         mesh = build_mesh(cfg)
         watchdog = Watchdog(mesh, cfg.train.comm_timeout).start()

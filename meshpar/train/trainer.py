@@ -103,6 +103,7 @@ class Trainer:
         self.peak_flops = device_peak_flops(device)  # None on a CPU: no MFU
         self.faults = Faults(mesh.rank)
         self.started_from = self._load_checkpoint()
+        self.first_step = self.step  # of this process: 0 unless resumed
 
     def _load_checkpoint(self) -> str | None:
         """--resume: the newest complete checkpoint in --save-dir, whole; else --init-from:
@@ -161,7 +162,7 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             for x, y in zip(xs, ys):
                 # The first step counts the activations saved for backward (one micro-batch's).
-                with count_saved_bytes(self.model) if self.step == 0 else nullcontext() as saved:
+                with count_saved_bytes(self.model) if self.step == self.first_step else nullcontext() as saved:
                     with self.compute():
                         logits = self.model(x, self.positions)
                     loss = self.parallel.loss_sum(logits, y) / self.tokens_per_step
@@ -298,6 +299,8 @@ class Trainer:
         log = MetricsLog(tr.metrics_file, self.is_logger, continue_after=self.step if self.started_from else None)
         if self.is_logger and tr.progress:
             print(self.banner(), flush=True)
+        if self.is_logger and self.started_from:  # even without progress: a restarted job's log says so
+            print(f"meshpar: {self.started_from}", flush=True)
         progress = Progress(tr.steps, tr.progress and self.is_logger, initial=self.step)
         steps, evals = [], []
         stopped = None
