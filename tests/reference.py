@@ -32,7 +32,7 @@ def train_and_report(cfg: Config) -> dict:
     report = {
         "losses": [s["loss"] for s in result.steps],
         "grad_norms": [s["grad_norm"] for s in result.steps],  # None where no update ran (async, step 1)
-        "val_loss": result.summary["val_loss"],
+        "val_loss": result.summary.get("val_loss"),  # none when nothing was left to train
         "params": result.parallel.full_state(),  # gathered to full shape
         "ledger": dict(mesh.ledger.entries),
         "summary": result.summary,

@@ -21,7 +21,7 @@ from meshpar.checkpoint.regions import Box
 from meshpar.config import ConfigError, check, validate
 from meshpar.train.launch import build_mesh
 from meshpar.train.trainer import Trainer
-from reference import fast_config
+from reference import fast_config, train_and_report as train
 from test_composition import layout_config
 
 STEPS, STOP = 6, 3
@@ -46,18 +46,6 @@ def resume_and_resave(cfg, resave_dir: str) -> dict:
     return report
 
 
-def train(cfg) -> dict:
-    check(cfg)
-    mesh = build_mesh(cfg)
-    result = Trainer(cfg, mesh, torch.device("cpu")).run()
-    report = {"losses": [s["loss"] for s in result.steps], "params": result.parallel.full_state(),
-              "summary": result.summary}
-    del result
-    gc.collect()
-    mesh.destroy()
-    return report
-
-
 def saved_layout(**kw):
     cfg = layout_config(2, 2, 2, 1, zero=1, steps=STEPS)
     for key, value in kw.items():
@@ -75,16 +63,17 @@ def assert_same_state(a: Path, b: Path):
     assert ra.meta["train"] == rb.meta["train"]
 
 
-TARGETS = {  # (dp, tp, pp, zero): world 8 unless noted
-    "dp1-tp4-pp2": (1, 4, 2, 0),
-    "dp8-zero3": (8, 1, 1, 3),
-    "tp8 (replicated kv heads)": (1, 8, 1, 2),
-    "one device": (1, 1, 1, 0),
+TARGETS = {  # (dp, tp, pp, cp, zero)
+    "dp1-tp4-pp2": (1, 4, 2, 1, 0),
+    "dp8-zero3": (8, 1, 1, 1, 3),
+    "tp8 (replicated kv heads)": (1, 8, 1, 1, 2),
+    "dp2-tp2-cp2-zero2": (2, 2, 1, 2, 2),
+    "one device": (1, 1, 1, 1, 0),
 }
 
 
-def target_config(dp, tp, pp, zero, save_dir):
-    cfg = layout_config(dp, tp, pp, 1, zero=zero, steps=STEPS)
+def target_config(dp, tp, pp, cp, zero, save_dir):
+    cfg = layout_config(dp, tp, pp, cp, zero=zero, steps=STEPS)
     cfg.train.save_dir, cfg.train.resume = str(save_dir), True
     return cfg
 
@@ -97,12 +86,12 @@ def test_saved_at_dp2_tp2_pp2_loads_in_any_layout_and_trains_on(worlds, tmp_path
     assert "--stop-after-step 3" in stopped["summary"]["stopped"]
     checkpoint = latest_checkpoint(tmp_path / "saved")
     assert checkpoint.name == "step-00000003" and len(list(checkpoint.glob("rank-*.safetensors"))) == 8
-    for label, (dp, tp, pp, zero) in TARGETS.items():
+    for label, layout in TARGETS.items():
         own = tmp_path / label.split()[0]
         shutil.copytree(tmp_path / "saved", own)
-        cfg = target_config(dp, tp, pp, zero, own)
+        cfg = target_config(*layout, own)
         resave = str(tmp_path / f"{label.split()[0]}-resaved")
-        report = (world.run(resume_and_resave, cfg, resave)[0] if dp * tp * pp > 1
+        report = (world.run(resume_and_resave, cfg, resave)[0] if cfg.parallel.world_size > 1
                   else resume_and_resave(cfg, resave))
         assert report["started_from"].startswith("resumed from"), label
         assert_same_state(checkpoint, Path(resave) / checkpoint.name)  # (it also saved its step 6 there)
@@ -127,6 +116,28 @@ def test_resume_in_the_same_layout_is_exact_with_dropout(worlds, tmp_path):
     assert resumed["losses"] == whole["losses"][STOP:]
     for name, value in whole["params"].items():
         assert torch.equal(resumed["params"][name], value), name
+
+
+@pytest.mark.parametrize("variant", ["int8 error feedback", "fp16 loss scale, ZeRO-2 offload"])
+def test_resume_is_exact_with_compression_and_loss_scaling(worlds, tmp_path, variant):
+    """The error-feedback buffers and the loss scaler's state are part of the run's state."""
+    def cfg(**kw):
+        c = fast_config(dp=2, steps=STEPS, save_dir=str(tmp_path), **kw)
+        if variant.startswith("int8"):
+            c.parallel.grad_compression = "int8"
+        else:
+            c.train.precision, c.train.loss_scale_growth_interval = "fp16", 2  # the scale moves
+            c.parallel.zero, c.parallel.offload = 2, ["optimizer"]
+        return c
+    world = worlds(2)
+    whole = world.run(train, cfg())[0]
+    shutil.rmtree(tmp_path)
+    world.run(train, cfg(stop_after_step=STOP))
+    resumed = world.run(train, cfg(resume=True))[0]
+    assert resumed["losses"] == whole["losses"][STOP:]
+    assert all(torch.equal(resumed["params"][n], v) for n, v in whole["params"].items())
+    if "fp16" in variant:
+        assert resumed["summary"]["final_loss_scale"] == whole["summary"]["final_loss_scale"] != 65536.0
 
 
 def test_single_device_stop_resume_and_retention(tmp_path):
