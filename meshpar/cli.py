@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         from meshpar.train.dry_run import dry_run
         print(dry_run(cfg))
         return 0
+    from meshpar.checkpoint import CheckpointError
     from meshpar.train.launch import launch  # imports the trainer only for a valid config
 
     import torch.multiprocessing as mp
@@ -296,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("meshpar: interrupted", file=sys.stderr)
         return 130
+    except CheckpointError as err:  # one rank in this process: a corrupt checkpoint found while loading
+        print(f"meshpar: {err}", file=sys.stderr)
+        return 1
     except mp.ProcessRaisedException as err:  # a local rank raised: its traceback is the message
         print(f"meshpar: rank {err.error_index} failed; the other ranks were stopped.\n{err}", file=sys.stderr)
         return 1
