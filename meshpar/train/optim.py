@@ -71,13 +71,14 @@ def global_grad_norm(pieces: list[tuple[nn.Parameter, torch.Tensor]], mesh: Para
     return total.sqrt()
 
 
-def clip_by_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> float:
+def clip_by_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float,
+                 norm_value: float | None = None) -> float:
     """Scale `grads` so that a global norm `norm` becomes at most `max_norm` (0: no
-    clipping); return the norm."""
+    clipping); return the norm (`norm_value` when the caller has already read it)."""
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(grads, scale)
-    return norm.item()
+    return norm.item() if norm_value is None else norm_value
 
 
 def clip_grads(params: list[nn.Parameter], max_norm: float, mesh: ParallelMesh) -> float:
