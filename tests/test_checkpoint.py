@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from meshpar.checkpoint import CheckpointError, CheckpointReader, latest_checkpoint, open_checkpoint
+from meshpar.checkpoint.commands import model_of
 from meshpar.checkpoint.regions import Box
 from meshpar.config import ConfigError, check, validate
 from meshpar.train.launch import build_mesh
@@ -53,9 +54,16 @@ def saved_layout(**kw):
     return cfg
 
 
+def stored_elements(reader: CheckpointReader) -> int:
+    return sum(stop - start for boxes in reader.index.values() for parts in boxes.values()
+               for _file, _key, start, stop in parts)
+
+
 def assert_same_state(a: Path, b: Path):
     """Every full tensor (parameters, both moments) and every counter equal, bit for bit."""
     ra, rb = CheckpointReader(a), CheckpointReader(b)
+    for reader in (ra, rb):  # every element once: replicas write nothing, no rank writes another's
+        assert stored_elements(reader) == len(KINDS) * model_of(reader).num_params()
     for kind in KINDS:
         assert ra.names(kind) == rb.names(kind) and ra.names(kind), kind
         for name in ra.names(kind):
@@ -236,7 +244,6 @@ def test_boxes_cut_any_layout_out_of_any_other():
 
 def test_hugging_face_round_trip(small_checkpoint, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from meshpar.checkpoint.commands import model_of
     from meshpar.model.llama import Transformer
 
     subprocess.run([sys.executable, "-m", "meshpar", "checkpoint", "export-hf", str(small_checkpoint),
