@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pp_vs_torch.py
 	$(BIN)/python benchmarks/long_context.py
 	$(BIN)/python benchmarks/comm.py
+	$(BIN)/python benchmarks/checkpoint.py
 	$(BIN)/python benchmarks/compression_training.py --out runs/bench/compression.png
 
 clean:

@@ -40,9 +40,9 @@ def _names(trainer) -> dict[int, str]:
     return {id(p): name for name, p in trainer.model.named_parameters()}
 
 
-def save_training(trainer, before_publish=None) -> Path:
-    """Collective: write the trainer's state as checkpoint `trainer.step` under its save dir."""
-    mesh, dp, tr = trainer.mesh, trainer.data_parallel, trainer.cfg.train
+def rank_tensors(trainer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """What this rank writes: its pieces (and their descriptions) and its own state."""
+    mesh, dp = trainer.mesh, trainer.data_parallel
     names = _names(trainer)
     writes_replicas = dp.stage >= 1 or mesh.index("dp") == 0
     tensors, pieces = {}, []
@@ -66,12 +66,19 @@ def save_training(trainer, before_publish=None) -> Path:
     for kind, buffers in (("errors", reducer.errors), ("shard_errors", reducer.shard_errors)):
         for key, value in buffers.items():
             tensors[f"{LOCAL}feedback/{kind}/{key}"] = value
+    return tensors, pieces
+
+
+def save_training(trainer, before_publish=None) -> Path:
+    """Collective: write the trainer's state as checkpoint `trainer.step` under its save dir."""
+    tr = trainer.cfg.train
+    tensors, pieces = rank_tensors(trainer)
     meta = {"model": model_meta(trainer.cfg), "layout": layout_of(trainer.cfg),
             "train": {"step": trainer.step, "optimizer_step": trainer.step - trainer.skipped_steps,
                       "skipped_steps": trainer.skipped_steps, "seed": tr.seed,
                       "loader": trainer.loader.state_dict(),
                       "loss_scaler": trainer.scaler.state_dict() if trainer.scaler else None}}
-    return write_checkpoint(tr.save_dir, trainer.step, mesh, tensors, pieces, meta, tr.keep_checkpoints,
+    return write_checkpoint(tr.save_dir, trainer.step, trainer.mesh, tensors, pieces, meta, tr.keep_checkpoints,
                             before_publish)
 
 
