@@ -134,6 +134,7 @@ class CheckpointReader:
         if self.meta.get("format") != FORMAT:
             raise CheckpointError(f"{meta_path}: not a meshpar checkpoint (format {self.meta.get('format')!r})")
         self._verified: set[str] = set()
+        self._handles: dict[str, object] = {}
         # (name, kind) -> box -> [(file, key, start, stop)]
         self.index: dict[tuple[str, str], dict[Box, list]] = defaultdict(lambda: defaultdict(list))
         for file, expected in self.meta["files"].items():
@@ -151,11 +152,13 @@ class CheckpointReader:
         return self.meta["step"]
 
     def _open(self, file: str):
-        path = self.path / file
-        try:
-            return safe_open(path, framework="pt")
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        if file not in self._handles:
+            path = self.path / file
+            try:
+                self._handles[file] = safe_open(path, framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        return self._handles[file]
 
     def _verify(self, file: str):
         if file in self._verified:
