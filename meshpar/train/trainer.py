@@ -357,7 +357,8 @@ class Trainer:
         reducer = self.data_parallel.reducer
         scheme = ("" if par.grad_compression == "none" else f", dp gradients in {par.grad_compression}"
                   + (" without error feedback" if par.grad_compression == "int8" and not par.error_feedback else ""))
-        return (f"meshpar: {self.cfg.model.name} ({self.model_cfg.num_params():,} parameters) on "
+        model = f"the model of {tr.init_from}" if tr.init_from else self.cfg.model.name
+        return (f"meshpar: {model} ({self.model_cfg.num_params():,} parameters) on "
                 f"{self.mesh.world_size} rank(s), {self.mesh.describe()}, ZeRO-{par.zero}"
                 + (f" (offload {', '.join(self.data_parallel.offload)})" if self.data_parallel.offload else "")
                 + scheme + (", hierarchical all-reduce" if reducer.hierarchical else "")
