@@ -21,7 +21,10 @@ class MetricsLog:
             kept = []
             if continue_after is not None and path.is_file():
                 for line in path.read_text().splitlines():
-                    record = json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except ValueError:  # the last line of a run killed while writing it
+                        continue
                     if not record.get("summary") and record.get("step", 0) <= continue_after:
                         kept.append(line + "\n")
             self.file = open(path, "w")
