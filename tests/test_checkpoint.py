@@ -151,6 +151,8 @@ def test_single_device_stop_resume_and_retention(tmp_path):
     assert len(first["losses"]) == 1 and "--stop-after-minutes" in first["summary"]["stopped"]
     assert latest_checkpoint(tmp_path).name == "step-00000001"
     assert not (tmp_path / ".step-00000004.tmp").exists()  # removed by the next save
+    with open(tmp_path / "m.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # a line cut short by a kill
     rest = train(cfg(resume=True, metrics_file=str(tmp_path / "m.jsonl")))
     assert first["losses"] + rest["losses"] == whole["losses"]
     assert all(torch.equal(rest["params"][n], v) for n, v in whole["params"].items())
