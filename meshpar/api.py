@@ -98,7 +98,8 @@ class Parallelized:
         for axis in ("dp", "pp"):
             comm.all_reduce(self.mesh, axis, loss, tag="loss")
         dp = self.data_parallel
-        norm = global_grad_norm(dp.grad_pieces(), self.mesh, sharded_over_dp=dp.grads_sharded)
+        norm = global_grad_norm(dp.grad_pieces(), self.mesh, sharded_over_dp=dp.grads_sharded,
+                                params=dp.params())
         clip_by_norm(dp.grads(), norm, self.max_grad_norm)
         dp.step(self.optimizer)
         return loss.item()

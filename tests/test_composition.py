@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from meshpar.config import validate
+from multirank import RankFailure
 from reference import fast_config, train_and_report
 from test_zero import assert_matches, train_each
 
@@ -61,7 +62,10 @@ def reference():
 
 
 def run_cases(worlds, reference, world: int, cases: list, timeout_s: float | None = None):
-    results = worlds(world).run(train_each, [layout_config(*case) for case in cases], timeout_s=timeout_s)
+    try:
+        results = worlds(world).run(train_each, [layout_config(*case) for case in cases], timeout_s=timeout_s)
+    except RankFailure as failure:  # say which layouts were running
+        raise RankFailure(f"in one of {', '.join(map(label, cases))}:\n{failure}") from None
     for case, runs in zip(cases, zip(*results)):
         for rank, run in enumerate(runs):
             assert_matches(run, reference, f"{label(case)} rank {rank}")
@@ -73,7 +77,8 @@ REPRESENTATIVE = {
     8: [(2, 2, 2, 1, 1, "1f1b", "none"),  # the demo layout
         (1, 2, 2, 2, 3, "zb-h1", "selective"),
         (2, 1, 2, 2, 2, "interleaved-1f1b", "none"),
-        (2, 2, 1, 2, 3, "1f1b", "selective")],
+        (2, 2, 1, 2, 3, "1f1b", "selective"),
+        (2, 2, 2, 1, 3, "1f1b", "none")],  # dp 1's ZeRO-3 shards of stage 0 hold tp-sharded weights only
     4: [(1, 1, 2, 2, 0, "interleaved-1f1b", "selective"),
         (2, 1, 1, 2, 2, "1f1b", "none"),
         (1, 2, 2, 1, 3, "zb-h1", "none")],

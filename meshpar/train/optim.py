@@ -4,7 +4,6 @@ gradient clipping by the global norm over every rank and shard."""
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import torch
 from torch import nn
@@ -50,20 +49,25 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def global_grad_norm(pieces: list[tuple[nn.Parameter, torch.Tensor]], mesh: ParallelMesh,
-                     sharded_over_dp: bool = False) -> torch.Tensor:
+                     sharded_over_dp: bool = False, params: list[nn.Parameter] | None = None) -> torch.Tensor:
     """L2 norm of the full model's gradient, from (parameter, gradient piece) pairs. Squares
     of tp-sharded parameters are summed across their shard axis (a chunk held by several
     ranks counted once); pieces sharded over dp (ZeRO) are summed over dp; pipeline stages
-    add up."""
-    squares_by_axes: dict[tuple[str, ...], torch.Tensor] = defaultdict(lambda: 0.0)
+    add up. `params`: every parameter this rank's stage holds (default: those of
+    `pieces`) - the reductions are chosen from them, so that a ZeRO shard holding no piece
+    of some kind (only tp-sharded weights, say) still joins every reduction its peers make."""
+    def axes_of(p: nn.Parameter) -> tuple[str, ...]:
+        spec = shard_spec(p)
+        return ((spec.axis,) if spec else ()) + (("dp",) if sharded_over_dp else ())
+
+    params = [p for p, _ in pieces] if params is None else params
+    device = params[0].device if params else (pieces[0][1].device if pieces else "cpu")
+    squares_by_axes = {axes: torch.zeros((), dtype=torch.float32, device=device) for axes in map(axes_of, params)}
     for p, grad in pieces:
         spec = shard_spec(p)
-        axes = ((spec.axis,) if spec else ()) + (("dp",) if sharded_over_dp else ())
-        squares = grad.detach().float().pow(2).sum() / (spec.replicas if spec else 1)
-        squares_by_axes[axes] = squares_by_axes[axes] + squares
-    total = torch.zeros((), dtype=torch.float32, device=pieces[0][1].device if pieces else "cpu")
+        squares_by_axes[axes_of(p)] += grad.detach().float().pow(2).sum() / (spec.replicas if spec else 1)
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for axes, squares in sorted(squares_by_axes.items(), key=lambda item: item[0]):  # the same order on every rank
-        squares = torch.as_tensor(squares, dtype=torch.float32, device=total.device).clone()
         for axis in axes:
             comm.all_reduce(mesh, axis, squares, tag="grad_norm")
         total += squares

@@ -236,7 +236,7 @@ class Trainer:
         a loss or gradient that is not finite stops the run on every rank."""
         dp = self.data_parallel
         pieces = dp.grad_pieces()
-        norm = global_grad_norm(pieces, self.mesh, sharded_over_dp=dp.grads_sharded)
+        norm = global_grad_norm(pieces, self.mesh, sharded_over_dp=dp.grads_sharded, params=dp.params())
         # The norm and the loss reach the host in one read (on a GPU, one synchronisation).
         norm_value, loss = torch.stack([norm, torch.zeros_like(norm) if loss_sum is None
                                         else loss_sum.to(norm.dtype)]).tolist()
