@@ -91,7 +91,7 @@ def test_representative_layouts(worlds, reference, world):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3 * 3600)  # about 20 minutes at 4 ranks and 50 at 8 on 2 idle cores
+@pytest.mark.timeout(3 * 3600)  # about 20 minutes at 4 ranks and 65 at 8 on 2 idle cores
 @pytest.mark.parametrize("world", [4, 8])
 def test_full_matrix(worlds, reference, world):
     cases = list(matrix(world))
