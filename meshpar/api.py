@@ -19,12 +19,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from meshpar import comm
 from meshpar.config import TrainConfig
 from meshpar.mesh import MeshShape, ParallelMesh
+from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.plan import FUSED_ATTR, Plan, PlannedStages, apply_tensor_plan, gather_fused
 from meshpar.parallel.sharding import gather_full, shard_spec
 from meshpar.parallel.tensor import vocab_parallel_cross_entropy
@@ -78,7 +78,7 @@ class Parallelized:
         if self.vocab:
             return vocab_parallel_cross_entropy(logits, targets, self.vocab["vocab_start"],
                                                 self.vocab["vocab_local"], self.mesh).sum()
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        return cross_entropy_sum(logits, targets)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """One optimizer step on this dp rank's rows of the global batch (tokens and

@@ -338,8 +338,8 @@ def validate(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = Fal
                                     "and the output layer sit on different ranks); untie them or use --pp 1")
             if cfg.model.name in LARGE_PRESETS and tr.device == "cpu" and not dry_run:
                 problems.append(f"model {cfg.model.name} has {model.num_params() / 1e9:.1f}B parameters: "
-                                f"too large to train on a CPU (it is there for the planner); "
-                                f"use tiny or small, or check the layout with --dry-run")
+                                f"too large to train on a CPU; use --device cuda, or tiny or small, "
+                                f"or check the layout with --dry-run")
 
     for axis in ("dp", "tp", "pp", "cp"):
         if getattr(par, axis) < 1:

@@ -103,3 +103,41 @@ def test_model_module_does_not_import_torch_distributed():
                 continue
             assert not any(n.startswith(("torch.distributed", "meshpar.parallel", "meshpar.comm",
                                          "meshpar.mesh")) for n in names), (path, names)
+
+
+@pytest.mark.parametrize("block_elements", [37 * 200, 2 ** 24])  # many blocks (one cut mid-batch), one block
+def test_cross_entropy_sum_equals_torch_in_value_and_gradient(monkeypatch, block_elements):
+    from meshpar.model import loss
+
+    monkeypatch.setattr(loss, "BLOCK_ELEMENTS", block_elements)
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 50, 200) * 4).requires_grad_()
+    targets = torch.randint(0, 200, (3, 50))
+    ours = loss.cross_entropy_sum(logits, targets)
+    (ours * 0.5).backward()
+    ours_grad, logits.grad = logits.grad, None
+    theirs = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    (theirs * 0.5).backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours_grad, logits.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cross_entropy_sum_keeps_16_bit_logits_and_no_fp32_copy():
+    """What backward keeps: the bf16 logits (2 bytes each) and a 4-byte log-sum-exp per
+    token, against the fp32 log-softmax (4 bytes per logit) of F.cross_entropy on the upcast."""
+    from meshpar.model.loss import cross_entropy_sum
+    from meshpar.train.activations import count_saved_bytes
+
+    tokens, vocab = 64, 512
+    logits = torch.randn(tokens, vocab).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,))
+    holder = torch.nn.Module()
+    for fn, expected in ((cross_entropy_sum, 2 * tokens * vocab + 4 * tokens + 8 * tokens),
+                         (lambda x, y: F.cross_entropy(x.float(), y, reduction="sum"),
+                          4 * tokens * vocab + 8 * tokens + 4)):  # + nll_loss's total weight
+        with count_saved_bytes(holder) as saved:
+            out = fn(logits, targets)
+        assert saved["bytes"] == expected
+        out.backward()
+        assert logits.grad.dtype == torch.bfloat16
+        logits.grad = None

@@ -65,6 +65,10 @@ PRESETS: dict[str, ModelConfig] = {
     # ~6M parameters: still trains on a CPU, big enough to see throughput effects.
     "small": ModelConfig(vocab_size=256, hidden_size=256, num_layers=8, num_heads=8,
                          num_kv_heads=4, ffn_hidden_size=704, max_seq_len=512),
+    # 1.36B parameters, the GPU benchmark's model (benchmarks/gpu_step.py): TinyLlama's
+    # width, 24 layers, full multi-head attention, Llama 2's 32k vocabulary.
+    "llama-1.4b": ModelConfig(vocab_size=32000, hidden_size=2048, num_layers=24, num_heads=16,
+                              num_kv_heads=16, ffn_hidden_size=5632, max_seq_len=2048),
     # Real shapes (Llama 3 paper, Table 3), for the planner; never built on a CPU.
     "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32,
                              num_heads=32, num_kv_heads=8, ffn_hidden_size=14336,
@@ -78,7 +82,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 # Presets too large to instantiate on a CPU run.
-LARGE_PRESETS = frozenset({"llama3-8b", "llama3-70b", "llama3-405b"})
+LARGE_PRESETS = frozenset({"llama-1.4b", "llama3-8b", "llama3-70b", "llama3-405b"})
 
 
 def model_config(name: str, **overrides) -> ModelConfig:

@@ -16,21 +16,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.model.llama import Transformer
+from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.context import ContextParallelAttention, local_positions
 from meshpar.parallel.sharding import full_state
 from meshpar.parallel.recompute import apply_recompute
 from meshpar.parallel.tensor_plan import TensorParallelLlama
 from meshpar.pipeline.split import PipelineChunks, balanced_split, stage_layers_of
-
-
-def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
 
 @dataclass
@@ -39,7 +35,7 @@ class ParallelModel:
 
     module: nn.Module
     mesh: ParallelMesh
-    loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy_sum
+    loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum
     # Sum over tp the gradients partial there; called per gradient bucket before dp.
     grad_syncs: list[Callable[[list[nn.Parameter] | None], None]] = field(default_factory=list)
     num_stages: int = 1  # pipeline stages over all ranks; module is a PipelineChunks when above 1

@@ -85,10 +85,14 @@ def _layer_activation_bytes(spec: ModelSpec, b: int, s: int, t: int, sp: bool, r
 
 
 def head_activation_bytes(spec: ModelSpec, layout: Layout, dtypes: Dtypes) -> float:
-    """The final norm, the logits kept by the loss (fp32) and the token ids."""
+    """The final norm, what the loss keeps of the logits, and the token ids. One rank's
+    loss keeps the logits in the compute dtype and an fp32 log-sum-exp per token
+    (meshpar/model/loss.py); the vocab-parallel loss keeps its fp32 exponentials."""
     b, s, t = layout.micro_batch_size, spec.seq_len // layout.cp, layout.tp
     norm = (2 * b * s * spec.hidden + b * s) * dtypes.activation_bytes
-    return norm + 4 * b * s * spec.vocab / t + 8 * b * s
+    logits = (dtypes.activation_bytes * b * s * spec.vocab + 4 * b * s if t == 1
+              else 4 * b * s * spec.vocab / t)
+    return norm + logits + 8 * b * s
 
 
 def memory_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dtypes = Dtypes()) -> dict[str, float]:
