@@ -68,6 +68,9 @@ TRAIN_FLAGS = {
                                      "(default: the Python standard library's sources)"),
     "--metrics-file": ("train", "metrics_file", str, "write JSON lines of metrics here"),
     "--device": ("train", "device", str, "cpu or cuda (default cpu)"),
+    "--backend": ("train", "backend", str, "collectives: nccl (one rank per GPU) or gloo (CPUs; with --device "
+                                           "cuda, ranks may share a GPU, for tests); default nccl with cuda, "
+                                           "gloo on cpu"),
     "--trace": ("train", "trace_dir", str, "write a Chrome/Perfetto trace per rank (DIR/rankN.json) of steps "
                                            "2-4: compute, pipeline actions, sends, receives, collectives"),
     "--comm-timeout": ("train", "comm_timeout", float,
@@ -116,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true",
                        help="build each pipeline stage on the meta device, print per-rank parameters, memory "
                             "estimates and the pipeline schedule, and exit without training (any model size)")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile each transformer block (the first steps pay for compiling)")
     train.add_argument("--no-overlap", action="store_true",
                        help="reduce gradients after backward instead of from its hooks (for comparison)")
     train.add_argument("--no-error-feedback", action="store_true",
@@ -249,6 +254,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.train.progress = False
     if args.resume:
         cfg.train.resume = True
+    if args.compile:
+        cfg.train.compile = True
     if args.no_overlap:
         cfg.parallel.overlap = False
     if args.no_error_feedback:

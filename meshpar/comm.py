@@ -96,6 +96,44 @@ class Ledger:
         return out
 
 
+class HostStaged:
+    """A collective gloo ran on host copies of device tensors (gloo has no CUDA path for
+    most collectives; meshpar stages every one through host memory when the mesh says
+    so, for tests with several ranks on one GPU). Waiting on it waits for gloo, then
+    copies the results back into the device tensors."""
+
+    def __init__(self, work, copy_back: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.work, self.copy_back = work, copy_back
+
+    def is_completed(self) -> bool:
+        return self.work is None or self.work.is_completed()
+
+    def wait(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        for device_tensor, host_tensor in self.copy_back:
+            device_tensor.copy_(host_tensor)
+        self.copy_back = []
+        return True
+
+
+def _on_host(mesh: ParallelMesh, tensor: torch.Tensor) -> torch.Tensor:
+    """What the backend is handed: the tensor itself, or with host staging a host copy."""
+    return tensor.to("cpu", copy=True) if mesh.host_staging else tensor
+
+
+def _finish(mesh: ParallelMesh, work, pairs: list[tuple[torch.Tensor, torch.Tensor]], async_op: bool):
+    """The work to hand back (async) or the copies back done now (blocking)."""
+    if not mesh.host_staging:
+        return work
+    staged = HostStaged(work, [(t, h) for t, h in pairs if t is not h])
+    if async_op:
+        return staged
+    staged.wait()
+    return None
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -112,7 +150,9 @@ def all_reduce(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str,
         return tensor
     _record(mesh, axis, "all_reduce", tag, _nbytes(tensor), 2 * (n - 1) / n)
     with mesh.ledger.waiting(axis, "all_reduce", tag):
-        dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=mesh.group(axis))
+        host = _on_host(mesh, tensor)
+        dist.all_reduce(host, op=_REDUCE_OPS[op], group=mesh.group(axis))
+        _finish(mesh, None, [(tensor, host)], async_op=False)
     return tensor
 
 
@@ -167,7 +207,9 @@ def _into(mesh: ParallelMesh, axis: str, op: str, tag: str, out: torch.Tensor, t
         return None
     _record(mesh, axis, op, tag, _nbytes(payload), (n - 1) / n)
     with mesh.ledger.waiting(axis, op, tag):
-        return collective(out, tensor.contiguous(), group=mesh.group(axis), async_op=async_op)
+        host_out, host_in = _on_host(mesh, out), _on_host(mesh, tensor.contiguous())
+        work = collective(host_out, host_in, group=mesh.group(axis), async_op=async_op)
+        return _finish(mesh, work, [(out, host_out)], async_op)
 
 
 def all_gather_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
@@ -189,7 +231,8 @@ def all_reduce_async(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag
     if n == 1:
         return None
     _record(mesh, axis, "all_reduce", tag, _nbytes(tensor), 2 * (n - 1) / n)
-    return dist.all_reduce(tensor, group=mesh.group(axis), async_op=True)
+    host = _on_host(mesh, tensor)
+    return _finish(mesh, dist.all_reduce(host, group=mesh.group(axis), async_op=True), [(tensor, host)], True)
 
 
 def all_to_all(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str) -> torch.Tensor:
@@ -215,12 +258,17 @@ def batch_send_recv(mesh: ParallelMesh, axis: str, sends: list[tuple[torch.Tenso
     """Point-to-point along `axis` as one batch: sends are (tensor, global peer, tag, ledger
     tag), receives (buffer, global peer, tag). Returns the send and receive works; the
     ledger records each send's bytes (what this rank puts on the wire)."""
-    ops = []
+    ops, pairs = [], []
     for tensor, peer, tag, purpose in sends:
         mesh.ledger.record(axis, "send", purpose, _nbytes(tensor), _nbytes(tensor),
                            mesh.node_of(peer) != mesh.node_of(mesh.rank))
-        ops.append(dist.P2POp(dist.isend, tensor, peer, group=mesh.group(f"{axis}_p2p"), tag=tag))
-    ops += [dist.P2POp(dist.irecv, buffer, peer, group=mesh.group(f"{axis}_p2p"), tag=tag)
-            for buffer, peer, tag in recvs]
+        host = _on_host(mesh, tensor)
+        ops.append(dist.P2POp(dist.isend, host, peer, group=mesh.group(f"{axis}_p2p"), tag=tag))
+        pairs.append([])  # nothing comes back from a send
+    for buffer, peer, tag in recvs:
+        host = _on_host(mesh, buffer)
+        ops.append(dist.P2POp(dist.irecv, host, peer, group=mesh.group(f"{axis}_p2p"), tag=tag))
+        pairs.append([(buffer, host)])
     works = dist.batch_isend_irecv(ops) if ops else []
+    works = [_finish(mesh, work, pair, async_op=True) for work, pair in zip(works, pairs)]
     return works[:len(sends)], works[len(sends):]

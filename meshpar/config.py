@@ -89,6 +89,8 @@ class TrainConfig:
     metrics_file: str | None = None
     device: str = "cpu"
     precision: str = "fp32"  # fp32, bf16 or fp16 compute; parameters, gradients and optimizer stay fp32
+    compile: bool = False  # torch.compile each transformer block
+    backend: str | None = None  # collectives: nccl or gloo; default nccl with cuda, gloo on cpu
     loss_scale_initial: float = 65536.0  # fp16 dynamic loss scaling
     loss_scale_growth_interval: int = 1000
     loss_scale_backoff: float = 0.5
@@ -424,7 +426,7 @@ def validate(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = Fal
     if "WORLD_SIZE" in env and "RANK" in env and int(env["WORLD_SIZE"]) != par.world_size:
         problems.append(f"torchrun started {env['WORLD_SIZE']} ranks but dp*tp*pp*cp = "
                         f"{par.world_size}; make the degrees multiply to the world size")
-    problems += _check_device(tr.device, par.world_size, env)
+    problems += _check_device(tr.device, tr.backend, par.world_size, env)
     if model is not None and not problems:
         problems += _checkpoint_problems(cfg)
     if tr.seq_len >= 1:
@@ -432,18 +434,23 @@ def validate(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = Fal
     return problems
 
 
-def _check_device(device: str, world_size: int, env) -> list[str]:
+def _check_device(device: str, backend: str | None, world_size: int, env) -> list[str]:
     if device not in ("cpu", "cuda"):
         return [f"--device={device!r}; choose cpu or cuda"]
+    if backend not in (None, "nccl", "gloo"):
+        return [f"--backend={backend!r}; choose nccl or gloo"]
+    if backend == "nccl" and device == "cpu":
+        return ["--backend nccl needs --device cuda; on CPUs use gloo"]
     if device == "cuda":
         import torch
         available = torch.cuda.device_count()
         local_ranks = int(env.get("LOCAL_WORLD_SIZE", world_size))
         if available == 0:
             return ["--device cuda, but no CUDA device is visible; use --device cpu"]
-        if local_ranks > available:
+        if local_ranks > available and backend != "gloo":
             return [f"--device cuda with {local_ranks} local ranks needs {local_ranks} GPUs "
-                    f"(NCCL puts one rank on each); {available} visible"]
+                    f"(NCCL puts one rank on each); {available} visible. --backend gloo lets ranks "
+                    f"share a GPU (slowly: for tests)"]
     return []
 
 

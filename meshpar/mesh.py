@@ -101,6 +101,8 @@ class ParallelMesh:
     # Hierarchical data parallelism: dp split into its ranks on this node ("dp_intra")
     # and the ranks at the same place on every node ("dp_inter"), when dp spans nodes.
     sub_sizes: dict[str, int] = field(default_factory=dict)
+    # Gloo with device tensors: run every collective on host copies (see comm.HostStaged).
+    host_staging: bool = False
     _spans: dict[str, bool] = field(default_factory=dict, init=False, repr=False)  # spans_nodes, per axis
 
     @classmethod

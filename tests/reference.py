@@ -24,16 +24,18 @@ def fast_config(dp: int = 1, steps: int = 20, tp: int = 1, sequence_parallel: bo
     return cfg
 
 
-def train_and_report(cfg: Config) -> dict:
-    """Train `cfg` on this rank; what a test compares against the reference."""
+def train_and_report(cfg: Config, device: str = "cpu", host_staging: bool = False) -> dict:
+    """Train `cfg` on this rank; what a test compares against the reference.
+    `host_staging`: every collective on host copies, as gloo with CUDA tensors runs."""
     check(cfg)
     mesh = build_mesh(cfg)
-    result = Trainer(cfg, mesh, torch.device("cpu")).run()
+    mesh.host_staging = host_staging
+    result = Trainer(cfg, mesh, torch.device(device)).run()
     report = {
         "losses": [s["loss"] for s in result.steps],
         "grad_norms": [s["grad_norm"] for s in result.steps],  # None where no update ran (async, step 1)
         "val_loss": result.summary.get("val_loss"),  # none when nothing was left to train
-        "params": result.parallel.full_state(),  # gathered to full shape
+        "params": {name: value.cpu() for name, value in result.parallel.full_state().items()},  # full shape
         "ledger": dict(mesh.ledger.entries),
         "summary": result.summary,
     }

@@ -3,8 +3,9 @@
     1. tensor (and sequence) parallelism: shard the layers over tp
     2. context parallelism: attention cores over cp (the trainer feeds each rank its tokens)
     3. pipeline parallelism: keep this rank's stages (layers split over pp x virtual stages)
-    4. activation recomputation of the layers this rank holds
-    5. data parallelism (ZeRO stages 0-3) wraps the result, over dp: see zero.py
+    4. torch.compile of the layers this rank holds, if asked (compile.py)
+    5. activation recomputation of those layers
+    6. data parallelism (ZeRO stages 0-3) wraps the result, over dp: see zero.py
 
 The model arrives as the full, seeded single-device reference and leaves holding only
 this rank's slices of it.
@@ -22,6 +23,7 @@ from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.model.llama import Transformer
 from meshpar.model.loss import cross_entropy_sum
+from meshpar.parallel.compile import apply_compile
 from meshpar.parallel.context import ContextParallelAttention, local_positions
 from meshpar.parallel.sharding import full_state
 from meshpar.parallel.recompute import apply_recompute
@@ -76,11 +78,13 @@ class ParallelModel:
 
 def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool = False,
                 num_stages: int = 1, stage_layer_counts: list[int] | None = None,
-                recompute: str = "none", recompute_every: int = 1, cp_impl: str = "ring") -> ParallelModel:
+                recompute: str = "none", recompute_every: int = 1, cp_impl: str = "ring",
+                compile_layers: bool = False) -> ParallelModel:
     """Shard `model` (the full seeded reference) for this rank of `mesh`. `num_stages` is
     pp x virtual stages; `stage_layer_counts` fixes the layers per stage (default: balanced);
     `recompute` is none, full or selective (full: every `recompute_every`-th layer);
-    `cp_impl` is ring or all-to-all attention over cp."""
+    `cp_impl` is ring or all-to-all attention over cp; `compile_layers` compiles each
+    transformer block with torch.compile."""
     parallel = ParallelModel(model, mesh)
     if mesh.size("tp") > 1:
         tp = TensorParallelLlama(model, mesh, sequence_parallel)
@@ -99,5 +103,7 @@ def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool 
                                          num_stages, seq_shards)
         parallel.num_stages = num_stages
     held = parallel.module.layers
+    if compile_layers:
+        apply_compile(list(held.children()))
     apply_recompute({int(name): layer for name, layer in held.named_children()}, recompute, recompute_every)
     return parallel

@@ -67,20 +67,26 @@ def restart_safe_store(timeout: timedelta, env=os.environ) -> dict:
     return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world_size}
 
 
+def collective_backend(cfg: Config) -> str:
+    return cfg.train.backend or ("nccl" if cfg.train.device == "cuda" else "gloo")
+
+
 def run_rank(cfg: Config) -> dict:
     """Train as the rank torchrun's environment variables describe; returns the summary."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+    backend = collective_backend(cfg)
     if cfg.train.device == "cuda":
-        device = torch.device("cuda", local_rank)
+        # NCCL: one GPU per rank (validated). Gloo ranks may share GPUs, for tests.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        backend = "nccl"
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        device = torch.device("cpu")
     timeout = timedelta(seconds=cfg.train.comm_timeout + TIMEOUT_MARGIN_S)
     dist.init_process_group(backend, timeout=timeout, **restart_safe_store(timeout))
     try:
         mesh = build_mesh(cfg)
+        mesh.host_staging = backend == "gloo" and device.type == "cuda"
         watchdog = Watchdog(mesh, cfg.train.comm_timeout).start()
         summary = Trainer(cfg, mesh, device).run().summary
         watchdog.stop()

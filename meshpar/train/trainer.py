@@ -55,7 +55,7 @@ class Trainer:
         num_stages = par.pp * par.virtual_stages
         self.parallel = parallelize(build_model(self.model_cfg, tr.seed, device), mesh,
                                     par.sequence_parallel, num_stages, par.pp_layers,
-                                    par.recompute, par.recompute_every, par.cp_impl)
+                                    par.recompute, par.recompute_every, par.cp_impl, tr.compile)
         self.model = self.parallel.module
         # Dropout masks: one stream per dp rank, shared by the tp ranks of a replica.
         torch.manual_seed(tr.seed + 1 + mesh.index("dp"))

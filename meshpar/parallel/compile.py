@@ -1,0 +1,20 @@
+"""torch.compile, one transformer block at a time.
+
+Each block's own forward is compiled (an instance attribute, as recomputation wraps it),
+so everything meshpar hangs around a block stays outside the compiled code: ZeRO-3's
+gather and free hooks, the pipeline's stage boundaries, recomputation's checkpoint. All
+blocks share one compiled graph (same code, same shapes); the embedding, final norm,
+output layer and loss run eagerly. Inside a block, the collectives of tensor and context
+parallelism are not traced: they are graph breaks, so the compiled pieces are the
+compute between them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def apply_compile(layers: list[nn.Module]) -> None:
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)

@@ -1,0 +1,80 @@
+"""The code paths of one-GPU speed (issue 13): torch.compile of each block, collectives
+staged through host memory (gloo with CUDA tensors), and - where CUDA is present - the
+multi-rank layouts with gloo ranks sharing one GPU, against one rank on it."""
+
+import pytest
+import torch
+
+from reference import fast_config, train_and_report
+from test_composition import layout_config
+from test_zero import assert_matches
+
+
+def staged_runs(cases: list[dict], host_staging: bool, device: str = "cpu") -> list[dict]:
+    runs = []
+    for case in cases:
+        cfg = layout_config(**case)
+        runs.append(train_and_report(cfg, device=device, host_staging=host_staging))
+    return runs
+
+
+# Every kind of collective: tp all-reduces and sequence all-gathers, pipeline sends and
+# receives, the ring's overlapped K/V exchange, ZeRO's async reduce-scatters and gathers.
+STAGED_CASES = [dict(dp=1, tp=2, pp=2, cp=1, zero=0, schedule="1f1b"),
+                dict(dp=2, tp=1, pp=1, cp=2, zero=3),
+                dict(dp=2, tp=2, pp=1, cp=1, zero=2)]
+
+
+def test_host_staged_collectives_change_nothing(worlds):
+    """The collectives run on host copies (a copy even on a CPU, so the copy back is
+    exercised): the same losses and parameters, bit for bit."""
+    world = worlds(4)
+    direct = world.run(staged_runs, STAGED_CASES, False)
+    staged = world.run(staged_runs, STAGED_CASES, True)
+    for case, a_runs, b_runs in zip(STAGED_CASES, zip(*direct), zip(*staged)):
+        for rank, (a, b) in enumerate(zip(a_runs, b_runs)):
+            assert a["losses"] == b["losses"], (case, rank)
+            for name, value in a["params"].items():
+                assert torch.equal(value, b["params"][name]), (case, rank, name)
+
+
+def test_compiled_blocks_train_like_eager():
+    """--compile on one rank: the same losses and parameters as eager within round-off
+    (inductor fuses and reorders fp32 arithmetic), with recomputation too."""
+    eager = train_and_report(fast_config(steps=4))
+    for recompute in ("none", "full"):
+        cfg = fast_config(steps=4, compile=True)
+        cfg.parallel.recompute = recompute
+        assert_matches(train_and_report(cfg), eager, f"compiled, recompute {recompute}")
+
+
+def compiled_runs(cases: list[dict]) -> list[dict]:
+    runs = []
+    for case in cases:
+        cfg = layout_config(**case)
+        cfg.train.compile = True
+        runs.append(train_and_report(cfg))
+    return runs
+
+
+def test_compiled_blocks_in_parallel_layouts_equal_one_device(worlds):
+    """Compiled blocks around the collectives of tp (graph breaks), inside pipeline stages
+    and under ZeRO-3's gather hooks."""
+    reference = train_and_report(layout_config(1, 1, 1, 1))
+    cases = [dict(dp=1, tp=2, pp=2, cp=1, zero=0), dict(dp=2, tp=1, pp=1, cp=2, zero=3)]
+    results = worlds(4).run(compiled_runs, cases)
+    for case, runs in zip(cases, zip(*results)):
+        for rank, run in enumerate(runs):
+            assert_matches(run, reference, f"compiled {case} rank {rank}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [dict(dp=1, tp=2, pp=1, cp=1), dict(dp=1, tp=1, pp=2, cp=1)],
+                         ids=["tp2", "pp2"])
+def test_gloo_ranks_sharing_one_gpu_equal_one_rank(worlds, case):
+    """TP=2 and PP=2 as two gloo ranks on the one GPU (NCCL refuses two ranks on one
+    device), every collective staged through host memory, against one rank on that GPU."""
+    reference = train_and_report(layout_config(1, 1, 1, 1), device="cuda")
+    runs = worlds(2).run(staged_runs, [case], True, "cuda")
+    for rank, (run,) in enumerate(runs):
+        assert_matches(run, reference, f"{case} rank {rank} on cuda")
