@@ -78,3 +78,49 @@ def test_gloo_ranks_sharing_one_gpu_equal_one_rank(worlds, case):
     runs = worlds(2).run(staged_runs, [case], True, "cuda")
     for rank, (run,) in enumerate(runs):
         assert_matches(run, reference, f"{case} rank {rank} on cuda")
+
+
+def run_benchmark(*argv: str) -> dict:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    try:
+        import gpu_step
+    finally:
+        sys.path.pop(0)
+    lines = gpu_step.main(list(argv))
+    return {line.get("variant", "header" if "benchmark" in line else "ratios"): line for line in lines}
+
+
+def assert_same_work(result: dict, rel: float):
+    """Every variant trained the same model on the same batches: the same losses."""
+    losses = {name: torch.tensor(line["losses"]) for name, line in result.items() if "losses" in line}
+    first = next(iter(losses.values()))
+    for name, values in losses.items():
+        torch.testing.assert_close(values, first, rtol=rel, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_gpu_step_benchmark_runs_on_cpu():
+    result = run_benchmark("--device", "cpu", "--variants", "torch-eager,meshpar", "--steps", "2", "--warmup", "1")
+    assert result["header"]["device"] == "cpu"
+    for name in ("torch-eager", "meshpar"):
+        line = result[name]
+        assert line["tokens_per_s"] == pytest.approx(line["batch"] * line["seq_len"] / line["step_time_s"], rel=1e-3)
+        assert line["tflops"] > line["tflops_matmul_count"] > 0  # the issue's count includes the embedding
+        assert line["mfu_vs_989"] is None and line["peak_memory_gib"] is None  # GPU figures only
+    assert set(result["ratios"]["tokens_per_s_ratio"]) == {"meshpar/torch-eager"}
+    assert_same_work(result, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_gpu_step_benchmark_compiled_variants_on_cpu():
+    assert_same_work(run_benchmark("--device", "cpu", "--steps", "2", "--warmup", "2"), rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_step_benchmark_on_cuda():
+    """A small model through all four variants on the GPU: bf16, fused AdamW, compiled."""
+    result = run_benchmark("--model", "small", "--batch", "4", "--seq-len", "256", "--steps", "3", "--warmup", "3")
+    assert result["meshpar"]["peak_memory_gib"] > 0 and result["meshpar"]["mfu_vs_989"] > 0
+    assert_same_work(result, rel=2e-2)  # bf16: the variants round differently
