@@ -21,9 +21,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def forward_backward_errors(shape: dict, sequence_parallel: bool, overrides: dict, dropout: float = 0.0):
+def forward_backward_errors(shape: dict, sequence_parallel: bool, overrides: dict, dropout: float = 0.0,
+                            loss_block_elements: int | None = None):
     """On one rank: the parallel model's logits, loss and gathered gradients against the
-    reference computed on the same rank, for one micro-batch; plus the ledger."""
+    reference computed on the same rank, for one micro-batch; plus the ledger.
+    `loss_block_elements`: the loss's block size (default: one block at these sizes)."""
+    from meshpar.model import loss
+
+    default_block = loss.BLOCK_ELEMENTS
+    loss.BLOCK_ELEMENTS = loss_block_elements or default_block
+    try:
+        return _forward_backward_errors(shape, sequence_parallel, overrides, dropout)
+    finally:
+        loss.BLOCK_ELEMENTS = default_block
+
+
+def _forward_backward_errors(shape: dict, sequence_parallel: bool, overrides: dict, dropout: float):
     mesh = ParallelMesh.build(MeshShape(**shape))
     cfg = model_config("tiny", dropout=dropout, **overrides)
     tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
@@ -60,7 +73,8 @@ def forward_backward_errors(shape: dict, sequence_parallel: bool, overrides: dic
 CASES_2 = [({"tp": 2}, False, {}), ({"tp": 2}, True, {}), ({"tp": 2}, True, GQA_PADDED)]
 CASES_4 = [({"tp": 4}, False, {}), ({"tp": 4}, True, {}), ({"tp": 4}, False, GQA_PADDED),
            ({"tp": 4}, True, {"num_kv_heads": 2, "vocab_size": 258}),
-           ({"tp": 2, "dp": 2}, False, {}), ({"tp": 2, "dp": 2}, True, GQA_PADDED)]
+           ({"tp": 2, "dp": 2}, False, {}), ({"tp": 2, "dp": 2}, True, GQA_PADDED),
+           ({"tp": 4}, False, GQA_PADDED, 0.0, 65 * 5)]  # the loss in blocks of 5 rows, the last one short
 
 
 def run_cases(cases):

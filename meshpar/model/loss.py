@@ -18,7 +18,8 @@ import torch
 BLOCK_ELEMENTS = 2 ** 25
 
 
-def _blocks(rows: int, vocab: int):
+def row_blocks(rows: int, vocab: int):
+    """(start, end) of consecutive blocks of rows, about BLOCK_ELEMENTS logits each."""
     step = max(1, BLOCK_ELEMENTS // vocab)
     return ((start, min(start + step, rows)) for start in range(0, rows, step))
 
@@ -28,7 +29,7 @@ class _CrossEntropySum(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         rows, vocab = logits.shape
         logsumexp = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        for start, end in _blocks(rows, vocab):
+        for start, end in row_blocks(rows, vocab):
             logsumexp[start:end] = torch.logsumexp(logits[start:end].float(), dim=-1)
         target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1).float()
         ctx.save_for_backward(logits, targets, logsumexp)
@@ -39,7 +40,7 @@ class _CrossEntropySum(torch.autograd.Function):
         logits, targets, logsumexp = ctx.saved_tensors
         rows, vocab = logits.shape
         grad = torch.empty_like(logits)
-        for start, end in _blocks(rows, vocab):
+        for start, end in row_blocks(rows, vocab):
             # d(loss)/d(logits) = softmax - one_hot(target), times the upstream gradient
             block = (logits[start:end].float() - logsumexp[start:end, None]).exp_()
             block.scatter_add_(1, targets[start:end, None], block.new_full((end - start, 1), -1.0))

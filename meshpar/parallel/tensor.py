@@ -21,6 +21,7 @@ from torch import nn
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
+from meshpar.model.loss import row_blocks
 
 SEQ_DIM = 1
 
@@ -174,41 +175,50 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token -log softmax(logits)[target] from vocab-sharded logits, reducing only
     three (tokens,)-sized tensors over tp: the max (one all-reduce), then the target
     logit and the sum of exponentials (together, one more). The full logits are never
-    gathered."""
+    gathered; like the one-rank loss (meshpar/model/loss.py) the local logits are kept in
+    their own dtype and taken to fp32 a block of rows at a time, in forward and again in
+    backward, so no fp32 copy of them exists whole."""
 
     @staticmethod
     def forward(ctx, logits_local, targets, vocab_start, num_valid_local, mesh):
-        logits = logits_local.float()
-        if num_valid_local < logits.shape[-1]:  # padded vocabulary rows never win
-            logits = logits.clone()
-            logits[..., num_valid_local:] = float("-inf")
-        logits_max = logits.max(dim=-1).values
+        shape = targets.shape
+        logits = logits_local.reshape(-1, logits_local.shape[-1])[:, :num_valid_local]  # padded rows never win
+        targets = targets.reshape(-1)
+        logits_max = logits.max(dim=-1).values.float()
         comm.all_reduce(mesh, "tp", logits_max, tag="loss", op="max")
-        shifted = logits - logits_max.unsqueeze(-1)
 
         local_target = targets - vocab_start
-        outside = (local_target < 0) | (local_target >= logits.shape[-1])
+        outside = (local_target < 0) | (local_target >= num_valid_local)
         safe_target = local_target.masked_fill(outside, 0)
-        target_logit = shifted.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+        target_logit = logits.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1).float() - logits_max
         target_logit = target_logit.masked_fill(outside, 0.0)
-        exp = shifted.exp()
+        sum_exp = torch.empty_like(logits_max)
+        for start, end in row_blocks(*logits.shape):
+            sum_exp[start:end] = (logits[start:end].float() - logits_max[start:end, None]).exp().sum(dim=-1)
         # Both sums ride one all-reduce: same bytes, one call fewer.
-        sums = torch.stack((target_logit, exp.sum(dim=-1)))
+        sums = torch.stack((target_logit, sum_exp))
         comm.all_reduce(mesh, "tp", sums, tag="loss")
         target_logit, sum_exp = sums[0], sums[1]
 
-        ctx.save_for_backward(exp, sum_exp, safe_target, outside)
-        ctx.input_dtype = logits_local.dtype
-        return sum_exp.log() - target_logit
+        ctx.save_for_backward(logits_local, logits_max, sum_exp, safe_target, outside)
+        ctx.num_valid_local = num_valid_local
+        return (sum_exp.log() - target_logit).view(shape)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        exp, sum_exp, safe_target, outside = ctx.saved_tensors
-        grad = exp / sum_exp.unsqueeze(-1)  # softmax over the full vocabulary, local slice
-        hit = (~outside).to(grad.dtype)
-        grad.scatter_add_(-1, safe_target.unsqueeze(-1), -hit.unsqueeze(-1))
-        grad *= grad_loss.unsqueeze(-1)
-        return grad.to(ctx.input_dtype), None, None, None, None
+        logits_local, logits_max, sum_exp, safe_target, outside = ctx.saved_tensors
+        logits = logits_local.reshape(-1, logits_local.shape[-1])
+        grad_loss = grad_loss.reshape(-1)
+        grad = torch.zeros_like(logits)  # padded columns get none
+        hit = (~outside).float()
+        for start, end in row_blocks(logits.shape[0], ctx.num_valid_local):
+            # softmax over the full vocabulary (its local slice), minus one at the target
+            block = (logits[start:end, :ctx.num_valid_local].float() - logits_max[start:end, None]).exp()
+            block /= sum_exp[start:end, None]
+            block.scatter_add_(-1, safe_target[start:end, None], -hit[start:end, None])
+            block *= grad_loss[start:end, None]
+            grad[start:end, :ctx.num_valid_local] = block
+        return grad.view_as(logits_local), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, vocab_start: int,

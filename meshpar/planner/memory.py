@@ -85,13 +85,12 @@ def _layer_activation_bytes(spec: ModelSpec, b: int, s: int, t: int, sp: bool, r
 
 
 def head_activation_bytes(spec: ModelSpec, layout: Layout, dtypes: Dtypes) -> float:
-    """The final norm, what the loss keeps of the logits, and the token ids. One rank's
-    loss keeps the logits in the compute dtype and an fp32 log-sum-exp per token
-    (meshpar/model/loss.py); the vocab-parallel loss keeps its fp32 exponentials."""
+    """The final norm, what the loss keeps of the logits, and the token ids: the loss keeps
+    this rank's logits in the compute dtype and fp32 per-token statistics (the log-sum-exp;
+    over tp the max and the sum of exponentials) - see meshpar/model/loss.py."""
     b, s, t = layout.micro_batch_size, spec.seq_len // layout.cp, layout.tp
     norm = (2 * b * s * spec.hidden + b * s) * dtypes.activation_bytes
-    logits = (dtypes.activation_bytes * b * s * spec.vocab + 4 * b * s if t == 1
-              else 4 * b * s * spec.vocab / t)
+    logits = dtypes.activation_bytes * b * s * spec.vocab / t + (4 if t == 1 else 8) * b * s
     return norm + logits + 8 * b * s
 
 
