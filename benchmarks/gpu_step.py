@@ -14,7 +14,9 @@ Variants (`--variants`, all by default):
 Every variant starts from the same weights and trains on the same batches with the same
 learning-rate schedule, so their losses agree to bf16 round-off (printed: a cross-check
 that the variants do the same work). The first `--warmup` steps (compilation) are not
-timed; the step time is the median of the next `--steps`.
+timed; the step time is the median of the next `--steps`. With `--rounds R` the variants
+take turns R times (fresh model each time) and each reports its median round: on a shared
+machine, noise then hits them alike.
 
 One JSON line per variant: tokens/s, TFLOP/s with the issue's count of 6 N + 12 L h s
 FLOPs per token (N all parameters) and with the exact matmul count (the input embedding is
@@ -150,6 +152,13 @@ def run_variant(name: str, args, device: torch.device, rate: float) -> dict:
     return record
 
 
+def median_round(runs: list[dict]) -> dict:
+    """The round of median step time, and every round's step time beside it."""
+    chosen = dict(sorted(runs, key=lambda r: r["step_time_s"])[len(runs) // 2])
+    chosen["step_time_s_per_round"] = [r["step_time_s"] for r in runs]
+    return chosen
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -164,6 +173,8 @@ def main(argv=None):
     parser.add_argument("--precision", help="default bf16 on a GPU, fp32 on a CPU")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps, compilation included (3)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every variant this many times, in turns; report each one's median round (1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
@@ -184,9 +195,13 @@ def main(argv=None):
     lines = [{"benchmark": "gpu_step", "date": date.today().isoformat(), "device": device_name(device),
               "torch": torch.__version__, "matmul_tflops": round(rate / 1e12, 2)}]
     print(json.dumps(lines[0]), flush=True)
+    rounds = {name: [] for name in variants}
+    for _ in range(args.rounds):  # variants take turns, so a busy machine slows them alike
+        for name in variants:
+            rounds[name].append(run_variant(name, args, device, rate))
     results = {}
-    for name in variants:
-        results[name] = run_variant(name, args, device, rate)
+    for name, runs in rounds.items():
+        results[name] = median_round(runs)
         lines.append(results[name])
         print(json.dumps(results[name]), flush=True)
     ratios = {f"{ours}/{theirs}": round(results[ours]["tokens_per_s"] / results[theirs]["tokens_per_s"], 3)

@@ -10,6 +10,7 @@ import pytest
 
 from meshpar.cli import main
 from meshpar.config import Config, ConfigError, load_toml, validate
+from reference import fast_config
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
@@ -18,7 +19,7 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "gpt5"], "unknown model 'gpt5'; choose one of tiny, small, llama3-8b"),
+    (["--model", "gpt5"], "unknown model 'gpt5'; choose one of tiny, small, llama-1.4b, llama3-8b"),
     (["--dp", "3"], "--dp=3 does not divide --global-batch-size=32; use a dp in 1, 2, 4, 8, 16, 32"),
     (["--dp", "0"], "--dp=0 must be at least 1"),
     (["--tp", "3"], "--tp=3 does not divide num_heads=8; use one of 1, 2, 4, 8"),
@@ -123,3 +124,11 @@ def test_bad_input_from_the_shell_has_no_traceback():
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 2
     assert "--dp=0 must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_backend_choices_are_checked_before_any_process_starts():
+    cfg = fast_config(backend="mpi")
+    assert "--backend='mpi'; choose nccl or gloo" in validate(cfg)
+    cfg = fast_config(backend="nccl")
+    assert "--backend nccl needs --device cuda; on CPUs use gloo" in validate(cfg)
+    assert validate(fast_config(backend="gloo", compile=True)) == []
