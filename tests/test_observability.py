@@ -48,6 +48,12 @@ def test_a_nan_gradient_stops_every_rank_naming_step_rank_and_parameter(worlds):
     assert "step 3" in messages[0] and "rank 1" in messages[0] and "layers.1.mlp.w_down.weight" in messages[0]
 
 
+def test_a_nan_gradient_on_one_rank_alone_is_named_too():
+    """No reduction, so no per-bucket finite flag: the origin is read from the gradients."""
+    message = nan_on_one_rank(fast_config(steps=4), 0, 2)
+    assert "step 2" in message and "rank 0" in message and "layers.1.mlp.w_down.weight" in message
+
+
 def drift_on_one_rank(cfg, name: str) -> str:
     trainer = trainer_for(cfg)
     trainer.train_step()

@@ -126,6 +126,8 @@ class ShardedDataParallel:
         self.grad_sync = grad_sync or (lambda params: None)
         self.reducer = reducer or GradReducer(mesh)
         self.n, self.rank = mesh.size("dp"), mesh.index("dp")
+        # Whether a reduction (tp, cp or dp) mixes this rank's gradients with others'.
+        self.reduces = any(mesh.size(axis) > 1 for axis in ("tp", "cp", "dp"))
         self.events: list[tuple[float, str, int]] = []  # (time, what, bucket): the overlap trace
         self.buckets: list[Bucket] = []
         units = units_of(module)
@@ -249,6 +251,8 @@ class ShardedDataParallel:
 
     def produced_nonfinite(self) -> bool:
         """Whether this rank's own gradients (before reduction) held a NaN or Inf."""
+        if not self.reduces:  # the gradients are still this rank's own
+            return any(not bool(torch.isfinite(g).all()) for g in self.grads())
         return any(b.finite is not None and not bool(b.finite) for b in self.buckets)
 
     def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -291,8 +295,10 @@ class ShardedDataParallel:
     def _launch(self, b: Bucket):
         """Start the bucket's dp reduction (asynchronous when overlapping)."""
         # One flag per bucket, read only when the step's gradient norm is not finite: it
-        # tells which rank a NaN came from before the reduction spread it to every rank.
-        b.finite = torch.isfinite(b.grad_flat).all()
+        # tells which rank a NaN came from before the reduction spread it to every rank
+        # (an extra read of the gradients, skipped where nothing is reduced).
+        if self.reduces:
+            b.finite = torch.isfinite(b.grad_flat).all()
         self.grad_sync(b.params)
         # Context-parallel ranks saw different tokens of the same sequences: their
         # gradients add up, like dp's (a joint dp x cp group would do both in one step).
