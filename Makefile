@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/comm.py
 	$(BIN)/python benchmarks/checkpoint.py
 	$(BIN)/python benchmarks/compression_training.py --out runs/bench/compression.png
+	$(BIN)/python benchmarks/gpu_step.py --rounds 3
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
