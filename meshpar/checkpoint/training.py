@@ -97,9 +97,12 @@ def restore_training(trainer, reader: CheckpointReader) -> None:
                               f"start from it with --init-from instead")
     names, mesh, dp = _names(trainer), trainer.mesh, trainer.data_parallel
     if saved["optimizer_step"] > 0:
+        group = trainer.optimizer.param_groups[0]
+        step_on_device = group.get("fused") or group.get("capturable")  # where AdamW keeps its step
         for piece in dp.optimizer_pieces:
             name, box = names[id(piece.param)], box_of(piece.param, mesh)
-            state = {"step": torch.tensor(float(saved["optimizer_step"]))}
+            state = {"step": torch.tensor(float(saved["optimizer_step"]),
+                                          device=piece.leaf.device if step_on_device else "cpu")}
             for kind in MOMENTS:
                 values = reader.read(name, kind, box).reshape(-1)[piece.start:piece.stop]
                 state[kind] = torch.empty_like(piece.leaf).copy_(values)

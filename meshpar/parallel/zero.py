@@ -273,17 +273,22 @@ class ShardedDataParallel:
         """Start a step: no gradient accumulated, no reduction launched."""
         for b in self.buckets:
             b.accumulated, b.launched, b.reduction, b.reduced_into = 0, False, None, None
-            if b.grad_flat is not None:
-                b.grad_flat.zero_()
+            # The bucket's values are not zeroed: each parameter's first gradient of the
+            # step is copied into its slot (_on_grad), later ones accumulate there.
+            for p in b.params:
+                p.grad = None
         self.events.clear()
 
     def _on_grad(self, p: nn.Parameter):
         b, i = self._slot_of[id(p)]
         if b.grad_flat is None:  # stages 2-3: the full buffer lives from here to the reduction
-            b.grad_flat = torch.zeros(b.numel, dtype=p.dtype, device=p.device)
+            b.grad_flat = torch.empty(b.numel, dtype=p.dtype, device=p.device)
+            b.grad_flat[b.offsets[-1] + b.params[-1].numel():].zero_()  # the alignment padding
         slot = b.view(b.grad_flat, i)
-        if p.grad.data_ptr() != slot.data_ptr():  # a fresh gradient: move it into the bucket
-            slot.add_(p.grad)
+        if p.grad.data_ptr() != slot.data_ptr():
+            # The step's first gradient of p (autograd made a fresh tensor): copied into the
+            # bucket, which then receives the later micro-batches' in place.
+            slot.copy_(p.grad)
             p.grad = slot
         b.accumulated += 1
         done = b.accumulated % len(b.params) == 0
@@ -342,9 +347,21 @@ class ShardedDataParallel:
             if not b.launched:
                 if b.grad_flat is None:  # stage 2-3 bucket that received no gradient
                     b.grad_flat = torch.zeros(b.numel, dtype=b.param_shard.dtype, device=b.param_shard.device)
+                self._adopt_grads(b)
                 self._launch(b)
         for b in self.buckets:
             self._complete(b)
+
+    def _adopt_grads(self, b: Bucket):
+        """Every parameter's gradient in its bucket slot: zero for one that received none,
+        copied for one set outside backward."""
+        for i, p in enumerate(b.params):
+            slot = b.view(b.grad_flat, i)
+            if p.grad is None:
+                slot.zero_()
+            elif p.grad.data_ptr() != slot.data_ptr():
+                slot.copy_(p.grad)
+            p.grad = slot
 
     @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -122,12 +122,12 @@ class PipelineRuntime:
                                 for name, p in self.chunks.named_parameters()}
 
     def finish_version(self, batch: int):
-        """Move batch `batch`'s accumulated gradients into the parameters' .grad (for the
-        usual reduction and optimizer step) and drop that weight version."""
+        """Hand batch `batch`'s accumulated gradients to the parameters' .grad (the data
+        parallelism adopts them for the usual reduction and optimizer step) and drop that
+        weight version."""
         version = self.versions.pop(batch)
         for name, p in self.chunks.named_parameters():
-            grad = version[name].grad
-            p.grad.copy_(grad) if grad is not None else p.grad.zero_()
+            p.grad = version[name].grad
 
     def run_segment(self, step: int, inputs: list[torch.Tensor], targets: list[torch.Tensor],
                     num_tokens: int, last: bool) -> torch.Tensor:

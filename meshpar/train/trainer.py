@@ -285,7 +285,7 @@ class Trainer:
         if tr.stop_after_step is not None and self.step >= tr.stop_after_step and self.step < tr.steps:
             return f"--stop-after-step {tr.stop_after_step}"
         if tr.stop_after_minutes is not None and self.step < tr.steps:
-            late = torch.tensor(float(time.monotonic() - started > 60 * tr.stop_after_minutes))
+            late = torch.tensor(float(time.monotonic() - started > 60 * tr.stop_after_minutes), device=self.device)
             comm.all_reduce(self.mesh, "world", late, tag="stop", op="max")  # rank clocks differ
             if late.item():
                 return f"--stop-after-minutes {tr.stop_after_minutes:g}"
