@@ -65,9 +65,13 @@ def global_grad_norm(pieces: list[tuple[nn.Parameter, torch.Tensor]], mesh: Para
     params = [p for p, _ in pieces] if params is None else params
     device = params[0].device if params else (pieces[0][1].device if pieces else "cpu")
     squares_by_axes = {axes: torch.zeros((), dtype=torch.float32, device=device) for axes in map(axes_of, params)}
+    # One multi-tensor norm per kind of piece: a single read of the gradients.
+    kinds: dict[tuple[tuple[str, ...], int], list[torch.Tensor]] = {}
     for p, grad in pieces:
         spec = shard_spec(p)
-        squares_by_axes[axes_of(p)] += grad.detach().float().pow(2).sum() / (spec.replicas if spec else 1)
+        kinds.setdefault((axes_of(p), spec.replicas if spec else 1), []).append(grad.detach())
+    for (axes, replicas), grads in kinds.items():
+        squares_by_axes[axes] += torch.stack(torch._foreach_norm(grads)).float().pow(2).sum() / replicas
     total = torch.zeros((), dtype=torch.float32, device=device)
     for axes, squares in sorted(squares_by_axes.items(), key=lambda item: item[0]):  # the same order on every rank
         for axis in axes:
