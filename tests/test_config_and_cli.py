@@ -132,3 +132,12 @@ def test_backend_choices_are_checked_before_any_process_starts():
     cfg = fast_config(backend="nccl")
     assert "--backend nccl needs --device cuda; on CPUs use gloo" in validate(cfg)
     assert validate(fast_config(backend="gloo", compile=True)) == []
+
+
+def test_compile_and_backend_flags_reach_the_config():
+    from meshpar.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train", "--compile", "--backend", "gloo"]))
+    assert cfg.train.compile and cfg.train.backend == "gloo"
+    cfg = config_from_args(build_parser().parse_args(["train"]))
+    assert not cfg.train.compile and cfg.train.backend is None
