@@ -18,3 +18,11 @@ from torch import nn
 def apply_compile(layers: list[nn.Module]) -> None:
     for layer in layers:
         layer.forward = torch.compile(layer.forward)
+
+
+def allow_split_backward() -> None:
+    """Zero-bubble schedules run a block's backward in two parts - the input gradient
+    first, keeping the graph, the weights' later - which the buffers AOTAutograd donates
+    to a compiled backward (saved activations reused for its outputs) do not allow. Turned
+    off process-wide: it costs some memory, never a result."""
+    torch._functorch.config.donated_buffer = False

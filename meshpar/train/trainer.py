@@ -17,6 +17,7 @@ from meshpar.config import Config
 from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
 from meshpar.parallel.apply import ParallelModel, parallelize
+from meshpar.parallel.compile import allow_split_backward
 from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autocast
@@ -82,6 +83,8 @@ class Trainer:
                 self.schedule = add_communication(asynchronous(par.pp, 1, self.num_microbatches, tr.steps))
             else:
                 self.schedule = build_schedule(par.schedule, par.pp, par.virtual_stages, self.num_microbatches)
+            if tr.compile and any(a.kind == "I" for actions in self.schedule.actions for a in actions):
+                allow_split_backward()
             micro_batch = tr.global_batch_size // dp // self.num_microbatches
             seq_shard = tr.seq_len // mesh.size("cp") // (mesh.size("tp") if par.sequence_parallel else 1)
             self.model.positions = self.positions
