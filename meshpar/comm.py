@@ -134,6 +134,12 @@ def _finish(mesh: ParallelMesh, work, pairs: list[tuple[torch.Tensor, torch.Tens
     return None
 
 
+def _not_compiled(fn):
+    """Every collective is a graph break under torch.compile, run as written: the ledger
+    records each call, and the compiled code is the compute between collectives."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -142,6 +148,7 @@ def _record(mesh: ParallelMesh, axis: str, op: str, tag: str, payload: int, wire
     mesh.ledger.record(axis, op, tag, payload, wire_fraction * payload, mesh.spans_nodes(axis))
 
 
+@_not_compiled
 def all_reduce(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str,
                op: str = "sum") -> torch.Tensor:
     """In-place all-reduce over this rank's `axis` slice."""
@@ -156,6 +163,7 @@ def all_reduce(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str,
     return tensor
 
 
+@_not_compiled
 def all_gather_object(mesh: ParallelMesh, obj, *, tag: str, axis: str = "world") -> list:
     """Every rank's `obj` along `axis`, on every rank of it (pickled; for small metadata
     and test-sized state only)."""
@@ -212,6 +220,7 @@ def _into(mesh: ParallelMesh, axis: str, op: str, tag: str, out: torch.Tensor, t
         return _finish(mesh, work, [(out, host_out)], async_op)
 
 
+@_not_compiled
 def all_gather_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
                     tag: str, async_op: bool = False):
     """`out` (n times `tensor` along dim 0) receives every rank's `tensor`. Returns the work
@@ -219,12 +228,14 @@ def all_gather_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: to
     return _into(mesh, axis, "all_gather", tag, out, tensor, out, _all_gather_single, async_op)
 
 
+@_not_compiled
 def reduce_scatter_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
                         tag: str, async_op: bool = False):
     """`out` receives this rank's 1/n (dim 0) of the sum of every rank's `tensor`."""
     return _into(mesh, axis, "reduce_scatter", tag, out, tensor, tensor, _reduce_scatter_single, async_op)
 
 
+@_not_compiled
 def all_reduce_async(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str):
     """In-place sum over the `axis` slice, started in the background: wait on the work."""
     n = mesh.size(axis)
@@ -246,6 +257,7 @@ def all_to_all(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str)
     return out
 
 
+@_not_compiled
 def all_to_all_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
                     tag: str, async_op: bool = False):
     """`out` receives block j (of n along dim 0) from rank j; this rank's block i goes to
@@ -253,6 +265,7 @@ def all_to_all_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: to
     return _into(mesh, axis, "all_to_all", tag, out, tensor, tensor, dist.all_to_all_single, async_op)
 
 
+@_not_compiled
 def batch_send_recv(mesh: ParallelMesh, axis: str, sends: list[tuple[torch.Tensor, int, int, str]],
                     recvs: list[tuple[torch.Tensor, int, int]]) -> tuple[list, list]:
     """Point-to-point along `axis` as one batch: sends are (tensor, global peer, tag, ledger

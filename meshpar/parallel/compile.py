@@ -25,4 +25,6 @@ def allow_split_backward() -> None:
     first, keeping the graph, the weights' later - which the buffers AOTAutograd donates
     to a compiled backward (saved activations reused for its outputs) do not allow. Turned
     off process-wide: it costs some memory, never a result."""
-    torch._functorch.config.donated_buffer = False
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
