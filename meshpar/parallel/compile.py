@@ -5,8 +5,8 @@ so everything meshpar hangs around a block stays outside the compiled code: ZeRO
 gather and free hooks, the pipeline's stage boundaries, recomputation's checkpoint. All
 blocks share one compiled graph (same code, same shapes); the embedding, final norm,
 output layer and loss run eagerly. Inside a block, the collectives of tensor and context
-parallelism are not traced: they are graph breaks, so the compiled pieces are the
-compute between them.
+parallelism are never traced (comm.py disables compilation for each): they are graph
+breaks, so the compiled pieces are the compute between them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 
 def apply_compile(layers: list[nn.Module]) -> None:
+    """Compile each of `layers` (transformer blocks) in place."""
     for layer in layers:
         layer.forward = torch.compile(layer.forward)
 
