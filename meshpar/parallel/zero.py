@@ -284,12 +284,9 @@ class ShardedDataParallel:
         if b.grad_flat is None:  # stages 2-3: the full buffer lives from here to the reduction
             b.grad_flat = torch.empty(b.numel, dtype=p.dtype, device=p.device)
             b.grad_flat[b.offsets[-1] + b.params[-1].numel():].zero_()  # the alignment padding
-        slot = b.view(b.grad_flat, i)
-        if p.grad.data_ptr() != slot.data_ptr():
-            # The step's first gradient of p (autograd made a fresh tensor): copied into the
-            # bucket, which then receives the later micro-batches' in place.
-            slot.copy_(p.grad)
-            p.grad = slot
+        # The step's first gradient of p is a fresh tensor: copied into the bucket, which
+        # then receives the later micro-batches' in place.
+        self._into_slot(b, i, p)
         b.accumulated += 1
         done = b.accumulated % len(b.params) == 0
         if self.stage == 3 and done:  # this unit's backward for one micro-batch is over
@@ -353,15 +350,20 @@ class ShardedDataParallel:
             self._complete(b)
 
     def _adopt_grads(self, b: Bucket):
-        """Every parameter's gradient in its bucket slot: zero for one that received none,
-        copied for one set outside backward."""
+        """Every parameter's gradient in its bucket slot, also for one that received none
+        or whose gradient was set outside backward."""
         for i, p in enumerate(b.params):
-            slot = b.view(b.grad_flat, i)
-            if p.grad is None:
-                slot.zero_()
-            elif p.grad.data_ptr() != slot.data_ptr():
-                slot.copy_(p.grad)
-            p.grad = slot
+            self._into_slot(b, i, p)
+
+    def _into_slot(self, b: Bucket, i: int, p: nn.Parameter):
+        """p's gradient becomes its slot in the bucket: copied there from a fresh tensor,
+        zero if p has none."""
+        slot = b.view(b.grad_flat, i)
+        if p.grad is None:
+            slot.zero_()
+        elif p.grad.data_ptr() != slot.data_ptr():
+            slot.copy_(p.grad)
+        p.grad = slot
 
     @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer) -> None:
