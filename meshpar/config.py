@@ -363,12 +363,6 @@ def validate(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = Fal
         problems.append(f"interleaved-1f1b needs the micro-batches per step "
                         f"({tr.num_microbatches(par.dp)}) to be a multiple of --pp={par.pp}; "
                         f"change --micro-batch-size")
-    if tr.compile and par.schedule == "zb-h1" and par.pp > 1 and (par.tp > 1 or par.cp > 1):
-        # Measured: losses 8.5e-4 relative off one device at tp=2 x pp=2 and at cp=2 x pp=2
-        # (pp alone, with ZeRO-3 too, is exact). Not understood yet: see docs/performance.md.
-        problems.append("--compile with --schedule zb-h1 and --tp or --cp above 1 is not supported: the "
-                        "zero-bubble split runs a block's backward twice around the tp/cp collectives "
-                        "and its weight gradients come out wrong; use 1f1b or interleaved-1f1b, or drop --compile")
     if par.recompute not in POLICIES:
         problems.append(f"unknown --recompute {par.recompute!r}; choose one of {', '.join(POLICIES)}")
     if par.recompute_every < 1:

@@ -141,11 +141,3 @@ def test_compile_and_backend_flags_reach_the_config():
     assert cfg.train.compile and cfg.train.backend == "gloo"
     cfg = config_from_args(build_parser().parse_args(["train"]))
     assert not cfg.train.compile and cfg.train.backend is None
-
-
-def test_compile_with_zero_bubble_around_collectives_is_refused():
-    cfg = fast_config(compile=True)
-    cfg.parallel.pp, cfg.parallel.tp, cfg.parallel.schedule = 2, 2, "zb-h1"
-    assert any("--compile with --schedule zb-h1" in p for p in validate(cfg))
-    cfg.parallel.tp = 1  # the zero-bubble split alone is fine compiled
-    assert validate(cfg) == []

@@ -23,9 +23,23 @@ def apply_compile(layers: list[nn.Module]) -> None:
 
 def allow_split_backward() -> None:
     """Zero-bubble schedules run a block's backward in two parts - the input gradient
-    first, keeping the graph, the weights' later - which the buffers AOTAutograd donates
-    to a compiled backward (saved activations reused for its outputs) do not allow. Turned
-    off process-wide: it costs some memory, never a result."""
+    first, keeping the graph, the weights' later. A compiled backward may overwrite the
+    activations saved for it ("donated buffers", reused for its outputs) only when it
+    runs once, so donation is turned off, process-wide: it costs some memory, never a
+    result.
+
+    Backwards compiled before, with donation, must not be reused: neither those this
+    process compiled for an earlier model (dynamo's cache is per code object, shared by
+    every block ever built), nor those on disk - inductor's cache key does not record
+    donation, so a backward cached by a run of any other schedule would come back here.
+    Reused, it overwrote what the second part still reads: weight gradients 8.5e-4 off
+    at tp2 x pp2 and cp2 x pp2 (torch 2.13). So both caches go; compiling afresh costs
+    seconds per graph."""
+    import torch._dynamo
     import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
 
     functorch_config.donated_buffer = False
+    functorch_config.enable_autograd_cache = False
+    inductor_config.fx_graph_cache = False
+    torch._dynamo.reset()

@@ -256,8 +256,15 @@ class ContextParallelAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.impl == "ring":
-            return RingAttention.apply(q, k, v, self.mesh)
+            return _ring_attention(q, k, v, self.mesh)
         return ulysses_attention(q, k, v, self.mesh)
+
+
+# Under --compile the ring runs as written: traced, its loop would be compiled again for
+# every chunk pair (other slices, causal or not) until dynamo's recompile limit.
+@torch.compiler.disable(recursive=True)
+def _ring_attention(q, k, v, mesh: ParallelMesh) -> torch.Tensor:
+    return RingAttention.apply(q, k, v, mesh)
 
 
 def context_parallel_problems(num_heads: int, num_kv_heads: int, seq_len: int, cp: int, tp: int,
