@@ -13,6 +13,7 @@ next-token cross entropy over the global batch, as one device would compute it.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,6 +26,7 @@ from meshpar import comm
 from meshpar.config import TrainConfig
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model.loss import cross_entropy_sum
+from meshpar.parallel.compile import allow_split_backward, apply_compile
 from meshpar.parallel.plan import FUSED_ATTR, Plan, PlannedStages, apply_tensor_plan, gather_fused
 from meshpar.parallel.sharding import gather_full, shard_spec
 from meshpar.parallel.tensor import vocab_parallel_cross_entropy
@@ -128,11 +130,14 @@ class Parallelized:
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int = 0, microbatches: int = 1,
                 schedule: str = "1f1b", lr: float = 3e-4, weight_decay: float = 0.1,
-                betas: tuple[float, float] = (0.9, 0.95), max_grad_norm: float = 1.0) -> Parallelized:
+                betas: tuple[float, float] = (0.9, 0.95), max_grad_norm: float = 1.0,
+                compile: list[str] | tuple[str, ...] = ()) -> Parallelized:
     """Split `model` (built the same, from the same seed, on every rank) over `mesh` by
     `plan`: tensor parallelism over tp, a pipeline of `schedule` with `microbatches`
     micro-batches per step over pp (the plan's `pipeline` part), ZeRO stage `zero` over
-    dp, and an AdamW with these settings (matrices decayed, vectors not)."""
+    dp, and an AdamW with these settings (matrices decayed, vectors not). `compile`:
+    module-name patterns (fnmatch, as the plan's) whose forwards are torch.compiled one
+    module each - the blocks, e.g. ["h.*"]; collectives inside them stay graph breaks."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero={zero}: choose 0, 1, 2 or 3")
     if mesh.size("cp") > 1:
@@ -146,6 +151,14 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
         if zero == 3:
             raise ValueError("zero=3 with a pipeline of a planned model is not supported; use zero 0-2")
     vocab = apply_tensor_plan(model, plan, mesh)
+    if compile:
+        targets = [m for name, m in model.named_modules() if any(fnmatch.fnmatchcase(name, p) for p in compile)]
+        if not targets:
+            raise ValueError(f"compile={list(compile)} matches no module of the model; name modules as "
+                             f"named_modules() does, e.g. the blocks' 'layers.*'")
+        apply_compile(targets)
+        if pp > 1 and schedule == "zb-h1":
+            allow_split_backward()
     if pp > 1:
         blocks = len(model.get_submodule(plan.pipeline.blocks))
         if blocks < pp:

@@ -29,6 +29,10 @@ class RankFailure(AssertionError):
     pass
 
 
+def _name(fn) -> str:
+    return getattr(fn, "__name__", None) or repr(fn)  # a functools.partial has none
+
+
 def _rank_main(rank: int, world_size: int, port: int, tasks, results):
     import torch
     import torch.distributed as dist
@@ -74,14 +78,14 @@ class World:
                 missing = sorted(set(range(self.size)) - set(values) - set(failures))
                 self.close(force=True)
                 raise RankFailure(self._report(fn, failures) + f"\nranks {missing} did not finish "
-                                  f"{fn.__name__} in time; the world was torn down")
+                                  f"{_name(fn)} in time; the world was torn down")
             try:
                 rank, ok, value = self.results.get(timeout=min(1.0, deadline - now))
             except queue.Empty:
                 dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
                 if dead:
                     self.close(force=True)
-                    raise RankFailure(f"ranks {dead} died while running {fn.__name__}") from None
+                    raise RankFailure(f"ranks {dead} died while running {_name(fn)}") from None
                 continue
             (values if ok else failures)[rank] = value
             if failures:
@@ -93,7 +97,7 @@ class World:
 
     @staticmethod
     def _report(fn, failures: dict) -> str:
-        return "\n".join(f"--- rank {r} failed in {fn.__name__}:\n{tb}" for r, tb in sorted(failures.items()))
+        return "\n".join(f"--- rank {r} failed in {_name(fn)}:\n{tb}" for r, tb in sorted(failures.items()))
 
     def close(self, force: bool = False):
         if self.closed:

@@ -2,6 +2,7 @@
 tp=2 x dp=2 with ZeRO-1 and on a 1F1B pipeline of 2 stages equal one device's; the
 examples run as one command each; every public name is documented and typed."""
 
+import functools
 import inspect
 import subprocess
 import sys
@@ -29,9 +30,10 @@ def batches(dp: int, dp_rank: int):
         yield rows[:, :-1], rows[:, 1:]
 
 
-def train_gpt2(dp: int, tp: int, pp: int, zero: int, microbatches: int) -> dict:
+def train_gpt2(dp: int, tp: int, pp: int, zero: int, microbatches: int, **options) -> dict:
     mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp)
-    model = meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan(), zero=zero, microbatches=microbatches, lr=1e-3)
+    model = meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan(), zero=zero, microbatches=microbatches, lr=1e-3,
+                                **options)
     losses = [model.step(x, y) for x, y in batches(dp, mesh.index("dp"))]
     out = {"losses": losses, "params": model.full_state()}
     mesh.destroy()
@@ -69,6 +71,23 @@ def test_gpt2_on_a_1f1b_pipeline_equals_one_device(worlds, single):
     close(runs[0], single, "pp2 1f1b stage 0")  # each stage holds its own parameters
     close(runs[1], single, "pp2 1f1b stage 1")
     assert "wte.weight" in runs[0]["params"] and "lm_head.weight" in runs[1]["params"]
+
+
+def test_gpt2_with_compiled_blocks_equals_one_device(worlds, single):
+    """compile=["h.*"]: each GPT-2 block compiled, its tp all-reduces graph breaks; with
+    the zero-bubble split on a pipeline too."""
+    compiled = functools.partial(train_gpt2, compile=["h.*"])
+    runs = worlds(4).run(compiled, 2, 2, 1, 1, 2)
+    for rank, run in enumerate(runs):
+        close(run, single, f"compiled tp2 dp2 zero1 rank {rank}")
+    runs = worlds(2).run(functools.partial(compiled, schedule="zb-h1"), 1, 1, 2, 0, 2)
+    close(runs[0], single, "compiled pp2 zb-h1 stage 0")
+    close(runs[1], single, "compiled pp2 zb-h1 stage 1")
+
+
+def test_compile_patterns_that_match_nothing_are_refused():
+    with pytest.raises(ValueError, match="matches no module"):
+        meshpar.parallelize(GPT2(seed=0), meshpar.ParallelMesh.single(), gpt2_plan(), compile=["blocks.*"])
 
 
 @pytest.mark.parametrize("script, ranks", [("tp_dp_zero1.py", 4), ("pipeline_1f1b.py", 2)])

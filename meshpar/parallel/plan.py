@@ -221,3 +221,13 @@ class PlannedStages(nn.Module):
         if stage == self.num_stages - 1:
             x = self.pipeline.head(self, x)
         return x
+
+    def stage_parameters(self, stage: int) -> list[nn.Parameter]:
+        """The trainable parameters `forward_stage(stage, .)` uses."""
+        blocks = getattr(self, self.pipeline.blocks)
+        modules = [blocks[str(i)] for i in self.stage_blocks[stage]]
+        if stage == 0:
+            modules += [getattr(self, name) for name in self.pipeline.first]
+        if stage == self.num_stages - 1:
+            modules += [getattr(self, name) for name in self.pipeline.last]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]

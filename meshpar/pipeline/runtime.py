@@ -177,7 +177,8 @@ class PipelineRuntime:
             self._backward(key, inputs_only=True)
         elif a.kind == "W":
             st = self.state
-            torch.autograd.backward(st.stage_out[key], st.grad_out.get(key), inputs=self._stage_params(a.stage))
+            weights = self.chunks.stage_parameters(a.stage)
+            torch.autograd.backward(st.stage_out[key], st.grad_out.get(key), inputs=weights)
             self._release(key)
 
     def _forward(self, stage: int, mb: int):
@@ -231,14 +232,6 @@ class PipelineRuntime:
             torch.autograd.backward(out, grad)
             if x is not None:
                 st.grad_in[key] = x.grad
-
-    def _stage_params(self, stage: int) -> list[torch.nn.Parameter]:
-        modules = [self.chunks.layers[str(i)] for i in self.chunks.stage_layers[stage]]
-        if stage == 0:
-            modules.append(self.chunks.embedding)
-        if stage == self.schedule.num_stages - 1:
-            modules += [self.chunks.norm, self.chunks.output]
-        return [p for m in modules for p in m.parameters() if p.requires_grad]
 
     def _release(self, key):
         st = self.state

@@ -93,6 +93,15 @@ class PipelineChunks(nn.Module):
             x = self.output(self.norm(x))
         return x
 
+    def stage_parameters(self, stage: int) -> list[nn.Parameter]:
+        """The trainable parameters `forward_stage(stage, .)` uses."""
+        modules = [self.layers[str(i)] for i in self.stage_layers[stage]]
+        if stage == 0:
+            modules.append(self.embedding)
+        if stage == self.num_stages - 1:
+            modules += [self.norm, self.output]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
 
 def stage_layers_of(counts: list[int]) -> list[range]:
     starts = [sum(counts[:s]) for s in range(len(counts))]
