@@ -3,7 +3,8 @@
 The public API - everything else is meshpar's own business and may change:
 
 - `init_mesh`, `parallelize`, `Plan`, `PipelinePlan`, `Parallelized`: bring your own model
-  and training loop (see meshpar/api.py and docs/api.md);
+  and training loop (see meshpar/api.py and docs/api.md); `DivergenceError`, what a step
+  raises on every rank when the loss or a gradient is not finite;
 - building blocks usable on their own: `ColumnLinear`, `RowLinear`, `VocabEmbedding`,
   `vocab_parallel_cross_entropy`, `ShardedDataParallel` (ZeRO 0-3), `RingAttention`
   (context parallelism), `build_schedule` and `simulate` (pipeline schedules as data and
@@ -20,7 +21,8 @@ from meshpar.parallel.tensor import vocab_parallel_cross_entropy  # noqa: E402
 from meshpar.parallel.zero import ShardedDataParallel  # noqa: E402
 from meshpar.pipeline.check import simulate  # noqa: E402
 from meshpar.pipeline.schedules import build_schedule  # noqa: E402
+from meshpar.train.checks import DivergenceError  # noqa: E402
 
 __all__ = ["init_mesh", "parallelize", "Plan", "PipelinePlan", "Parallelized", "ParallelMesh", "ColumnLinear",
            "RowLinear", "VocabEmbedding", "vocab_parallel_cross_entropy", "ShardedDataParallel", "RingAttention",
-           "build_schedule", "simulate"]
+           "build_schedule", "simulate", "DivergenceError"]

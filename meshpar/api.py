@@ -34,7 +34,7 @@ from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import GENERATORS, build_schedule
 from meshpar.pipeline.split import stage_layers_of
-from meshpar.train.optim import adamw, clip_by_norm, global_grad_norm
+from meshpar.train.optim import adamw, clip_and_step
 
 
 def init_mesh(dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, *, backend: str | None = None,
@@ -73,6 +73,7 @@ class Parallelized:
     schedule: str
     vocab: dict = field(default_factory=dict)
     pipeline: PipelineRuntime | None = None
+    steps_taken: int = 0
 
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross entropy of a micro-batch (vocab-parallel when the
@@ -84,7 +85,9 @@ class Parallelized:
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """One optimizer step on this dp rank's rows of the global batch (tokens and
-        next-token targets, batch x sequence); returns the global batch's mean loss."""
+        next-token targets, batch x sequence); returns the global batch's mean loss. A loss
+        or gradient that is not finite raises DivergenceError on every rank, naming where
+        it began, and leaves the parameters as they were."""
         xs, ys = inputs.chunk(self.microbatches), targets.chunk(self.microbatches)
         tokens = targets.numel() * self.mesh.size("dp")
         self.data_parallel.zero_grad()
@@ -99,11 +102,9 @@ class Parallelized:
         self.data_parallel.finish_reduction()
         for axis in ("dp", "pp"):
             comm.all_reduce(self.mesh, axis, loss, tag="loss")
-        dp = self.data_parallel
-        norm = global_grad_norm(dp.grad_pieces(), self.mesh, sharded_over_dp=dp.grads_sharded,
-                                params=dp.params())
-        clip_by_norm(dp.grads(), norm, self.max_grad_norm)
-        dp.step(self.optimizer)
+        self.steps_taken += 1
+        clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, self.steps_taken,
+                      lambda: {id(p): name for name, p in self.module.named_parameters()}, loss)
         return loss.item()
 
     def _pipeline(self, micro_batch: torch.Tensor) -> PipelineRuntime:

@@ -85,6 +85,20 @@ def test_gpt2_with_compiled_blocks_equals_one_device(worlds, single):
     close(runs[1], single, "compiled pp2 zb-h1 stage 1")
 
 
+def test_a_step_that_diverges_raises_and_leaves_the_parameters():
+    model = meshpar.parallelize(GPT2(seed=0), meshpar.ParallelMesh.single(), gpt2_plan())
+    x, y = next(batches(1, 0))
+    model.step(x, y)
+    before = {name: p.detach().clone() for name, p in model.module.named_parameters()}
+    with torch.no_grad():
+        model.module.get_parameter("h.1.mlp.c_fc.weight")[0, 0] = float("nan")
+    with pytest.raises(meshpar.DivergenceError, match="step 2: loss nan, gradient norm nan; non-finite gradient first produced on rank 0"):
+        model.step(x, y)
+    for name, p in model.module.named_parameters():
+        if name != "h.1.mlp.c_fc.weight":
+            assert torch.equal(p, before[name]), name
+
+
 def test_compile_patterns_that_match_nothing_are_refused():
     with pytest.raises(ValueError, match="matches no module"):
         meshpar.parallelize(GPT2(seed=0), meshpar.ParallelMesh.single(), gpt2_plan(), compile=["blocks.*"])

@@ -4,6 +4,7 @@ gradient clipping by the global norm over every rank and shard."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -12,6 +13,10 @@ from meshpar import comm
 from meshpar.config import TrainConfig
 from meshpar.mesh import ParallelMesh
 from meshpar.parallel.sharding import shard_spec
+from meshpar.train.checks import check_finite
+
+if TYPE_CHECKING:
+    from meshpar.parallel.zero import ShardedDataParallel
 
 
 
@@ -89,6 +94,26 @@ def clip_by_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float,
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(grads, scale)
     return norm.item() if norm_value is None else norm_value
+
+
+def clip_and_step(dp: ShardedDataParallel, optimizer: torch.optim.Optimizer, mesh: ParallelMesh,
+                  max_grad_norm: float, step: int, names: Callable[[], dict[int, str]],
+                  loss_sum: torch.Tensor | None = None) -> float:
+    """The end of a training step, after the gradient reduction: the global gradient
+    norm; a DivergenceError on every rank when it or the (reduced) loss is not finite,
+    naming step `step` and where it began (`names`: parameter id -> name, asked only
+    then); clipping; the optimizer on this rank's shard. Returns the norm."""
+    pieces = dp.grad_pieces()
+    norm = global_grad_norm(pieces, mesh, sharded_over_dp=dp.grads_sharded, params=dp.params())
+    # The norm and the loss reach the host in one read (on a GPU, one synchronisation).
+    norm_value, loss = torch.stack([norm, torch.zeros_like(norm) if loss_sum is None
+                                    else loss_sum.to(norm.dtype)]).tolist()
+    if not (math.isfinite(norm_value) and math.isfinite(loss)):
+        named = names()
+        check_finite(step, loss, norm_value, [(named[id(p)], g) for p, g in pieces], mesh, dp.produced_nonfinite())
+    clip_by_norm(dp.grads(), norm, max_grad_norm, norm_value)
+    dp.step(optimizer)
+    return norm_value
 
 
 def clip_grads(params: list[nn.Parameter], max_norm: float, mesh: ParallelMesh) -> float:

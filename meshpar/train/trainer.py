@@ -4,7 +4,6 @@ case where every mesh axis has size 1."""
 from __future__ import annotations
 
 import functools
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,7 +24,7 @@ from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import add_communication, asynchronous, build_schedule
 from meshpar.train.activations import count_saved_bytes
-from meshpar.train.checks import check_finite, check_replicas
+from meshpar.train.checks import check_replicas
 from meshpar.train.data import BatchLoader, corpus_description, load_tokens
 from meshpar.planner.hardware import device_peak_flops
 from meshpar.planner.model import from_meshpar
@@ -35,7 +34,7 @@ from meshpar.train.faults import Faults
 from meshpar.checkpoint import CheckpointReader, latest_checkpoint, open_checkpoint
 from meshpar.checkpoint.training import load_parameters, restore_training, save_training
 from meshpar.train.plot import plot_losses
-from meshpar.train.optim import adamw, clip_by_norm, global_grad_norm, lr_at
+from meshpar.train.optim import adamw, clip_and_step, lr_at
 
 
 @dataclass
@@ -237,19 +236,8 @@ class Trainer:
     def _clip_and_update(self, loss_sum: torch.Tensor | None = None) -> float:
         """Clip by the global norm and step the optimizer (on this rank's shard under ZeRO);
         a loss or gradient that is not finite stops the run on every rank."""
-        dp = self.data_parallel
-        pieces = dp.grad_pieces()
-        norm = global_grad_norm(pieces, self.mesh, sharded_over_dp=dp.grads_sharded, params=dp.params())
-        # The norm and the loss reach the host in one read (on a GPU, one synchronisation).
-        norm_value, loss = torch.stack([norm, torch.zeros_like(norm) if loss_sum is None
-                                        else loss_sum.to(norm.dtype)]).tolist()
-        if not (math.isfinite(norm_value) and math.isfinite(loss)):
-            names = self._param_names()
-            check_finite(self.step + 1, loss, norm_value, [(names[id(p)], g) for p, g in pieces], self.mesh,
-                         dp.produced_nonfinite())
-        clip_by_norm(dp.grads(), norm, self.cfg.train.max_grad_norm, norm_value)
-        dp.step(self.optimizer)
-        return norm_value
+        return clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.cfg.train.max_grad_norm,
+                             self.step + 1, self._param_names, loss_sum)
 
     def _param_names(self) -> dict[int, str]:
         return {id(p): name for name, p in self.model.named_parameters()}
