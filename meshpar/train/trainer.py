@@ -77,6 +77,7 @@ class Trainer:
         self.is_logger = mesh.rank == 0
         self.step = 0
         self.pipeline = None
+        self.compile_note = ""
         if self.parallel.pipelined:
             if par.schedule == "async":  # one stream over the whole run, cut into steps
                 self.schedule = add_communication(asynchronous(par.pp, 1, self.num_microbatches, tr.steps))
@@ -84,6 +85,7 @@ class Trainer:
                 self.schedule = build_schedule(par.schedule, par.pp, par.virtual_stages, self.num_microbatches)
             if tr.compile and any(a.kind == "I" for actions in self.schedule.actions for a in actions):
                 allow_split_backward()
+                self.compile_note = " (caches off: the zero-bubble split)"
             micro_batch = tr.global_batch_size // dp // self.num_microbatches
             seq_shard = tr.seq_len // mesh.size("cp") // (mesh.size("tp") if par.sequence_parallel else 1)
             self.model.positions = self.positions
@@ -353,6 +355,7 @@ class Trainer:
                 f"{self.mesh.world_size} rank(s), {self.mesh.describe()}, ZeRO-{par.zero}"
                 + (f" (offload {', '.join(self.data_parallel.offload)})" if self.data_parallel.offload else "")
                 + scheme + (", hierarchical all-reduce" if reducer.hierarchical else "")
+                + (f", blocks compiled{self.compile_note}" if tr.compile else "")
                 + f", {self.device.type}; "
                 f"global batch {tr.global_batch_size} x {tr.seq_len} tokens, "
                 f"{self.num_microbatches} micro-batch(es) per rank; data: {corpus_description(tr.data)}"
