@@ -17,12 +17,14 @@ import fnmatch
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from meshpar import comm
+from meshpar.checkpoint import planned
 from meshpar.config import TrainConfig
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model.loss import cross_entropy_sum
@@ -115,6 +117,18 @@ class Parallelized:
                                             self.mesh, self.loss_sum, shape, micro_batch.device,
                                             measure_activations=False)
         return self.pipeline
+
+    def save(self, directory: str | os.PathLike, keep: int = 3) -> Path:
+        """Collective: write a sharded checkpoint `step-<steps taken>` under `directory`
+        (parameters, AdamW's state, the step count; the newest `keep` are kept). It loads
+        into any layout of the same model and plan. Returns its directory."""
+        return planned.save(self, directory, keep)
+
+    def load(self, path: str | os.PathLike) -> int:
+        """Restore the newest complete checkpoint under `path`, saved by `save` in any
+        layout (dp, tp, pp, ZeRO stage); returns its step. The learning rate and the data
+        position are the caller's to restore."""
+        return planned.load(self, path)
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every parameter this rank's pipeline stage holds, at full (single-device)

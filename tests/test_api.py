@@ -4,6 +4,7 @@ examples run as one command each; every public name is documented and typed."""
 
 import functools
 import inspect
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -40,15 +41,20 @@ def train_gpt2(dp: int, tp: int, pp: int, zero: int, microbatches: int, **option
     return out
 
 
-@pytest.fixture(scope="module")
-def single(monkeypatch_module=None):
+def in_one_process(fn, *args):
+    """fn(*args) as a world of one rank, whatever this process's environment says."""
     import os
     saved = os.environ.pop("WORLD_SIZE", None)
     try:
-        return train_gpt2(1, 1, 1, 0, 2)
+        return fn(*args)
     finally:
         if saved is not None:
             os.environ["WORLD_SIZE"] = saved
+
+
+@pytest.fixture(scope="module")
+def single():
+    return in_one_process(train_gpt2, 1, 1, 1, 0, 2)
 
 
 def close(run: dict, ref: dict, label: str):
@@ -102,6 +108,44 @@ def test_a_step_that_diverges_raises_and_leaves_the_parameters():
 def test_compile_patterns_that_match_nothing_are_refused():
     with pytest.raises(ValueError, match="matches no module"):
         meshpar.parallelize(GPT2(seed=0), meshpar.ParallelMesh.single(), gpt2_plan(), compile=["blocks.*"])
+
+
+def train_gpt2_resumed(dp: int, tp: int, pp: int, zero: int, directory: str, save_at: int | None) -> dict:
+    """With save_at: train that many steps and save. Without: load the checkpoint under
+    `directory` and train the remaining steps."""
+    mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp)
+    # The resumed runs start from other weights: what they load must be what counts.
+    model = meshpar.parallelize(GPT2(seed=0 if save_at else 1), mesh, gpt2_plan(), zero=zero, microbatches=2,
+                                lr=1e-3)
+    start = model.load(directory) if save_at is None else 0
+    stop = save_at if save_at is not None else STEPS
+    losses = [model.step(x, y) for x, y in itertools.islice(batches(dp, mesh.index("dp")), start, stop)]
+    if save_at is not None:
+        model.save(directory)
+    out = {"start": start, "losses": losses, "params": model.full_state()}
+    mesh.destroy()
+    return out
+
+
+def test_a_checkpoint_saved_in_one_layout_resumes_in_others(worlds, single, tmp_path):
+    """Saved after 5 steps on tp=2 x dp=2 ZeRO-1 (fused q, k, v split over tp), resumed on
+    a 2-stage pipeline and on one device: the last 5 steps are the uninterrupted run's."""
+    directory = str(tmp_path / "ck")
+    saved = worlds(4).run(train_gpt2_resumed, 2, 2, 1, 1, directory, 5)
+    close({"losses": saved[0]["losses"], "params": {}}, {"losses": single["losses"][:5]}, "before saving")
+    for ranks, layout in ((2, (1, 1, 2, 0)), (1, (1, 1, 1, 2))):
+        if ranks == 1:
+            runs = [in_one_process(train_gpt2_resumed, *layout, directory, None)]
+        else:
+            runs = worlds(ranks).run(train_gpt2_resumed, *layout, directory, None)
+        for rank, run in enumerate(runs):
+            assert run["start"] == 5
+            close(run, {"losses": single["losses"][5:], "params": single["params"]}, f"resumed {layout} rank {rank}")
+    from meshpar.checkpoint import open_checkpoint
+    from meshpar.checkpoint.commands import info
+    described = info(open_checkpoint(directory), verify=True)
+    assert "model GPT2 (parallelized through the Python API): 241,024 parameters" in described, described
+    assert "dp 2 x tp 2 x pp 1 x cp 1, ZeRO-1" in described and "optimizer step 5" in described, described
 
 
 @pytest.mark.parametrize("script, ranks", [("tp_dp_zero1.py", 4), ("pipeline_1f1b.py", 2)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from meshpar.checkpoint import CheckpointError, open_checkpoint
@@ -35,12 +36,24 @@ def model_of(reader) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in raw.items() if k in ModelConfig.__dataclass_fields__})
 
 
+def from_api(reader) -> bool:
+    """Whether a model parallelized through the Python API (not meshpar's Llama) saved it."""
+    return bool(reader.meta["model"].get("api"))
+
+
 def info(reader, verify: bool) -> str:
-    meta, cfg = reader.meta, model_of(reader)
+    meta = reader.meta
     lines = [f"checkpoint {reader.path}", f"step {reader.step}"
-             + (f", saved {meta['saved_at']}" if meta.get("saved_at") else ""),
-             f"model {meta['model'].get('name')}: {cfg.num_params():,} parameters, {cfg.num_layers} layers, "
-             f"hidden {cfg.hidden_size}, heads {cfg.num_heads} (kv {cfg.num_kv_heads}), vocab {cfg.vocab_size}"]
+             + (f", saved {meta['saved_at']}" if meta.get("saved_at") else "")]
+    if from_api(reader):
+        count = sum(math.prod(reader.full_shape(name)) for name in reader.names("param"))
+        lines.append(f"model {meta['model'].get('name')} (parallelized through the Python API): "
+                     f"{count:,} parameters")
+    else:
+        cfg = model_of(reader)
+        lines.append(f"model {meta['model'].get('name')}: {cfg.num_params():,} parameters, {cfg.num_layers} "
+                     f"layers, hidden {cfg.hidden_size}, heads {cfg.num_heads} (kv {cfg.num_kv_heads}), "
+                     f"vocab {cfg.vocab_size}")
     layout = meta.get("layout")
     if layout and "world_size" in layout:
         lines.append("saved by {world_size} rank(s): dp {dp} x tp {tp} x pp {pp} x cp {cp}, ZeRO-{zero}".format(**layout))
@@ -48,8 +61,9 @@ def info(reader, verify: bool) -> str:
         lines.append("consolidated (one file, full tensors)")
     train = meta.get("train")
     if train:
-        lines.append(f"training state: optimizer step {train['optimizer_step']}, data position "
-                     f"{train['loader']['samples_consumed']} sequences, seed {train['seed']}"
+        lines.append(f"training state: optimizer step {train['optimizer_step']}"
+                     + (f", data position {train['loader']['samples_consumed']} sequences, seed {train['seed']}"
+                        if "loader" in train else "")
                      + (f", loss scale {train['loss_scaler']['scale']:g}" if train.get("loss_scaler") else ""))
     else:
         lines.append("parameters only (no training state)")
@@ -89,6 +103,9 @@ def checkpoint_command(args) -> int:
             print(info(reader, args.verify))
         elif args.action == "convert":
             print(convert(reader, args.destination))
+        elif from_api(reader):
+            raise CheckpointError(f"{reader.path}: holds a model parallelized through the Python API; export-hf "
+                                  f"writes meshpar's own Llama models only")
         else:
             from meshpar.checkpoint.hf import export_hf
             print(f"wrote {export_hf(reader, model_of(reader), args.destination)} "
