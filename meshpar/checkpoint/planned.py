@@ -15,38 +15,26 @@ saved: the learning rate (the caller schedules it), RNG states, the caller's dat
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from meshpar.checkpoint.regions import Box, CheckpointError, box_of, first_holder
+from meshpar.checkpoint.regions import Box, CheckpointError
 from meshpar.checkpoint.store import CheckpointReader, write_checkpoint
-from meshpar.checkpoint.training import MOMENTS
+from meshpar.checkpoint.training import MOMENTS, Part, optimizer_state_pieces, whole
 from meshpar.parallel.sharding import shard_spec
 
 
-@dataclass(frozen=True)
-class _Part:
-    """One saved tensor of a parameter: its name, its box, and where its elements lie in
-    the parameter's local tensor (flattened)."""
-
-    name: str
-    box: Box
-    start: int
-    numel: int
-
-
-def _parts(name: str, p: nn.Parameter, fused: int, mesh) -> list[_Part]:
+def _parts(name: str, p: nn.Parameter, fused: int, mesh) -> list[Part]:
     if fused == 1:
-        return [_Part(name, box_of(p, mesh), 0, p.numel())]
+        return whole(name, p, mesh)
     spec = shard_spec(p)
     rows, rest = p.shape[0] // fused, tuple(p.shape[1:])
     index = mesh.index(spec.axis) if spec else 0
     full_rows = spec.full_size // fused if spec else rows
     box = Box((full_rows,) + rest, (index * rows,) + (0,) * len(rest), (rows,) + rest, (rows,) + rest)
-    return [_Part(f"{name}#{j}", box, j * (p.numel() // fused), p.numel() // fused) for j in range(fused)]
+    return [Part(f"{name}#{j}", box, j * (p.numel() // fused), p.numel() // fused) for j in range(fused)]
 
 
 def _fused_counts(parallelized) -> dict[str, int]:
@@ -70,25 +58,8 @@ def save(parallelized, directory: str | Path, keep: int = 3) -> Path:
     mesh, dp, optimizer = parallelized.mesh, parallelized.data_parallel, parallelized.optimizer
     names = {id(p): name for name, p in parallelized.module.named_parameters()}
     fused = _fused_counts(parallelized)
-    writes_replicas = dp.stage >= 1 or mesh.index("dp") == 0
-    tensors, pieces = {}, []
-    for piece in dp.optimizer_pieces:
-        p = piece.param
-        if not (writes_replicas and first_holder(p, mesh)):
-            continue
-        name = names[id(p)]
-        state = optimizer.state.get(piece.leaf, {})
-        for part in _parts(name, p, fused[name], mesh):
-            lo, hi = max(piece.start, part.start), min(piece.stop, part.start + part.numel)
-            if lo >= hi:
-                continue
-            for kind, value in (("param", piece.leaf), *((m, state.get(m)) for m in MOMENTS)):
-                if value is None:  # no optimizer step taken yet: no moments
-                    continue
-                key = f"{part.name}/{kind}/{'.'.join(map(str, part.box.offsets))}/{lo - part.start}"
-                tensors[key] = value.detach().reshape(-1)[lo - piece.start:hi - piece.start]
-                pieces.append({"key": key, "name": part.name, "kind": kind, "box": part.box.to_json(),
-                               "start": lo - part.start, "stop": hi - part.start})
+    tensors, pieces = optimizer_state_pieces(dp, optimizer, mesh,
+                                             lambda p: _parts(names[id(p)], p, fused[names[id(p)]], mesh))
     meta = {"model": {"name": type(parallelized.module).__name__, "api": True}, "layout": _layout(parallelized),
             "train": {"step": parallelized.steps_taken, "optimizer_step": parallelized.steps_taken}}
     return write_checkpoint(directory, parallelized.steps_taken, mesh, tensors, pieces, meta, keep)

@@ -12,11 +12,14 @@ RNG is reseeded from the step and the buffers start empty).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
-from meshpar.checkpoint.regions import CheckpointError, box_of, first_holder
+from meshpar.checkpoint.regions import Box, CheckpointError, box_of, first_holder
 from meshpar.checkpoint.store import LOCAL, CheckpointReader, write_checkpoint
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -40,25 +43,52 @@ def _names(trainer) -> dict[int, str]:
     return {id(p): name for name, p in trainer.model.named_parameters()}
 
 
+@dataclass(frozen=True)
+class Part:
+    """One saved tensor of a parameter: its name, its box of that tensor, and where its
+    elements lie in the parameter's local tensor (flattened)."""
+
+    name: str
+    box: Box
+    start: int
+    numel: int
+
+
+def whole(name: str, p: nn.Parameter, mesh) -> list[Part]:
+    """A parameter saved as itself: its local tensor is one box of the full one."""
+    return [Part(name, box_of(p, mesh), 0, p.numel())]
+
+
+def optimizer_state_pieces(dp, optimizer, mesh, parts_of: Callable[[nn.Parameter], list[Part]]
+                           ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The parameter values and AdamW moments this rank writes, as (tensors, their
+    descriptions): each optimizer piece it owns, cut along `parts_of(param)`; replicas
+    (over dp below ZeRO-1, over tp and cp) write nothing."""
+    writes_replicas = dp.stage >= 1 or mesh.index("dp") == 0
+    tensors, pieces = {}, []
+    for piece in dp.optimizer_pieces:
+        if not (writes_replicas and first_holder(piece.param, mesh)):
+            continue
+        state = optimizer.state.get(piece.leaf, {})
+        for part in parts_of(piece.param):
+            lo, hi = max(piece.start, part.start), min(piece.stop, part.start + part.numel)
+            if lo >= hi:
+                continue
+            for kind, value in (("param", piece.leaf), *((m, state.get(m)) for m in MOMENTS)):
+                if value is None:  # no optimizer step taken yet: no moments
+                    continue
+                key = f"{part.name}/{kind}/{'.'.join(map(str, part.box.offsets))}/{lo - part.start}"
+                tensors[key] = value.detach().reshape(-1)[lo - piece.start:hi - piece.start]
+                pieces.append({"key": key, "name": part.name, "kind": kind, "box": part.box.to_json(),
+                               "start": lo - part.start, "stop": hi - part.start})
+    return tensors, pieces
+
+
 def rank_tensors(trainer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """What this rank writes: its pieces (and their descriptions) and its own state."""
     mesh, dp = trainer.mesh, trainer.data_parallel
     names = _names(trainer)
-    writes_replicas = dp.stage >= 1 or mesh.index("dp") == 0
-    tensors, pieces = {}, []
-    for piece in dp.optimizer_pieces:
-        p = piece.param
-        if not (writes_replicas and first_holder(p, mesh)):
-            continue
-        box, name = box_of(p, mesh), names[id(p)]
-        state = trainer.optimizer.state.get(piece.leaf, {})
-        for kind, value in (("param", piece.leaf), *((m, state.get(m)) for m in MOMENTS)):
-            if value is None:  # no optimizer step taken yet: no moments
-                continue
-            key = f"{name}/{kind}/{'.'.join(map(str, box.offsets))}/{piece.start}"
-            tensors[key] = value.detach().reshape(-1)
-            pieces.append({"key": key, "name": name, "kind": kind, "box": box.to_json(),
-                           "start": piece.start, "stop": piece.stop})
+    tensors, pieces = optimizer_state_pieces(dp, trainer.optimizer, mesh, lambda p: whole(names[id(p)], p, mesh))
     tensors[LOCAL + "rng/cpu"] = torch.get_rng_state()
     if trainer.device.type == "cuda":
         tensors[LOCAL + "rng/cuda"] = torch.cuda.get_rng_state(trainer.device)
