@@ -427,6 +427,8 @@ def validate(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = Fal
         problems.append(f"torchrun started {env['WORLD_SIZE']} ranks but dp*tp*pp*cp = "
                         f"{par.world_size}; make the degrees multiply to the world size")
     problems += _check_device(tr.device, tr.backend, par.world_size, env)
+    if tr.compile:
+        problems += _check_compiler(tr.device, env)
     if model is not None and not problems:
         problems += _checkpoint_problems(cfg)
     if tr.seq_len >= 1:
@@ -451,6 +453,22 @@ def _check_device(device: str, backend: str | None, world_size: int, env) -> lis
             return [f"--device cuda with {local_ranks} local ranks needs {local_ranks} GPUs "
                     f"(NCCL puts one rank on each); {available} visible. --backend gloo lets ranks "
                     f"share a GPU (slowly: for tests)"]
+    return []
+
+
+def _check_compiler(device: str, env) -> list[str]:
+    """What torch.compile's code generator needs, there before it fails mid-run."""
+    import importlib.util
+    import shutil
+
+    if device == "cpu":
+        compilers = [env["CXX"]] if env.get("CXX") else ["g++", "clang++"]
+        if not any(shutil.which(c) for c in compilers):
+            return [f"--compile on CPUs needs a C++ compiler for the generated kernels ({' or '.join(compilers)} "
+                    f"on PATH, or $CXX); install one or drop --compile"]
+    elif device == "cuda" and importlib.util.find_spec("triton") is None:
+        return ["--compile on GPUs needs triton for the generated kernels (PyTorch's CUDA wheels bring it); "
+                "install it or drop --compile"]
     return []
 
 

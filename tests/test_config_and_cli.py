@@ -141,3 +141,11 @@ def test_compile_and_backend_flags_reach_the_config():
     assert cfg.train.compile and cfg.train.backend == "gloo"
     cfg = config_from_args(build_parser().parse_args(["train"]))
     assert not cfg.train.compile and cfg.train.backend is None
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_starting(monkeypatch):
+    import shutil
+    cfg = fast_config(compile=True)
+    assert validate(cfg) == []
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert any("--compile on CPUs needs a C++ compiler" in p for p in validate(cfg))
