@@ -98,6 +98,28 @@ def test_training_composes(worlds, reference, layout):
         assert_matches(run, reference, f"{layout} rank {rank}")
 
 
+def test_gradients_sum_over_cp_where_the_bytes_are_fewest(worlds, reference):
+    """dp=2 x cp=2. ZeRO-0: reduce-scatter over cp, all-reduce of the half over dp,
+    all-gather over cp - dp carries half the gradient. ZeRO-1: reduce-scatter over dp, then
+    all-reduce of the shard over cp - cp carries half. Both equal one device."""
+    layouts = [{"cp": 2, "dp": 2, "zero": 0}, {"cp": 2, "dp": 2, "zero": 1}]
+    results = worlds(4).run(train_each, [cp_config(**layout) for layout in layouts])
+    for layout, runs in zip(layouts, zip(*results)):
+        for rank, run in enumerate(runs):
+            assert_matches(run, reference, f"{layout} rank {rank}")
+            ledger = run["ledger"]
+            if layout["zero"] == 0:
+                full = ledger[("cp", "reduce_scatter", "grads")].bytes
+                assert ledger[("cp", "all_gather", "grads")].bytes == full
+                assert ledger[("dp", "all_reduce", "grads")].bytes == full / 2
+            else:
+                full = ledger[("dp", "reduce_scatter", "grads")].bytes
+                assert ledger[("cp", "all_reduce", "grads")].bytes == full / 2
+            # every step's fp32 gradient once, and a few elements of padding per bucket
+            n, steps = run["summary"]["num_params"], len(run["losses"])
+            assert steps * 4 * n <= full <= steps * 4 * (n + 16), (full, n)
+
+
 def test_ring_kv_traffic_per_layer(worlds):
     cp, steps = 4, 2
     cfg = cp_config(cp)

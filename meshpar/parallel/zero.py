@@ -25,6 +25,14 @@ gradient accumulation over micro-batches communicates nothing until the final on
 Gradients that are partial over tp (sequence-parallel norms, replicated KV heads) are
 summed over tp by `grad_sync` just before the dp reduction of their bucket.
 
+Context-parallel ranks saw other tokens of the same sequences, so their gradients add up
+over cp as well as dp, and cp takes its sum where the bytes are fewest. Stage 0: a
+reduce-scatter over cp, the dp all-reduce of this rank's 1/cp, an all-gather over cp - dp
+carries 1/cp of the gradient instead of all of it. Stages 1-3: the dp reduce-scatter
+first, then an all-reduce over cp of this rank's shard alone (1/dp of the gradient
+instead of all of it). The cp collectives run in bucket order (they must match on every
+cp rank), the first one in the hook, the last ones once backward is done.
+
 How the reductions cross dp - fp32, 16-bit, int8 with error feedback, hierarchical - is
 the `GradReducer`'s business (grad_reduce.py).
 
@@ -86,6 +94,7 @@ class Bucket:
     param_shard: torch.Tensor  # this rank's slice: a view of param_flat, or its own (ZeRO-3)
     grad_shard: torch.Tensor | None = None  # stage 2-3: this rank's reduced gradient
     grad_flat: torch.Tensor | None = None  # full gradients; stages 2-3 free it after reduction
+    cp_part: torch.Tensor | None = None  # stage 0 with cp and dp: this rank's 1/cp, reduced over dp
     accumulated: int = 0  # gradient accumulations this step, over all params
     reduction: object = None  # the in-flight work, if any
     reduced_into: torch.Tensor | None = None  # stage 1: where the reduce-scatter landed
@@ -126,6 +135,9 @@ class ShardedDataParallel:
         self.grad_sync = grad_sync or (lambda params: None)
         self.reducer = reducer or GradReducer(mesh)
         self.n, self.rank = mesh.size("dp"), mesh.index("dp")
+        self.cp = mesh.size("cp")
+        # Stage 0 sums a 1/cp part over dp (see the module docstring); not needed without dp.
+        self.cp_parts = stage == 0 and self.cp > 1 and self.n > 1
         # Whether a reduction (tp, cp or dp) mixes this rank's gradients with others'.
         self.reduces = any(mesh.size(axis) > 1 for axis in ("tp", "cp", "dp"))
         self.events: list[tuple[float, str, int]] = []  # (time, what, bucket): the overlap trace
@@ -167,7 +179,7 @@ class ShardedDataParallel:
             offsets.append(total)
             total += p.numel()
         sharded = self.stage >= 1
-        align = self.reducer.alignment(sharded)
+        align = self.reducer.alignment(sharded) * (self.cp if self.cp_parts else 1)
         numel = -(-total // align) * align
         size = numel // self.n if sharded else numel
         start = self.rank * size if sharded else 0
@@ -302,11 +314,13 @@ class ShardedDataParallel:
         if self.reduces:
             b.finite = torch.isfinite(b.grad_flat).all()
         self.grad_sync(b.params)
-        # Context-parallel ranks saw different tokens of the same sequences: their
-        # gradients add up, like dp's (a joint dp x cp group would do both in one step).
-        comm.all_reduce(self.mesh, "cp", b.grad_flat, tag="grads")
         self.events.append((time.perf_counter(), "launch", b.index))
-        if self.stage == 0:
+        if self.cp_parts:
+            b.cp_part = torch.empty(b.numel // self.cp, dtype=b.grad_flat.dtype, device=b.grad_flat.device)
+            comm.reduce_scatter_into(self.mesh, "cp", b.cp_part, b.grad_flat, tag="grads")
+            b.reduction = self.reducer.all_reduce(b.index, b.cp_part)
+        elif self.stage == 0:
+            comm.all_reduce(self.mesh, "cp", b.grad_flat, tag="grads")  # dp = 1: nothing to save
             b.reduction = self.reducer.all_reduce(b.index, b.grad_flat)
         else:
             out = b.grad_shard if b.grad_shard is not None else torch.empty_like(b.param_shard)
@@ -346,8 +360,13 @@ class ShardedDataParallel:
                     b.grad_flat = torch.zeros(b.numel, dtype=b.param_shard.dtype, device=b.param_shard.device)
                 self._adopt_grads(b)
                 self._launch(b)
-        for b in self.buckets:
+        for b in self.buckets:  # in bucket order: the cp collectives must match on every cp rank
             self._complete(b)
+            if b.cp_part is not None:
+                comm.all_gather_into(self.mesh, "cp", b.grad_flat, b.cp_part, tag="grads")
+                b.cp_part = None
+            elif self.stage >= 1:
+                comm.all_reduce(self.mesh, "cp", self._grad_of_shard(b), tag="grads")
 
     def _adopt_grads(self, b: Bucket):
         """Every parameter's gradient in its bucket slot, also for one that received none

@@ -16,7 +16,9 @@ Per micro-batch and pipeline stage (the most loaded one):
 The pipeline then runs m micro-batches with the schedule's bubble (from the simulator).
 dp: one reduction of the gradients per step (ZeRO-3 gathers the parameters twice per
 micro-batch as well), overlapped with the last micro-batch's backward; over NVLink when a
-dp group fits in a node, else over the network.
+dp group fits in a node, else over the network. With cp, the gradients are summed over cp
+too (a reduce-scatter and all-gather around the dp all-reduce of 1/cp at ZeRO-0, an
+all-reduce of the dp shard at ZeRO 1-3), not overlapped.
 """
 
 from __future__ import annotations
@@ -98,12 +100,19 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     # data parallelism
     params = params_per_rank(spec, layout)
     grad_payload = params * dtypes.grad_bytes
+    # cp ranks' gradients add up too, where the bytes are fewest (zero.py): ZeRO-0 sums a
+    # 1/cp part over dp between a cp reduce-scatter and all-gather; ZeRO 1-3 all-reduce
+    # the dp shard over cp at the end. Neither overlaps backward.
+    dp_payload = grad_payload / cp if layout.zero == 0 and layout.dp > 1 else grad_payload
+    cp_payload = grad_payload / layout.dp if layout.zero >= 1 else grad_payload
+    cp_eff = eff.intra_collective if cp_link == gpu.intra_node_GBps else eff.inter_collective
+    cp_grads = (_ring_time(cp_payload, cp, cp_link, cp_eff) + (layers + 2) * cp_latency * 1e-6) if cp > 1 else 0.0
     dp_span = t * cp * layout.dp
     dp_link, dp_eff, dp_latency = (
         (gpu.intra_node_GBps, eff.intra_collective, gpu.intra_node_latency_us) if dp_span <= cluster.gpus_per_node
         else (gpu.inter_node_GBps, eff.inter_collective, gpu.inter_node_latency_us))
     # all-reduce, or reduce-scatter + all-gather: the same bytes; a collective per unit (layer)
-    dp_comm = _ring_time(grad_payload, layout.dp, dp_link, dp_eff) + \
+    dp_comm = _ring_time(dp_payload, layout.dp, dp_link, dp_eff) + \
         (layers + 2) * dp_latency * 1e-6 * (layout.dp > 1)
     if layout.zero == 3:  # parameters gathered for forward and again for backward, per micro-batch and layer
         dp_comm += 2 * m * (_ring_time(params * dtypes.param_bytes, layout.dp, dp_link, dp_eff, all_reduce=False)
@@ -120,8 +129,8 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
         state_bytes = dtypes.param_bytes + dtypes.grad_bytes + dtypes.master_bytes + dtypes.moment_bytes
         optimizer = 2 * local * state_bytes / (gpu.memory_GBps * 1e9 * eff.memory)
 
-    total = pipeline_total + dp_exposed + optimizer
-    return {"compute": m * (forward + backward), "tp": m * tp, "cp": m * cp_exposed,
+    total = pipeline_total + dp_exposed + cp_grads + optimizer
+    return {"compute": m * (forward + backward), "tp": m * tp, "cp": m * cp_exposed + cp_grads,
             "pp": m * 2 * pp_send * layout.virtual_stages, "dp": dp_exposed,
             "bubble": pipeline_total - busy, "optimizer": optimizer, "total": total}
 
