@@ -104,9 +104,9 @@ class Parallelized:
         self.data_parallel.finish_reduction()
         for axis in ("dp", "pp"):
             comm.all_reduce(self.mesh, axis, loss, tag="loss")
-        self.steps_taken += 1
-        clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, self.steps_taken,
+        clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, self.steps_taken + 1,
                       lambda: {id(p): name for name, p in self.module.named_parameters()}, loss)
+        self.steps_taken += 1  # not when the step diverged: nothing was updated
         return loss.item()
 
     def _pipeline(self, micro_batch: torch.Tensor) -> PipelineRuntime:

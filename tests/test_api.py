@@ -103,6 +103,7 @@ def test_a_step_that_diverges_raises_and_leaves_the_parameters():
     for name, p in model.module.named_parameters():
         if name != "h.1.mlp.c_fc.weight":
             assert torch.equal(p, before[name]), name
+    assert model.steps_taken == 1
 
 
 def test_compile_patterns_that_match_nothing_are_refused():
