@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
+from typing import Callable
 
-import torch
 from torch import nn
 
 from meshpar.checkpoint.regions import Box, CheckpointError
 from meshpar.checkpoint.store import CheckpointReader, write_checkpoint
-from meshpar.checkpoint.training import MOMENTS, Part, optimizer_state_pieces, whole
+from meshpar.checkpoint.training import Part, load_moments, optimizer_state_pieces, read_local, whole
 from meshpar.parallel.sharding import shard_spec
 
 
@@ -37,14 +37,18 @@ def _parts(name: str, p: nn.Parameter, fused: int, mesh) -> list[Part]:
     return [Part(f"{name}#{j}", box, j * (p.numel() // fused), p.numel() // fused) for j in range(fused)]
 
 
-def _fused_counts(parallelized) -> dict[str, int]:
-    """Parameter name -> fused parts, from the plan's column patterns."""
+def _parts_of(parallelized) -> Callable[[nn.Parameter], list[Part]]:
+    """param -> its saved parts: under its own name, or as its k fused parts where one
+    of the plan's column patterns says k."""
     columns = {pattern: k for pattern, k in parallelized.plan.columns().items() if k > 1}
-    counts = {}
-    for name, _ in parallelized.module.named_parameters():
+    names = {id(p): name for name, p in parallelized.module.named_parameters()}
+
+    def parts_of(p: nn.Parameter) -> list[Part]:
+        name = names[id(p)]
         module = name.rpartition(".")[0]
-        counts[name] = next((k for pattern, k in columns.items() if fnmatch.fnmatchcase(module, pattern)), 1)
-    return counts
+        fused = next((k for pattern, k in columns.items() if fnmatch.fnmatchcase(module, pattern)), 1)
+        return _parts(name, p, fused, parallelized.mesh)
+    return parts_of
 
 
 def _layout(parallelized) -> dict:
@@ -55,20 +59,11 @@ def _layout(parallelized) -> dict:
 
 def save(parallelized, directory: str | Path, keep: int = 3) -> Path:
     """Collective: write checkpoint `step-<steps taken>` under `directory`."""
-    mesh, dp, optimizer = parallelized.mesh, parallelized.data_parallel, parallelized.optimizer
-    names = {id(p): name for name, p in parallelized.module.named_parameters()}
-    fused = _fused_counts(parallelized)
-    tensors, pieces = optimizer_state_pieces(dp, optimizer, mesh,
-                                             lambda p: _parts(names[id(p)], p, fused[names[id(p)]], mesh))
+    mesh, dp = parallelized.mesh, parallelized.data_parallel
+    tensors, pieces = optimizer_state_pieces(dp, parallelized.optimizer, mesh, _parts_of(parallelized))
     meta = {"model": {"name": type(parallelized.module).__name__, "api": True}, "layout": _layout(parallelized),
             "train": {"step": parallelized.steps_taken, "optimizer_step": parallelized.steps_taken}}
     return write_checkpoint(directory, parallelized.steps_taken, mesh, tensors, pieces, meta, keep)
-
-
-def _local(reader: CheckpointReader, name: str, kind: str, p: nn.Parameter, fused: int, mesh) -> torch.Tensor:
-    """This rank's whole local tensor of parameter `name` (flattened), part by part."""
-    values = [reader.read(part.name, kind, part.box).reshape(-1) for part in _parts(name, p, fused, mesh)]
-    return torch.cat(values)
 
 
 def load(parallelized, path: str | Path) -> int:
@@ -78,20 +73,8 @@ def load(parallelized, path: str | Path) -> int:
     reader = CheckpointReader(path)
     if reader.meta.get("train") is None:
         raise CheckpointError(f"{reader.path}: holds parameters only, no optimizer state to load")
-    mesh, dp, optimizer = parallelized.mesh, parallelized.data_parallel, parallelized.optimizer
-    names = {id(p): name for name, p in parallelized.module.named_parameters()}
-    fused = _fused_counts(parallelized)
-    dp.load_params(lambda p: _local(reader, names[id(p)], "param", p, fused[names[id(p)]], mesh))
-    step = reader.meta["train"]["optimizer_step"]
-    if step > 0:
-        group = optimizer.param_groups[0]
-        step_on_device = group.get("fused") or group.get("capturable")  # where AdamW keeps its step
-        for piece in dp.optimizer_pieces:
-            name = names[id(piece.param)]
-            state = {"step": torch.tensor(float(step), device=piece.leaf.device if step_on_device else "cpu")}
-            for kind in MOMENTS:
-                values = _local(reader, name, kind, piece.param, fused[name], mesh)[piece.start:piece.stop]
-                state[kind] = torch.empty_like(piece.leaf).copy_(values)
-            optimizer.state[piece.leaf] = state
+    dp, parts_of = parallelized.data_parallel, _parts_of(parallelized)
+    dp.load_params(lambda p: read_local(reader, "param", parts_of(p)))
+    load_moments(dp, parallelized.optimizer, reader, reader.meta["train"]["optimizer_step"], parts_of)
     parallelized.steps_taken = reader.meta["train"]["step"]
     return parallelized.steps_taken

@@ -112,10 +112,30 @@ def save_training(trainer, before_publish=None) -> Path:
                             before_publish)
 
 
+def read_local(reader, kind: str, parts: list[Part]) -> torch.Tensor:
+    """A parameter's whole local tensor of `kind` (flattened), read part by part."""
+    return torch.cat([reader.read(part.name, kind, part.box).reshape(-1) for part in parts])
+
+
+def load_moments(dp, optimizer, reader, optimizer_step: int, parts_of: Callable[[nn.Parameter], list[Part]]):
+    """AdamW's moments (each optimizer piece's range of them) and its step count, after
+    `optimizer_step` steps (none yet: nothing to load)."""
+    if optimizer_step == 0:
+        return
+    group = optimizer.param_groups[0]
+    step_on_device = group.get("fused") or group.get("capturable")  # where AdamW keeps its step
+    for piece in dp.optimizer_pieces:
+        state = {"step": torch.tensor(float(optimizer_step), device=piece.leaf.device if step_on_device else "cpu")}
+        for kind in MOMENTS:
+            values = read_local(reader, kind, parts_of(piece.param))[piece.start:piece.stop]
+            state[kind] = torch.empty_like(piece.leaf).copy_(values)
+        optimizer.state[piece.leaf] = state
+
+
 def load_parameters(trainer, reader) -> None:
     """Every parameter from `reader` (a CheckpointReader or a Hugging Face directory's)."""
     names, mesh = _names(trainer), trainer.mesh
-    trainer.data_parallel.load_params(lambda p: reader.read(names[id(p)], "param", box_of(p, mesh)))
+    trainer.data_parallel.load_params(lambda p: read_local(reader, "param", whole(names[id(p)], p, mesh)))
 
 
 def restore_training(trainer, reader: CheckpointReader) -> None:
@@ -126,17 +146,7 @@ def restore_training(trainer, reader: CheckpointReader) -> None:
         raise CheckpointError(f"{reader.path}: holds parameters only (no training state to resume); "
                               f"start from it with --init-from instead")
     names, mesh, dp = _names(trainer), trainer.mesh, trainer.data_parallel
-    if saved["optimizer_step"] > 0:
-        group = trainer.optimizer.param_groups[0]
-        step_on_device = group.get("fused") or group.get("capturable")  # where AdamW keeps its step
-        for piece in dp.optimizer_pieces:
-            name, box = names[id(piece.param)], box_of(piece.param, mesh)
-            state = {"step": torch.tensor(float(saved["optimizer_step"]),
-                                          device=piece.leaf.device if step_on_device else "cpu")}
-            for kind in MOMENTS:
-                values = reader.read(name, kind, box).reshape(-1)[piece.start:piece.stop]
-                state[kind] = torch.empty_like(piece.leaf).copy_(values)
-            trainer.optimizer.state[piece.leaf] = state
+    load_moments(dp, trainer.optimizer, reader, saved["optimizer_step"], lambda p: whole(names[id(p)], p, mesh))
     trainer.step = saved["step"]
     trainer.skipped_steps = saved["skipped_steps"]
     trainer.loader.load_state_dict(saved["loader"])
