@@ -49,13 +49,15 @@ class Block(nn.Module):
 
 class GPT2(nn.Module):
     def __init__(self, vocab: int = 256, hidden: int = 64, layers: int = 4, n_head: int = 4, max_len: int = 128,
-                 seed: int = 0):
+                 seed: int = 0, tie: bool = False):
         super().__init__()
         torch.manual_seed(seed)
         self.wte, self.wpe = nn.Embedding(vocab, hidden), nn.Embedding(max_len, hidden)
         self.h = nn.ModuleList(Block(hidden, n_head) for _ in range(layers))
         self.ln_f = nn.LayerNorm(hidden)
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        if tie:  # as GPT-2 does: the output layer is the token embedding
+            self.lm_head.weight = self.wte.weight
         for name, p in self.named_parameters():
             if p.ndim == 2:
                 std = 0.02 / math.sqrt(2 * layers) if name.endswith("c_proj.weight") else 0.02

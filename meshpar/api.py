@@ -29,8 +29,9 @@ from meshpar.config import TrainConfig
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.compile import allow_split_backward, apply_compile
-from meshpar.parallel.plan import FUSED_ATTR, Plan, PlannedStages, apply_tensor_plan, gather_fused
-from meshpar.parallel.sharding import gather_full, shard_spec
+from meshpar.parallel.plan import (FUSED_ATTR, PipelinePlan, Plan, PlannedStages, apply_tensor_plan, gather_fused,
+                                   shared_weights)
+from meshpar.parallel.sharding import gather_full, shard_spec, tie
 from meshpar.parallel.tensor import vocab_parallel_cross_entropy
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
@@ -74,8 +75,14 @@ class Parallelized:
     max_grad_norm: float
     schedule: str
     vocab: dict = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)  # id(parameter) -> the model's own name for it
     pipeline: PipelineRuntime | None = None
     steps_taken: int = 0
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) for every parameter this rank holds, named as the whole model
+        names it - also the last pipeline stage's copy of a weight tied to the first's."""
+        return [(self.names.get(id(p), name), p) for name, p in self.module.named_parameters()]
 
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross entropy of a micro-batch (vocab-parallel when the
@@ -105,7 +112,7 @@ class Parallelized:
         for axis in ("dp", "pp"):
             comm.all_reduce(self.mesh, axis, loss, tag="loss")
         clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, self.steps_taken + 1,
-                      lambda: {id(p): name for name, p in self.module.named_parameters()}, loss)
+                      lambda: {id(p): name for name, p in self.named_parameters()}, loss)
         self.steps_taken += 1  # not when the step diverged: nothing was updated
         return loss.item()
 
@@ -135,7 +142,7 @@ class Parallelized:
         shape. Collective over tp and dp."""
         out = {}
         with self.data_parallel.gathered():
-            for name, p in self.module.named_parameters():
+            for name, p in self.named_parameters():
                 full = gather_full(p, shard_spec(p), self.mesh)
                 parts = getattr(p, FUSED_ATTR, 1)
                 # PlannedStages keeps the model's own parameter names
@@ -152,9 +159,18 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     micro-batches per step over pp (the plan's `pipeline` part), ZeRO stage `zero` over
     dp, and an AdamW with these settings (matrices decayed, vectors not). `compile`:
     module-name patterns (fnmatch, as the plan's) whose forwards are torch.compiled one
-    module each - the blocks, e.g. ["h.*"]; collectives inside them stay graph breaks."""
+    module each - the blocks, e.g. ["h.*"]; collectives inside them stay graph breaks.
+
+    A weight two modules share (a tied embedding and output layer) stays shared: split
+    alike over tp, and held by both the first and the last pipeline stage, whose
+    gradients of it are added up. Refused: with zero=3, between modules the plan splits
+    differently, and between pipeline stages other than the first and the last."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero={zero}: choose 0, 1, 2 or 3")
+    shared = shared_weights(model)
+    if shared and zero == 3:
+        raise ValueError(f"zero=3 with a weight shared by two modules ({' and '.join(shared[0])}) is not supported: "
+                         f"it would be gathered and freed by both; use zero 0-2 or untie them")
     if mesh.size("cp") > 1:
         raise ValueError("context parallelism is not offered for plans yet; use meshpar's own model for cp")
     pp = mesh.size("pp")
@@ -165,6 +181,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
             raise ValueError(f"schedule {schedule!r}: choose one of naive, gpipe, 1f1b, zb-h1")
         if zero == 3:
             raise ValueError("zero=3 with a pipeline of a planned model is not supported; use zero 0-2")
+        ties_ends = [places for places in shared if _tied_across_stages(places, plan.pipeline)]
     vocab = apply_tensor_plan(model, plan, mesh)
     if compile:
         targets = [m for name, m in model.named_modules() if any(fnmatch.fnmatchcase(name, p) for p in compile)]
@@ -180,8 +197,36 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
             raise ValueError(f"{blocks} blocks cannot fill {pp} pipeline stages")
         counts = [blocks // pp + (1 if s < blocks % pp else 0) for s in range(pp)]
         stage = mesh.index("pp")
+        for places in ties_ends:  # the first stage's and the last's copy: their gradients add up
+            if stage in (0, pp - 1):
+                tie(model.get_parameter(places[0]), "holder" if stage == 0 else "copy")
+    names = {id(p): name for name, p in model.named_parameters()}  # before a stage drops a tie's first place
+    if pp > 1:
         model = PlannedStages(model, plan.pipeline, {stage: stage_layers_of(counts)[stage]}, pp)
     data_parallel = ShardedDataParallel(model, mesh, zero, microbatches=microbatches)
     settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
     optimizer = adamw(*data_parallel.optimizer_params(), settings)
-    return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab)
+    return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab,
+                        names)
+
+
+def _tied_across_stages(places: list[str], pipeline: PipelinePlan) -> bool:
+    """Whether a shared weight's places lie on the first and the last pipeline stage
+    (True), on one stage (False); ValueError for any other spread."""
+    def part(place: str) -> str:
+        module = place.rpartition(".")[0]
+        for kind, roots in (("first", pipeline.first), ("last", pipeline.last)):
+            if any(module == root or module.startswith(root + ".") for root in roots):
+                return kind
+        if module.startswith(pipeline.blocks + "."):
+            return "block " + module[len(pipeline.blocks) + 1:].split(".")[0]
+        return "outside the pipeline plan"
+
+    parts = {part(place) for place in places}
+    if parts == {"first", "last"}:
+        return True
+    if len(parts) > 1 or "outside the pipeline plan" in parts:
+        raise ValueError(f"{' and '.join(places)} share one weight across {', '.join(sorted(parts))}: with pp > 1 "
+                         f"only a weight of the first and the last stage can be shared (an embedding and the "
+                         f"output layer); untie them")
+    return False

@@ -335,9 +335,6 @@ def validate(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = Fal
                 problems += tensor_parallel_problems(model, par.tp, par.sequence_parallel, tr.seq_len)
             if not problems and par.pp >= 1 and par.virtual_stages >= 1:
                 problems += split_problems(model, par.pp * par.virtual_stages, par.pp_layers)
-                if par.pp > 1 and model.tie_embeddings:
-                    problems.append("tied embeddings with --pp above 1 are not supported yet (the embedding "
-                                    "and the output layer sit on different ranks); untie them or use --pp 1")
             if cfg.model.name in LARGE_PRESETS and tr.device == "cpu" and not dry_run:
                 problems.append(f"model {cfg.model.name} has {model.num_params() / 1e9:.1f}B parameters: "
                                 f"too large to train on a CPU; use --device cuda, or tiny or small, "

@@ -6,6 +6,10 @@ exchanges activations twice per layer, varies fastest and stays inside a node; t
 context parallelism, then data parallelism; pipeline stages, which pass one activation
 per micro-batch, vary slowest and span nodes. The mesh is passed explicitly to whatever
 needs it; there are no globals.
+
+Besides the four axes, two kinds of derived groups: dp's halves inside and across nodes
+(`dp_intra`, `dp_inter`, for the hierarchical all-reduce), and `pp_ends`, the first and
+the last pipeline stage of each slice, which both hold a tied embedding's weight.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch.distributed as dist
 from meshpar.comm import Ledger
 
 AXES = ("pp", "dp", "cp", "tp")  # slowest to fastest in the rank order
+DERIVED = ("dp_intra", "dp_inter", "pp_ends")  # groups made from the axes' slices
 
 
 @dataclass(frozen=True)
@@ -98,8 +103,8 @@ class ParallelMesh:
     groups: dict[str, object] = field(default_factory=dict)  # axis -> ProcessGroup
     ledger: Ledger = field(default_factory=Ledger)
     ranks_per_node: int | None = None  # None: every rank on one node
-    # Hierarchical data parallelism: dp split into its ranks on this node ("dp_intra")
-    # and the ranks at the same place on every node ("dp_inter"), when dp spans nodes.
+    # Derived groups (see the module docstring): "dp_intra" and "dp_inter" when dp spans
+    # nodes, "pp_ends" when pp > 1 (its group exists on the two end ranks only).
     sub_sizes: dict[str, int] = field(default_factory=dict)
     # Gloo with device tensors: run every collective on host copies (see comm.HostStaged).
     host_staging: bool = False
@@ -151,6 +156,16 @@ class ParallelMesh:
                         group = dist.new_group(group_ranks)
                         if rank in group_ranks:
                             groups[name] = group
+        if shape.pp > 1:
+            sub_sizes["pp_ends"] = 2
+            for ranks in shape.axis_groups("pp"):
+                if shape.pp == 2:  # the ends are the whole slice: its group serves
+                    if rank in ranks:
+                        groups["pp_ends"] = groups["pp"]
+                    continue
+                group = dist.new_group([ranks[0], ranks[-1]])
+                if rank in (ranks[0], ranks[-1]):
+                    groups["pp_ends"] = group
         return cls(shape, rank, groups, ranks_per_node=ranks_per_node, sub_sizes=sub_sizes)
 
     @property
@@ -158,9 +173,11 @@ class ParallelMesh:
         return self.shape.world_size
 
     def size(self, axis: str) -> int:
-        """Ranks along `axis` (or a hierarchical sub-axis, dp_intra / dp_inter)."""
+        """Ranks along `axis` (or a derived group: dp_intra, dp_inter, pp_ends)."""
         if axis in self.sub_sizes:
             return self.sub_sizes[axis]
+        if axis in DERIVED:  # not made for this mesh: nothing to reduce over
+            return 1
         return self.shape.size(axis)
 
     def node_of(self, rank: int) -> int:
@@ -196,6 +213,8 @@ class ParallelMesh:
     def ranks(self, axis: str) -> list[int]:
         """Global ranks of this rank's slice along `axis`, in axis order."""
         coords = self.coords()
+        if axis == "pp_ends":
+            return [self.peer("pp", 0), self.peer("pp", self.size("pp") - 1)]
         return [self.shape.rank(**{**coords, axis: i}) for i in range(self.size(axis))]
 
     def destroy(self) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import meshpar
+from meshpar.mesh import MeshShape
 
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -31,10 +32,10 @@ def batches(dp: int, dp_rank: int):
         yield rows[:, :-1], rows[:, 1:]
 
 
-def train_gpt2(dp: int, tp: int, pp: int, zero: int, microbatches: int, **options) -> dict:
+def train_gpt2(dp: int, tp: int, pp: int, zero: int, microbatches: int, tie: bool = False, **options) -> dict:
     mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp)
-    model = meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan(), zero=zero, microbatches=microbatches, lr=1e-3,
-                                **options)
+    model = meshpar.parallelize(GPT2(seed=0, tie=tie), mesh, gpt2_plan(), zero=zero, microbatches=microbatches,
+                                lr=1e-3, **options)
     losses = [model.step(x, y) for x, y in batches(dp, mesh.index("dp"))]
     out = {"losses": losses, "params": model.full_state()}
     mesh.destroy()
@@ -91,6 +92,50 @@ def test_gpt2_with_compiled_blocks_equals_one_device(worlds, single):
     close(runs[1], single, "compiled pp2 zb-h1 stage 1")
 
 
+@pytest.fixture(scope="module")
+def single_tied():
+    return in_one_process(functools.partial(train_gpt2, tie=True), 1, 1, 1, 0, 2)
+
+
+def test_gpt2_with_tied_embeddings_equals_one_device(worlds, single_tied, tmp_path):
+    """GPT-2's output layer is its token embedding. Split over tp, both halves of the
+    tie are split alike and stay one parameter; over pp, the first and the last stage
+    hold a copy each, named as the model names it, and add up their gradients. Saved on
+    a pipeline (the weight once), resumed on tp2: the uninterrupted run's last steps."""
+    tied = functools.partial(train_gpt2, tie=True)
+    assert "lm_head.weight" not in single_tied["params"]
+    for label, (dp, tp, pp, zero, schedule) in {"tp2 dp2 zero1": (2, 2, 1, 1, "1f1b"),
+                                                "pp2 dp2 zero2 1f1b": (2, 1, 2, 2, "1f1b"),
+                                                "pp2 tp2 zb-h1": (1, 2, 2, 0, "zb-h1")}.items():
+        runs = worlds(dp * tp * pp).run(functools.partial(tied, schedule=schedule), dp, tp, pp, zero, 2)
+        for rank, run in enumerate(runs):
+            close(run, single_tied, f"{label} rank {rank}")
+            if pp > 1:
+                assert "wte.weight" in run["params"], f"{label}: both ends hold the weight, under its name"
+    directory = str(tmp_path / "ck")
+    worlds(2).run(functools.partial(train_gpt2_resumed, tie=True), 1, 1, 2, 0, directory, 5)
+    for rank, run in enumerate(worlds(2).run(functools.partial(train_gpt2_resumed, tie=True), 1, 2, 1, 0, directory,
+                                             None)):
+        assert run["start"] == 5
+        close(run, {"losses": single_tied["losses"][5:], "params": single_tied["params"]}, f"resumed rank {rank}")
+
+
+@pytest.mark.parametrize("plan_change, zero, match", [
+    ({"vocab_output": None}, 0, "wte.weight and lm_head.weight share one weight, but the plan splits them"),
+    ({}, 3, "zero=3 with a weight shared by two modules"),
+])
+def test_tied_weights_the_plan_cannot_keep_tied_are_refused(plan_change, zero, match):
+    """Refused before any change to the model (the mesh is a shape only: no process group)."""
+    mesh = meshpar.ParallelMesh(MeshShape(tp=2), 0)
+    plan = gpt2_plan()
+    for key, value in plan_change.items():
+        setattr(plan, key, value)
+    model = GPT2(seed=0, tie=True)
+    with pytest.raises(ValueError, match=match):
+        meshpar.parallelize(model, mesh, plan, zero=zero)
+    assert model.lm_head.weight is model.wte.weight and isinstance(model.lm_head, torch.nn.Linear)
+
+
 def test_a_step_that_diverges_raises_and_leaves_the_parameters():
     model = meshpar.parallelize(GPT2(seed=0), meshpar.ParallelMesh.single(), gpt2_plan())
     x, y = next(batches(1, 0))
@@ -111,13 +156,14 @@ def test_compile_patterns_that_match_nothing_are_refused():
         meshpar.parallelize(GPT2(seed=0), meshpar.ParallelMesh.single(), gpt2_plan(), compile=["blocks.*"])
 
 
-def train_gpt2_resumed(dp: int, tp: int, pp: int, zero: int, directory: str, save_at: int | None) -> dict:
+def train_gpt2_resumed(dp: int, tp: int, pp: int, zero: int, directory: str, save_at: int | None,
+                       tie: bool = False) -> dict:
     """With save_at: train that many steps and save. Without: load the checkpoint under
     `directory` and train the remaining steps."""
     mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp)
     # The resumed runs start from other weights: what they load must be what counts.
-    model = meshpar.parallelize(GPT2(seed=0 if save_at else 1), mesh, gpt2_plan(), zero=zero, microbatches=2,
-                                lr=1e-3)
+    model = meshpar.parallelize(GPT2(seed=0 if save_at else 1, tie=tie), mesh, gpt2_plan(), zero=zero,
+                                microbatches=2, lr=1e-3)
     start = model.load(directory) if save_at is None else 0
     stop = save_at if save_at is not None else STEPS
     losses = [model.step(x, y) for x, y in itertools.islice(batches(dp, mesh.index("dp")), start, stop)]

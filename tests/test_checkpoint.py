@@ -118,6 +118,37 @@ EXACT_VARIANTS = {  # what else is part of a run's state, restored in the same l
 }
 
 
+def tied_config(dp, tp, pp, zero, save_dir=None, **train):
+    cfg = layout_config(dp, tp, pp, 1, zero=zero, steps=STEPS)
+    cfg.model.overrides["tie_embeddings"] = True
+    cfg.train.save_dir = str(save_dir) if save_dir else None
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def test_a_tied_embedding_across_stages_is_saved_once_and_loads_anywhere(worlds, tmp_path):
+    """Saved on pp2 x dp2 (ZeRO-1), where the first and the last stage both hold the
+    weight: stored once (by the first), and a one-device run and a pp4 run resume from it
+    as if never stopped."""
+    world = worlds(4)
+    whole = world.run(train, tied_config(2, 1, 2, 1))[0]
+    world.run(train, tied_config(2, 1, 2, 1, tmp_path / "saved", stop_after_step=STOP))
+    checkpoint = latest_checkpoint(tmp_path / "saved")
+    for label, (dp, tp, pp, zero) in {"one device": (1, 1, 1, 0), "pp4": (1, 1, 4, 0)}.items():
+        own = tmp_path / label.replace(" ", "-")
+        shutil.copytree(tmp_path / "saved", own)
+        cfg = tied_config(dp, tp, pp, zero, own, resume=True)
+        resave = str(own) + "-resaved"
+        report = world.run(resume_and_resave, cfg, resave)[0] if pp > 1 else resume_and_resave(cfg, resave)
+        assert_same_state(checkpoint, Path(resave) / checkpoint.name)  # every element stored once
+        torch.testing.assert_close(torch.tensor(report["losses"]), torch.tensor(whole["losses"][STOP:]),
+                                   rtol=1e-6, atol=0, msg=lambda m: f"{label}: {m}")
+        for name, value in whole["params"].items():
+            torch.testing.assert_close(report["params"][name], value, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{label} {name}: {m}")
+
+
 @pytest.mark.parametrize("variant", EXACT_VARIANTS)
 def test_resume_in_the_same_layout_is_bit_identical(worlds, tmp_path, variant):
     """Stopped after step 3 and resumed: the losses and final parameters of the run that

@@ -73,9 +73,15 @@ def drift_on_one_rank(cfg, name: str) -> str:
 @pytest.mark.parametrize("layout, name, axis", [
     ({"dp": 2, "tp": 2}, "layers.0.attention.wq.weight", "dp"),
     ({"tp": 4, "sequence_parallel": True}, "layers.2.attention_norm.weight", "tp"),
+    ({"pp": 4, "model": {"tie_embeddings": True}}, "embedding.weight", "pp_ends"),  # the last stage's copy
 ])
 def test_consistency_check_names_the_drifted_parameter(worlds, layout, name, axis):
+    layout = dict(layout)
+    pp = layout.pop("pp", 1)
     cfg = fast_config(steps=1, **layout)
+    cfg.parallel.pp = pp
+    if pp > 1:
+        cfg.train.micro_batch_size = 4
     messages = worlds(4).run(drift_on_one_rank, cfg, name)
     assert all(m == messages[0] for m in messages)
     assert f"parameter {name} differs across {axis}" in messages[0]

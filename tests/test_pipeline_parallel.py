@@ -126,13 +126,14 @@ def delayed_update_reference(cfg) -> dict:
                 group["lr"] = lr_at(step, tr)
             clip_grads(params, tr.max_grad_norm, mesh)
             optimizer.step()
-    return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.named_parameters()}}
 
 
-@pytest.mark.parametrize("world_size, layout", [(2, {"pp": 2}), (4, {"pp": 4}), (4, {"pp": 2, "dp": 2})])
+@pytest.mark.parametrize("world_size, layout", [(2, {"pp": 2}), (4, {"pp": 4}), (4, {"pp": 2, "dp": 2}),
+                                                (2, {"pp": 2, "model": {"tie_embeddings": True}})])
 def test_async_equals_its_delayed_update_reference(worlds, world_size, layout):
     cfg = pipeline_config(layout["pp"], "async", 2 if layout["pp"] == 4 else 4,
-                          dp=layout.get("dp", 1))
+                          dp=layout.get("dp", 1), model=layout.get("model"))
     reference = delayed_update_reference(cfg)
     synchronous = train_and_report(fast_config(steps=STEPS))
     for run in worlds(world_size).run(train_and_report, cfg):
@@ -142,3 +143,30 @@ def test_async_equals_its_delayed_update_reference(worlds, world_size, layout):
             assert diff.norm() <= REL * value.norm(), name
     # and it is not the synchronous run: step 2 already sees stale weights
     assert abs(reference["losses"][1] - synchronous["losses"][1]) > 1e-3
+
+
+TIED = {"tie_embeddings": True}
+
+
+@pytest.mark.parametrize("pp, schedule, virtual_stages, layout, zero", [
+    (2, "1f1b", 1, {"dp": 2}, 1),  # the ends sum their dp shards of the weight
+    (2, "zb-h1", 1, {"tp": 2}, 0),  # a vocab-parallel shared weight, split backward
+    (4, "interleaved-1f1b", 2, {}, 0),  # the ends are not the whole pp slice: a group of their own
+])
+def test_tied_embeddings_across_stages_equal_one_device(worlds, pp, schedule, virtual_stages, layout, zero):
+    """The first stage's embedding and the last stage's output layer share one weight:
+    two copies, whose gradients the ends add up once per step - over their own group, the
+    bytes each keeps of it - so that both stay equal to the one device's."""
+    reference = train_and_report(fast_config(steps=STEPS, model=TIED))
+    cfg = pipeline_config(pp, schedule, 2, virtual_stages, model=TIED, **layout)
+    cfg.parallel.zero = zero
+    vocab, hidden = cfg.model.resolve().vocab_size, cfg.model.resolve().hidden_size
+    shared_bytes = vocab * hidden // cfg.parallel.tp * 4 // (cfg.parallel.dp if zero else 1)
+    for rank, run in enumerate(worlds(cfg.parallel.world_size).run(train_and_report, cfg)):
+        assert_same_training(run, reference)
+        stage = rank // (cfg.parallel.world_size // pp)
+        tied = run["ledger"].get(("pp_ends", "all_reduce", "tied_grads"))
+        if stage in (0, pp - 1):
+            assert (tied.calls, tied.bytes) == (STEPS, STEPS * shared_bytes), f"rank {rank}"
+        else:
+            assert tied is None, f"rank {rank} holds no copy"

@@ -41,7 +41,7 @@ def _parts_of(parallelized) -> Callable[[nn.Parameter], list[Part]]:
     """param -> its saved parts: under its own name, or as its k fused parts where one
     of the plan's column patterns says k."""
     columns = {pattern: k for pattern, k in parallelized.plan.columns().items() if k > 1}
-    names = {id(p): name for name, p in parallelized.module.named_parameters()}
+    names = {id(p): name for name, p in parallelized.named_parameters()}
 
     def parts_of(p: nn.Parameter) -> list[Part]:
         name = names[id(p)]

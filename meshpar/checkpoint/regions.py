@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from meshpar.mesh import ParallelMesh
-from meshpar.parallel.sharding import ShardSpec, shard_spec
+from meshpar.parallel.sharding import ShardSpec, is_tied_copy, shard_spec
 
 
 class CheckpointError(RuntimeError):
@@ -82,9 +82,10 @@ def box_of(param: nn.Parameter, mesh: ParallelMesh) -> Box:
 
 
 def first_holder(param: nn.Parameter, mesh: ParallelMesh) -> bool:
-    """Whether this rank is the one that saves its box (replicas over tp and cp skip)."""
+    """Whether this rank is the one that saves its box (replicas over tp and cp, and the
+    last stage's copy of a tied embedding, skip)."""
     spec = shard_spec(param)
-    if mesh.index("cp") != 0:
+    if mesh.index("cp") != 0 or is_tied_copy(param):
         return False
     if spec is None:
         return mesh.index("tp") == 0

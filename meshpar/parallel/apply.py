@@ -25,7 +25,7 @@ from meshpar.model.llama import Transformer
 from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.compile import apply_compile
 from meshpar.parallel.context import ContextParallelAttention, local_positions
-from meshpar.parallel.sharding import full_state
+from meshpar.parallel.sharding import full_state, tie
 from meshpar.parallel.recompute import apply_recompute
 from meshpar.parallel.tensor_plan import TensorParallelLlama
 from meshpar.pipeline.split import PipelineChunks, balanced_split, stage_layers_of
@@ -102,6 +102,8 @@ def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool 
         parallel.module = PipelineChunks(model, {s: ranges[s] for s in range(r, num_stages, p)},
                                          num_stages, seq_shards)
         parallel.num_stages = num_stages
+        if model.cfg.tie_embeddings and p > 1 and r in (0, p - 1):  # one weight, two stages
+            tie(model.embedding.weight, "holder" if r == 0 else "copy")
     held = parallel.module.layers
     if compile_layers:
         apply_compile(list(held.children()))

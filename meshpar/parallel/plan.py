@@ -153,11 +153,43 @@ def _set(model: nn.Module, name: str, module: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def shared_weights(model: nn.Module) -> list[list[str]]:
+    """The parameters that several modules share (a tied embedding and output layer),
+    each as its places `module.attr`, in the model's order."""
+    places: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            places.setdefault(id(p), []).append(f"{module_name}.{attr}" if module_name else attr)
+    return [names for names in places.values() if len(names) > 1]
+
+
+def _split_of(module_name: str, plan: Plan) -> tuple[str, int] | None:
+    """How the plan cuts a module's weight: by rows into k fused parts, by columns, or
+    not at all (None)."""
+    columns = plan.columns()
+    if _matches(module_name, columns):
+        return ("rows", columns[_which(module_name, columns)])
+    if module_name == plan.vocab_output or _matches(module_name, plan.vocab_embedding):
+        return ("rows", 1)
+    if _matches(module_name, plan.row):
+        return ("columns", 1)
+    return None
+
+
 def apply_tensor_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh) -> dict:
     """Replace the planned modules by their tp-parallel versions, in place. Returns what
-    the loss needs: {"vocab_start", "vocab_local"} when the output is vocab-parallel."""
+    the loss needs: {"vocab_start", "vocab_local"} when the output is vocab-parallel.
+    A weight shared by modules the plan cuts alike (a tied embedding and vocab-parallel
+    output layer) stays one parameter; one they would cut differently is refused
+    (ValueError) before the model is touched."""
     if mesh.size("tp") == 1:
         return {}
+    shared = shared_weights(model)
+    for places in shared:
+        splits = {_split_of(place.rpartition(".")[0], plan) for place in places}
+        if len(splits) > 1:
+            raise ValueError(f"{' and '.join(places)} share one weight, but the plan splits them differently; "
+                             f"plan both alike (vocab_embedding with vocab_output) or untie them")
     t = mesh.size("tp")
     columns = plan.columns()
     found = set()
@@ -182,6 +214,11 @@ def apply_tensor_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh) -> dict:
         found.add(plan.vocab_output)
     if not found:
         raise ValueError("the plan matched no module of the model: check its names against named_modules()")
+    for places in shared:  # each module got its own copy of its cut: one parameter again
+        weight = model.get_parameter(places[0])
+        for place in places[1:]:
+            module_name, _, attr = place.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, weight)
     return out
 
 

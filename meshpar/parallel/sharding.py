@@ -15,6 +15,7 @@ from meshpar import comm
 from meshpar.mesh import ParallelMesh
 
 SPEC_ATTR = "meshpar_shard"
+TIED_ATTR = "meshpar_tied"  # "holder" or "copy": a weight held by two pipeline stages
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,24 @@ class ShardSpec:
 
 def shard_spec(param: torch.Tensor) -> ShardSpec | None:
     return getattr(param, SPEC_ATTR, None)
+
+
+def tie(param: nn.Parameter, role: str) -> None:
+    """Mark `param` as one of the two copies of a weight that the first and the last
+    pipeline stage both use (a tied embedding): "holder" on the first stage, "copy" on
+    the last. Their gradients are summed over `pp_ends`; the holder alone counts in the
+    gradient norm and writes checkpoints."""
+    if role not in ("holder", "copy"):
+        raise ValueError(f"tie role {role!r}: choose holder or copy")
+    setattr(param, TIED_ATTR, role)
+
+
+def tied_across_stages(param: torch.Tensor) -> bool:
+    return getattr(param, TIED_ATTR, None) is not None
+
+
+def is_tied_copy(param: torch.Tensor) -> bool:
+    return getattr(param, TIED_ATTR, None) == "copy"
 
 
 def gather_full(local: torch.Tensor, spec: ShardSpec | None, mesh: ParallelMesh) -> torch.Tensor:

@@ -33,6 +33,11 @@ first, then an all-reduce over cp of this rank's shard alone (1/dp of the gradie
 instead of all of it). The cp collectives run in bucket order (they must match on every
 cp rank), the first one in the hook, the last ones once backward is done.
 
+A weight tied across pipeline stages (the embedding, held by the first and the last)
+gets a bucket of its own - the same layout on both ends - and once its dp and cp sums
+are done, an all-reduce over `pp_ends` of what this rank keeps of it (its dp shard under
+ZeRO 1-2) adds the two stages' gradients.
+
 How the reductions cross dp - fp32, 16-bit, int8 with error feedback, hierarchical - is
 the `GradReducer`'s business (grad_reduce.py).
 
@@ -54,6 +59,7 @@ from torch import nn
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.parallel.grad_reduce import GradReducer
+from meshpar.parallel.sharding import tied_across_stages
 
 STAGES = (0, 1, 2, 3)
 OFFLOADS = ("optimizer", "params")
@@ -147,8 +153,14 @@ class ShardedDataParallel:
         pending: list[nn.Module] = []
         pending_bytes = 0
         for unit in reversed(units):
+            tied = [p for p in unit.parameters() if tied_across_stages(p) and id(p) not in seen]
+            if tied:  # a bucket of its own, laid out alike on both ends
+                if pending:
+                    self._add_bucket(pending, seen)
+                self._add_bucket([unit], seen, only=tied)
+                pending, pending_bytes = [], 0
             pending.insert(0, unit)
-            pending_bytes += sum(p.numel() * p.element_size() for p in unit.parameters())
+            pending_bytes += sum(p.numel() * p.element_size() for p in unit.parameters() if id(p) not in seen)
             if stage == 3 or pending_bytes >= bucket_bytes:
                 self._add_bucket(pending, seen)
                 pending, pending_bytes = [], 0
@@ -165,10 +177,11 @@ class ShardedDataParallel:
 
     # --- layout -----------------------------------------------------------------------
 
-    def _add_bucket(self, units: list[nn.Module], seen: set[int]):
+    def _add_bucket(self, units: list[nn.Module], seen: set[int], only: list[nn.Parameter] | None = None):
+        """A bucket of the units' parameters not yet in one (`only` these, if given)."""
         params = []
         for unit in units:
-            for p in unit.parameters():
+            for p in (only if only is not None else unit.parameters()):
                 if p.requires_grad and id(p) not in seen:  # a tied weight belongs to one bucket
                     seen.add(id(p))
                     params.append(p)
@@ -367,6 +380,9 @@ class ShardedDataParallel:
                 b.cp_part = None
             elif self.stage >= 1:
                 comm.all_reduce(self.mesh, "cp", self._grad_of_shard(b), tag="grads")
+        for b in self.buckets:  # one per end, if any: the same call on both
+            if any(tied_across_stages(p) for p in b.params):
+                comm.all_reduce(self.mesh, "pp_ends", self._grad_of_shard(b), tag="tied_grads")
 
     def _adopt_grads(self, b: Bucket):
         """Every parameter's gradient in its bucket slot, also for one that received none

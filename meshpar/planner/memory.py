@@ -41,13 +41,15 @@ class Dtypes:
 def params_per_rank(spec: ModelSpec, layout: Layout) -> int:
     """Parameters on the busiest rank before ZeRO-3 sharding: the first pipeline stage's
     layers and embedding (or the last stage's output layer, if larger), over tp. Norm
-    gains are replicated over tp; they are counted whole."""
+    gains are replicated over tp; they are counted whole. A tied embedding split over
+    stages is held by both ends."""
     layers = -(-spec.layers // layout.pp)
     per_layer = spec.layer_params() // layout.tp
     if layout.pp == 1:
         ends = spec.embedding_params() + spec.head_params()
     else:
-        ends = max(spec.embedding_params(), spec.head_params())
+        copy = spec.vocab * spec.hidden if spec.tie_embeddings else 0  # the last stage's copy of the weight
+        ends = max(spec.embedding_params(), spec.head_params() + copy)
     return layers * per_layer + ends // layout.tp
 
 

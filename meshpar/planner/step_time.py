@@ -12,7 +12,9 @@ Per micro-batch and pipeline stage (the most loaded one):
   overlapped;
 - cp (ring): cp-1 K/V chunks per layer forward, twice that backward, overlapped with the
   attention they feed: only the excess is exposed;
-- pp: one activation send per micro-batch and stage boundary, forward and backward.
+- pp: one activation send per micro-batch and stage boundary, forward and backward;
+  with tied embeddings, once per step, the sum of the first and the last stage's
+  gradients of the shared weight (what each keeps of it), not overlapped.
 The pipeline then runs m micro-batches with the schedule's bubble (from the simulator).
 dp: one reduction of the gradients per step (ZeRO-3 gathers the parameters twice per
 micro-batch as well), overlapped with the last micro-batch's backward; over NVLink when a
@@ -129,9 +131,14 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
         state_bytes = dtypes.param_bytes + dtypes.grad_bytes + dtypes.master_bytes + dtypes.moment_bytes
         optimizer = 2 * local * state_bytes / (gpu.memory_GBps * 1e9 * eff.memory)
 
-    total = pipeline_total + dp_exposed + cp_grads + optimizer
+    tied = 0.0
+    if spec.tie_embeddings and layout.pp > 1:  # zero.py: an all-reduce over pp_ends
+        shared = spec.vocab * spec.hidden / t * dtypes.grad_bytes / (layout.dp if layout.zero >= 1 else 1)
+        tied = _ring_time(shared, 2, pp_link, eff.inter_collective, latency_us=pp_latency)
+
+    total = pipeline_total + dp_exposed + cp_grads + tied + optimizer
     return {"compute": m * (forward + backward), "tp": m * tp, "cp": m * cp_exposed + cp_grads,
-            "pp": m * 2 * pp_send * layout.virtual_stages, "dp": dp_exposed,
+            "pp": m * 2 * pp_send * layout.virtual_stages + tied, "dp": dp_exposed,
             "bubble": pipeline_total - busy, "optimizer": optimizer, "total": total}
 
 

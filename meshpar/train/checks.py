@@ -14,7 +14,7 @@ from torch import nn
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
-from meshpar.parallel.sharding import shard_spec
+from meshpar.parallel.sharding import shard_spec, tied_across_stages
 
 
 class DivergenceError(RuntimeError):
@@ -54,15 +54,20 @@ def checksum(tensor: torch.Tensor) -> tuple[int, float]:
 
 def check_replicas(module: nn.Module, mesh: ParallelMesh, step: int, params_sharded_over_dp: bool = False):
     """Collective: parameters must be identical across dp (unless ZeRO-3 shards them) and
-    cp, and those not sharded over tp (norm gains, replicated KV heads) across tp. Raise
-    naming the first parameter that differs, the axis and which ranks hold which value."""
+    cp, those not sharded over tp (norm gains, replicated KV heads) across tp, and a tied
+    embedding on the first and the last pipeline stage. Raise naming the first parameter
+    that differs, the axis and which ranks hold which value."""
     named = [(name, p) for name, p in module.named_parameters() if p.numel() > 0]
+    replicated_over = {
+        "dp": [] if params_sharded_over_dp else named,
+        "cp": named,
+        "tp": [(name, p) for name, p in named if shard_spec(p) is None or shard_spec(p).axis != "tp"],
+        "pp_ends": [(name, p) for name, p in named if tied_across_stages(p)],  # only the end ranks hold one
+    }
     found: str | None = None
-    for axis in ("dp", "cp", "tp"):
-        if mesh.size(axis) == 1 or (axis == "dp" and params_sharded_over_dp):
+    for axis, replicated in replicated_over.items():
+        if mesh.size(axis) == 1 or not replicated:
             continue
-        replicated = [(name, p) for name, p in named
-                      if axis != "tp" or (shard_spec(p) is None or shard_spec(p).axis != "tp")]
         sums = [checksum(p) for _, p in replicated]
         everyone = comm.all_gather_object(mesh, sums, tag="check", axis=axis)
         for i, (name, _) in enumerate(replicated):

@@ -12,7 +12,7 @@ from torch import nn
 from meshpar import comm
 from meshpar.config import TrainConfig
 from meshpar.mesh import ParallelMesh
-from meshpar.parallel.sharding import shard_spec
+from meshpar.parallel.sharding import is_tied_copy, shard_spec
 from meshpar.train.checks import check_finite
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def global_grad_norm(pieces: list[tuple[nn.Parameter, torch.Tensor]], mesh: Para
     """L2 norm of the full model's gradient, from (parameter, gradient piece) pairs. Squares
     of tp-sharded parameters are summed across their shard axis (a chunk held by several
     ranks counted once); pieces sharded over dp (ZeRO) are summed over dp; pipeline stages
-    add up. `params`: every parameter this rank's stage holds (default: those of
+    add up (a weight two stages share counted on the first). `params`: every parameter this rank's stage holds (default: those of
     `pieces`) - the reductions are chosen from them, so that a ZeRO shard holding no piece
     of some kind (only tp-sharded weights, say) still joins every reduction its peers make."""
     def axes_of(p: nn.Parameter) -> tuple[str, ...]:
@@ -68,6 +68,7 @@ def global_grad_norm(pieces: list[tuple[nn.Parameter, torch.Tensor]], mesh: Para
         return ((spec.axis,) if spec else ()) + (("dp",) if sharded_over_dp else ())
 
     params = [p for p, _ in pieces] if params is None else params
+    pieces = [(p, g) for p, g in pieces if not is_tied_copy(p)]  # its holder counts it
     device = params[0].device if params else (pieces[0][1].device if pieces else "cpu")
     squares_by_axes = {axes: torch.zeros((), dtype=torch.float32, device=device) for axes in map(axes_of, params)}
     # One multi-tensor norm per kind of piece: a single read of the gradients.

@@ -433,9 +433,11 @@ def format_summary(summary: dict) -> str:
     for key in ("started_from", "stopped"):
         if summary.get(key):
             lines.append(f"{key.replace('_', ' ')}: {summary[key]}")
+    axis_width = max(map(len, summary["comm"]), default=0)
+    op_width = max((len(op) for ops in summary["comm"].values() for op in ops), default=0)
     for axis, ops in summary["comm"].items():
         for op, entry in ops.items():
-            lines.append(f"comm rank 0  {axis:>3} {op:<14} {entry['calls']:>6} calls  "
+            lines.append(f"comm rank 0  {axis:>{axis_width}} {op:<{op_width}} {entry['calls']:>6} calls  "
                          f"payload {format_bytes(entry['bytes']):>11}  wire {format_bytes(entry['wire_bytes']):>11}")
     if not summary["comm"]:
         lines.append("comm rank 0  none (a single rank)")
