@@ -13,6 +13,7 @@ within the timeout fails with the ranks still running named, and the world is to
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -68,6 +69,10 @@ class World:
         """fn(*args) on every rank; the list of their return values, by rank."""
         if self.closed:
             raise RankFailure(f"the {self.size}-rank world was torn down by an earlier failure")
+        try:  # a queue pickles in a background thread: a failure there would only time out
+            pickle.dumps((fn, args))
+        except (pickle.PicklingError, AttributeError, TypeError) as err:
+            raise TypeError(f"{_name(fn)} and its arguments must pickle to reach the ranks: {err}") from None
         for q in self.tasks:
             q.put((fn, args))
         deadline = time.monotonic() + (timeout_s or self.timeout_s)

@@ -70,6 +70,24 @@ def test_model_state_bytes_equal_training(worlds, dp):
             assert predicted[part] == state[part], (dp, zero, part)
 
 
+def state_per_rank(cfg) -> list[dict]:
+    return train_and_report(cfg)["summary"]["model_state_bytes_per_rank"]
+
+
+def test_a_tied_embedding_split_over_stages_is_counted_on_both_ends(worlds):
+    """pp2 with tied embeddings: the last stage holds the weight too, so it is the
+    busiest rank by the final norm; the planner's count equals the trainer's."""
+    import dataclasses
+
+    cfg = fast_config(steps=1, model={"tie_embeddings": True}, micro_batch_size=4)
+    cfg.parallel.pp = 2
+    measured = worlds(2).run(state_per_rank, cfg)[0]
+    spec = dataclasses.replace(PRESETS["tiny"], tie_embeddings=True, seq_len=cfg.train.seq_len)
+    predicted = memory_bytes(spec, layout(pp=2, schedule="1f1b", mbs=4), 16)
+    assert predicted["params"] == max(rank["params"] for rank in measured)
+    assert measured[1]["params"] - measured[0]["params"] == 4 * spec.hidden  # the last stage's norm gain
+
+
 def test_zero_paper_accounting():
     """16-bit parameters and gradients plus 12 bytes of fp32 master and moments: 16 Psi,
     4 Psi + 12 Psi/N, 2 Psi + 14 Psi/N, 16 Psi/N (Rajbhandari et al. 2020)."""
