@@ -189,7 +189,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
             raise ValueError(f"compile={list(compile)} matches no module of the model; name modules as "
                              f"named_modules() does, e.g. the blocks' 'layers.*'")
         apply_compile(targets)
-        if pp > 1 and schedule == "zb-h1":
+        if pp > 1 and build_schedule(schedule, pp, 1, microbatches).splits_backward:
             allow_split_backward()
     if pp > 1:
         blocks = len(model.get_submodule(plan.pipeline.blocks))

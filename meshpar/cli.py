@@ -67,6 +67,8 @@ TRAIN_FLAGS = {
     "--data": ("train", "data", str, "text file, folder of text files, or .bin of uint16 tokens "
                                      "(default: the Python standard library's sources)"),
     "--metrics-file": ("train", "metrics_file", str, "write JSON lines of metrics here"),
+    "--tensorboard": ("train", "tensorboard_dir", str, "write the same metrics as TensorBoard scalars under "
+                                                       "DIR (train/*, val/loss; needs the tensorboard package)"),
     "--device": ("train", "device", str, "cpu or cuda (default cpu)"),
     "--backend": ("train", "backend", str, "collectives: nccl (one rank per GPU) or gloo (CPUs; with --device "
                                            "cuda, ranks may share a GPU, for tests); default nccl with cuda, "

@@ -7,6 +7,7 @@ each naming the valid choices; `ConfigError` carries that list to the CLI.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class TrainConfig:
     eval_batches: int = 4
     data: str | None = None  # None: the Python standard library's sources
     metrics_file: str | None = None
+    tensorboard_dir: str | None = None  # the metrics as TensorBoard scalars too (needs the tensorboard package)
     device: str = "cpu"
     precision: str = "fp32"  # fp32, bf16 or fp16 compute; parameters, gradients and optimizer stay fp32
     compile: bool = False  # torch.compile each transformer block
@@ -426,6 +428,9 @@ def validate(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = Fal
     problems += _check_device(tr.device, tr.backend, par.world_size, env)
     if tr.compile:
         problems += _check_compiler(tr.device, env)
+    if tr.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+        problems.append("--tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or meshpar[tensorboard]), or use --metrics-file and meshpar plot")
     if model is not None and not problems:
         problems += _checkpoint_problems(cfg)
     if tr.seq_len >= 1:
@@ -455,7 +460,6 @@ def _check_device(device: str, backend: str | None, world_size: int, env) -> lis
 
 def _check_compiler(device: str, env) -> list[str]:
     """What torch.compile's code generator needs, there before it fails mid-run."""
-    import importlib.util
     import shutil
 
     if device == "cpu":

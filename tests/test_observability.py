@@ -2,6 +2,7 @@
 hang watchdog, traces, the dry run, and the env and plot commands."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -102,6 +103,48 @@ def test_plot_command(tmp_path, capsys):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "3 steps, 2 evaluations" in capsys.readouterr().out
     assert main(["plot", str(tmp_path / "missing.jsonl"), "--out", "x.png"]) == 2
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_the_metrics_files_figures_and_a_resume_replaces_the_lost_steps(tmp_path):
+    pytest.importorskip("tensorboard")
+    board, metrics = tmp_path / "tb", tmp_path / "m.jsonl"
+    common = ["train", "--steps", "4", "--global-batch-size", "4", "--seq-len", "32", "--eval-every", "2",
+              "--no-progress", "--metrics-file", str(metrics), "--tensorboard", str(board)]
+    assert main(common) == 0
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r for r in records if "loss" in r and not r.get("summary")]
+    scalars = tensorboard_scalars(board)
+    for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm")):
+        assert [(step, pytest.approx(value)) for step, value in scalars[tag]] == \
+            [(r["step"], pytest.approx(r[key])) for r in steps], tag
+    assert [step for step, _ in scalars["val/loss"]] == [2, 4]
+    # A run whose last checkpoint was lost (killed after writing step 4's events): resumed
+    # from step 2, its steps 3-4 replace the first run's instead of following them.
+    shutil.rmtree(board)
+    checkpoints = tmp_path / "ck"
+    assert main(common + ["--save-dir", str(checkpoints), "--save-every", "2"]) == 0
+    shutil.rmtree(checkpoints / "step-00000004")
+    assert main(common + ["--save-dir", str(checkpoints), "--resume"]) == 0
+    assert [step for step, _ in tensorboard_scalars(board)["train/loss"]] == [1, 2, 3, 4]
+
+
+def test_tensorboard_without_the_package_is_refused_before_training(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard"
+                        else find_spec(name, *a))
+    assert main(["train", "--steps", "1", "--tensorboard", str(tmp_path / "tb")]) == 2
+    assert "--tensorboard needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
+    assert not (tmp_path / "tb").exists()
 
 
 def test_a_stalled_rank_ends_the_run_within_the_timeout_with_a_report():

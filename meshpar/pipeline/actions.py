@@ -67,6 +67,12 @@ class Schedule:
     def stages_of(self, rank: int) -> list[int]:
         return list(range(rank, self.num_stages, self.num_ranks))
 
+    @property
+    def splits_backward(self) -> bool:
+        """Whether backward runs as separate input- and weight-gradient passes (I and W,
+        the zero-bubble split): a compiled backward then runs twice on its saved tensors."""
+        return any(a.kind == "I" for rank_actions in self.actions for a in rank_actions)
+
     def text(self) -> list[str]:
         """One line per rank: the actions' text forms separated by spaces."""
         return [" ".join(map(str, rank_actions)) for rank_actions in self.actions]

@@ -1,4 +1,4 @@
-"""What a run reports: JSON lines on rank 0 and a progress bar."""
+"""What a run reports: JSON lines (and TensorBoard scalars) on rank 0, and a progress bar."""
 
 from __future__ import annotations
 
@@ -9,12 +9,29 @@ from pathlib import Path
 from tqdm import tqdm
 
 
-class MetricsLog:
-    """Appends one JSON object per line to `path` (rank 0 only; no-op elsewhere).
-    `continue_after`: a resumed run keeps the records of steps up to it and goes on."""
+# TensorBoard tags of a step record's figures (those present are written).
+TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+                    "tokens_per_s": "train/tokens_per_s", "step_time_s": "train/step_time_s", "mfu": "train/mfu",
+                    "memory_bytes": "train/memory_bytes", "loss_scale": "train/loss_scale",
+                    "pipeline_wait_s": "train/pipeline_wait_s", "compute_s": "time/compute_s",
+                    "comm_s": "time/comm_s", "bubble_s": "time/bubble_s", "val_loss": "val/loss"}
 
-    def __init__(self, path: str | None, enabled: bool, continue_after: int | None = None):
+
+class MetricsLog:
+    """Appends one JSON object per line to `path` and, with `tensorboard_dir`, writes the
+    records' figures as TensorBoard scalars there (rank 0 only; no-op elsewhere).
+    `continue_after`: a resumed run keeps the records of steps up to it and goes on (and
+    TensorBoard drops the events of later steps that an earlier run had written)."""
+
+    def __init__(self, path: str | None, enabled: bool, continue_after: int | None = None,
+                 tensorboard_dir: str | None = None):
         self.file = None
+        self.tensorboard = None
+        if tensorboard_dir and enabled:
+            from torch.utils.tensorboard import SummaryWriter  # the optional dependency, checked by validate()
+
+            self.tensorboard = SummaryWriter(tensorboard_dir, purge_step=None if continue_after is None
+                                             else continue_after + 1)
         if path and enabled:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,10 +51,17 @@ class MetricsLog:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.tensorboard and "step" in record and not record.get("summary"):
+            for key, tag in TENSORBOARD_TAGS.items():
+                if record.get(key) is not None:  # async: no lr or norm before the first update
+                    self.tensorboard.add_scalar(tag, float(record[key]), record["step"])
+            self.tensorboard.flush()
 
     def close(self):
         if self.file:
             self.file.close()
+        if self.tensorboard:
+            self.tensorboard.close()
 
 
 class Progress:

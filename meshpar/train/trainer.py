@@ -83,7 +83,7 @@ class Trainer:
                 self.schedule = add_communication(asynchronous(par.pp, 1, self.num_microbatches, tr.steps))
             else:
                 self.schedule = build_schedule(par.schedule, par.pp, par.virtual_stages, self.num_microbatches)
-            if tr.compile and any(a.kind == "I" for actions in self.schedule.actions for a in actions):
+            if tr.compile and self.schedule.splits_backward:
                 allow_split_backward()
                 self.compile_note = " (caches off: the zero-bubble split)"
             micro_batch = tr.global_batch_size // dp // self.num_microbatches
@@ -291,7 +291,8 @@ class Trainer:
     def run(self) -> TrainResult:
         tr = self.cfg.train
         started = time.monotonic()
-        log = MetricsLog(tr.metrics_file, self.is_logger, continue_after=self.step if self.started_from else None)
+        log = MetricsLog(tr.metrics_file, self.is_logger, continue_after=self.step if self.started_from else None,
+                         tensorboard_dir=tr.tensorboard_dir)
         if self.is_logger and tr.progress:
             print(self.banner(), flush=True)
         if self.is_logger and self.started_from:  # even without progress: a restarted job's log says so
