@@ -31,7 +31,7 @@ from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.compile import allow_split_backward, apply_compile
 from meshpar.parallel.plan import (FUSED_ATTR, PipelinePlan, Plan, PlannedStages, apply_tensor_plan, gather_fused,
                                    shared_weights)
-from meshpar.parallel.sharding import gather_full, shard_spec, tie
+from meshpar.parallel.sharding import gather_full, model_names, shard_spec, tie
 from meshpar.parallel.tensor import vocab_parallel_cross_entropy
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
@@ -75,14 +75,13 @@ class Parallelized:
     max_grad_norm: float
     schedule: str
     vocab: dict = field(default_factory=dict)
-    names: dict[int, str] = field(default_factory=dict)  # id(parameter) -> the model's own name for it
     pipeline: PipelineRuntime | None = None
     steps_taken: int = 0
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) for every parameter this rank holds, named as the whole model
         names it - also the last pipeline stage's copy of a weight tied to the first's."""
-        return [(self.names.get(id(p), name), p) for name, p in self.module.named_parameters()]
+        return model_names(self.module)
 
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross entropy of a micro-batch (vocab-parallel when the
@@ -163,14 +162,11 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
 
     A weight two modules share (a tied embedding and output layer) stays shared: split
     alike over tp, and held by both the first and the last pipeline stage, whose
-    gradients of it are added up. Refused: with zero=3, between modules the plan splits
-    differently, and between pipeline stages other than the first and the last."""
+    gradients of it are added up. Refused: between modules the plan splits differently,
+    and between pipeline stages other than the first and the last."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero={zero}: choose 0, 1, 2 or 3")
     shared = shared_weights(model)
-    if shared and zero == 3:
-        raise ValueError(f"zero=3 with a weight shared by two modules ({' and '.join(shared[0])}) is not supported: "
-                         f"it would be gathered and freed by both; use zero 0-2 or untie them")
     if mesh.size("cp") > 1:
         raise ValueError("context parallelism is not offered for plans yet; use meshpar's own model for cp")
     pp = mesh.size("pp")
@@ -199,15 +195,13 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
         stage = mesh.index("pp")
         for places in ties_ends:  # the first stage's and the last's copy: their gradients add up
             if stage in (0, pp - 1):
-                tie(model.get_parameter(places[0]), "holder" if stage == 0 else "copy")
-    names = {id(p): name for name, p in model.named_parameters()}  # before a stage drops a tie's first place
+                tie(model.get_parameter(places[0]), "holder" if stage == 0 else "copy", places[0])
     if pp > 1:
         model = PlannedStages(model, plan.pipeline, {stage: stage_layers_of(counts)[stage]}, pp)
     data_parallel = ShardedDataParallel(model, mesh, zero, microbatches=microbatches)
     settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
     optimizer = adamw(*data_parallel.optimizer_params(), settings)
-    return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab,
-                        names)
+    return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab)
 
 
 def _tied_across_stages(places: list[str], pipeline: PipelinePlan) -> bool:

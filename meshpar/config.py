@@ -174,9 +174,6 @@ def _zero_problems(cfg: Config, model: ModelConfig | None) -> list[str]:
         problems.append(f"--zero {par.zero} with --schedule async is not supported: the async schedule keeps "
                         f"whole weight snapshots per batch in flight, which sharded states would not see; "
                         f"use --zero 0 or another schedule")
-    if par.zero == 3 and model is not None and model.tie_embeddings:
-        problems.append("--zero 3 with tied embeddings is not supported: the shared weight would be gathered "
-                        "and freed by two layers; untie them or use --zero 2")
     if par.offload and par.schedule == "async" and par.pp > 1:
         problems.append("--offload with --schedule async is not supported; use another schedule")
     return problems

@@ -105,6 +105,7 @@ def test_gpt2_with_tied_embeddings_equals_one_device(worlds, single_tied, tmp_pa
     tied = functools.partial(train_gpt2, tie=True)
     assert "lm_head.weight" not in single_tied["params"]
     for label, (dp, tp, pp, zero, schedule) in {"tp2 dp2 zero1": (2, 2, 1, 1, "1f1b"),
+                                                "dp2 zero3": (2, 1, 1, 3, "1f1b"),
                                                 "pp2 dp2 zero2 1f1b": (2, 1, 2, 2, "1f1b"),
                                                 "pp2 tp2 zb-h1": (1, 2, 2, 0, "zb-h1")}.items():
         runs = worlds(dp * tp * pp).run(functools.partial(tied, schedule=schedule), dp, tp, pp, zero, 2)
@@ -120,19 +121,26 @@ def test_gpt2_with_tied_embeddings_equals_one_device(worlds, single_tied, tmp_pa
         close(run, {"losses": single_tied["losses"][5:], "params": single_tied["params"]}, f"resumed rank {rank}")
 
 
-@pytest.mark.parametrize("plan_change, zero, match", [
-    ({"vocab_output": None}, 0, "wte.weight and lm_head.weight share one weight, but the plan splits them"),
-    ({}, 3, "zero=3 with a weight shared by two modules"),
+def share_blocks(model):  # ALBERT-style: two blocks on different stages use one weight
+    model.h[3].mlp.c_fc.weight = model.h[0].mlp.c_fc.weight
+
+
+@pytest.mark.parametrize("shape, plan_change, extra_tie, match", [
+    (MeshShape(tp=2), {"vocab_output": None}, None,
+     "wte.weight and lm_head.weight share one weight, but the plan splits them"),
+    (MeshShape(pp=2), {}, share_blocks, "share one weight across block 0, block 3: with pp > 1 only a weight"),
 ])
-def test_tied_weights_the_plan_cannot_keep_tied_are_refused(plan_change, zero, match):
+def test_tied_weights_the_plan_cannot_keep_tied_are_refused(shape, plan_change, extra_tie, match):
     """Refused before any change to the model (the mesh is a shape only: no process group)."""
-    mesh = meshpar.ParallelMesh(MeshShape(tp=2), 0)
+    mesh = meshpar.ParallelMesh(shape, 0)
     plan = gpt2_plan()
     for key, value in plan_change.items():
         setattr(plan, key, value)
     model = GPT2(seed=0, tie=True)
+    if extra_tie:
+        extra_tie(model)
     with pytest.raises(ValueError, match=match):
-        meshpar.parallelize(model, mesh, plan, zero=zero)
+        meshpar.parallelize(model, mesh, plan)
     assert model.lm_head.weight is model.wte.weight and isinstance(model.lm_head, torch.nn.Linear)
 
 

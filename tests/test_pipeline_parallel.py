@@ -152,6 +152,7 @@ TIED = {"tie_embeddings": True}
     (2, "1f1b", 1, {"dp": 2}, 1),  # the ends sum their dp shards of the weight
     (2, "zb-h1", 1, {"tp": 2}, 0),  # a vocab-parallel shared weight, split backward
     (4, "interleaved-1f1b", 2, {}, 0),  # the ends are not the whole pp slice: a group of their own
+    (2, "1f1b", 1, {"dp": 2}, 3),  # gathered for each use, its gradient shard summed
 ])
 def test_tied_embeddings_across_stages_equal_one_device(worlds, pp, schedule, virtual_stages, layout, zero):
     """The first stage's embedding and the last stage's output layer share one weight:

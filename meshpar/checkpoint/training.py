@@ -21,6 +21,7 @@ from torch import nn
 
 from meshpar.checkpoint.regions import Box, CheckpointError, box_of, first_holder
 from meshpar.checkpoint.store import LOCAL, CheckpointReader, write_checkpoint
+from meshpar.parallel.sharding import model_names
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -40,7 +41,7 @@ def model_meta(cfg) -> dict:
 
 
 def _names(trainer) -> dict[int, str]:
-    return {id(p): name for name, p in trainer.model.named_parameters()}
+    return {id(p): name for name, p in model_names(trainer.model)}
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool 
                                          num_stages, seq_shards)
         parallel.num_stages = num_stages
         if model.cfg.tie_embeddings and p > 1 and r in (0, p - 1):  # one weight, two stages
-            tie(model.embedding.weight, "holder" if r == 0 else "copy")
+            tie(model.embedding.weight, "holder" if r == 0 else "copy", "embedding.weight")
     held = parallel.module.layers
     if compile_layers:
         apply_compile(list(held.children()))

@@ -16,6 +16,7 @@ from meshpar.mesh import ParallelMesh
 
 SPEC_ATTR = "meshpar_shard"
 TIED_ATTR = "meshpar_tied"  # "holder" or "copy": a weight held by two pipeline stages
+TIED_NAME_ATTR = "meshpar_tied_name"  # its name in the whole model
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,16 @@ def shard_spec(param: torch.Tensor) -> ShardSpec | None:
     return getattr(param, SPEC_ATTR, None)
 
 
-def tie(param: nn.Parameter, role: str) -> None:
+def tie(param: nn.Parameter, role: str, name: str) -> None:
     """Mark `param` as one of the two copies of a weight that the first and the last
     pipeline stage both use (a tied embedding): "holder" on the first stage, "copy" on
-    the last. Their gradients are summed over `pp_ends`; the holder alone counts in the
+    the last; `name` is the whole model's name for it (the copy's module calls it
+    otherwise). Their gradients are summed over `pp_ends`; the holder alone counts in the
     gradient norm and writes checkpoints."""
     if role not in ("holder", "copy"):
         raise ValueError(f"tie role {role!r}: choose holder or copy")
     setattr(param, TIED_ATTR, role)
+    setattr(param, TIED_NAME_ATTR, name)
 
 
 def tied_across_stages(param: torch.Tensor) -> bool:
@@ -56,6 +59,12 @@ def tied_across_stages(param: torch.Tensor) -> bool:
 
 def is_tied_copy(param: torch.Tensor) -> bool:
     return getattr(param, TIED_ATTR, None) == "copy"
+
+
+def model_names(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) for each parameter `module` holds, named as the whole model
+    names it: a tied weight's copy under its holder's name."""
+    return [(getattr(p, TIED_NAME_ATTR, name), p) for name, p in module.named_parameters()]
 
 
 def gather_full(local: torch.Tensor, spec: ShardSpec | None, mesh: ParallelMesh) -> torch.Tensor:
@@ -72,7 +81,7 @@ def gather_full(local: torch.Tensor, spec: ShardSpec | None, mesh: ParallelMesh)
 def full_state(model: nn.Module, mesh: ParallelMesh, grads: bool = False) -> dict[str, torch.Tensor]:
     """Every parameter (or its gradient) at full shape, on every rank of the shard axes."""
     out = {}
-    for name, param in model.named_parameters():
+    for name, param in model_names(model):
         tensor = param.grad if grads else param
         if tensor is not None:
             out[name] = gather_full(tensor, shard_spec(param), mesh)

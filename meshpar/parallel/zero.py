@@ -4,7 +4,8 @@ Parameters and gradients live in flat buckets; each parameter (and its `.grad`) 
 into its bucket. A bucket is a run of consecutive *units* (the embedding, each transformer
 layer, the final norm, the output layer), taken in reverse order - the order in which
 backward finishes them - and closed at `bucket_bytes`; under ZeRO-3 a bucket is exactly
-one unit, the granularity at which parameters are gathered.
+one unit, the granularity at which parameters are gathered (a weight two units share, as
+tied embeddings do, lies in the bucket of the later one, and both gather it).
 
     stage  parameters          gradients                       optimizer states + update
     0      full                full, all-reduced               full, every rank
@@ -91,7 +92,6 @@ class OptimizerPiece:
 @dataclass
 class Bucket:
     index: int
-    units: list[nn.Module]  # forward order
     params: list[nn.Parameter]
     offsets: list[int]
     numel: int  # padded to a multiple of the dp size when sharded
@@ -171,7 +171,7 @@ class ShardedDataParallel:
         for p in self.params():
             p.register_post_accumulate_grad_hook(self._on_grad)
         if stage == 3:
-            self._install_gather_hooks()
+            self._install_gather_hooks(units)
             for b in self.buckets:
                 self._free_params(b)
 
@@ -208,7 +208,7 @@ class ShardedDataParallel:
             param_shard = param_shard.clone().to(home)
             if home == "cpu" and torch.cuda.is_available():
                 param_shard = param_shard.pin_memory()
-        bucket = Bucket(len(self.buckets), list(units), params, offsets, numel, (start, start + size),
+        bucket = Bucket(len(self.buckets), params, offsets, numel, (start, start + size),
                         param_flat, param_shard)
         if self.stage <= 1:
             bucket.grad_flat = torch.zeros_like(param_flat)
@@ -409,6 +409,9 @@ class ShardedDataParallel:
                 b.host["grad"].copy_(self._grad_of_shard(b))
         optimizer.step()
         for b in self.buckets:
+            # ZeRO-3: nothing may stay gathered across the update (a prefetch no unit used
+            # would otherwise serve stale values next step).
+            self._free_params(b)
             if b.host and b.host["master"] is not b.param_shard:
                 b.param_shard.copy_(b.host["master"])
             if self.stage in (1, 2):
@@ -416,29 +419,46 @@ class ShardedDataParallel:
 
     # --- ZeRO-3: parameters gathered around each use ------------------------------------
 
-    def _install_gather_hooks(self):
-        order = self.buckets[::-1]  # forward order
-        for i, b in enumerate(order):
-            ahead = order[i + 1] if i + 1 < len(order) else None
-            behind = order[i - 1] if i > 0 else None
-            for unit in b.units:
-                unit.register_forward_pre_hook(lambda m, args, b=b, ahead=ahead: self._before_forward(b, ahead))
-                unit.register_forward_hook(lambda m, args, out, b=b, behind=behind: self._after_forward(b, behind, out))
+    def _install_gather_hooks(self, units: list[nn.Module]):
+        """Each unit gathers the buckets holding its parameters before its forward and
+        again before its backward, prefetching the next unit's (forward) or the previous
+        one's (backward). A weight two units share (tied embeddings) lies in one bucket
+        that both gather."""
+        held = []  # (unit, its buckets), forward order
+        for unit in units:
+            buckets = []
+            for p in unit.parameters():
+                if id(p) in self._slot_of and self._slot_of[id(p)][0] not in buckets:
+                    buckets.append(self._slot_of[id(p)][0])
+            if buckets:
+                held.append((unit, buckets))
+        for i, (unit, buckets) in enumerate(held):
+            ahead = held[i + 1][1] if i + 1 < len(held) else []
+            behind = held[i - 1][1] if i > 0 else []
+            unit.register_forward_pre_hook(lambda m, args, bs=buckets, ahead=ahead: self._before_forward(bs, ahead))
+            unit.register_forward_hook(lambda m, args, out, bs=buckets, behind=behind:
+                                       self._after_forward(bs, behind, out))
 
-    def _before_forward(self, b: Bucket, ahead: Bucket | None):
-        self._gather(b, "forward" if torch.is_grad_enabled() else "eval")
-        if ahead is not None:  # prefetch: its all-gather runs while this unit computes
-            self._gather(ahead, "forward" if torch.is_grad_enabled() else "eval", wait=False)
-        self._wait_gather(b)
+    def _before_forward(self, buckets: list[Bucket], ahead: list[Bucket]):
+        purpose = "forward" if torch.is_grad_enabled() else "eval"
+        for b in buckets:
+            self._gather(b, purpose, wait=False)
+        for b in ahead:  # prefetch: its all-gather runs while this unit computes
+            self._gather(b, purpose, wait=False)
+        for b in buckets:
+            self._wait_gather(b)
 
-    def _after_forward(self, b: Bucket, behind: Bucket | None, out):
-        self._free_params(b)
+    def _after_forward(self, buckets: list[Bucket], behind: list[Bucket], out):
+        for b in buckets:
+            self._free_params(b)
         if torch.is_tensor(out) and out.requires_grad:
-            def before_backward(grad, b=b, behind=behind):
-                self._gather(b, "backward")
-                if behind is not None:
-                    self._gather(behind, "backward", wait=False)
-                self._wait_gather(b)
+            def before_backward(grad, buckets=buckets, behind=behind):
+                for b in buckets:
+                    self._gather(b, "backward", wait=False)
+                for b in behind:
+                    self._gather(b, "backward", wait=False)
+                for b in buckets:
+                    self._wait_gather(b)
             out.register_hook(before_backward)
 
     def _gather(self, b: Bucket, purpose: str, wait: bool = True):

@@ -1,8 +1,8 @@
 """Layers -> pipeline stages, and the modules one rank holds.
 
 The first stage also holds the embedding, the last the final norm and the output layer.
-With tied embeddings the last stage holds the embedding's weight as well, as its output
-layer's: two copies, kept equal by summing their gradients (`sharding.tie`).
+With tied embeddings the last stage's output layer holds the embedding's weight: two
+copies, kept equal by summing their gradients (`sharding.tie`).
 A rank holds stages r, r+p, r+2p, ... (virtual stages); its module keeps the reference
 model's parameter names, so the full state gathers back by name.
 """
@@ -70,8 +70,7 @@ class PipelineChunks(nn.Module):
         self.seq_shards = seq_shards  # tp under sequence parallelism: hidden states hold s / tp tokens
         self.positions: torch.Tensor | None = None  # this rank's tokens' global positions (context parallelism)
         last = num_stages - 1 in stage_layers
-        tied = model.output.weight is model.embedding.weight
-        if 0 in stage_layers or (tied and last):  # registered first: the reference's name for a tied weight
+        if 0 in stage_layers:
             self.embedding = model.embedding
         self.layers = nn.ModuleDict({str(i): model.layers[i] for r in stage_layers.values() for i in r})
         if last:

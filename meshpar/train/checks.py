@@ -14,7 +14,7 @@ from torch import nn
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
-from meshpar.parallel.sharding import shard_spec, tied_across_stages
+from meshpar.parallel.sharding import model_names, shard_spec, tied_across_stages
 
 
 class DivergenceError(RuntimeError):
@@ -57,7 +57,7 @@ def check_replicas(module: nn.Module, mesh: ParallelMesh, step: int, params_shar
     cp, those not sharded over tp (norm gains, replicated KV heads) across tp, and a tied
     embedding on the first and the last pipeline stage. Raise naming the first parameter
     that differs, the axis and which ranks hold which value."""
-    named = [(name, p) for name, p in module.named_parameters() if p.numel() > 0]
+    named = [(name, p) for name, p in model_names(module) if p.numel() > 0]
     replicated_over = {
         "dp": [] if params_sharded_over_dp else named,
         "cp": named,

@@ -20,6 +20,7 @@ from meshpar.parallel.compile import allow_split_backward
 from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autocast
+from meshpar.parallel.sharding import model_names
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import add_communication, asynchronous, build_schedule
@@ -242,7 +243,7 @@ class Trainer:
                              self.step + 1, self._param_names, loss_sum)
 
     def _param_names(self) -> dict[int, str]:
-        return {id(p): name for name, p in self.model.named_parameters()}
+        return {id(p): name for name, p in model_names(self.model)}
 
     def check_consistency(self):
         """Replicated parameters identical on every rank (DivergenceError if not)."""
