@@ -175,8 +175,6 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
             raise ValueError("pp > 1 needs the plan's `pipeline` part (PipelinePlan)")
         if schedule not in GENERATORS or schedule in ("async", "interleaved-1f1b"):
             raise ValueError(f"schedule {schedule!r}: choose one of naive, gpipe, 1f1b, zb-h1")
-        if zero == 3:
-            raise ValueError("zero=3 with a pipeline of a planned model is not supported; use zero 0-2")
         ties_ends = [places for places in shared if _tied_across_stages(places, plan.pipeline)]
     vocab = apply_tensor_plan(model, plan, mesh)
     if compile:

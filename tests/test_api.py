@@ -80,6 +80,16 @@ def test_gpt2_on_a_1f1b_pipeline_equals_one_device(worlds, single):
     assert "wte.weight" in runs[0]["params"] and "lm_head.weight" in runs[1]["params"]
 
 
+def test_gpt2_on_a_pipeline_with_zero3_equals_one_device(worlds, single):
+    """pp2 x dp2 with ZeRO-3: each stage's blocks gathered around their forward and
+    backward, under 1F1B and the zero-bubble split (a unit gathered from its input-
+    gradient pass to its weight-gradient pass)."""
+    for schedule in ("1f1b", "zb-h1"):
+        runs = worlds(4).run(functools.partial(train_gpt2, schedule=schedule), 2, 1, 2, 3, 2)
+        for rank, run in enumerate(runs):
+            close(run, single, f"pp2 dp2 zero3 {schedule} rank {rank}")
+
+
 def test_gpt2_with_compiled_blocks_equals_one_device(worlds, single):
     """compile=["h.*"]: each GPT-2 block compiled, its tp all-reduces graph breaks; with
     the zero-bubble split on a pipeline too."""
