@@ -4,7 +4,8 @@ The first stage also holds the embedding, the last the final norm and the output
 With tied embeddings the last stage's output layer holds the embedding's weight: two
 copies, kept equal by summing their gradients (`sharding.tie`).
 A rank holds stages r, r+p, r+2p, ... (virtual stages); its module keeps the reference
-model's parameter names, so the full state gathers back by name.
+model's parameter names (a tied copy answers to its holder's, `sharding.model_names`),
+so the full state gathers back by name.
 """
 
 from __future__ import annotations
@@ -69,11 +70,10 @@ class PipelineChunks(nn.Module):
         self.num_stages = num_stages
         self.seq_shards = seq_shards  # tp under sequence parallelism: hidden states hold s / tp tokens
         self.positions: torch.Tensor | None = None  # this rank's tokens' global positions (context parallelism)
-        last = num_stages - 1 in stage_layers
         if 0 in stage_layers:
             self.embedding = model.embedding
         self.layers = nn.ModuleDict({str(i): model.layers[i] for r in stage_layers.values() for i in r})
-        if last:
+        if num_stages - 1 in stage_layers:
             self.norm, self.output = model.norm, model.output
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)

@@ -59,7 +59,9 @@ def dry_run(cfg: Config) -> str:
         lines.append(f"{stage:>5}  {span:<16} {layers:>6} {params:>14,} {format_bytes(state):>12} "
                      f"{format_bytes(activations):>12} {format_bytes(state + activations + WORKSPACE_BYTES):>12}")
     lines.append(f"every rank of a stage holds its parameters; over all stages {total_params:,} per tp x cp x dp "
-                 f"slice (x{par.tp} tp shards = {total_params * par.tp:,} with replicated norms counted per shard). "
+                 f"slice (x{par.tp} tp shards = {total_params * par.tp:,} with replicated norms counted per shard"
+                 + ("; the tied embedding counted on the first and the last stage" if model_cfg.tie_embeddings
+                    and par.pp > 1 else "") + "). "
                  f"Model state as the trainer keeps it (fp32 parameters, gradients, AdamW moments; ZeRO-{par.zero}); "
                  f"activations from the planner's per-layer bytes ({format_bytes(per_layer)}) x layers x the "
                  f"schedule's peak in-flight micro-batches; total adds {format_bytes(WORKSPACE_BYTES)} of workspace.")
