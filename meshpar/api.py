@@ -75,6 +75,7 @@ class Parallelized:
     max_grad_norm: float
     schedule: str
     vocab: dict = field(default_factory=dict)
+    virtual_stages: int = 1
     pipeline: PipelineRuntime | None = None
     steps_taken: int = 0
 
@@ -119,7 +120,8 @@ class Parallelized:
         if self.pipeline is None:
             pp = self.mesh.size("pp")
             shape = (micro_batch.shape[0], micro_batch.shape[1], self.plan.pipeline.hidden_size)
-            self.pipeline = PipelineRuntime(build_schedule(self.schedule, pp, 1, self.microbatches), self.module,
+            schedule = build_schedule(self.schedule, pp, self.virtual_stages, self.microbatches)
+            self.pipeline = PipelineRuntime(schedule, self.module,
                                             self.mesh, self.loss_sum, shape, micro_batch.device,
                                             measure_activations=False)
         return self.pipeline
@@ -150,13 +152,14 @@ class Parallelized:
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int = 0, microbatches: int = 1,
-                schedule: str = "1f1b", lr: float = 3e-4, weight_decay: float = 0.1,
+                schedule: str = "1f1b", virtual_stages: int = 1, lr: float = 3e-4, weight_decay: float = 0.1,
                 betas: tuple[float, float] = (0.9, 0.95), max_grad_norm: float = 1.0,
                 compile: list[str] | tuple[str, ...] = ()) -> Parallelized:
     """Split `model` (built the same, from the same seed, on every rank) over `mesh` by
     `plan`: tensor parallelism over tp, a pipeline of `schedule` with `microbatches`
-    micro-batches per step over pp (the plan's `pipeline` part), ZeRO stage `zero` over
-    dp, and an AdamW with these settings (matrices decayed, vectors not). `compile`:
+    micro-batches per step over pp (the plan's `pipeline` part; `virtual_stages` chunks
+    per rank under interleaved-1f1b), ZeRO stage `zero` over dp, and an AdamW with these
+    settings (matrices decayed, vectors not). `compile`:
     module-name patterns (fnmatch, as the plan's) whose forwards are torch.compiled one
     module each - the blocks, e.g. ["h.*"]; collectives inside them stay graph breaks.
 
@@ -173,8 +176,12 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     if pp > 1:
         if plan.pipeline is None:
             raise ValueError("pp > 1 needs the plan's `pipeline` part (PipelinePlan)")
-        if schedule not in GENERATORS or schedule in ("async", "interleaved-1f1b"):
-            raise ValueError(f"schedule {schedule!r}: choose one of naive, gpipe, 1f1b, zb-h1")
+        if schedule not in GENERATORS or schedule == "async":
+            raise ValueError(f"schedule {schedule!r}: choose one of naive, gpipe, 1f1b, interleaved-1f1b, zb-h1")
+        if virtual_stages < 1 or (virtual_stages > 1 and schedule != "interleaved-1f1b"):
+            raise ValueError(f"virtual_stages={virtual_stages}: above 1 only with schedule='interleaved-1f1b'")
+        if schedule == "interleaved-1f1b" and microbatches % pp:
+            raise ValueError(f"interleaved-1f1b needs microbatches ({microbatches}) to be a multiple of pp ({pp})")
         ties_ends = [places for places in shared if _tied_across_stages(places, plan.pipeline)]
     vocab = apply_tensor_plan(model, plan, mesh)
     if compile:
@@ -183,23 +190,24 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
             raise ValueError(f"compile={list(compile)} matches no module of the model; name modules as "
                              f"named_modules() does, e.g. the blocks' 'layers.*'")
         apply_compile(targets)
-        if pp > 1 and build_schedule(schedule, pp, 1, microbatches).splits_backward:
+        if pp > 1 and build_schedule(schedule, pp, virtual_stages, microbatches).splits_backward:
             allow_split_backward()
     if pp > 1:
+        stages, rank = pp * virtual_stages, mesh.index("pp")  # rank r holds stages r, r + pp, ...
         blocks = len(model.get_submodule(plan.pipeline.blocks))
-        if blocks < pp:
-            raise ValueError(f"{blocks} blocks cannot fill {pp} pipeline stages")
-        counts = [blocks // pp + (1 if s < blocks % pp else 0) for s in range(pp)]
-        stage = mesh.index("pp")
+        if blocks < stages:
+            raise ValueError(f"{blocks} blocks cannot fill {stages} pipeline stages (pp x virtual_stages)")
+        counts = [blocks // stages + (1 if s < blocks % stages else 0) for s in range(stages)]
         for places in ties_ends:  # the first stage's and the last's copy: their gradients add up
-            if stage in (0, pp - 1):
-                tie(model.get_parameter(places[0]), "holder" if stage == 0 else "copy", places[0])
-    if pp > 1:
-        model = PlannedStages(model, plan.pipeline, {stage: stage_layers_of(counts)[stage]}, pp)
+            if rank in (0, pp - 1):
+                tie(model.get_parameter(places[0]), "holder" if rank == 0 else "copy", places[0])
+        ranges = stage_layers_of(counts)
+        model = PlannedStages(model, plan.pipeline, {s: ranges[s] for s in range(rank, stages, pp)}, stages)
     data_parallel = ShardedDataParallel(model, mesh, zero, microbatches=microbatches)
     settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
     optimizer = adamw(*data_parallel.optimizer_params(), settings)
-    return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab)
+    return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab,
+                        virtual_stages)
 
 
 def _tied_across_stages(places: list[str], pipeline: PipelinePlan) -> bool:

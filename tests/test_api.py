@@ -80,6 +80,16 @@ def test_gpt2_on_a_1f1b_pipeline_equals_one_device(worlds, single):
     assert "wte.weight" in runs[0]["params"] and "lm_head.weight" in runs[1]["params"]
 
 
+def test_gpt2_on_an_interleaved_pipeline_equals_one_device(worlds, single, single_tied):
+    """pp2 x 2 virtual stages: GPT-2's 4 blocks one per stage, rank 0 holding stages 0
+    and 2; tied, the embedding (stage 0) and the output layer (stage 3) on the two ranks."""
+    interleaved = functools.partial(train_gpt2, schedule="interleaved-1f1b", virtual_stages=2)
+    for rank, run in enumerate(worlds(2).run(interleaved, 1, 1, 2, 0, 2)):
+        close(run, single, f"pp2 v2 rank {rank}")
+    for rank, run in enumerate(worlds(2).run(functools.partial(interleaved, tie=True), 1, 1, 2, 0, 2)):
+        close(run, single_tied, f"tied pp2 v2 rank {rank}")
+
+
 def test_gpt2_on_a_pipeline_with_zero3_equals_one_device(worlds, single):
     """pp2 x dp2 with ZeRO-3: each stage's blocks gathered around their forward and
     backward, under 1F1B and the zero-bubble split (a unit gathered from its input-
@@ -152,6 +162,18 @@ def test_tied_weights_the_plan_cannot_keep_tied_are_refused(shape, plan_change, 
     with pytest.raises(ValueError, match=match):
         meshpar.parallelize(model, mesh, plan)
     assert model.lm_head.weight is model.wte.weight and isinstance(model.lm_head, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"schedule": "async"}, "schedule 'async': choose one of naive, gpipe, 1f1b, interleaved-1f1b, zb-h1"),
+    ({"virtual_stages": 2}, "virtual_stages=2: above 1 only with schedule='interleaved-1f1b'"),
+    ({"schedule": "interleaved-1f1b", "virtual_stages": 2, "microbatches": 3},
+     "needs microbatches \\(3\\) to be a multiple of pp \\(2\\)"),
+    ({"schedule": "interleaved-1f1b", "virtual_stages": 4, "microbatches": 2}, "4 blocks cannot fill 8 pipeline"),
+])
+def test_pipeline_options_that_cannot_run_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        meshpar.parallelize(GPT2(seed=0), meshpar.ParallelMesh(MeshShape(pp=2), 0), gpt2_plan(), **options)
 
 
 def test_a_step_that_diverges_raises_and_leaves_the_parameters():

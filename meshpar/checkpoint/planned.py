@@ -54,7 +54,8 @@ def _parts_of(parallelized) -> Callable[[nn.Parameter], list[Part]]:
 def _layout(parallelized) -> dict:
     mesh = parallelized.mesh
     return {"world_size": mesh.world_size, **{axis: mesh.size(axis) for axis in ("pp", "dp", "cp", "tp")},
-            "zero": parallelized.data_parallel.stage, "schedule": parallelized.schedule}
+            "zero": parallelized.data_parallel.stage, "schedule": parallelized.schedule,
+            "virtual_stages": parallelized.virtual_stages}
 
 
 def save(parallelized, directory: str | Path, keep: int = 3) -> Path:
