@@ -298,6 +298,30 @@ def test_hugging_face_round_trip(small_checkpoint, tmp_path):
         torch.testing.assert_close(start["params"][name], reader.read_full(name), rtol=0, atol=1e-9)
 
 
+def test_a_tied_model_exports_to_hugging_face_and_starts_a_pipeline_from_it(worlds, tmp_path):
+    """Saved on pp2 (the weight stored once), exported with tie_word_embeddings: the
+    transformers model's logits are ours; --init-from it on pp2 fills both stages' copies."""
+    transformers = pytest.importorskip("transformers")
+    from meshpar.model.llama import Transformer
+
+    world = worlds(2)
+    world.run(train, tied_config(1, 1, 2, 0, tmp_path / "saved", steps=3))
+    reader = open_checkpoint(tmp_path / "saved")
+    subprocess.run([sys.executable, "-m", "meshpar", "checkpoint", "export-hf", str(reader.path),
+                    str(tmp_path / "hf")], check=True, capture_output=True, cwd=REPO)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    ours = Transformer(model_of(reader)).eval()
+    ours.load_state_dict({name: reader.read_full(name) for name in reader.names()}, strict=False)
+    assert ours.output.weight is ours.embedding.weight
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), rtol=0, atol=1e-5)
+    starts = world.run(train, tied_config(1, 1, 2, 0, init_from=str(tmp_path / "hf"), steps=1, lr=1e-12))
+    for name in reader.names():
+        torch.testing.assert_close(starts[1]["params"][name], reader.read_full(name), rtol=0, atol=1e-9)
+
+
 KILL_STEPS, KILL_EVERY = 12, 4
 
 
