@@ -426,12 +426,10 @@ class ShardedDataParallel:
         that both gather."""
         held = []  # (unit, its buckets), forward order
         for unit in units:
-            buckets = []
-            for p in unit.parameters():
-                if id(p) in self._slot_of and self._slot_of[id(p)][0] not in buckets:
-                    buckets.append(self._slot_of[id(p)][0])
+            buckets = {self._slot_of[id(p)][0].index: self._slot_of[id(p)][0]
+                       for p in unit.parameters() if id(p) in self._slot_of}
             if buckets:
-                held.append((unit, buckets))
+                held.append((unit, list(buckets.values())))
         for i, (unit, buckets) in enumerate(held):
             ahead = held[i + 1][1] if i + 1 < len(held) else []
             behind = held[i - 1][1] if i > 0 else []
