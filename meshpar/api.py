@@ -76,6 +76,7 @@ class Parallelized:
     schedule: str
     vocab: dict = field(default_factory=dict)
     virtual_stages: int = 1
+    model_name: str = ""  # the user's model class (`module` may be this rank's pipeline stages)
     pipeline: PipelineRuntime | None = None
     steps_taken: int = 0
 
@@ -170,6 +171,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero={zero}: choose 0, 1, 2 or 3")
     shared = shared_weights(model)
+    model_name = type(model).__name__
     if mesh.size("cp") > 1:
         raise ValueError("context parallelism is not offered for plans yet; use meshpar's own model for cp")
     pp = mesh.size("pp")
@@ -207,7 +209,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
     optimizer = adamw(*data_parallel.optimizer_params(), settings)
     return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab,
-                        virtual_stages)
+                        virtual_stages, model_name)
 
 
 def _tied_across_stages(places: list[str], pipeline: PipelinePlan) -> bool:

@@ -135,6 +135,11 @@ def test_gpt2_with_tied_embeddings_equals_one_device(worlds, single_tied, tmp_pa
                 assert "wte.weight" in run["params"], f"{label}: both ends hold the weight, under its name"
     directory = str(tmp_path / "ck")
     worlds(2).run(functools.partial(train_gpt2_resumed, tie=True), 1, 1, 2, 0, directory, 5)
+    from meshpar.checkpoint import open_checkpoint
+    from meshpar.checkpoint.commands import info
+    # saved by pipeline stages, named as the user's model; the tied weight counted once
+    assert "model GPT2 (parallelized through the Python API): 224,640 parameters" in info(
+        open_checkpoint(directory), verify=False)
     for rank, run in enumerate(worlds(2).run(functools.partial(train_gpt2_resumed, tie=True), 1, 2, 1, 0, directory,
                                              None)):
         assert run["start"] == 5

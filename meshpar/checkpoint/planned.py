@@ -62,7 +62,7 @@ def save(parallelized, directory: str | Path, keep: int = 3) -> Path:
     """Collective: write checkpoint `step-<steps taken>` under `directory`."""
     mesh, dp = parallelized.mesh, parallelized.data_parallel
     tensors, pieces = optimizer_state_pieces(dp, parallelized.optimizer, mesh, _parts_of(parallelized))
-    meta = {"model": {"name": type(parallelized.module).__name__, "api": True}, "layout": _layout(parallelized),
+    meta = {"model": {"name": parallelized.model_name, "api": True}, "layout": _layout(parallelized),
             "train": {"step": parallelized.steps_taken, "optimizer_step": parallelized.steps_taken}}
     return write_checkpoint(directory, parallelized.steps_taken, mesh, tensors, pieces, meta, keep)
 
