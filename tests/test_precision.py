@@ -6,11 +6,17 @@ import math
 import pytest
 import torch
 
+import weakref
+
 from meshpar.mesh import ParallelMesh
-from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig
+from meshpar.model import build_model, model_config
+from meshpar.model.loss import cross_entropy_sum
+from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autocast
+from meshpar.parallel.weight_casts import RecastWeights
+from meshpar.train.activations import count_saved_bytes
 from meshpar.train.launch import mesh_shape
 from meshpar.train.trainer import Trainer
-from reference import fast_config, train_and_report
+from reference import build_mesh, fast_config, train_and_report
 
 
 def test_bf16_tracks_fp32():
@@ -111,3 +117,91 @@ def test_16_bit_compute_with_tp_and_pp(worlds, precision, layout):
         torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]),
                                    rtol=tolerance, atol=0)
         assert run["summary"].get("skipped_steps", 0) == 0
+
+
+def train_with_and_without_recasting(cfg):
+    """(losses, activation bytes, peak micro-batches in flight, bytes of the weights this
+    rank casts to 16 bits) with weight copies cast again in backward, then kept."""
+    out = []
+    for recast in (True, False):
+        original = RecastWeights._reference
+        if not recast:
+            RecastWeights._reference = lambda self, t: None  # every copy kept, as autocast does
+        try:
+            trainer = Trainer(cfg, build_mesh(cfg), torch.device("cpu"))
+            result = trainer.run()
+        finally:
+            RecastWeights._reference = original
+        matmul_weights = sum(p.numel() for name, p in trainer.model.named_parameters()
+                             if p.ndim == 2 and "embedding" not in name)  # ZeRO-3: the full shapes
+        in_flight = trainer.pipeline.peak_live_microbatches if trainer.pipeline else 1
+        rank = trainer.mesh.rank
+        out.append(([s["loss"] for s in result.steps], result.summary["activation_bytes_per_rank"][rank],
+                    in_flight, matmul_weights))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["pp2", "zero3"])
+def test_16_bit_weight_copies_are_cast_again_not_kept(worlds, layout):
+    """Under a pipeline and ZeRO-3, autograd keeps no 16-bit weight copy: the activations
+    shrink by exactly 2 bytes per weight per micro-batch in flight, and the losses stay
+    the same to the bit (the copy is cast again from the same fp32 weight)."""
+    cfg = fast_config(dp=2 if layout == "zero3" else 1, steps=3, precision="bf16", micro_batch_size=4)
+    cfg.parallel.pp = 2 if layout == "pp2" else 1
+    cfg.parallel.zero = 3 if layout == "zero3" else 0
+    for rank, (recast, kept) in enumerate(worlds(2).run(train_with_and_without_recasting, cfg)):
+        losses, saved, in_flight, weights = recast
+        assert losses == kept[0], rank
+        assert in_flight == kept[2] == (2 - rank if layout == "pp2" else 1)  # 1F1B's first stage holds 2
+        assert kept[1] - saved == in_flight * 2 * weights, rank
+
+
+def test_recast_weights_keep_no_copy_and_change_no_gradient():
+    """One device, bf16: with the hooks, the saved bytes drop by exactly 2 per matmul
+    weight, no 16-bit copy outlives its use (with autocast's cache off; on, it keeps them
+    all to the end of the forward), and the loss and every gradient are the same bits as
+    with the copies kept."""
+    cfg = model_config("tiny")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    copies = []  # weak references to the 16-bit weight copies the hooks replaced
+
+    class Watched(RecastWeights):
+        def _reference(self, t):
+            ref = super()._reference(t)
+            if ref is not None:
+                copies.append(weakref.ref(t._base if t._is_view() else t))
+            return ref
+
+    def run(recast: bool, cache: bool):
+        model = build_model(cfg, seed=0)
+        copies.clear()
+        hooks = Watched(model).hooks if recast else torch.autograd.graph.saved_tensors_hooks
+        with count_saved_bytes(model, hooks) as saved:
+            with autocast("bf16", torch.device("cpu"), cache=cache):
+                logits = model(tokens)
+                alive = sum(ref() is not None for ref in copies)
+            loss = cross_entropy_sum(logits, tokens)
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        return saved["bytes"], loss, grads, alive, len(copies)
+
+    kept_bytes, kept_loss, kept_grads, _, _ = run(recast=False, cache=True)
+    saved, loss, grads, alive, recast = run(recast=True, cache=False)
+    model = build_model(cfg, seed=0)
+    weights = [p for name, p in model.named_parameters() if p.ndim == 2 and "embedding" not in name]
+    assert recast == len(weights) and alive == 0
+    assert kept_bytes - saved == 2 * sum(p.numel() for p in weights)
+    assert torch.equal(loss, kept_loss)
+    assert all(torch.equal(grads[name], kept_grads[name]) for name in grads)
+    assert run(recast=True, cache=True)[3] == len(weights)  # the cache would hold every copy
+
+
+def test_recast_weights_refuse_a_weight_changed_before_backward():
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)  # its gradient is what needs the weight
+    with RecastWeights(layer).hooks(), autocast("bf16", torch.device("cpu"), cache=False):
+        y = layer(x)
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # an update between forward and backward
+    with pytest.raises(RuntimeError, match="modified in place after its forward"):
+        y.float().sum().backward()

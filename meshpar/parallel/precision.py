@@ -21,10 +21,12 @@ from meshpar.mesh import ParallelMesh
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(precision: str, device: torch.device):
-    """The context that computes in `precision` on `device` (nothing for fp32)."""
+def autocast(precision: str, device: torch.device, cache: bool = True):
+    """The context that computes in `precision` on `device` (nothing for fp32). `cache`:
+    autocast keeps each weight's 16-bit copy until the context ends (off when the copies
+    are cast again in backward instead: weight_casts.py)."""
     dtype = PRECISIONS[precision]
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 @dataclass

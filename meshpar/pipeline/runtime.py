@@ -64,6 +64,9 @@ class PipelineRuntime:
         self.state = _State()
         self.versions: dict[int, dict[str, torch.Tensor]] = {}  # async: batch -> weights
         self.compute_context = nullcontext  # e.g. autocast for 16-bit compute; forwards only
+        # Saved-tensor hooks for the forwards, as saved_tensors_hooks(pack, unpack) takes
+        # them (e.g. RecastWeights.hooks); None: autograd keeps what it saves.
+        self.saved_tensor_hooks: Callable | None = None
         self.loss_scale = 1.0  # fp16: backward runs from loss * loss_scale
 
     # --- helpers ----------------------------------------------------------------------
@@ -201,7 +204,12 @@ class PipelineRuntime:
 
         version = self.versions.get(mb // self.microbatches_per_step) if self.versions else None
         measure = self.measure_activations and torch.is_grad_enabled()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.tensor) if measure else nullcontext():
+        hooks = self.saved_tensor_hooks
+        if measure:
+            saving = (hooks or torch.autograd.graph.saved_tensors_hooks)(pack, lambda h: h.tensor)
+        else:
+            saving = hooks() if hooks and torch.is_grad_enabled() else nullcontext()
+        with saving:
             with self.compute_context():
                 if version is not None:
                     y = functional_call(self.chunks, version, (stage, x))

@@ -55,20 +55,23 @@ def measure_saved_bytes(model: nn.Module, layer: nn.Module, run: Callable[[], ob
 
 
 @contextmanager
-def count_saved_bytes(model: nn.Module) -> Iterator[dict[str, int]]:
+def count_saved_bytes(model: nn.Module, hooks: Callable = torch.autograd.graph.saved_tensors_hooks
+                      ) -> Iterator[dict[str, int]]:
     """{'bytes': ...}: the storages autograd saves while the block runs (each once;
-    parameters left out) - one forward's activations, at their peak just before backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    parameters left out) - one forward's activations, at their peak just before backward.
+    `hooks(pack, unpack)`: the saved-tensor hooks to count through (e.g. RecastWeights')."""
+    params = list(model.parameters())
     storages: dict[int, int] = {}
     result = {"bytes": 0}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
+        # Where the parameters are now: ZeRO-3 gathers each unit's into fresh storage.
+        if storage.data_ptr() not in {p.untyped_storage().data_ptr() for p in params}:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with hooks(pack, lambda t: t):
         yield result
     result["bytes"] = sum(storages.values())
 

@@ -20,6 +20,7 @@ from meshpar.parallel.compile import allow_split_backward
 from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autocast
+from meshpar.parallel.weight_casts import RecastWeights
 from meshpar.parallel.sharding import model_names
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.runtime import PipelineRuntime
@@ -94,7 +95,13 @@ class Trainer:
                                             (micro_batch, seq_shard, self.model_cfg.hidden_size), device,
                                             microbatches_per_step=self.num_microbatches)
         self.asynchronous = par.schedule == "async" and self.pipeline is not None
-        self.compute = functools.partial(autocast, tr.precision, device)
+        # 16-bit weight copies are cast again in backward where keeping them would hold
+        # more than one copy of the weights: ZeRO-3 (freed weights) and pipelines (several
+        # micro-batches in flight). Not async: its update lands between forward and backward.
+        recast = (tr.precision != "fp32" and not self.asynchronous
+                  and (par.zero == 3 or self.pipeline is not None))
+        self.saved_tensor_hooks = RecastWeights(self.model).hooks if recast else None
+        self.compute = functools.partial(autocast, tr.precision, device, cache=not recast)
         self.scaler = None
         if tr.precision == "fp16":
             self.scaler = DynamicLossScaler(LossScaleConfig(
@@ -102,6 +109,7 @@ class Trainer:
                 growth_interval=tr.loss_scale_growth_interval, hysteresis=tr.loss_scale_hysteresis))
         if self.pipeline:
             self.pipeline.compute_context = self.compute
+            self.pipeline.saved_tensor_hooks = self.saved_tensor_hooks
         self.skipped_steps = 0
         self.peak_saved_bytes = 0  # activations held for backward (the pipeline counts its own)
         self.flops_per_token = from_meshpar(self.model_cfg, tr.seq_len).flops_per_token()
@@ -167,7 +175,12 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             for x, y in zip(xs, ys):
                 # The first step counts the activations saved for backward (one micro-batch's).
-                with count_saved_bytes(self.model) if self.step == self.first_step else nullcontext() as saved:
+                hooks = self.saved_tensor_hooks
+                if self.step == self.first_step:
+                    saving = count_saved_bytes(self.model, hooks or torch.autograd.graph.saved_tensors_hooks)
+                else:
+                    saving = hooks() if hooks else nullcontext()
+                with saving as saved:
                     with self.compute():
                         logits = self.model(x, self.positions)
                     loss = self.parallel.loss_sum(logits, y) / self.tokens_per_step
