@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -29,10 +30,12 @@ from meshpar.config import TrainConfig
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.compile import allow_split_backward, apply_compile
+from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
 from meshpar.parallel.plan import (FUSED_ATTR, PipelinePlan, Plan, PlannedStages, apply_tensor_plan, gather_fused,
                                    shared_weights)
 from meshpar.parallel.sharding import gather_full, model_names, shard_spec, tie
 from meshpar.parallel.tensor import vocab_parallel_cross_entropy
+from meshpar.parallel.weight_casts import RecastWeights, recasting
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import GENERATORS, build_schedule
@@ -77,8 +80,21 @@ class Parallelized:
     vocab: dict = field(default_factory=dict)
     virtual_stages: int = 1
     model_name: str = ""  # the user's model class (`module` may be this rank's pipeline stages)
+    precision: str = "fp32"  # of the compute: fp32, or bf16/fp16 under autocast (fp32 weights)
+    scaler: DynamicLossScaler | None = None  # fp16's dynamic loss scale
     pipeline: PipelineRuntime | None = None
-    steps_taken: int = 0
+    steps_taken: int = 0  # with the skipped ones
+    skipped_steps: int = 0  # fp16: steps whose gradients overflowed (no update)
+
+    def __post_init__(self):
+        pipelined = self.mesh.size("pp") > 1
+        recast = recasting(self.precision, self.data_parallel.stage, self.schedule if pipelined else None)
+        # 16-bit weight copies are cast again in backward, not kept (weight_casts.py).
+        self._saved_tensor_hooks = RecastWeights(self.module).hooks if recast else None
+        self._compute = lambda: autocast(self.precision, self._device(), cache=not recast)
+
+    def _device(self) -> torch.device:
+        return next(self.module.parameters()).device
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) for every parameter this rank holds, named as the whole model
@@ -97,21 +113,36 @@ class Parallelized:
         """One optimizer step on this dp rank's rows of the global batch (tokens and
         next-token targets, batch x sequence); returns the global batch's mean loss. A loss
         or gradient that is not finite raises DivergenceError on every rank, naming where
-        it began, and leaves the parameters as they were."""
+        it began, and leaves the parameters as they were - except under fp16, where
+        overflowing gradients skip the update on every rank and lower the loss scale
+        (counted in `skipped_steps`)."""
         xs, ys = inputs.chunk(self.microbatches), targets.chunk(self.microbatches)
         tokens = targets.numel() * self.mesh.size("dp")
         self.data_parallel.zero_grad()
+        scale = self.scaler.scale if self.scaler else 1.0
         if self.mesh.size("pp") > 1:
-            loss = self._pipeline(xs[0]).run(list(xs), list(ys), tokens)
+            pipeline = self._pipeline(xs[0])
+            pipeline.loss_scale = scale
+            loss = pipeline.run(list(xs), list(ys), tokens)
         else:
             loss = torch.zeros((), device=inputs.device)
             for x, y in zip(xs, ys):
-                part = self.loss_sum(self.module(x), y) / tokens
-                part.backward()
+                with self._saved_tensor_hooks() if self._saved_tensor_hooks else nullcontext():
+                    with self._compute():
+                        logits = self.module(x)
+                    part = self.loss_sum(logits, y) / tokens
+                (part * scale if self.scaler else part).backward()
                 loss += part.detach()
         self.data_parallel.finish_reduction()
         for axis in ("dp", "pp"):
             comm.all_reduce(self.mesh, axis, loss, tag="loss")
+        if self.scaler:
+            overflow = self.scaler.unscale_and_check(self.data_parallel.grads(), self.mesh)
+            self.scaler.update(overflow)
+            if overflow:  # every rank skips: parameters and optimizer states stay as they are
+                self.skipped_steps += 1
+                self.steps_taken += 1
+                return loss.item()
         clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, self.steps_taken + 1,
                       lambda: {id(p): name for name, p in self.named_parameters()}, loss)
         self.steps_taken += 1  # not when the step diverged: nothing was updated
@@ -125,6 +156,8 @@ class Parallelized:
             self.pipeline = PipelineRuntime(schedule, self.module,
                                             self.mesh, self.loss_sum, shape, micro_batch.device,
                                             measure_activations=False)
+            self.pipeline.compute_context = self._compute
+            self.pipeline.saved_tensor_hooks = self._saved_tensor_hooks
         return self.pipeline
 
     def save(self, directory: str | os.PathLike, keep: int = 3) -> Path:
@@ -155,7 +188,7 @@ class Parallelized:
 def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int = 0, microbatches: int = 1,
                 schedule: str = "1f1b", virtual_stages: int = 1, lr: float = 3e-4, weight_decay: float = 0.1,
                 betas: tuple[float, float] = (0.9, 0.95), max_grad_norm: float = 1.0,
-                compile: list[str] | tuple[str, ...] = ()) -> Parallelized:
+                compile: list[str] | tuple[str, ...] = (), precision: str = "fp32") -> Parallelized:
     """Split `model` (built the same, from the same seed, on every rank) over `mesh` by
     `plan`: tensor parallelism over tp, a pipeline of `schedule` with `microbatches`
     micro-batches per step over pp (the plan's `pipeline` part; `virtual_stages` chunks
@@ -163,6 +196,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     settings (matrices decayed, vectors not). `compile`:
     module-name patterns (fnmatch, as the plan's) whose forwards are torch.compiled one
     module each - the blocks, e.g. ["h.*"]; collectives inside them stay graph breaks.
+    `precision`: fp32, or bf16/fp16 compute under autocast with the weights, gradients
+    and optimizer in fp32; fp16 scales the loss dynamically (`.scaler`, defaults as the
+    trainer's) and skips a step whose gradients overflow on any rank.
 
     A weight two modules share (a tied embedding and output layer) stays shared: split
     alike over tp, and held by both the first and the last pipeline stage, whose
@@ -170,6 +206,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     and between pipeline stages other than the first and the last."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero={zero}: choose 0, 1, 2 or 3")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
     shared = shared_weights(model)
     model_name = type(model).__name__
     if mesh.size("cp") > 1:
@@ -208,8 +246,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     data_parallel = ShardedDataParallel(model, mesh, zero, microbatches=microbatches)
     settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
     optimizer = adamw(*data_parallel.optimizer_params(), settings)
+    scaler = DynamicLossScaler(LossScaleConfig()) if precision == "fp16" else None
     return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab,
-                        virtual_stages, model_name)
+                        virtual_stages, model_name, precision, scaler)
 
 
 def _tied_across_stages(places: list[str], pipeline: PipelinePlan) -> bool:

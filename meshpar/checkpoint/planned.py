@@ -63,12 +63,15 @@ def save(parallelized, directory: str | Path, keep: int = 3) -> Path:
     mesh, dp = parallelized.mesh, parallelized.data_parallel
     tensors, pieces = optimizer_state_pieces(dp, parallelized.optimizer, mesh, _parts_of(parallelized))
     meta = {"model": {"name": parallelized.model_name, "api": True}, "layout": _layout(parallelized),
-            "train": {"step": parallelized.steps_taken, "optimizer_step": parallelized.steps_taken}}
+            "train": {"step": parallelized.steps_taken,
+                      "optimizer_step": parallelized.steps_taken - parallelized.skipped_steps,
+                      "skipped_steps": parallelized.skipped_steps,
+                      "loss_scaler": parallelized.scaler.state_dict() if parallelized.scaler else None}}
     return write_checkpoint(directory, parallelized.steps_taken, mesh, tensors, pieces, meta, keep)
 
 
 def load(parallelized, path: str | Path) -> int:
-    """Restore parameters, AdamW's state and the step count from the newest complete
+    """Restore parameters, AdamW's state, the step count and fp16's loss scale from the newest complete
     checkpoint at `path`, saved in any layout; returns the step. Collective only in
     that every rank reads."""
     reader = CheckpointReader(path)
@@ -77,5 +80,9 @@ def load(parallelized, path: str | Path) -> int:
     dp, parts_of = parallelized.data_parallel, _parts_of(parallelized)
     dp.load_params(lambda p: read_local(reader, "param", parts_of(p)))
     load_moments(dp, parallelized.optimizer, reader, reader.meta["train"]["optimizer_step"], parts_of)
-    parallelized.steps_taken = reader.meta["train"]["step"]
+    saved = reader.meta["train"]
+    parallelized.steps_taken = saved["step"]
+    parallelized.skipped_steps = saved.get("skipped_steps", 0)
+    if parallelized.scaler and saved.get("loss_scaler"):  # fp16 resumes at its scale
+        parallelized.scaler.load_state_dict(saved["loss_scaler"])
     return parallelized.steps_taken

@@ -56,6 +56,14 @@ class _Recast:
         return self.param.detach().to(self.dtype).as_strided(self.size, self.stride, self.offset)
 
 
+def recasting(precision: str, zero: int, schedule: str | None) -> bool:
+    """Whether the copies are cast again: 16-bit compute under ZeRO-3 or a pipeline
+    (`schedule`, None without one), where keeping them would hold more than one copy of
+    the weights - not the async schedule, whose update lands between forward and backward.
+    One rank without a pipeline keeps its one set of copies (no extra cast)."""
+    return precision != "fp32" and schedule != "async" and (zero == 3 or schedule is not None)
+
+
 class RecastWeights:
     """Saved-tensor hooks that keep references to `module`'s parameters instead of their
     16-bit copies (see the module docstring)."""

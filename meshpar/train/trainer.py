@@ -20,7 +20,7 @@ from meshpar.parallel.compile import allow_split_backward
 from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autocast
-from meshpar.parallel.weight_casts import RecastWeights
+from meshpar.parallel.weight_casts import RecastWeights, recasting
 from meshpar.parallel.sharding import model_names
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.runtime import PipelineRuntime
@@ -95,11 +95,8 @@ class Trainer:
                                             (micro_batch, seq_shard, self.model_cfg.hidden_size), device,
                                             microbatches_per_step=self.num_microbatches)
         self.asynchronous = par.schedule == "async" and self.pipeline is not None
-        # 16-bit weight copies are cast again in backward where keeping them would hold
-        # more than one copy of the weights: ZeRO-3 (freed weights) and pipelines (several
-        # micro-batches in flight). Not async: its update lands between forward and backward.
-        recast = (tr.precision != "fp32" and not self.asynchronous
-                  and (par.zero == 3 or self.pipeline is not None))
+        # 16-bit weight copies cast again in backward, not kept, under ZeRO-3 and pipelines.
+        recast = recasting(tr.precision, par.zero, par.schedule if self.pipeline else None)
         self.saved_tensor_hooks = RecastWeights(self.model).hooks if recast else None
         self.compute = functools.partial(autocast, tr.precision, device, cache=not recast)
         self.scaler = None
