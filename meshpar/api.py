@@ -30,6 +30,7 @@ from meshpar.config import TrainConfig
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.compile import allow_split_backward, apply_compile
+from meshpar.parallel.recompute import recompute_modules
 from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
 from meshpar.parallel.plan import (FUSED_ATTR, PipelinePlan, Plan, PlannedStages, apply_tensor_plan, gather_fused,
                                    shared_weights)
@@ -188,7 +189,8 @@ class Parallelized:
 def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int = 0, microbatches: int = 1,
                 schedule: str = "1f1b", virtual_stages: int = 1, lr: float = 3e-4, weight_decay: float = 0.1,
                 betas: tuple[float, float] = (0.9, 0.95), max_grad_norm: float = 1.0,
-                compile: list[str] | tuple[str, ...] = (), precision: str = "fp32") -> Parallelized:
+                compile: list[str] | tuple[str, ...] = (), recompute: list[str] | tuple[str, ...] = (),
+                precision: str = "fp32") -> Parallelized:
     """Split `model` (built the same, from the same seed, on every rank) over `mesh` by
     `plan`: tensor parallelism over tp, a pipeline of `schedule` with `microbatches`
     micro-batches per step over pp (the plan's `pipeline` part; `virtual_stages` chunks
@@ -196,6 +198,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     settings (matrices decayed, vectors not). `compile`:
     module-name patterns (fnmatch, as the plan's) whose forwards are torch.compiled one
     module each - the blocks, e.g. ["h.*"]; collectives inside them stay graph breaks.
+    `recompute`: patterns of modules recomputed in backward (activation checkpointing):
+    each keeps only its inputs through forward and runs again in backward, e.g. ["h.*"]
+    for whole blocks or ["h.*.attn"] for the attention alone; outside compiled code.
     `precision`: fp32, or bf16/fp16 compute under autocast with the weights, gradients
     and optimizer in fp32; fp16 scales the loss dynamically (`.scaler`, defaults as the
     trainer's) and skips a step whose gradients overflow on any rank.
@@ -223,15 +228,14 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
         if schedule == "interleaved-1f1b" and microbatches % pp:
             raise ValueError(f"interleaved-1f1b needs microbatches ({microbatches}) to be a multiple of pp ({pp})")
         ties_ends = [places for places in shared if _tied_across_stages(places, plan.pipeline)]
-    vocab = apply_tensor_plan(model, plan, mesh)
-    if compile:
-        targets = [m for name, m in model.named_modules() if any(fnmatch.fnmatchcase(name, p) for p in compile)]
-        if not targets:
-            raise ValueError(f"compile={list(compile)} matches no module of the model; name modules as "
-                             f"named_modules() does, e.g. the blocks' 'layers.*'")
-        apply_compile(targets)
+    _matching(model, "compile", compile), _matching(model, "recompute", recompute)  # refused before any change
+    vocab = apply_tensor_plan(model, plan, mesh)  # may replace modules: match again
+    compiled, recomputed = _matching(model, "compile", compile), _matching(model, "recompute", recompute)
+    if compiled:
+        apply_compile(compiled)
         if pp > 1 and build_schedule(schedule, pp, virtual_stages, microbatches).splits_backward:
             allow_split_backward()
+    recompute_modules(recomputed)  # around the compiled forwards: the checkpoint stays eager
     if pp > 1:
         stages, rank = pp * virtual_stages, mesh.index("pp")  # rank r holds stages r, r + pp, ...
         blocks = len(model.get_submodule(plan.pipeline.blocks))
@@ -249,6 +253,16 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     scaler = DynamicLossScaler(LossScaleConfig()) if precision == "fp16" else None
     return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab,
                         virtual_stages, model_name, precision, scaler)
+
+
+def _matching(model: nn.Module, option: str, patterns) -> list[nn.Module]:
+    """The modules whose names match one of `patterns` (fnmatch); ValueError when there
+    are patterns but no module matches."""
+    found = [m for name, m in model.named_modules() if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if patterns and not found:
+        raise ValueError(f"{option}={list(patterns)} matches no module of the model; name modules as "
+                         f"named_modules() does, e.g. the blocks' 'layers.*'")
+    return found
 
 
 def _tied_across_stages(places: list[str], pipeline: PipelinePlan) -> bool:

@@ -29,6 +29,13 @@ def _checkpointed(fn):
     return run
 
 
+def recompute_modules(modules: list[nn.Module]) -> None:
+    """Full recomputation of each module: its forward keeps only its inputs and runs
+    again in backward (any module; the API's `recompute=` patterns)."""
+    for module in modules:
+        module.forward = _checkpointed(module.forward)
+
+
 def apply_recompute(layers: dict[int, nn.Module], policy: str, every: int = 1) -> list[int]:
     """Recompute the given layers (index -> TransformerBlock) by `policy`; with full
     recomputation, only every `every`-th layer. Returns the indices recomputed."""
@@ -37,7 +44,7 @@ def apply_recompute(layers: dict[int, nn.Module], policy: str, every: int = 1) -
     chosen = []
     for index, layer in layers.items():
         if policy == "full" and (index + 1) % every == 0:
-            layer.forward = _checkpointed(layer.forward)
+            recompute_modules([layer])
             chosen.append(index)
         elif policy == "selective":
             layer.attention.attend = _checkpointed(layer.attention.attend)
