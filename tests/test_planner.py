@@ -102,23 +102,28 @@ def test_zero_paper_accounting():
 
 # --- activations against training -----------------------------------------------------------
 
-ACTIVATION_CASES = [  # (model, dp, tp, pp, sp, recompute, schedule, micro-batch)
-    ("tiny", 1, 1, 1, False, "none", "none", 16),
-    ("tiny", 1, 2, 1, False, "none", "none", 16),
-    ("tiny", 1, 2, 1, True, "selective", "none", 16),
-    ("tiny", 1, 4, 1, True, "none", "none", 16),
-    ("tiny", 1, 1, 1, False, "full", "none", 16),
-    ("tiny", 1, 1, 2, False, "none", "1f1b", 4),
-    ("tiny", 1, 2, 2, True, "selective", "1f1b", 4),
-    ("small", 1, 2, 1, True, "none", "none", 16),
-    ("small", 1, 1, 2, False, "none", "1f1b", 4),
+ACTIVATION_CASES = [  # (model, dp, tp, pp, sp, recompute, schedule, micro-batch, precision)
+    ("tiny", 1, 1, 1, False, "none", "none", 16, "fp32"),
+    ("tiny", 1, 2, 1, False, "none", "none", 16, "fp32"),
+    ("tiny", 1, 2, 1, True, "selective", "none", 16, "fp32"),
+    ("tiny", 1, 4, 1, True, "none", "none", 16, "fp32"),
+    ("tiny", 1, 1, 1, False, "full", "none", 16, "fp32"),
+    ("tiny", 1, 1, 2, False, "none", "1f1b", 4, "fp32"),
+    ("tiny", 1, 2, 2, True, "selective", "1f1b", 4, "fp32"),
+    ("small", 1, 2, 1, True, "none", "none", 16, "fp32"),
+    ("small", 1, 1, 2, False, "none", "1f1b", 4, "fp32"),
+    # bf16: the norms and the residual stream in fp32; one rank keeps autocast's weight copies
+    ("tiny", 1, 1, 1, False, "none", "none", 16, "bf16"),
+    ("small", 1, 1, 1, False, "none", "none", 16, "bf16"),
+    ("small", 1, 2, 1, True, "selective", "none", 16, "bf16"),
+    ("small", 1, 1, 2, False, "none", "1f1b", 4, "bf16"),
 ]
 
 
 def activation_runs(cases: list) -> list[list[int]]:
     out = []
-    for name, dp, tp, pp, sp, recompute, schedule, mbs in cases:
-        cfg = fast_config(dp=dp, steps=1, tp=tp, sequence_parallel=sp, micro_batch_size=mbs)
+    for name, dp, tp, pp, sp, recompute, schedule, mbs, precision in cases:
+        cfg = fast_config(dp=dp, steps=1, tp=tp, sequence_parallel=sp, micro_batch_size=mbs, precision=precision)
         cfg.model.name = name
         cfg.parallel.pp, cfg.parallel.recompute = pp, recompute
         if pp > 1:
@@ -127,17 +132,20 @@ def activation_runs(cases: list) -> list[list[int]]:
     return out
 
 
-def test_activation_bytes_within_10_percent_of_training(worlds):
+def test_activation_bytes_within_3_percent_of_training(worlds):
+    """fp32 and bf16 (measured 2026-11-27: within 2.6%; bf16 was 25-33% under before the
+    norms and the residual stream were counted in fp32 and the weight copies at all)."""
     by_world: dict[int, list] = {}
     for case in ACTIVATION_CASES:
         by_world.setdefault(case[1] * case[2] * case[3], []).append(case)
     for world, cases in by_world.items():
         measured = activation_runs(cases) if world == 1 else worlds(world).run(activation_runs, cases)[0]
         for case, per_rank in zip(cases, measured):
-            name, dp, tp, pp, sp, recompute, schedule, mbs = case
+            name, dp, tp, pp, sp, recompute, schedule, mbs, precision = case
             spec = PRESETS[name].__class__(**{**PRESETS[name].__dict__, "seq_len": 64})
-            predicted = memory_bytes(spec, layout(dp, tp, pp, 1, 0, schedule, 1, mbs, sp, recompute), 16)
-            assert abs(predicted["activations"] / per_rank[0] - 1) < 0.10, (case, predicted["activations"], per_rank)
+            predicted = memory_bytes(spec, layout(dp, tp, pp, 1, 0, schedule, 1, mbs, sp, recompute), 16,
+                                     Dtypes.for_precision(precision))
+            assert abs(predicted["activations"] / per_rank[0] - 1) < 0.03, (case, predicted["activations"], per_rank)
 
 
 # --- pipeline ---------------------------------------------------------------------------

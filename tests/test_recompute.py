@@ -62,11 +62,12 @@ def measure_policies(shape: dict):
             for policy in ("none", "selective", "full")}
 
 
-def test_single_device_bytes_match_prediction():
+@pytest.mark.parametrize("precision, element_bytes", [("fp32", 4), ("bf16", 2)])
+def test_single_device_bytes_match_prediction(precision, element_bytes):
     cfg = model_config("tiny")
     for policy in ("none", "selective", "full"):
-        measured = measure_layer(cfg, ParallelMesh.single(), 2, 32, False, recompute=policy)
-        assert measured == predicted_saved_bytes(cfg, 2, 32, recompute=policy)
+        measured = measure_layer(cfg, ParallelMesh.single(), 2, 32, False, recompute=policy, precision=precision)
+        assert measured == predicted_saved_bytes(cfg, 2, 32, recompute=policy, bytes_per_element=element_bytes)
     assert predicted_saved_bytes(cfg, 2, 32, recompute="full")["total"] == (2 * 32 * 64 + 32 * 8) * 4
 
 

@@ -26,7 +26,16 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_fp32 = x.float()
         normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return to_compute_dtype(normed.type_as(x) * self.weight)
+
+
+def to_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype autocast computes matmuls in (unchanged outside autocast). A norm's
+    output feeds several matmuls (q, k and v; gate and up): autocast would cast it for
+    each, and autograd would keep every copy. Cast once, they share one 16-bit input -
+    and its gradients from the matmuls add up in 16 bits, as in Megatron-LM."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,13 +87,24 @@ def _layer_activation_bytes(spec: ModelSpec, b: int, s: int, t: int, sp: bool, r
 
 
 def head_activation_bytes(spec: ModelSpec, layout: Layout, dtypes: Dtypes) -> float:
-    """The final norm, what the loss keeps of the logits, and the token ids: the loss keeps
-    this rank's logits in the compute dtype and fp32 per-token statistics (the log-sum-exp;
-    over tp the max and the sum of exponentials) - see meshpar/model/loss.py."""
+    """The final norm (fp32, as every norm), the output layer's input, what the loss keeps
+    of the logits, and the token ids: the loss keeps this rank's logits in the compute
+    dtype and fp32 per-token statistics (the log-sum-exp; over tp the max and the sum of
+    exponentials) - see meshpar/model/loss.py."""
     b, s, t = layout.micro_batch_size, spec.seq_len // layout.cp, layout.tp
-    norm = (2 * b * s * spec.hidden + b * s) * dtypes.activation_bytes
+    norm = (2 * b * s * spec.hidden + b * s) * 4 + b * s * spec.hidden * dtypes.activation_bytes
     logits = dtypes.activation_bytes * b * s * spec.vocab / t + (4 if t == 1 else 8) * b * s
     return norm + logits + 8 * b * s
+
+
+def weight_copy_bytes(spec: ModelSpec, layout: Layout, dtypes: Dtypes) -> float:
+    """Autocast's 16-bit copies of the matmul weights (fp32 parameters, 16-bit compute),
+    kept for backward where the trainer keeps them: one set on a rank without a pipeline
+    or ZeRO-3. Elsewhere they are cast again in backward (meshpar/parallel/weight_casts.py)."""
+    if dtypes.param_bytes != 4 or dtypes.activation_bytes != 2 or layout.pp > 1 or layout.zero == 3:
+        return 0.0
+    norms = 4 * spec.hidden if spec.arch == "gpt" else 2 * spec.hidden  # gains (and biases): no matmul
+    return 2 * (spec.layers * (spec.layer_params() - norms) + spec.vocab * spec.hidden) / layout.tp
 
 
 def memory_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dtypes = Dtypes()) -> dict[str, float]:
@@ -104,6 +115,7 @@ def memory_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dty
     activations = shape.peak_inflight * layers_per_chunk * layer_activation_bytes(spec, layout, dtypes)
     if layout.pp == 1:
         activations += head_activation_bytes(spec, layout, dtypes)
+    activations += weight_copy_bytes(spec, layout, dtypes)
     other = WORKSPACE_BYTES + 2 * BUCKET_BYTES
     if layout.zero == 3:  # two units gathered at once (the one running, the one prefetched)
         other += 2 * spec.layer_params() / layout.tp * dtypes.param_bytes

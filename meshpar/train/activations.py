@@ -24,10 +24,12 @@ from meshpar.model.config import ModelConfig
 REGIONS = ("attention_norm", "attention", "mlp_norm", "mlp")
 
 
-def measure_saved_bytes(model: nn.Module, layer: nn.Module, run: Callable[[], object]) -> dict[str, int]:
+def measure_saved_bytes(model: nn.Module, layer: nn.Module, run: Callable[[], object],
+                        hooks: Callable = torch.autograd.graph.saved_tensors_hooks) -> dict[str, int]:
     """{region: bytes} that `layer`'s children save while `run()` executes, plus 'total'
     (each storage once across the layer). What the layer saves outside its children (a
-    checkpoint's inputs under full recomputation) is the region 'layer'."""
+    checkpoint's inputs under full recomputation) is the region 'layer'. `hooks(pack,
+    unpack)`: the saved-tensor hooks to measure through (e.g. RecastWeights')."""
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     current = [None]
     storages: dict[str, dict[int, int]] = {}
@@ -44,7 +46,7 @@ def measure_saved_bytes(model: nn.Module, layer: nn.Module, run: Callable[[], ob
         handles.append(child.register_forward_pre_hook(lambda _m, _a, n=name: current.__setitem__(0, n)))
         handles.append(child.register_forward_hook(lambda _m, _a, _o: current.__setitem__(0, "layer")))
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with hooks(pack, lambda t: t):
             run()
     finally:
         for handle in handles:
@@ -79,44 +81,52 @@ def count_saved_bytes(model: nn.Module, hooks: Callable = torch.autograd.graph.s
 def predicted_saved_bytes(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
                           sequence_parallel: bool = False, bytes_per_element: int = 4,
                           recompute: str = "none") -> dict[str, int]:
-    """What `measure_saved_bytes` should find for one layer, region by region."""
+    """What `measure_saved_bytes` should find for one layer, region by region, in bytes.
+    `bytes_per_element`: 4 computes in fp32; 2 under 16-bit autocast, where the residual
+    stream, the norms, the rotary rows and the log-sum-exp stay in fp32 and the rest is
+    16-bit. (Autocast's copies of the weights are not counted here: the planner adds
+    them where the trainer keeps them.)"""
     b, s, h, t = batch, seq, cfg.hidden_size, tp
+    c, fp32 = bytes_per_element, 4
     d = cfg.head_dim
     heads = cfg.num_heads // t
     kv_heads = max(1, cfg.num_kv_heads // t)
     f = cfg.ffn_hidden_size // t
     bsh = b * s * h
-    # RMSNorm: its input, the normalised output, and rsqrt of the mean square (b, s).
-    norm = (2 * bsh + b * s) // (t if sequence_parallel else 1)
-    # The input every column-parallel layer reads: the full sequence on every tp rank
-    # (with SP it is the all-gathered copy, kept for the weight gradient).
-    block_input = bsh
+    # RMSNorm, in fp32: its input, the normalised output, and rsqrt of the mean square (b, s).
+    norm = (2 * bsh + b * s) * fp32 // (t if sequence_parallel else 1)
+    # The input every column-parallel layer reads, the norm's output in the compute dtype:
+    # the full sequence on every tp rank (with SP the all-gathered copy, kept for the
+    # weight gradient).
+    block_input = bsh * c
     attention = (block_input
-                 + s * d  # rotary cos and sin rows, (s, d/2) each
-                 + b * s * heads * d  # rotated q
-                 + 2 * b * s * kv_heads * d  # rotated k, v
-                 + b * heads * s  # log-sum-exp of the scores
-                 + b * s * heads * d  # attention output
-                 + b * s * heads * d)  # its (b*s, heads*d) copy, the input of wo
-    mlp = block_input + 4 * b * s * f  # gate, up, silu(gate), silu(gate)*up
+                 + s * d * fp32  # rotary cos and sin rows, (s, d/2) each
+                 + b * s * heads * d * c  # rotated q
+                 + 2 * b * s * kv_heads * d * c  # rotated k, v
+                 + b * heads * s * fp32  # log-sum-exp of the scores
+                 + b * s * heads * d * c  # attention output
+                 + b * s * heads * d * c)  # its (b*s, heads*d) copy, the input of wo
+    mlp = block_input + 4 * b * s * f * c  # gate, up, silu(gate), silu(gate)*up
     regions = {"attention_norm": norm, "attention": attention, "mlp_norm": norm, "mlp": mlp}
     if recompute == "selective":  # the attention core's output and log-sum-exp are recomputed
-        regions["attention"] -= b * s * heads * d + b * heads * s
+        regions["attention"] -= b * s * heads * d * c + b * heads * s * fp32
     elif recompute == "full":  # only the checkpoint's inputs: the layer input and the rotary rows
         layer_input = bsh // (t if sequence_parallel else 1)
-        regions = {"layer": layer_input + s * d}
-    out = {name: n * bytes_per_element for name, n in regions.items()}
+        regions = {"layer": (layer_input + s * d) * fp32}
     # No storage is shared between regions: a norm keeps its output before the gain,
     # the block reads the output after it.
-    out["total"] = sum(regions.values()) * bytes_per_element
-    return out
+    return {**regions, "total": sum(regions.values())}
 
 
 def measure_layer(cfg: ModelConfig, mesh, batch: int, seq: int, sequence_parallel: bool,
-                  layer_index: int = 0, recompute: str = "none", cp_impl: str = "ring") -> dict[str, int]:
-    """Saved bytes of one layer of the model parallelized on `mesh`, for one forward."""
+                  layer_index: int = 0, recompute: str = "none", cp_impl: str = "ring",
+                  precision: str = "fp32") -> dict[str, int]:
+    """Saved bytes of one layer of the model parallelized on `mesh`, for one forward in
+    `precision` (16-bit: autocast's weight copies cast again in backward, not counted)."""
     from meshpar.model import build_model
     from meshpar.parallel.apply import parallelize
+    from meshpar.parallel.precision import autocast
+    from meshpar.parallel.weight_casts import RecastWeights
 
     parallel = parallelize(build_model(cfg, seed=0), mesh, sequence_parallel, recompute=recompute,
                            cp_impl=cp_impl)
@@ -124,5 +134,11 @@ def measure_layer(cfg: ModelConfig, mesh, batch: int, seq: int, sequence_paralle
     positions = parallel.local_positions(seq)  # context parallelism: this rank's tokens only
     if positions is not None:
         tokens = tokens[:, positions]
-    return measure_saved_bytes(parallel.module, parallel.module.layers[layer_index],
-                               lambda: parallel.module(tokens, positions))
+    recast = precision != "fp32"
+
+    def forward():
+        with autocast(precision, tokens.device, cache=not recast):
+            return parallel.module(tokens, positions)
+
+    return measure_saved_bytes(parallel.module, parallel.module.layers[layer_index], forward,
+                               RecastWeights(parallel.module).hooks if recast else torch.autograd.graph.saved_tensors_hooks)

@@ -19,7 +19,8 @@ from meshpar.parallel.apply import parallelize
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.schedules import build_schedule
 from meshpar.planner.layout import Layout
-from meshpar.planner.memory import Dtypes, WORKSPACE_BYTES, layer_activation_bytes, state_bytes
+from meshpar.planner.memory import (Dtypes, WORKSPACE_BYTES, head_activation_bytes, layer_activation_bytes,
+                                    state_bytes, weight_copy_bytes)
 from meshpar.planner.model import from_meshpar
 from meshpar.train.metrics import format_bytes
 
@@ -34,7 +35,9 @@ def dry_run(cfg: Config) -> str:
     layout = Layout(par.dp, par.tp, par.pp, par.cp, par.zero, par.schedule if par.pp > 1 else "none",
                     par.virtual_stages, mbs, par.sequence_parallel, par.recompute,
                     "optimizer" if par.offload else "none")
-    per_layer = layer_activation_bytes(from_meshpar(model_cfg, tr.seq_len), layout, dtypes)
+    spec = from_meshpar(model_cfg, tr.seq_len)
+    per_layer = layer_activation_bytes(spec, layout, dtypes)
+    head, copies = head_activation_bytes(spec, layout, dtypes), weight_copy_bytes(spec, layout, dtypes)
     schedule = build_schedule(par.schedule, par.pp, par.virtual_stages, m) if par.pp > 1 else None
     inflight = simulate(schedule, Costs(1.0, 1.0, 1.0)).peak_inflight_microbatches if schedule else [1]
     lines = [f"dry run: {cfg.model.name} ({model_cfg.num_params():,} parameters), {shape.world_size} ranks "
@@ -53,7 +56,9 @@ def dry_run(cfg: Config) -> str:
         total_params += params
         layers = sum(isinstance(m, TransformerBlock) for m in parallel.module.modules())
         state = sum(state_bytes(params, par.dp, par.zero, bool(par.offload), dtypes))
-        activations = inflight[stage] * layers / par.virtual_stages * per_layer
+        activations = inflight[stage] * layers / par.virtual_stages * per_layer + copies
+        if stage == par.pp - 1:  # the output layer and the loss
+            activations += inflight[stage] * head
         ranks = [r for r in range(shape.world_size) if shape.coords(r)["pp"] == stage]
         span = f"{ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else f"{len(ranks)} ranks"
         lines.append(f"{stage:>5}  {span:<16} {layers:>6} {params:>14,} {format_bytes(state):>12} "
@@ -64,7 +69,9 @@ def dry_run(cfg: Config) -> str:
                     and par.pp > 1 else "") + "). "
                  f"Model state as the trainer keeps it (fp32 parameters, gradients, AdamW moments; ZeRO-{par.zero}); "
                  f"activations from the planner's per-layer bytes ({format_bytes(per_layer)}) x layers x the "
-                 f"schedule's peak in-flight micro-batches; total adds {format_bytes(WORKSPACE_BYTES)} of workspace.")
+                 f"schedule's peak in-flight micro-batches, plus the output layer and loss ({format_bytes(head)})"
+                 + (f" and autocast's 16-bit weight copies ({format_bytes(copies)})" if copies else "")
+                 + f"; total adds {format_bytes(WORKSPACE_BYTES)} of workspace.")
     if schedule is not None:
         lines.append(f"\npipeline schedule {schedule.name}, {par.pp} stages x {m} micro-batches "
                      f"(peak in flight per rank {inflight}):")
