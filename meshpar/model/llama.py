@@ -24,9 +24,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return to_compute_dtype(_RMSNorm.apply(x, self.weight, self.eps))
+
+
+class _RMSNorm(torch.autograd.Function):
+    """x * rsqrt(mean(x^2) + eps) * weight, in fp32, keeping for backward only x and the
+    rsqrt of each row. Autograd's graph of the same ops also keeps the normalised x - as
+    large as x - for the weight's gradient; backward recomputes it from x instead."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x_fp32 = x.float()
-        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return to_compute_dtype(normed.type_as(x) * self.weight)
+        rstd = torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return (x_fp32 * rstd).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_weight = (grad * normed.type_as(x)).reshape(-1, weight.numel()).sum(0)
+        grad_normed = (grad * weight).float()
+        # d(x r)/dx with r = (mean(x^2) + eps)^-1/2, per row: r (g - x_hat mean(g x_hat))
+        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        return grad_x.type_as(x), grad_weight.to(weight.dtype), None
 
 
 def to_compute_dtype(x: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def head_activation_bytes(spec: ModelSpec, layout: Layout, dtypes: Dtypes) -> fl
     dtype and fp32 per-token statistics (the log-sum-exp; over tp the max and the sum of
     exponentials) - see meshpar/model/loss.py."""
     b, s, t = layout.micro_batch_size, spec.seq_len // layout.cp, layout.tp
-    norm = (2 * b * s * spec.hidden + b * s) * 4 + b * s * spec.hidden * dtypes.activation_bytes
+    norm = (b * s * spec.hidden + b * s) * 4 + b * s * spec.hidden * dtypes.activation_bytes
     logits = dtypes.activation_bytes * b * s * spec.vocab / t + (4 if t == 1 else 8) * b * s
     return norm + logits + 8 * b * s
 

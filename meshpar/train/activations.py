@@ -93,8 +93,9 @@ def predicted_saved_bytes(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
     kv_heads = max(1, cfg.num_kv_heads // t)
     f = cfg.ffn_hidden_size // t
     bsh = b * s * h
-    # RMSNorm, in fp32: its input, the normalised output, and rsqrt of the mean square (b, s).
-    norm = (2 * bsh + b * s) * fp32 // (t if sequence_parallel else 1)
+    # RMSNorm, in fp32: its input and rsqrt of the mean square (b, s); backward
+    # recomputes the normalised input.
+    norm = (bsh + b * s) * fp32 // (t if sequence_parallel else 1)
     # The input every column-parallel layer reads, the norm's output in the compute dtype:
     # the full sequence on every tp rank (with SP the all-gathered copy, kept for the
     # weight gradient).
@@ -113,8 +114,8 @@ def predicted_saved_bytes(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
     elif recompute == "full":  # only the checkpoint's inputs: the layer input and the rotary rows
         layer_input = bsh // (t if sequence_parallel else 1)
         regions = {"layer": (layer_input + s * d) * fp32}
-    # No storage is shared between regions: a norm keeps its output before the gain,
-    # the block reads the output after it.
+    # No storage is shared between regions: a norm keeps its input, the block reads
+    # its output.
     return {**regions, "total": sum(regions.values())}
 
 
