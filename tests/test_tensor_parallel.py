@@ -125,6 +125,34 @@ def test_ledger_shows_the_analytic_tp_volume(worlds):
     assert ("tp", "all_reduce", "tp") not in sp["ledger"]
 
 
+def bf16_ledger(sequence_parallel: bool) -> dict:
+    """One forward and backward of the tiny model at tp=2 under bf16 autocast: the ledger."""
+    from meshpar.parallel.precision import autocast
+    mesh = ParallelMesh.build(MeshShape(tp=2))
+    cfg = model_config("tiny")
+    tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    parallel = parallelize(build_model(cfg, seed=0), mesh, sequence_parallel)
+    mesh.ledger.reset()
+    with autocast("bf16", torch.device("cpu")):
+        logits = parallel.module(tokens[:, :-1])
+    (parallel.loss_sum(logits, tokens[:, 1:]) / SEQ).backward()
+    return dict(mesh.ledger.entries)
+
+
+def test_sequence_parallel_moves_16_bit_activations_under_bf16(worlds):
+    """bf16, tp=2 with SP: each all-gather of a norm's output moves 16 bits (the norm casts
+    it once for the matmuls), as do the reduce-scatters of the blocks' 16-bit outputs and
+    every gradient of these. Only the embedding's output - a lookup, fp32 - and its
+    gradient move 32 bits: (4L + 1) halves and one whole b*s*h fp32 each way."""
+    L, h = model_config("tiny").num_layers, model_config("tiny").hidden_size
+    fp32_bytes = BATCH * SEQ * h * 4
+    ledger = worlds(2).run(bf16_ledger, True)[0]
+    gathers = ledger[("tp", "all_gather", "tp")]
+    scatters = ledger[("tp", "reduce_scatter", "tp")]
+    assert gathers.calls == scatters.calls == 4 * L + 2
+    assert gathers.bytes == scatters.bytes == (4 * L + 1) * fp32_bytes // 2 + fp32_bytes
+
+
 # At lr 3e-3 the GQA_PADDED model hits a loss spike at step 16 that amplifies any
 # reordering of sums (dp=2 alone then drifts 2e-5 from one device); at 1e-3 it trains
 # smoothly, and the comparison tests the parallelism rather than the spike.
