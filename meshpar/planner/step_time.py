@@ -45,7 +45,10 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     peak = gpu.peak_tflops * 1e12
     b, s, t, cp = layout.micro_batch_size, spec.seq_len // layout.cp, layout.tp, layout.cp
     tokens = b * s  # per micro-batch on this rank's cp slice
-    element = dtypes.activation_bytes  # activations cross tp, cp and pp links in the compute dtype
+    element = dtypes.activation_bytes  # activations cross tp and cp links in the compute dtype
+    # ... but the residual stream crosses pp links: fp32 where the parameters are (meshpar's
+    # trainer keeps it fp32 under autocast), 16-bit with 16-bit parameters
+    residual_element = 4 if dtypes.param_bytes == 4 else element
     layers = -(-spec.layers // layout.pp)
     m = layout.microbatches(global_batch)
 
@@ -92,8 +95,8 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     # pipeline: one activation each way per micro-batch across nodes
     pp_link = gpu.inter_node_GBps if t * cp * layout.dp * layout.pp > cluster.gpus_per_node else gpu.intra_node_GBps
     pp_latency = gpu.inter_node_latency_us if pp_link == gpu.inter_node_GBps else gpu.intra_node_latency_us
-    pp_send = (pp_latency * 1e-6 + (activation / (t if layout.sequence_parallel else 1))
-               / (pp_link * 1e9 * eff.inter_collective)) if layout.pp > 1 else 0.0
+    residual = tokens * spec.hidden * residual_element / (t if layout.sequence_parallel else 1)
+    pp_send = (pp_latency * 1e-6 + residual / (pp_link * 1e9 * eff.inter_collective)) if layout.pp > 1 else 0.0
     per_microbatch = forward + backward + tp + cp_exposed + 2 * pp_send * layout.virtual_stages
     shape = pipeline_shape(layout.schedule, layout.pp, layout.virtual_stages, m)
     busy = m * per_microbatch
