@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +35,7 @@ from meshpar.parallel.plan import (FUSED_ATTR, PipelinePlan, Plan, PlannedStages
                                    shared_weights)
 from meshpar.parallel.sharding import gather_full, model_names, shard_spec, tie
 from meshpar.parallel.tensor import vocab_parallel_cross_entropy
-from meshpar.parallel.weight_casts import RecastWeights, recasting
+from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import GENERATORS, build_schedule
@@ -91,7 +90,7 @@ class Parallelized:
         pipelined = self.mesh.size("pp") > 1
         recast = recasting(self.precision, self.data_parallel.stage, self.schedule if pipelined else None)
         # 16-bit weight copies are cast again in backward, not kept (weight_casts.py).
-        self._saved_tensor_hooks = RecastWeights(self.module).hooks if recast else None
+        self._saved_tensor_hooks = saved_tensor_hooks(self.module, recast)
         self._compute = lambda: autocast(self.precision, self._device(), cache=not recast)
 
     def _device(self) -> torch.device:
@@ -128,7 +127,7 @@ class Parallelized:
         else:
             loss = torch.zeros((), device=inputs.device)
             for x, y in zip(xs, ys):
-                with self._saved_tensor_hooks() if self._saved_tensor_hooks else nullcontext():
+                with self._saved_tensor_hooks():
                     with self._compute():
                         logits = self.module(x)
                     part = self.loss_sum(logits, y) / tokens
@@ -138,9 +137,7 @@ class Parallelized:
         for axis in ("dp", "pp"):
             comm.all_reduce(self.mesh, axis, loss, tag="loss")
         if self.scaler:
-            overflow = self.scaler.unscale_and_check(self.data_parallel.grads(), self.mesh)
-            self.scaler.update(overflow)
-            if overflow:  # every rank skips: parameters and optimizer states stay as they are
+            if self.scaler.unscale_and_update(self.data_parallel.grads(), self.mesh):  # every rank skips: parameters and optimizer states stay as they are
                 self.skipped_steps += 1
                 self.steps_taken += 1
                 return loss.item()

@@ -55,6 +55,13 @@ class DynamicLossScaler:
         comm.all_reduce(mesh, "world", bad, tag="overflow", op="max")
         return bool(bad.item())
 
+    def unscale_and_update(self, grads: list[torch.Tensor], mesh: ParallelMesh) -> bool:
+        """The end of every fp16 step: unscale and check the gradients, then move the
+        scale. True: an overflow somewhere, and every rank skips the update."""
+        overflow = self.unscale_and_check(grads, mesh)
+        self.update(overflow)
+        return overflow
+
     def update(self, overflow: bool):
         if overflow:
             self.clean_steps = 0

@@ -29,6 +29,7 @@ this hook's sight.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,6 +65,18 @@ def recasting(precision: str, zero: int, schedule: str | None) -> bool:
     return precision != "fp32" and schedule != "async" and (zero == 3 or schedule is not None)
 
 
+def keep_saved(pack: Callable | None = None, unpack: Callable | None = None):
+    """Autograd keeps what it saves as it is: no hooks at all, or only a measurement's
+    `pack`/`unpack`. The plain counterpart of `RecastWeights.hooks`."""
+    return nullcontext() if pack is None else torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def saved_tensor_hooks(module: nn.Module, recast: bool) -> Callable:
+    """The hooks every recorded forward of `module` runs under, as `hooks(pack=None,
+    unpack=None)`: its weight copies recast (`recasting(...)` says when) or kept."""
+    return RecastWeights(module).hooks if recast else keep_saved
+
+
 class RecastWeights:
     """Saved-tensor hooks that keep references to `module`'s parameters instead of their
     16-bit copies (see the module docstring)."""
@@ -82,15 +95,17 @@ class RecastWeights:
             return None  # not a plain cast of the whole parameter
         return _Recast(param, base.dtype, param._version, tuple(t.size()), tuple(t.stride()), t.storage_offset())
 
-    def hooks(self, pack: Callable = lambda t: t, unpack: Callable = lambda h: h):
+    def hooks(self, pack: Callable | None = None, unpack: Callable | None = None):
         """The `saved_tensors_hooks` context: weight copies become references, every other
-        tensor goes through `pack`/`unpack` (e.g. a measurement's)."""
+        tensor goes through `pack`/`unpack` (e.g. a measurement's; none: kept as it is)."""
         def pack_(t: torch.Tensor):
             ref = self._reference(t)
-            return ref if ref is not None else _Other(pack(t))
+            return ref if ref is not None else _Other(pack(t) if pack else t)
 
         def unpack_(held):
-            return held.tensor() if isinstance(held, _Recast) else unpack(held.held)
+            if isinstance(held, _Recast):
+                return held.tensor()
+            return unpack(held.held) if unpack else held.held
 
         return torch.autograd.graph.saved_tensors_hooks(pack_, unpack_)
 

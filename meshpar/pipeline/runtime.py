@@ -25,6 +25,7 @@ from torch.func import functional_call
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.pipeline.actions import Action, Schedule
+from meshpar.parallel.weight_casts import keep_saved
 from meshpar.pipeline.split import PipelineChunks
 
 
@@ -64,9 +65,9 @@ class PipelineRuntime:
         self.state = _State()
         self.versions: dict[int, dict[str, torch.Tensor]] = {}  # async: batch -> weights
         self.compute_context = nullcontext  # e.g. autocast for 16-bit compute; forwards only
-        # Saved-tensor hooks for the forwards, as saved_tensors_hooks(pack, unpack) takes
-        # them (e.g. RecastWeights.hooks); None: autograd keeps what it saves.
-        self.saved_tensor_hooks: Callable | None = None
+        # The forwards' saved-tensor hooks, `hooks(pack=None, unpack=None)` (weight_casts.py):
+        # weight copies recast or kept; a measurement's pack/unpack for the rest.
+        self.saved_tensor_hooks: Callable = keep_saved
         self.loss_scale = 1.0  # fp16: backward runs from loss * loss_scale
 
     # --- helpers ----------------------------------------------------------------------
@@ -204,12 +205,7 @@ class PipelineRuntime:
 
         version = self.versions.get(mb // self.microbatches_per_step) if self.versions else None
         measure = self.measure_activations and torch.is_grad_enabled()
-        hooks = self.saved_tensor_hooks
-        if measure:
-            saving = (hooks or torch.autograd.graph.saved_tensors_hooks)(pack, lambda h: h.tensor)
-        else:
-            saving = hooks() if hooks and torch.is_grad_enabled() else nullcontext()
-        with saving:
+        with self.saved_tensor_hooks(pack, lambda h: h.tensor) if measure else self.saved_tensor_hooks():
             with self.compute_context():
                 if version is not None:
                     y = functional_call(self.chunks, version, (stage, x))

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from meshpar.model.config import ModelConfig
+from meshpar.parallel.weight_casts import keep_saved, saved_tensor_hooks
 
 REGIONS = ("attention_norm", "attention", "mlp_norm", "mlp")
 
 
 def measure_saved_bytes(model: nn.Module, layer: nn.Module, run: Callable[[], object],
-                        hooks: Callable = torch.autograd.graph.saved_tensors_hooks) -> dict[str, int]:
+                        hooks: Callable = keep_saved) -> dict[str, int]:
     """{region: bytes} that `layer`'s children save while `run()` executes, plus 'total'
     (each storage once across the layer). What the layer saves outside its children (a
     checkpoint's inputs under full recomputation) is the region 'layer'. `hooks(pack,
@@ -57,8 +58,7 @@ def measure_saved_bytes(model: nn.Module, layer: nn.Module, run: Callable[[], ob
 
 
 @contextmanager
-def count_saved_bytes(model: nn.Module, hooks: Callable = torch.autograd.graph.saved_tensors_hooks
-                      ) -> Iterator[dict[str, int]]:
+def count_saved_bytes(model: nn.Module, hooks: Callable = keep_saved) -> Iterator[dict[str, int]]:
     """{'bytes': ...}: the storages autograd saves while the block runs (each once;
     parameters left out) - one forward's activations, at their peak just before backward.
     `hooks(pack, unpack)`: the saved-tensor hooks to count through (e.g. RecastWeights')."""
@@ -127,7 +127,6 @@ def measure_layer(cfg: ModelConfig, mesh, batch: int, seq: int, sequence_paralle
     from meshpar.model import build_model
     from meshpar.parallel.apply import parallelize
     from meshpar.parallel.precision import autocast
-    from meshpar.parallel.weight_casts import RecastWeights
 
     parallel = parallelize(build_model(cfg, seed=0), mesh, sequence_parallel, recompute=recompute,
                            cp_impl=cp_impl)
@@ -142,4 +141,4 @@ def measure_layer(cfg: ModelConfig, mesh, batch: int, seq: int, sequence_paralle
             return parallel.module(tokens, positions)
 
     return measure_saved_bytes(parallel.module, parallel.module.layers[layer_index], forward,
-                               RecastWeights(parallel.module).hooks if recast else torch.autograd.graph.saved_tensors_hooks)
+                               saved_tensor_hooks(parallel.module, recast))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from meshpar.parallel.compile import allow_split_backward
 from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autocast
-from meshpar.parallel.weight_casts import RecastWeights, recasting
+from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
 from meshpar.parallel.sharding import model_names
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.runtime import PipelineRuntime
@@ -97,7 +96,7 @@ class Trainer:
         self.asynchronous = par.schedule == "async" and self.pipeline is not None
         # 16-bit weight copies cast again in backward, not kept, under ZeRO-3 and pipelines.
         recast = recasting(tr.precision, par.zero, par.schedule if self.pipeline else None)
-        self.saved_tensor_hooks = RecastWeights(self.model).hooks if recast else None
+        self.saved_tensor_hooks = saved_tensor_hooks(self.model, recast)
         self.compute = functools.partial(autocast, tr.precision, device, cache=not recast)
         self.scaler = None
         if tr.precision == "fp16":
@@ -172,12 +171,9 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             for x, y in zip(xs, ys):
                 # The first step counts the activations saved for backward (one micro-batch's).
-                hooks = self.saved_tensor_hooks
-                if self.step == self.first_step:
-                    saving = count_saved_bytes(self.model, hooks or torch.autograd.graph.saved_tensors_hooks)
-                else:
-                    saving = hooks() if hooks else nullcontext()
-                with saving as saved:
+                measure = self.step == self.first_step
+                with (count_saved_bytes(self.model, self.saved_tensor_hooks) if measure
+                      else self.saved_tensor_hooks()) as saved:
                     with self.compute():
                         logits = self.model(x, self.positions)
                     loss = self.parallel.loss_sum(logits, y) / self.tokens_per_step
@@ -191,8 +187,7 @@ class Trainer:
         comm.all_reduce(self.mesh, "pp", loss_sum, tag="loss")  # the last stage holds it
         overflow = False
         if self.scaler:
-            overflow = self.scaler.unscale_and_check(self.data_parallel.grads(), self.mesh)
-            self.scaler.update(overflow)
+            overflow = self.scaler.unscale_and_update(self.data_parallel.grads(), self.mesh)
         grad_norm = None
         if overflow:  # every rank skips: the parameters and optimizer states stay as they are
             self.skipped_steps += 1
