@@ -4,6 +4,9 @@ norms and final parameters), and the ledger against the analytic all-reduce volu
 import pytest
 import torch
 
+from meshpar.config import check
+from meshpar.train.launch import build_mesh
+from meshpar.train.trainer import Trainer
 from reference import fast_config, train_and_report
 
 REL = 1e-5
@@ -94,3 +97,28 @@ def test_summary_reports_every_rank(worlds):
                          "optimizer": 8 * num_params, "total": 16 * num_params,
                          "host": {"params": 0, "grads": 0, "optimizer": 0, "total": 0}}
     assert summary["comm"]["dp"]["all_reduce"]["bytes"] == runs[1]["summary"]["comm"]["dp"]["all_reduce"]["bytes"]
+
+
+def test_one_rank_keeps_autograd_gradients_and_equals_the_buckets(reference):
+    # Nothing to reduce on one rank: no bucket copy, no gradient buffer through the forward.
+    # ZeRO-1 on one rank keeps the buckets (its gradients are the bucket's slots).
+    cfg = fast_config(dp=1)
+    cfg.parallel.zero = 1
+    bucketed = train_and_report(cfg)
+    assert bucketed["losses"] == reference["losses"]
+    for name, value in reference["params"].items():
+        torch.testing.assert_close(bucketed["params"][name], value, rtol=0, atol=1e-7)
+    cfg = fast_config(dp=1, steps=1)
+    check(cfg)
+    mesh = build_mesh(cfg)
+    trainer = Trainer(cfg, mesh, torch.device("cpu"))
+    trainer.run()
+    mesh.destroy()
+    dp = trainer.data_parallel
+    assert dp.direct and all(b.grad_flat is None for b in dp.buckets)
+    params = dp.params()
+    # Each gradient its own storage (a bucket's slots share one), and counted as state.
+    assert len({p.grad.untyped_storage().data_ptr() for p in params}) == len(params)
+    assert dp.state_bytes(trainer.optimizer)["grads"] == 4 * sum(p.numel() for p in params)
+    dp.zero_grad()
+    assert all(p.grad is None for p in params)

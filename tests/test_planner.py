@@ -88,6 +88,19 @@ def test_a_tied_embedding_split_over_stages_is_counted_on_both_ends(worlds):
     assert measured[1]["params"] - measured[0]["params"] == 4 * spec.hidden  # the last stage's norm gain
 
 
+def test_one_rank_with_one_micro_batch_holds_gradients_or_activations_not_both():
+    # The trainer keeps autograd's gradients there (zero.py's `direct`): backward makes
+    # them as it frees the activations. A second micro-batch's forward runs beside them.
+    spec = PRESETS["llama-1.4b"]
+    one = memory_bytes(spec, layout(mbs=8), 8)
+    parts = one["params"] + one["optimizer"] + one["other"]
+    assert one["total"] == parts + max(one["grads"], one["activations"])
+    two = memory_bytes(spec, layout(mbs=4), 8)
+    assert two["total"] == two["params"] + two["optimizer"] + two["other"] + two["grads"] + two["activations"]
+    dp2 = memory_bytes(spec, layout(dp=2, mbs=4), 8)  # a reduction needs its buffer
+    assert dp2["total"] == sum(v for k, v in dp2.items() if k != "total")
+
+
 def test_zero_paper_accounting():
     """16-bit parameters and gradients plus 12 bytes of fp32 master and moments: 16 Psi,
     4 Psi + 12 Psi/N, 2 Psi + 14 Psi/N, 16 Psi/N (Rajbhandari et al. 2020)."""

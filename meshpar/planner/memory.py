@@ -107,6 +107,16 @@ def weight_copy_bytes(spec: ModelSpec, layout: Layout, dtypes: Dtypes) -> float:
     return 2 * (spec.layers * (spec.layer_params() - norms) + spec.vocab * spec.hidden) / layout.tp
 
 
+def gradients_follow_activations(layout: Layout, microbatches: int) -> bool:
+    """Whether the peak holds the larger of the gradients and the activations, not both.
+    One rank on dp, tp and cp at ZeRO-0 with nothing offloaded keeps autograd's own
+    gradients (meshpar/parallel/zero.py, `direct`): none exist in the forward, and backward
+    makes them as it frees the activations. With one micro-batch per step and no pipeline
+    only: otherwise a later micro-batch's forward runs with the gradients present."""
+    return (layout.dp == layout.tp == layout.cp == layout.pp == 1 and layout.zero == 0
+            and layout.offload == "none" and microbatches == 1)
+
+
 def memory_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dtypes = Dtypes()) -> dict[str, float]:
     params, grads, optimizer = state_bytes(params_per_rank(spec, layout), layout.dp, layout.zero,
                                            layout.offload == "optimizer", dtypes)
@@ -119,6 +129,9 @@ def memory_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dty
     other = WORKSPACE_BYTES + 2 * BUCKET_BYTES
     if layout.zero == 3:  # two units gathered at once (the one running, the one prefetched)
         other += 2 * spec.layer_params() / layout.tp * dtypes.param_bytes
-    total = params + grads + optimizer + activations + other
+    if gradients_follow_activations(layout, layout.microbatches(global_batch)):
+        total = params + max(grads, activations) + optimizer + other
+    else:
+        total = params + grads + optimizer + activations + other
     return {"params": params, "grads": grads, "optimizer": optimizer,
             "activations": activations, "other": other, "total": total}

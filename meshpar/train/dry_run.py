@@ -19,8 +19,8 @@ from meshpar.parallel.apply import parallelize
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.schedules import build_schedule
 from meshpar.planner.layout import Layout
-from meshpar.planner.memory import (Dtypes, WORKSPACE_BYTES, head_activation_bytes, layer_activation_bytes,
-                                    state_bytes, weight_copy_bytes)
+from meshpar.planner.memory import (Dtypes, WORKSPACE_BYTES, gradients_follow_activations, head_activation_bytes,
+                                    layer_activation_bytes, state_bytes, weight_copy_bytes)
 from meshpar.planner.model import from_meshpar
 from meshpar.train.metrics import format_bytes
 
@@ -46,6 +46,7 @@ def dry_run(cfg: Config) -> str:
              f"{'stage':>5}  {'ranks':<16} {'layers':>6} {'parameters':>14} {'model state':>12} "
              f"{'activations':>12} {'total':>12}"]
     total_params = 0
+    apart = gradients_follow_activations(layout, m)
     for stage in range(par.pp):
         mesh = ParallelMesh(shape, shape.rank(pp=stage))  # no process groups: parallelize only slices
         with torch.device("meta"):
@@ -55,14 +56,18 @@ def dry_run(cfg: Config) -> str:
         params = sum(p.numel() for p in parallel.module.parameters())
         total_params += params
         layers = sum(isinstance(m, TransformerBlock) for m in parallel.module.modules())
-        state = sum(state_bytes(params, par.dp, par.zero, bool(par.offload), dtypes))
+        param_bytes, grad_bytes, optimizer_bytes = state_bytes(params, par.dp, par.zero, bool(par.offload), dtypes)
+        state = param_bytes + grad_bytes + optimizer_bytes
         activations = inflight[stage] * layers / par.virtual_stages * per_layer + copies
         if stage == par.pp - 1:  # the output layer and the loss
             activations += inflight[stage] * head
+        held = state + activations
+        if apart:
+            held -= min(grad_bytes, activations)
         ranks = [r for r in range(shape.world_size) if shape.coords(r)["pp"] == stage]
         span = f"{ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else f"{len(ranks)} ranks"
         lines.append(f"{stage:>5}  {span:<16} {layers:>6} {params:>14,} {format_bytes(state):>12} "
-                     f"{format_bytes(activations):>12} {format_bytes(state + activations + WORKSPACE_BYTES):>12}")
+                     f"{format_bytes(activations):>12} {format_bytes(held + WORKSPACE_BYTES):>12}")
     lines.append(f"every rank of a stage holds its parameters; over all stages {total_params:,} per tp x cp x dp "
                  f"slice (x{par.tp} tp shards = {total_params * par.tp:,} with replicated norms counted per shard"
                  + ("; the tied embedding counted on the first and the last stage" if model_cfg.tie_embeddings
@@ -71,6 +76,8 @@ def dry_run(cfg: Config) -> str:
                  f"activations from the planner's per-layer bytes ({format_bytes(per_layer)}) x layers x the "
                  f"schedule's peak in-flight micro-batches, plus the output layer and loss ({format_bytes(head)})"
                  + (f" and autocast's 16-bit weight copies ({format_bytes(copies)})" if copies else "")
+                 + (" (one rank, one micro-batch: gradients exist only after the activations are freed, so "
+                    "the total holds the larger of the two)" if apart else "")
                  + f"; total adds {format_bytes(WORKSPACE_BYTES)} of workspace.")
     if schedule is not None:
         lines.append(f"\npipeline schedule {schedule.name}, {par.pp} stages x {m} micro-batches "
