@@ -294,9 +294,9 @@ class ShardedDataParallel:
         return any(b.finite is not None and not bool(b.finite) for b in self.buckets)
 
     def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, gradient piece) for every piece this rank owns after reduction."""
         if self.direct:
             return [(p, p.grad.view(-1)) for p in self.params()]
-        """(parameter, gradient piece) for every piece this rank owns after reduction."""
         return [(p, self._grad_of_shard(b)[part]) for b in self.buckets for p, part in b.owned()]
 
     def grads(self) -> list[torch.Tensor]:
