@@ -85,15 +85,17 @@ class Parallelized:
     pipeline: PipelineRuntime | None = None
     steps_taken: int = 0  # with the skipped ones
     skipped_steps: int = 0  # fp16: steps whose gradients overflowed (no update)
+    extra: dict | None = None  # the caller's data from the checkpoint `load` restored
 
     def __post_init__(self):
         pipelined = self.mesh.size("pp") > 1
         recast = recasting(self.precision, self.data_parallel.stage, self.schedule if pipelined else None)
         # 16-bit weight copies are cast again in backward, not kept (weight_casts.py).
         self._saved_tensor_hooks = saved_tensor_hooks(self.module, recast)
-        self._compute = lambda: autocast(self.precision, self._device(), cache=not recast)
+        self._compute = lambda: autocast(self.precision, self.device(), cache=not recast)
 
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
+        """Where this rank's parameters live."""
         return next(self.module.parameters()).device
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -158,16 +160,20 @@ class Parallelized:
             self.pipeline.saved_tensor_hooks = self._saved_tensor_hooks
         return self.pipeline
 
-    def save(self, directory: str | os.PathLike, keep: int = 3) -> Path:
+    def save(self, directory: str | os.PathLike, keep: int = 3, extra: dict | None = None) -> Path:
         """Collective: write a sharded checkpoint `step-<steps taken>` under `directory`
-        (parameters, AdamW's state, the step count; the newest `keep` are kept). It loads
-        into any layout of the same model and plan. Returns its directory."""
-        return planned.save(self, directory, keep)
+        (parameters, AdamW's state, the step count, fp16's loss scale, each rank's RNG
+        states; the newest `keep` are kept). `extra`: the caller's own JSON data to keep
+        with it - its data position, its learning-rate schedule's state (rank 0's is
+        written). It loads into any layout of the same model and plan. Returns its
+        directory."""
+        return planned.save(self, directory, keep, extra)
 
     def load(self, path: str | os.PathLike) -> int:
         """Restore the newest complete checkpoint under `path`, saved by `save` in any
-        layout (dp, tp, pp, ZeRO stage); returns its step. The learning rate and the data
-        position are the caller's to restore."""
+        layout (dp, tp, pp, ZeRO stage); returns its step and leaves the `extra` it was
+        saved with in `self.extra`. The RNG states come back in the layout that saved
+        them; in another, each rank's generators are left as they are."""
         return planned.load(self, path)
 
     def full_state(self) -> dict[str, torch.Tensor]:

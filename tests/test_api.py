@@ -345,3 +345,36 @@ def test_the_reference_page_is_in_sync_with_the_docstrings():
 
     page = ROOT / "docs" / "api-reference.md"
     assert page.read_text() == render(), "run: python -m meshpar.apidoc > docs/api-reference.md"
+
+
+def save_or_load_then_draw(directory: str, save: bool) -> dict:
+    """dp=2: train a step, save (each rank's generator seeded apart) or load; then draw."""
+    mesh = meshpar.init_mesh(dp=2)
+    model = meshpar.parallelize(GPT2(seed=0 if save else 1), mesh, gpt2_plan())
+    torch.manual_seed(100 + mesh.rank if save else 7)
+    if save:
+        model.step(*next(batches(2, mesh.index("dp"))))
+        model.save(directory, extra={"batches_read": 1, "lr_schedule": {"last": 5e-4}})
+    else:
+        assert model.load(directory) == 1
+    out = {"draw": torch.rand(4), "extra": model.extra}
+    mesh.destroy()
+    return out
+
+
+def test_a_checkpoint_keeps_the_callers_data_and_each_ranks_random_state(worlds, tmp_path):
+    directory = str(tmp_path / "ck")
+    saved = worlds(2).run(save_or_load_then_draw, directory, True)
+    loaded = worlds(2).run(save_or_load_then_draw, directory, False)
+    assert not torch.equal(saved[0]["draw"], saved[1]["draw"])  # each rank's own stream
+    for rank in range(2):
+        assert torch.equal(loaded[rank]["draw"], saved[rank]["draw"]), rank
+        assert loaded[rank]["extra"] == {"batches_read": 1, "lr_schedule": {"last": 5e-4}}
+    # Another layout (one device): the caller's data comes back, the generators stay as they are.
+    model = meshpar.parallelize(GPT2(seed=1), meshpar.ParallelMesh.single(), gpt2_plan())
+    before = torch.get_rng_state()
+    assert model.load(directory) == 1 and model.extra["batches_read"] == 1
+    assert torch.equal(torch.get_rng_state(), before)
+    with pytest.raises(TypeError, match="not JSON"):
+        model.save(tmp_path / "other", extra={"loader": object()})
+    assert not (tmp_path / "other").exists()  # refused before anything was written

@@ -8,13 +8,16 @@ each of its k parts, so its local tensor is no box of the full one. It is saved 
 tensors, `name#0` .. `name#k-1`: part j alone, split over tp like any column weight - at
 tp = 1 too, where the plan still says it is fused, so every layout names it alike.
 
-Saved: parameters, AdamW's moments and step count, and how many steps were taken. Not
-saved: the learning rate (the caller schedules it), RNG states, the caller's data position.
+Saved: parameters, AdamW's moments and step count, how many steps were taken, fp16's
+loss scale, every rank's RNG states (put back when the layout is the same: in another
+one, rank i is another rank's successor and the caller reseeds), and `extra` - the
+caller's own JSON data, such as its data position or its learning-rate schedule's state.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +25,8 @@ from torch import nn
 
 from meshpar.checkpoint.regions import Box, CheckpointError
 from meshpar.checkpoint.store import CheckpointReader, write_checkpoint
-from meshpar.checkpoint.training import Part, load_moments, optimizer_state_pieces, read_local, whole
+from meshpar.checkpoint.training import (Part, load_moments, optimizer_state_pieces, read_local, restore_rng,
+                                         rng_tensors, whole)
 from meshpar.parallel.sharding import shard_spec
 
 
@@ -58,22 +62,30 @@ def _layout(parallelized) -> dict:
             "virtual_stages": parallelized.virtual_stages}
 
 
-def save(parallelized, directory: str | Path, keep: int = 3) -> Path:
-    """Collective: write checkpoint `step-<steps taken>` under `directory`."""
+def save(parallelized, directory: str | Path, keep: int = 3, extra: dict | None = None) -> Path:
+    """Collective: write checkpoint `step-<steps taken>` under `directory`, with the
+    caller's `extra` (JSON; rank 0's is written)."""
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"save(extra=...): the caller's data is kept as JSON, and this is not JSON: {err}") from None
     mesh, dp = parallelized.mesh, parallelized.data_parallel
     tensors, pieces = optimizer_state_pieces(dp, parallelized.optimizer, mesh, _parts_of(parallelized))
+    tensors.update(rng_tensors(parallelized.device()))
     meta = {"model": {"name": parallelized.model_name, "api": True}, "layout": _layout(parallelized),
             "train": {"step": parallelized.steps_taken,
                       "optimizer_step": parallelized.steps_taken - parallelized.skipped_steps,
                       "skipped_steps": parallelized.skipped_steps,
-                      "loss_scaler": parallelized.scaler.state_dict() if parallelized.scaler else None}}
+                      "loss_scaler": parallelized.scaler.state_dict() if parallelized.scaler else None,
+                      "extra": extra}}
     return write_checkpoint(directory, parallelized.steps_taken, mesh, tensors, pieces, meta, keep)
 
 
 def load(parallelized, path: str | Path) -> int:
-    """Restore parameters, AdamW's state, the step count and fp16's loss scale from the newest complete
-    checkpoint at `path`, saved in any layout; returns the step. Collective only in
-    that every rank reads."""
+    """Restore parameters, AdamW's state, the step count, fp16's loss scale, the caller's
+    `extra` and (in the same layout) the RNG states from the newest complete checkpoint
+    at `path`, saved in any layout; returns the step. Collective only in that every
+    rank reads."""
     reader = CheckpointReader(path)
     if reader.meta.get("train") is None:
         raise CheckpointError(f"{reader.path}: holds parameters only, no optimizer state to load")
@@ -85,4 +97,7 @@ def load(parallelized, path: str | Path) -> int:
     parallelized.skipped_steps = saved.get("skipped_steps", 0)
     if parallelized.scaler and saved.get("loss_scaler"):  # fp16 resumes at its scale
         parallelized.scaler.load_state_dict(saved["loss_scaler"])
+    parallelized.extra = saved.get("extra")
+    if reader.meta["layout"] == _layout(parallelized):
+        restore_rng(reader.local_state(parallelized.mesh.rank), parallelized.device())
     return parallelized.steps_taken

@@ -85,14 +85,28 @@ def optimizer_state_pieces(dp, optimizer, mesh, parts_of: Callable[[nn.Parameter
     return tensors, pieces
 
 
+def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's random-number generators' states (the host's, and the GPU's on one), as
+    a checkpoint keeps them among the rank's own tensors."""
+    out = {LOCAL + "rng/cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out[LOCAL + "rng/cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def restore_rng(local: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Put back what `rng_tensors` saved (`local`: the rank's own tensors, unprefixed)."""
+    torch.set_rng_state(local["rng/cpu"])
+    if device.type == "cuda" and "rng/cuda" in local:
+        torch.cuda.set_rng_state(local["rng/cuda"], device)
+
+
 def rank_tensors(trainer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """What this rank writes: its pieces (and their descriptions) and its own state."""
     mesh, dp = trainer.mesh, trainer.data_parallel
     names = _names(trainer)
     tensors, pieces = optimizer_state_pieces(dp, trainer.optimizer, mesh, lambda p: whole(names[id(p)], p, mesh))
-    tensors[LOCAL + "rng/cpu"] = torch.get_rng_state()
-    if trainer.device.type == "cuda":
-        tensors[LOCAL + "rng/cuda"] = torch.cuda.get_rng_state(trainer.device)
+    tensors.update(rng_tensors(trainer.device))
     reducer = dp.reducer
     for kind, buffers in (("errors", reducer.errors), ("shard_errors", reducer.shard_errors)):
         for key, value in buffers.items():
@@ -155,9 +169,7 @@ def restore_training(trainer, reader: CheckpointReader) -> None:
         trainer.scaler.load_state_dict(saved["loss_scaler"])
     if reader.meta["layout"] == layout_of(trainer.cfg):
         local = reader.local_state(mesh.rank)
-        torch.set_rng_state(local["rng/cpu"])
-        if trainer.device.type == "cuda" and "rng/cuda" in local:
-            torch.cuda.set_rng_state(local["rng/cuda"], trainer.device)
+        restore_rng(local, trainer.device)
         reducer = dp.reducer
         for key, value in local.items():
             if key.startswith("feedback/"):
