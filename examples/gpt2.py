@@ -78,7 +78,8 @@ class GPT2(nn.Module):
 
 def gpt2_plan(hidden: int = 64):
     """How meshpar splits GPT2: Megatron's column-then-row pairs, the vocabulary over tp,
-    each attention's head count divided by tp, and the pipeline's three parts."""
+    each attention's head count divided by tp, the pipeline's three parts, and the tp
+    regions (each holding a column-to-row pair) that sequence parallelism brackets."""
     import meshpar
 
     return meshpar.Plan(
@@ -87,6 +88,7 @@ def gpt2_plan(hidden: int = 64):
         vocab_embedding=["wte"],
         vocab_output="lm_head",
         divide_by_tp={"h.*.attn": ["n_head"]},
+        tp_regions=["h.*.attn", "h.*.mlp"],
         pipeline=meshpar.PipelinePlan(blocks="h", first=["wte", "wpe"], last=["ln_f", "lm_head"],
                                       embed=GPT2.embed, head=GPT2.head, hidden_size=hidden),
     )

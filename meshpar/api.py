@@ -31,10 +31,10 @@ from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.compile import allow_split_backward, apply_compile
 from meshpar.parallel.recompute import recompute_modules
 from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
-from meshpar.parallel.plan import (FUSED_ATTR, PipelinePlan, Plan, PlannedStages, apply_tensor_plan, gather_fused,
-                                   shared_weights)
+from meshpar.parallel.plan import (FUSED_ATTR, PipelinePlan, Plan, PlannedStages, apply_sequence_parallel,
+                                   apply_tensor_plan, check_sequence_parallel, gather_fused, shared_weights)
 from meshpar.parallel.sharding import gather_full, model_names, shard_spec, tie
-from meshpar.parallel.tensor import vocab_parallel_cross_entropy
+from meshpar.parallel.tensor import sum_grads_over_tp, vocab_parallel_cross_entropy
 from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
@@ -82,6 +82,7 @@ class Parallelized:
     model_name: str = ""  # the user's model class (`module` may be this rank's pipeline stages)
     precision: str = "fp32"  # of the compute: fp32, or bf16/fp16 under autocast (fp32 weights)
     scaler: DynamicLossScaler | None = None  # fp16's dynamic loss scale
+    sequence_parallel: bool = False  # the blocks run on 1/tp of the sequence
     pipeline: PipelineRuntime | None = None
     steps_taken: int = 0  # with the skipped ones
     skipped_steps: int = 0  # fp16: steps whose gradients overflowed (no update)
@@ -118,6 +119,9 @@ class Parallelized:
         it began, and leaves the parameters as they were - except under fp16, where
         overflowing gradients skip the update on every rank and lower the loss scale
         (counted in `skipped_steps`)."""
+        tp = self.mesh.size("tp")
+        if self.sequence_parallel and inputs.shape[1] % tp:
+            raise ValueError(f"sequence_parallel: tp={tp} must divide the sequence length {inputs.shape[1]}")
         xs, ys = inputs.chunk(self.microbatches), targets.chunk(self.microbatches)
         tokens = targets.numel() * self.mesh.size("dp")
         self.data_parallel.zero_grad()
@@ -151,7 +155,8 @@ class Parallelized:
     def _pipeline(self, micro_batch: torch.Tensor) -> PipelineRuntime:
         if self.pipeline is None:
             pp = self.mesh.size("pp")
-            shape = (micro_batch.shape[0], micro_batch.shape[1], self.plan.pipeline.hidden_size)
+            seq = micro_batch.shape[1] // (self.mesh.size("tp") if self.sequence_parallel else 1)
+            shape = (micro_batch.shape[0], seq, self.plan.pipeline.hidden_size)
             schedule = build_schedule(self.schedule, pp, self.virtual_stages, self.microbatches)
             self.pipeline = PipelineRuntime(schedule, self.module,
                                             self.mesh, self.loss_sum, shape, micro_batch.device,
@@ -193,7 +198,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
                 schedule: str = "1f1b", virtual_stages: int = 1, lr: float = 3e-4, weight_decay: float = 0.1,
                 betas: tuple[float, float] = (0.9, 0.95), max_grad_norm: float = 1.0,
                 compile: list[str] | tuple[str, ...] = (), recompute: list[str] | tuple[str, ...] = (),
-                precision: str = "fp32") -> Parallelized:
+                precision: str = "fp32", sequence_parallel: bool = False) -> Parallelized:
     """Split `model` (built the same, from the same seed, on every rank) over `mesh` by
     `plan`: tensor parallelism over tp, a pipeline of `schedule` with `microbatches`
     micro-batches per step over pp (the plan's `pipeline` part; `virtual_stages` chunks
@@ -207,6 +212,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     `precision`: fp32, or bf16/fp16 compute under autocast with the weights, gradients
     and optimizer in fp32; fp16 scales the loss dynamically (`.scaler`, defaults as the
     trainer's) and skips a step whose gradients overflow on any rank.
+    `sequence_parallel`: Megatron's sequence parallelism over the plan's blocks (tp
+    above 1): between their column and row layers the blocks run on 1/tp of the
+    sequence (see meshpar/parallel/plan.py for what a block must satisfy).
 
     A weight two modules share (a tied embedding and output layer) stays shared: split
     alike over tp, and held by both the first and the last pipeline stage, whose
@@ -216,6 +224,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
         raise ValueError(f"zero={zero}: choose 0, 1, 2 or 3")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if sequence_parallel and mesh.size("tp") == 1:
+        raise ValueError("sequence_parallel needs tp above 1 (it shards the sequence over the tp ranks)")
     shared = shared_weights(model)
     model_name = type(model).__name__
     if mesh.size("cp") > 1:
@@ -232,7 +242,10 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
             raise ValueError(f"interleaved-1f1b needs microbatches ({microbatches}) to be a multiple of pp ({pp})")
         ties_ends = [places for places in shared if _tied_across_stages(places, plan.pipeline)]
     _matching(model, "compile", compile), _matching(model, "recompute", recompute)  # refused before any change
+    if sequence_parallel:
+        check_sequence_parallel(model, plan)
     vocab = apply_tensor_plan(model, plan, mesh)  # may replace modules: match again
+    sequence_partial = apply_sequence_parallel(model, plan, mesh) if sequence_parallel else []
     compiled, recomputed = _matching(model, "compile", compile), _matching(model, "recompute", recompute)
     if compiled:
         apply_compile(compiled)
@@ -250,12 +263,15 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
                 tie(model.get_parameter(places[0]), "holder" if rank == 0 else "copy", places[0])
         ranges = stage_layers_of(counts)
         model = PlannedStages(model, plan.pipeline, {s: ranges[s] for s in range(rank, stages, pp)}, stages)
-    data_parallel = ShardedDataParallel(model, mesh, zero, microbatches=microbatches)
+    partial = {id(p) for p in sequence_partial}  # summed over tp before their bucket's dp reduction
+    data_parallel = ShardedDataParallel(
+        model, mesh, zero, microbatches=microbatches,
+        grad_sync=lambda params: sum_grads_over_tp([p for p in params if id(p) in partial], mesh, "sp_grads"))
     settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
     optimizer = adamw(*data_parallel.optimizer_params(), settings)
     scaler = DynamicLossScaler(LossScaleConfig()) if precision == "fp16" else None
     return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab,
-                        virtual_stages, model_name, precision, scaler)
+                        virtual_stages, model_name, precision, scaler, sequence_parallel)
 
 
 def _matching(model: nn.Module, option: str, patterns) -> list[nn.Module]:

@@ -37,7 +37,7 @@ def train_gpt2(dp: int, tp: int, pp: int, zero: int, microbatches: int, tie: boo
     model = meshpar.parallelize(GPT2(seed=0, tie=tie), mesh, gpt2_plan(), zero=zero, microbatches=microbatches,
                                 lr=1e-3, **options)
     losses = [model.step(x, y) for x, y in batches(dp, mesh.index("dp"))]
-    out = {"losses": losses, "params": model.full_state()}
+    out = {"losses": losses, "params": model.full_state(), "ledger": dict(mesh.ledger.entries)}
     mesh.destroy()
     return out
 
@@ -378,3 +378,51 @@ def test_a_checkpoint_keeps_the_callers_data_and_each_ranks_random_state(worlds,
     with pytest.raises(TypeError, match="not JSON"):
         model.save(tmp_path / "other", extra={"loader": object()})
     assert not (tmp_path / "other").exists()  # refused before anything was written
+
+
+
+def test_sequence_parallel_over_a_plan_equals_one_device(worlds, single):
+    """GPT-2's blocks on 1/tp of the sequence outside their attention and MLP regions:
+    tp2 (eager and compiled), tp2 x dp2 ZeRO-1 and a tp2 x pp2 pipeline equal one device, and the blocks
+    move the bytes of tensor parallelism's all-reduces as all-gathers and reduce-scatters."""
+    sp = functools.partial(train_gpt2, sequence_parallel=True)
+    runs = worlds(2).run(sp, 1, 2, 1, 0, 2)
+    for rank, run in enumerate(runs):
+        close(run, single, f"tp2 sp rank {rank}")
+    plain = worlds(2).run(train_gpt2, 1, 2, 1, 0, 2)[0]["ledger"]
+
+    def wire(ledger, op):
+        return ledger[("tp", op, "tp")].wire_bytes if ("tp", op, "tp") in ledger else 0
+
+    hidden = BATCH // 2 * SEQ * 64 * 4  # one micro-batch's hidden states, fp32
+    ends = 2 * STEPS * 2 * hidden / 2  # the last block's gather and its backward, per micro-batch
+    ledger = runs[0]["ledger"]
+    moved = sum(wire(ledger, op) for op in ("all_reduce", "all_gather", "reduce_scatter"))
+    assert moved == wire(plain, "all_reduce") + ends
+    assert ledger[("tp", "all_reduce", "sp_grads")].calls == STEPS  # norm gains and row biases, one bucket
+    for rank, run in enumerate(worlds(4).run(sp, 2, 2, 1, 1, 2)):
+        close(run, single, f"tp2 dp2 zero1 sp rank {rank}")
+    for rank, run in enumerate(worlds(4).run(sp, 1, 2, 2, 0, 2)):
+        close(run, single, f"tp2 pp2 sp rank {rank}")
+    for rank, run in enumerate(worlds(2).run(functools.partial(sp, compile=["h.*"]), 1, 2, 1, 0, 2)):
+        close(run, single, f"compiled blocks, tp2 sp rank {rank}")  # the regions' hooks traced inside
+
+
+def test_sequence_parallel_over_a_plan_refuses_what_it_cannot_do():
+    import dataclasses
+
+    mesh = meshpar.ParallelMesh.single()
+    with pytest.raises(ValueError, match="sequence_parallel needs tp above 1"):
+        meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan(), sequence_parallel=True)
+    tp2 = meshpar.ParallelMesh(MeshShape(tp=2), 0)  # no process group: refused before any collective
+    with pytest.raises(ValueError, match="needs the plan's blocks and tp regions"):
+        meshpar.parallelize(GPT2(seed=0), tp2, dataclasses.replace(gpt2_plan(), tp_regions=[]),
+                            sequence_parallel=True)
+    model = GPT2(seed=0)
+    with pytest.raises(ValueError, match="tp region h.0.attn.c_attn holds no row layer"):
+        meshpar.parallelize(model, tp2, dataclasses.replace(gpt2_plan(), tp_regions=["h.*.attn.c_attn"]),
+                            sequence_parallel=True)
+    assert type(model.h[0].attn.c_attn) is torch.nn.Linear  # refused before the plan changed the model
+    with pytest.raises(ValueError, match="matches no module inside the blocks"):
+        meshpar.parallelize(GPT2(seed=0), tp2, dataclasses.replace(gpt2_plan(), tp_regions=["ln_f"]),
+                            sequence_parallel=True)

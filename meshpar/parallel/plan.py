@@ -12,9 +12,22 @@ its module names to parallel styles - no edit to the model.
     divide_by_tp      attributes divided by tp (an attention's head count)
     pipeline          the model as first modules + embed(), a ModuleList of blocks,
                       last modules + head(): stages are runs of blocks
+    blocks            the ModuleList of transformer blocks (or the pipeline's): where
+                      sequence parallelism shards the sequence
+    tp_regions        the modules that each hold a column-to-row pair (an attention,
+                      an MLP): sequence parallelism's all-gather and reduce-scatter points
 
-Names are `fnmatch` patterns over `named_modules()`. Sequence parallelism is not offered
-for plans (a plan does not know where the model's norms and residuals are).
+Names are `fnmatch` patterns over `named_modules()`.
+
+Sequence parallelism (Korthikanti et al. 2022) over a plan: the first block receives
+this rank's 1/tp of the sequence and the last block's output is gathered whole again;
+in between, each tp region all-gathers its input along the sequence and reduce-scatters
+its output - the same bytes as tensor parallelism's all-reduces - and the rest of the
+blocks (norms, residual adds, dropout) runs on 1/tp of the tokens. A region sees the
+whole sequence, so it may mix tokens (the attention core) and read the sequence length
+from its input; outside the regions a block must work token by token. The blocks'
+replicated parameters (norm gains, row biases) then see 1/tp of the tokens, and their
+gradients are summed over tp.
 """
 
 from __future__ import annotations
@@ -29,7 +42,9 @@ from torch import nn
 
 from meshpar.mesh import ParallelMesh
 from meshpar.parallel.sharding import SPEC_ATTR, ShardSpec
-from meshpar.parallel.tensor import copy_to_tensor_parallel, reduce_from_tensor_parallel
+from meshpar.parallel.tensor import (copy_to_tensor_parallel, enter_tensor_parallel, gather_to_replicated,
+                                     leave_tensor_parallel, reduce_from_tensor_parallel,
+                                     scatter_to_sequence_parallel)
 
 FUSED_ATTR = "meshpar_fused_chunks"  # a column parameter's k fused parts, for gathering it back
 
@@ -60,7 +75,10 @@ class Plan:
     - vocab_output: the output nn.Linear split by vocabulary, with the vocab-parallel
       cross entropy (the full logits are never gathered);
     - divide_by_tp: attributes divided by tp (an attention's head count);
-    - pipeline: a PipelinePlan, for pp > 1."""
+    - pipeline: a PipelinePlan, for pp > 1;
+    - blocks: the ModuleList of transformer blocks, for sequence parallelism (without
+      it, the pipeline's);
+    - tp_regions: the modules holding a column-to-row pair, for sequence parallelism."""
 
     column: dict[str, int] | list[str] = field(default_factory=dict)
     row: list[str] = field(default_factory=list)
@@ -68,10 +86,16 @@ class Plan:
     vocab_output: str | None = None
     divide_by_tp: dict[str, list[str]] = field(default_factory=dict)
     pipeline: PipelinePlan | None = None
+    blocks: str | None = None
+    tp_regions: list[str] = field(default_factory=list)
 
     def columns(self) -> dict[str, int]:
         """The column patterns with their fused-part counts."""
         return dict.fromkeys(self.column, 1) if isinstance(self.column, list) else dict(self.column)
+
+    def block_list(self) -> str | None:
+        """The name of the ModuleList of blocks: `blocks`, else the pipeline's."""
+        return self.blocks or (self.pipeline.blocks if self.pipeline else None)
 
 
 def _matches(name: str, patterns) -> bool:
@@ -89,12 +113,13 @@ def _param(local: torch.Tensor, spec: ShardSpec | None = None, fused: int = 1) -
 
 class ColumnLinear(nn.Module):
     """y_local = x W_local^T + b_local, W split by output features (each of `fused` parts
-    split on its own); x is replicated on the tp ranks."""
+    split on its own); x is replicated on the tp ranks (inside a sequence-parallel tp
+    region, `enter` False, the region has gathered it)."""
 
     def __init__(self, linear: nn.Linear, mesh: ParallelMesh, fused: int = 1):
         super().__init__()
         t, r = mesh.size("tp"), mesh.index("tp")
-        self.mesh = mesh
+        self.mesh, self.enter = mesh, True
         rows = linear.out_features
         if rows % (fused * t):
             raise ValueError(f"{rows} output features do not split into {fused} parts over tp={t}")
@@ -107,23 +132,27 @@ class ColumnLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's output features of the full input."""
-        return F.linear(copy_to_tensor_parallel(x, self.mesh), self.weight, self.bias)
+        return F.linear(copy_to_tensor_parallel(x, self.mesh) if self.enter else x, self.weight, self.bias)
 
 
 class RowLinear(nn.Module):
-    """y = sum over tp of x_local W_local^T, plus the bias once; W split by input features."""
+    """y = sum over tp of x_local W_local^T, plus the bias once; W split by input features.
+    Inside a sequence-parallel tp region (`leave` False) the partial sums go out as they
+    are, tp rank 0's with the bias, and the region reduce-scatters them."""
 
     def __init__(self, linear: nn.Linear, mesh: ParallelMesh):
         super().__init__()
         t, r = mesh.size("tp"), mesh.index("tp")
         if linear.in_features % t:
             raise ValueError(f"{linear.in_features} input features do not split over tp={t}")
-        self.mesh = mesh
+        self.mesh, self.leave = mesh, True
         self.weight = _param(linear.weight.chunk(t, dim=1)[r], ShardSpec.even("tp", 1, linear.in_features, t))
         self.bias = None if linear.bias is None else _param(linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The full output from this rank's input features."""
+        if not self.leave:
+            return F.linear(x, self.weight, self.bias if self.mesh.index("tp") == 0 else None)
         y = reduce_from_tensor_parallel(F.linear(x, self.weight), self.mesh)
         return y if self.bias is None else y + self.bias
 
@@ -220,6 +249,48 @@ def apply_tensor_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh) -> dict:
             module_name, _, attr = place.rpartition(".")
             setattr(model.get_submodule(module_name), attr, weight)
     return out
+
+
+def _regions(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
+    name = plan.block_list()
+    return [(n, m) for n, m in model.named_modules() if n.startswith(name + ".") and _matches(n, plan.tp_regions)]
+
+
+def check_sequence_parallel(model: nn.Module, plan: Plan) -> None:
+    """ValueError unless the plan names the blocks and tp regions inside them, each
+    region holding a column and a row layer of the plan (checked on the model as given,
+    before any change)."""
+    name = plan.block_list()
+    if name is None or not plan.tp_regions:
+        raise ValueError("sequence_parallel needs the plan's blocks and tp regions: Plan(blocks='h', "
+                         "tp_regions=['h.*.attn', 'h.*.mlp']) - the ModuleList of transformer blocks (or the "
+                         "pipeline's) and the modules that each hold a column-to-row pair")
+    regions = _regions(model, plan)
+    if not regions:
+        raise ValueError(f"tp_regions={plan.tp_regions} matches no module inside the blocks {name!r}")
+    for region_name, region in regions:
+        inside = [f"{region_name}.{n}" if n else region_name for n, _ in region.named_modules()]
+        for patterns, label in ((plan.columns(), "column"), (plan.row, "row")):
+            if not any(_matches(n, patterns) for n in inside):
+                raise ValueError(f"sequence_parallel: tp region {region_name} holds no {label} layer of the plan")
+
+
+def apply_sequence_parallel(model: nn.Module, plan: Plan, mesh: ParallelMesh) -> list[nn.Parameter]:
+    """Sequence parallelism over the plan's blocks (see the module docstring), in place,
+    after `check_sequence_parallel` and `apply_tensor_plan`. Returns the blocks'
+    replicated parameters, whose gradients must be summed over tp."""
+    blocks = model.get_submodule(plan.block_list())
+    for _, region in _regions(model, plan):
+        for module in region.modules():
+            if isinstance(module, ColumnLinear):
+                module.enter = False
+            elif isinstance(module, RowLinear):
+                module.leave = False
+        region.register_forward_pre_hook(lambda _m, args: (enter_tensor_parallel(args[0], mesh, True), *args[1:]))
+        region.register_forward_hook(lambda _m, _args, out: leave_tensor_parallel(out, mesh, True))
+    blocks[0].register_forward_pre_hook(lambda _m, args: (scatter_to_sequence_parallel(args[0], mesh), *args[1:]))
+    blocks[-1].register_forward_hook(lambda _m, _args, out: gather_to_replicated(out, mesh))
+    return [p for p in blocks.parameters() if not hasattr(p, SPEC_ATTR)]
 
 
 def _which(name: str, patterns: dict[str, int]) -> str:

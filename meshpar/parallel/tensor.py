@@ -90,6 +90,40 @@ class _ReduceScatterToSequenceParallel(torch.autograd.Function):
         return _gather_sequence(grad, ctx.mesh), None
 
 
+class _ScatterToSequenceParallel(torch.autograd.Function):
+    """Replicated (b, s, h) -> this rank's sequence block; backward gathers the blocks'
+    gradients (each rank's is whole for its own tokens)."""
+
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return _sequence_block(x, mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_sequence(grad, ctx.mesh), None
+
+
+class _GatherToReplicated(torch.autograd.Function):
+    """Sequence blocks -> the replicated (b, s, h); backward keeps this rank's block of a
+    gradient that is whole and alike on every rank (what follows is replicated, or
+    column-parallel with its own all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return _gather_sequence(x, mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sequence_block(grad, ctx.mesh), None
+
+
+def _sequence_block(x: torch.Tensor, mesh: ParallelMesh) -> torch.Tensor:
+    t = mesh.size("tp")
+    return x if t == 1 else x.chunk(t, dim=SEQ_DIM)[mesh.index("tp")].contiguous()
+
+
 def copy_to_tensor_parallel(x, mesh):
     return _CopyToTensorParallel.apply(x, mesh)
 
@@ -104,6 +138,32 @@ def gather_from_sequence_parallel(x, mesh):
 
 def reduce_scatter_to_sequence_parallel(x, mesh):
     return _ReduceScatterToSequenceParallel.apply(x, mesh)
+
+
+def scatter_to_sequence_parallel(x, mesh):
+    """Where the sequence-parallel region begins (a model's first block): keep this
+    rank's block of a replicated activation."""
+    return _ScatterToSequenceParallel.apply(x, mesh)
+
+
+def gather_to_replicated(x, mesh):
+    """Where the sequence-parallel region ends (after the last block): the whole
+    sequence again, replicated."""
+    return _GatherToReplicated.apply(x, mesh)
+
+
+def sum_grads_over_tp(params: list[nn.Parameter], mesh: ParallelMesh, tag: str) -> None:
+    """Sum over tp the gradients of replicated parameters that each tp rank computed from
+    its share of the tokens (sequence parallelism): one all-reduce for all of them."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.flatten() for p in params])
+    comm.all_reduce(mesh, "tp", flat, tag=tag)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
 
 
 def enter_tensor_parallel(x, mesh: ParallelMesh, sequence_parallel: bool):

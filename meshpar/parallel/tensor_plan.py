@@ -25,7 +25,7 @@ from meshpar.model.llama import Transformer
 from meshpar.parallel.sharding import SPEC_ATTR, ShardSpec
 from meshpar.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, SequenceParallelDropout,
                                      VocabParallelEmbedding, enter_tensor_parallel, leave_tensor_parallel,
-                                     vocab_parallel_cross_entropy)
+                                     sum_grads_over_tp, vocab_parallel_cross_entropy)
 
 SEQUENCE_PARALLEL_GRAD_ATTR = "meshpar_sequence_parallel_grad"
 
@@ -168,17 +168,10 @@ class TensorParallelLlama:
         # Under pipeline parallelism a rank holds some layers only: the others have no
         # gradient here (and the tp ranks of one stage hold the same layers).
         wanted = None if params is None else {id(p) for p in params}
-        norms = [p for p in self.sequence_parallel_params
-                 if p.grad is not None and (wanted is None or id(p) in wanted)]
+        norms = [p for p in self.sequence_parallel_params if wanted is None or id(p) in wanted]
         replicated_kv = [p for p in self.replicated_kv
                          if p.grad is not None and (wanted is None or id(p) in wanted)]
-        if norms:
-            flat = torch.cat([p.grad.flatten() for p in norms])
-            comm.all_reduce(self.mesh, "tp", flat, tag="sp_norm_grads")
-            offset = 0
-            for p in norms:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+        sum_grads_over_tp(norms, self.mesh, "sp_norm_grads")
         if replicated_kv:
             # Each holder writes its head's gradient into a zeroed full-size slot; one sum
             # over tp then gives every head its total.
