@@ -15,6 +15,8 @@ sequence is dim 1.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,60 +70,39 @@ def _reduce_scatter_sequence(x: torch.Tensor, mesh: ParallelMesh) -> torch.Tenso
     return comm.reduce_scatter(mesh, "tp", x.movedim(SEQ_DIM, 0), tag="tp").movedim(0, SEQ_DIM)
 
 
-class _GatherFromSequenceParallel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mesh):
-        ctx.mesh = mesh
-        return _gather_sequence(x, mesh)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_sequence(grad, ctx.mesh), None
-
-
-class _ReduceScatterToSequenceParallel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mesh):
-        ctx.mesh = mesh
-        return _reduce_scatter_sequence(x, mesh)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_sequence(grad, ctx.mesh), None
-
-
-class _ScatterToSequenceParallel(torch.autograd.Function):
-    """Replicated (b, s, h) -> this rank's sequence block; backward gathers the blocks'
-    gradients (each rank's is whole for its own tokens)."""
-
-    @staticmethod
-    def forward(ctx, x, mesh):
-        ctx.mesh = mesh
-        return _sequence_block(x, mesh)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_sequence(grad, ctx.mesh), None
-
-
-class _GatherToReplicated(torch.autograd.Function):
-    """Sequence blocks -> the replicated (b, s, h); backward keeps this rank's block of a
-    gradient that is whole and alike on every rank (what follows is replicated, or
-    column-parallel with its own all-reduce)."""
-
-    @staticmethod
-    def forward(ctx, x, mesh):
-        ctx.mesh = mesh
-        return _gather_sequence(x, mesh)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _sequence_block(grad, ctx.mesh), None
-
-
 def _sequence_block(x: torch.Tensor, mesh: ParallelMesh) -> torch.Tensor:
     t = mesh.size("tp")
     return x if t == 1 else x.chunk(t, dim=SEQ_DIM)[mesh.index("tp")].contiguous()
+
+
+def _sequence_mapping(name: str, forward: Callable, backward: Callable) -> type[torch.autograd.Function]:
+    """An autograd function that runs `forward(x, mesh)` and, in backward, its
+    conjugate `backward(grad, mesh)`."""
+    def forward_(ctx, x, mesh):
+        ctx.mesh = mesh
+        return forward(x, mesh)
+
+    def backward_(ctx, grad):
+        return backward(grad, ctx.mesh), None
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward_),
+                                                   "backward": staticmethod(backward_)})
+
+
+# Before column layers: gather the sequence; the partial input gradients are summed
+# and scattered back.
+_GatherFromSequenceParallel = _sequence_mapping("_GatherFromSequenceParallel", _gather_sequence,
+                                                _reduce_scatter_sequence)
+# After row layers: sum the partial outputs, keep this rank's block.
+_ReduceScatterToSequenceParallel = _sequence_mapping("_ReduceScatterToSequenceParallel", _reduce_scatter_sequence,
+                                                     _gather_sequence)
+# Where the sequence-parallel region begins: keep this rank's block of a replicated
+# activation; each rank's gradient is whole for its own tokens, so backward gathers.
+_ScatterToSequenceParallel = _sequence_mapping("_ScatterToSequenceParallel", _sequence_block, _gather_sequence)
+# Where it ends: the whole sequence again; the gradient that comes back is whole and
+# alike on every rank (what follows is replicated, or column-parallel with its own
+# all-reduce), so backward keeps this rank's block.
+_GatherToReplicated = _sequence_mapping("_GatherToReplicated", _gather_sequence, _sequence_block)
 
 
 def copy_to_tensor_parallel(x, mesh):
