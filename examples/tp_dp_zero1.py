@@ -1,4 +1,5 @@
-"""A custom model (examples/gpt2.py) with a custom loop on 4 ranks: tensor parallel over 2,
+"""A custom model (examples/gpt2.py) with a custom loop on 4 ranks: tensor parallel over 2
+with sequence parallelism (the blocks' norms and residuals on half the sequence each),
 data parallel over 2 with ZeRO-1.
 
     torchrun --standalone --nproc-per-node=4 examples/tp_dp_zero1.py
@@ -15,7 +16,7 @@ import meshpar  # noqa: E402
 from gpt2 import GPT2, gpt2_plan  # noqa: E402
 
 mesh = meshpar.init_mesh(dp=2, tp=2)
-model = meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan(), zero=1, lr=1e-3)
+model = meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan(), zero=1, lr=1e-3, sequence_parallel=True)
 
 # Data: this example's own source, as bytes; every rank draws the same global batch.
 text = torch.tensor(list(Path(__file__).parent.joinpath("gpt2.py").read_bytes()))
