@@ -143,7 +143,8 @@ class Parallelized:
         for axis in ("dp", "pp"):
             comm.all_reduce(self.mesh, axis, loss, tag="loss")
         if self.scaler:
-            if self.scaler.unscale_and_update(self.data_parallel.grads(), self.mesh):  # every rank skips: parameters and optimizer states stay as they are
+            # An overflow on any rank: every rank skips, parameters and optimizer states stay as they are.
+            if self.scaler.unscale_and_update(self.data_parallel.grads(), self.mesh):
                 self.skipped_steps += 1
                 self.steps_taken += 1
                 return loss.item()

@@ -423,6 +423,9 @@ def test_sequence_parallel_over_a_plan_refuses_what_it_cannot_do():
         meshpar.parallelize(model, tp2, dataclasses.replace(gpt2_plan(), tp_regions=["h.*.attn.c_attn"]),
                             sequence_parallel=True)
     assert type(model.h[0].attn.c_attn) is torch.nn.Linear  # refused before the plan changed the model
+    with pytest.raises(ValueError, match="h.0.mlp.c_fc is split over tp but lies in no tp region"):
+        meshpar.parallelize(GPT2(seed=0), tp2, dataclasses.replace(gpt2_plan(), tp_regions=["h.*.attn"]),
+                            sequence_parallel=True)
     with pytest.raises(ValueError, match="matches no module inside the blocks"):
         meshpar.parallelize(GPT2(seed=0), tp2, dataclasses.replace(gpt2_plan(), tp_regions=["ln_f"]),
                             sequence_parallel=True)

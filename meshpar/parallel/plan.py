@@ -273,6 +273,13 @@ def check_sequence_parallel(model: nn.Module, plan: Plan) -> None:
         for patterns, label in ((plan.columns(), "column"), (plan.row, "row")):
             if not any(_matches(n, patterns) for n in inside):
                 raise ValueError(f"sequence_parallel: tp region {region_name} holds no {label} layer of the plan")
+    # A split layer between regions would see only this rank's tokens, and a row layer
+    # there would add up partial sums of different tokens.
+    for n, _ in model.named_modules():
+        if (n.startswith(name + ".") and _matches(n, [*plan.columns(), *plan.row])
+                and not any(n.startswith(r + ".") for r, _ in regions)):
+            raise ValueError(f"sequence_parallel: {n} is split over tp but lies in no tp region; "
+                             f"add the module holding it to tp_regions")
 
 
 def apply_sequence_parallel(model: nn.Module, plan: Plan, mesh: ParallelMesh) -> list[nn.Parameter]:
