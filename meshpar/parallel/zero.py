@@ -433,6 +433,9 @@ class ShardedDataParallel:
             if b.host:
                 b.host["grad"].copy_(self._grad_of_shard(b))
         optimizer.step()
+        if self.direct:  # the views would keep the gradients alive through the next forward
+            for piece in self.optimizer_pieces:
+                piece.leaf.grad = None
         for b in self.buckets:
             # ZeRO-3: nothing may stay gathered across the update (a prefetch no unit used
             # would otherwise serve stale values next step).
