@@ -16,4 +16,7 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == bench || $what == all ]]; then
     python benchmarks/gpu_step.py --out "$out/gpu_step.jsonl" 2>&1 | grep -v Warning | tee "$out/gpu_step.txt"
+    # The planner's prediction of meshpar's peak, beside the measured peak_memory_gib above
+    python -m meshpar train --model llama-1.4b --dry-run --global-batch-size 8 --micro-batch-size 8 \
+        --seq-len 2048 --precision bf16 2>&1 | tee "$out/dry_run.txt"
 fi
