@@ -429,6 +429,10 @@ def test_sequence_parallel_over_a_plan_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="h.0.mlp.c_fc is split over tp but lies in no tp region"):
         meshpar.parallelize(GPT2(seed=0), tp2, dataclasses.replace(gpt2_plan(), tp_regions=["h.*.attn"]),
                             sequence_parallel=True)
+    model = meshpar.parallelize(GPT2(seed=0), tp2, gpt2_plan(), sequence_parallel=True)
+    tokens = torch.zeros(2, 33, dtype=torch.long)
+    with pytest.raises(ValueError, match="tp=2 must divide the sequence length 33"):
+        model.step(tokens, tokens)
     with pytest.raises(ValueError, match="matches no module inside the blocks"):
         meshpar.parallelize(GPT2(seed=0), tp2, dataclasses.replace(gpt2_plan(), tp_regions=["ln_f"]),
                             sequence_parallel=True)
