@@ -396,7 +396,9 @@ def test_sequence_parallel_over_a_plan_equals_one_device(worlds, single):
         return ledger[("tp", op, "tp")].wire_bytes if ("tp", op, "tp") in ledger else 0
 
     hidden = BATCH // 2 * SEQ * 64 * 4  # one micro-batch's hidden states, fp32
-    ends = 2 * STEPS * 2 * hidden / 2  # the last block's gather and its backward, per micro-batch
+    # Per micro-batch: the last block's output gathered (forward), the first block's input
+    # gradient gathered (backward); ring wire bytes of an all-gather on 2 ranks: half.
+    ends = 2 * STEPS * 2 * hidden / 2
     ledger = runs[0]["ledger"]
     moved = sum(wire(ledger, op) for op in ("all_reduce", "all_gather", "reduce_scatter"))
     assert moved == wire(plain, "all_reduce") + ends
