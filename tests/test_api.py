@@ -413,6 +413,27 @@ def test_sequence_parallel_over_a_plan_equals_one_device(worlds, single):
         close(run, single, f"recomputed blocks, tp2 sp rank {rank}")  # their gathers run again in backward
 
 
+def saved_by_a_block(sequence_parallel: bool) -> dict[str, int]:
+    from meshpar.train.activations import measure_saved_bytes
+
+    mesh = meshpar.init_mesh(tp=2)
+    model = meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan(), sequence_parallel=sequence_parallel)
+    tokens = next(batches(1, 0))[0]
+    out = measure_saved_bytes(model.module, model.module.h[1], lambda: model.module(tokens))
+    mesh.destroy()
+    return out
+
+
+def test_sequence_parallel_over_a_plan_halves_what_the_norms_keep(worlds):
+    """Counted with saved_tensors_hooks on tp2: each LayerNorm keeps its input and
+    statistics for 1/tp of the tokens; the regions keep what they kept (their gathered
+    input serves the column layer's weight gradient)."""
+    plain, sp = (worlds(2).run(saved_by_a_block, flag)[0] for flag in (False, True))
+    for norm in ("ln_1", "ln_2"):
+        assert sp[norm] * 2 == plain[norm], (norm, sp[norm], plain[norm])
+    assert sp["attn"] == plain["attn"] and sp["mlp"] == plain["mlp"]
+
+
 def test_sequence_parallel_over_a_plan_refuses_what_it_cannot_do():
     import dataclasses
 
