@@ -42,9 +42,8 @@ from torch import nn
 
 from meshpar.mesh import ParallelMesh
 from meshpar.parallel.sharding import SPEC_ATTR, ShardSpec
-from meshpar.parallel.tensor import (copy_to_tensor_parallel, enter_tensor_parallel, gather_to_replicated,
-                                     leave_tensor_parallel, reduce_from_tensor_parallel,
-                                     scatter_to_sequence_parallel)
+from meshpar.parallel.tensor import (bracket, copy_to_tensor_parallel, gather_to_replicated,
+                                     reduce_from_tensor_parallel, scatter_to_sequence_parallel)
 
 FUSED_ATTR = "meshpar_fused_chunks"  # a column parameter's k fused parts, for gathering it back
 
@@ -293,8 +292,7 @@ def apply_sequence_parallel(model: nn.Module, plan: Plan, mesh: ParallelMesh) ->
                 module.enter = False
             elif isinstance(module, RowLinear):
                 module.leave = False
-        region.register_forward_pre_hook(lambda _m, args: (enter_tensor_parallel(args[0], mesh, True), *args[1:]))
-        region.register_forward_hook(lambda _m, _args, out: leave_tensor_parallel(out, mesh, True))
+        bracket(region, mesh, sequence_parallel=True)
     blocks[0].register_forward_pre_hook(lambda _m, args: (scatter_to_sequence_parallel(args[0], mesh), *args[1:]))
     blocks[-1].register_forward_hook(lambda _m, _args, out: gather_to_replicated(out, mesh))
     return [p for p in blocks.parameters() if not hasattr(p, SPEC_ATTR)]

@@ -159,6 +159,15 @@ def leave_tensor_parallel(x, mesh: ParallelMesh, sequence_parallel: bool):
     return reduce_from_tensor_parallel(x, mesh)
 
 
+def bracket(region: nn.Module, mesh: ParallelMesh, sequence_parallel: bool) -> None:
+    """Hooks one entering mapping on `region`'s input and one leaving mapping on its
+    output: the tp region of a column-to-row pair (an attention, an MLP), whose column
+    layers share the one entered input."""
+    region.register_forward_pre_hook(
+        lambda _m, args: (enter_tensor_parallel(args[0], mesh, sequence_parallel), *args[1:]))
+    region.register_forward_hook(lambda _m, _args, out: leave_tensor_parallel(out, mesh, sequence_parallel))
+
+
 # --- layers --------------------------------------------------------------------------
 
 class ColumnParallelLinear(nn.Module):

@@ -24,8 +24,8 @@ from meshpar.model.config import ModelConfig
 from meshpar.model.llama import Transformer
 from meshpar.parallel.sharding import SPEC_ATTR, ShardSpec
 from meshpar.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, SequenceParallelDropout,
-                                     VocabParallelEmbedding, enter_tensor_parallel, leave_tensor_parallel,
-                                     sum_grads_over_tp, vocab_parallel_cross_entropy)
+                                     VocabParallelEmbedding, bracket, sum_grads_over_tp,
+                                     vocab_parallel_cross_entropy)
 
 SEQUENCE_PARALLEL_GRAD_ATTR = "meshpar_sequence_parallel_grad"
 
@@ -103,14 +103,6 @@ class TensorParallelLlama:
                 setattr(norm.weight, SEQUENCE_PARALLEL_GRAD_ATTR, True)
                 self.sequence_parallel_params.append(norm.weight)
 
-    def _bracket(self, block: nn.Module):
-        """One entering mapping on the block's input and one leaving mapping on its output,
-        shared by all the column-parallel layers inside (Q, K, V share one input)."""
-        mesh, sp = self.mesh, self.sequence_parallel
-        block.register_forward_pre_hook(
-            lambda _m, args: (enter_tensor_parallel(args[0], mesh, sp), *args[1:]))
-        block.register_forward_hook(lambda _m, _args, out: leave_tensor_parallel(out, mesh, sp))
-
     def _column(self, full: nn.Linear, start: int, count: int, spec: ShardSpec) -> ColumnParallelLinear:
         layer = ColumnParallelLinear(_rows(full.weight.detach(), start, count), self.mesh,
                                      self.sequence_parallel, enter=False)
@@ -145,7 +137,7 @@ class TensorParallelLlama:
             self.replicated_kv += [attention.wk.weight, attention.wv.weight]
             self.kv_head_index = first
         attention.num_heads, attention.num_kv_heads = heads, kv_heads
-        self._bracket(attention)
+        bracket(attention, self.mesh, self.sequence_parallel)  # Q, K, V share one entered input
 
     def _shard_mlp(self, mlp: nn.Module, cfg: ModelConfig, t: int, r: int):
         f = cfg.ffn_hidden_size // t
@@ -153,7 +145,7 @@ class TensorParallelLlama:
         mlp.w_gate = self._column(mlp.w_gate, r * f, f, spec)
         mlp.w_up = self._column(mlp.w_up, r * f, f, spec)
         mlp.w_down = self._row(mlp.w_down, r * f, f, ShardSpec.even("tp", 1, cfg.ffn_hidden_size, t))
-        self._bracket(mlp)
+        bracket(mlp, self.mesh, self.sequence_parallel)
 
     def loss(self, logits_local: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed per-token cross entropy, from vocab-sharded logits."""
