@@ -5,8 +5,10 @@ fsync - the floor), then loading in the same layout and in another one.
 Trains the model two steps at dp=2 x tp=2 x pp=2 ZeRO-1 on 8 local ranks, so that the
 optimizer holds its moments, then per round: meshpar save, plain save, meshpar load
 (same layout). A second world of 8 ranks at dp=8 ZeRO-3 loads the checkpoint (another
-layout: each rank cuts its flat ranges out of the saved boxes). Times are the median
-over rounds of the slowest rank; bytes are what lies on disk.
+layout: each rank cuts its flat ranges out of the saved boxes), with the files'
+checksums checked collectively (each file by one rank, as the trainer does) and, to
+compare, by each rank for every file it reads. Times are the median over rounds of the
+slowest rank; bytes are what lies on disk, and the sha256 bytes of the busiest rank.
 
     python benchmarks/checkpoint.py --model small --rounds 3
 """
@@ -64,19 +66,36 @@ def save_side(rank: int, args, results):
         times["meshpar save"].append(timed(lambda: save_training(trainer)))
         times["plain torch.save"].append(timed(lambda: torch.save(rank_tensors(trainer)[0],
                                                                   plain / f"rank-{rank}.pt")))
-        reader = CheckpointReader(latest_checkpoint(args.dir))
-        times["meshpar load, same layout"].append(timed(lambda: restore_training(trainer, reader)))
+        times["meshpar load, same layout"].append(timed(lambda: load(trainer, args.dir, shared=True)))
     if rank == 0:
         results.put({name: statistics.median(t) for name, t in times.items()})
+
+
+def load(trainer, directory: str, shared: bool) -> int:
+    """Resume `trainer` from the checkpoint; the bytes this rank hashed. `shared`: the
+    checksums checked collectively first (the trainer's way), each file on one rank;
+    else each rank checks every file it reads from."""
+    reader = CheckpointReader(latest_checkpoint(directory))
+    if shared:
+        reader.verify(trainer.mesh)
+    restore_training(trainer, reader)
+    return reader.hashed_bytes
 
 
 def load_side(rank: int, args, results):
     cfg = config(args, args.dir, dp=8, zero=3)
     trainer = Trainer(cfg, build_mesh(cfg), torch.device("cpu"))
-    seconds = [timed(lambda: restore_training(trainer, CheckpointReader(latest_checkpoint(args.dir))))
-               for _ in range(args.rounds)]
+    out = {}
+    for shared, label in ((True, "checksums shared out"), (False, "each rank checks what it reads")):
+        seconds, hashed = [], []
+        for _ in range(args.rounds):
+            seconds.append(timed(lambda: hashed.append(load(trainer, args.dir, shared))))
+        most = torch.tensor(hashed[-1])
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        out[f"meshpar load, dp=8 ZeRO-3, {label}"] = statistics.median(seconds)
+        out[f"sha256 bytes on the busiest rank, {label}"] = int(most)
     if rank == 0:
-        results.put({"meshpar load, dp=8 ZeRO-3": statistics.median(seconds)})
+        results.put(out)
 
 
 def main():
@@ -92,9 +111,11 @@ def main():
         on_disk = sum(f.stat().st_size for f in checkpoint.iterdir())
         plain = sum(f.stat().st_size for f in (Path(args.dir) / "plain").iterdir())
         model_params = Config(model=ModelSection(args.model)).model.resolve().num_params()
+        hashed = {name: times.pop(name) for name in list(times) if name.startswith("sha256")}
         for name, seconds in times.items():
             print(json.dumps({"what": name, "seconds": round(seconds, 4),
                               "vs plain torch.save": round(seconds / times["plain torch.save"], 2)}))
+        print(json.dumps(hashed))
         print(json.dumps({"model": args.model, "parameters": model_params,
                           "model state bytes (params + 2 moments, fp32)": 12 * model_params,
                           "meshpar bytes on disk": on_disk, "plain torch.save bytes": plain,

@@ -179,7 +179,8 @@ class Parallelized:
         """Restore the newest complete checkpoint under `path`, saved by `save` in any
         layout (dp, tp, pp, ZeRO stage); returns its step and leaves the `extra` it was
         saved with in `self.extra`. The RNG states come back in the layout that saved
-        them; in another, each rank's generators are left as they are."""
+        them; in another, each rank's generators are left as they are. Collective: every
+        rank calls it (each checks its share of the files' sha256s)."""
         return planned.load(self, path)
 
     def full_state(self) -> dict[str, torch.Tensor]:

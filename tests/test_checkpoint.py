@@ -19,7 +19,9 @@ import torch
 from meshpar.checkpoint import CheckpointError, CheckpointReader, latest_checkpoint, open_checkpoint
 from meshpar.checkpoint.commands import model_of
 from meshpar.checkpoint.regions import Box
+from meshpar.checkpoint.store import share_files
 from meshpar.config import ConfigError, check, validate
+from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.train.launch import build_mesh
 from meshpar.train.trainer import Trainer
 from reference import fast_config, train_and_report as train
@@ -235,6 +237,41 @@ def test_corrupt_or_truncated_files_are_named(small_checkpoint, tmp_path):
     out = subprocess.run([sys.executable, "-m", "meshpar", "checkpoint", "info", "--verify", str(flipped)],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 1 and f"{file}: its sha256 differs" in out.stderr and "Traceback" not in out.stderr
+
+
+def verify_here(path: Path, world_size: int):
+    """On every rank: verify `path` collectively; (bytes this rank hashed, files it
+    trusts now), or the error it raised."""
+    mesh = ParallelMesh.build(MeshShape(dp=world_size))
+    try:
+        reader = CheckpointReader(path)
+        reader.verify(mesh)
+        return reader.hashed_bytes, sorted(reader._verified)
+    except CheckpointError as err:
+        return str(err)
+    finally:
+        mesh.destroy()
+
+
+def test_each_file_is_hashed_by_one_rank_and_corruption_stops_every_rank(worlds, tmp_path):
+    world = worlds(4)
+    cfg = layout_config(2, 2, 1, 1, zero=1, steps=2)
+    cfg.train.save_dir = str(tmp_path / "ck")
+    world.run(train, cfg)
+    checkpoint = latest_checkpoint(tmp_path / "ck")
+    files = CheckpointReader(checkpoint).meta["files"]
+    sizes = sorted(f["bytes"] for f in files.values())
+    hashed, trusted = zip(*world.run(verify_here, checkpoint, 4))
+    assert sorted(hashed) == sizes  # four files of four ranks: one each, none read twice
+    assert all(t == sorted(files) for t in trusted)  # every rank trusts every file, none re-hashes it
+    assert share_files({"a": 5, "b": 4, "c": 3, "d": 3}, 2) == [["a", "d"], ["b", "c"]]
+
+    flipped = corrupt_copy(tmp_path / "ck", tmp_path / "flipped")
+    data = bytearray((flipped / "rank-00002.safetensors").read_bytes())
+    data[-100] ^= 0xFF
+    (flipped / "rank-00002.safetensors").write_bytes(bytes(data))
+    errors = world.run(verify_here, flipped, 4)
+    assert len(set(errors)) == 1 and "rank-00002.safetensors: its sha256 differs" in errors[0], errors
 
 
 def test_flags_are_checked_before_any_process_group(small_checkpoint, tmp_path):

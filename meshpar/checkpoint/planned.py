@@ -84,9 +84,10 @@ def save(parallelized, directory: str | Path, keep: int = 3, extra: dict | None 
 def load(parallelized, path: str | Path) -> int:
     """Restore parameters, AdamW's state, the step count, fp16's loss scale, the caller's
     `extra` and (in the same layout) the RNG states from the newest complete checkpoint
-    at `path`, saved in any layout; returns the step. Collective only in that every
-    rank reads."""
+    at `path`, saved in any layout; returns the step. Collective: every rank checks
+    its share of the files' checksums."""
     reader = CheckpointReader(path)
+    reader.verify(parallelized.mesh)
     if reader.meta.get("train") is None:
         raise CheckpointError(f"{reader.path}: holds parameters only, no optimizer state to load")
     dp, parts_of = parallelized.data_parallel, _parts_of(parallelized)

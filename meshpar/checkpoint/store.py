@@ -117,9 +117,22 @@ def write_checkpoint(root: str | os.PathLike, step: int, mesh: ParallelMesh, ten
     return final
 
 
+def share_files(sizes: dict[str, int], ranks: int) -> list[list[str]]:
+    """The files split among `ranks` by bytes: the largest first, each to the rank with
+    the fewest bytes so far (the lowest on a tie). Every rank computes the same split."""
+    shares: list[list[str]] = [[] for _ in range(ranks)]
+    load = [0] * ranks
+    for file in sorted(sizes, key=lambda f: (-sizes[f], f)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        shares[rank].append(file)
+        load[rank] += sizes[file]
+    return shares
+
+
 class CheckpointReader:
     """Reads boxes of full tensors out of a complete checkpoint, whatever layout wrote
-    it. Each file's size is checked on opening and its sha256 before its first read."""
+    it. Each file's size is checked on opening and its sha256 before its first read,
+    unless `verify(mesh)` has checked every file already, each on one rank."""
 
     def __init__(self, path: str | os.PathLike):
         found = latest_checkpoint(path)
@@ -134,6 +147,7 @@ class CheckpointReader:
         if self.meta.get("format") != FORMAT:
             raise CheckpointError(f"{meta_path}: not a meshpar checkpoint (format {self.meta.get('format')!r})")
         self._verified: set[str] = set()
+        self.hashed_bytes = 0  # read by this process to check sha256s
         self._handles: dict[str, object] = {}
         # (name, kind) -> box -> [(file, key, start, stop)]
         self.index: dict[tuple[str, str], dict[Box, list]] = defaultdict(lambda: defaultdict(list))
@@ -160,16 +174,39 @@ class CheckpointReader:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
         return self._handles[file]
 
-    def _verify(self, file: str):
-        if file in self._verified:
-            return
+    def _mismatch(self, file: str) -> str | None:
+        """Why `file` is corrupt, or None when its sha256 is the recorded one."""
         path, digest = self.path / file, hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
+                self.hashed_bytes += len(block)
         if digest.hexdigest() != self.meta["files"][file]["sha256"]:
-            raise CheckpointError(f"{path}: its sha256 differs from the one recorded when it was saved (corrupt)")
+            return f"{path}: its sha256 differs from the one recorded when it was saved (corrupt)"
+        return None
+
+    def _verify(self, file: str):
+        if file in self._verified:
+            return
+        problem = self._mismatch(file)
+        if problem:
+            raise CheckpointError(problem)
         self._verified.add(file)
+
+    def verify(self, mesh: ParallelMesh) -> None:
+        """Collective over every rank of `mesh`: check every file's sha256, each file on
+        one rank (the bytes shared out evenly), instead of every rank hashing each file
+        it reads - loading one file into N ranks would read it N times. A corrupt file
+        raises the same CheckpointError on every rank, so none goes on to a collective
+        the others will never join."""
+        files = self.meta["files"]
+        mine = share_files({f: files[f]["bytes"] for f in files}, mesh.world_size)[mesh.rank]
+        problems = [p for p in map(self._mismatch, mine) if p]
+        found = [p for rank in comm.all_gather_object(mesh, problems, tag="checkpoint") for p in rank]
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise CheckpointError(found[0] + more)
+        self._verified.update(files)
 
     def _tensor(self, file: str, key: str) -> torch.Tensor:
         self._verify(file)

@@ -121,10 +121,14 @@ class Trainer:
         found = latest_checkpoint(tr.save_dir) if tr.resume and tr.save_dir else None
         if found is not None:
             reader = CheckpointReader(found)
+            reader.verify(self.mesh)
             restore_training(self, reader)
             return f"resumed from {reader.path} (step {self.step})"
         if tr.init_from:
-            load_parameters(self, open_checkpoint(tr.init_from))
+            reader = open_checkpoint(tr.init_from)
+            if isinstance(reader, CheckpointReader):  # (a Hugging Face directory has no checksums)
+                reader.verify(self.mesh)
+            load_parameters(self, reader)
             return f"parameters from {tr.init_from}"
         return None
 
