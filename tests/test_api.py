@@ -21,6 +21,7 @@ from gpt2 import GPT2, gpt2_plan  # noqa: E402
 
 STEPS, BATCH, SEQ = 10, 8, 32
 REL = 1e-5
+LR = 1e-3
 
 
 def batches(dp: int, dp_rank: int):
@@ -35,7 +36,7 @@ def batches(dp: int, dp_rank: int):
 def train_gpt2(dp: int, tp: int, pp: int, zero: int, microbatches: int, tie: bool = False, **options) -> dict:
     mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp)
     model = meshpar.parallelize(GPT2(seed=0, tie=tie), mesh, gpt2_plan(), zero=zero, microbatches=microbatches,
-                                lr=1e-3, **options)
+                                lr=LR, **options)
     losses = [model.step(x, y) for x, y in batches(dp, mesh.index("dp"))]
     out = {"losses": losses, "params": model.full_state(), "ledger": dict(mesh.ledger.entries)}
     mesh.destroy()
@@ -62,8 +63,13 @@ def close(run: dict, ref: dict, label: str):
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(ref["losses"]), rtol=REL, atol=0,
                                msg=lambda m: f"{label}: {m}")
     for name, value in run["params"].items():
+        # Within 1e-4 of the tensor's norm, plus 1/100 of one step's update (lr): AdamW
+        # divides each gradient element by sqrt(v) + 1e-8, so an element whose gradient is
+        # near 1e-8 (a cancellation) has its fp32 round-off magnified up to lr / 1e-8 = 1e5
+        # times. Which element, depends on the CPU's kernels: one element of the tied
+        # GPT-2's ln_f.bias (norm 0.025) is 5e-6 off on an AVX-512 machine, 3e-9 elsewhere.
         diff = (value - ref["params"][name]).norm()
-        assert diff <= 10 * REL * ref["params"][name].norm(), f"{label} {name}: {diff}"
+        assert diff <= 10 * REL * ref["params"][name].norm() + LR / 100, f"{label} {name}: {diff}"
 
 
 def test_gpt2_on_tp2_dp2_zero1_equals_one_device(worlds, single):

@@ -138,15 +138,25 @@ def demo_config(steps: int):
     return check(cfg)
 
 
+# The golden losses are bit-exact on the machine that recorded them; another CPU's matmul
+# kernels (AVX2 against AVX-512) round differently from the first step on: 9e-8 relative
+# at step 1 between the two seen here. Any change of behaviour moves them far more.
+GOLDEN_REL = 1e-5
+
+
+def assert_golden(losses: list[float], golden: list[float]):
+    assert len(losses) == len(golden)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(golden), rtol=GOLDEN_REL, atol=0)
+
+
 def test_demo_layout_reproduces_its_golden_losses(worlds):
     """The first steps of `make demo` (warmup: the same learning rates whatever the run's
-    length) give exactly the recorded losses."""
+    length) give the recorded losses."""
     golden = json.loads(GOLDEN.read_text())
     steps = 12
     cfg = demo_config(steps)
     assert cfg.parallel.world_size == 8
-    losses = worlds(8).run(train_and_report, cfg)[0]["losses"]
-    assert losses == golden["losses"][:steps]
+    assert_golden(worlds(8).run(train_and_report, cfg)[0]["losses"], golden["losses"][:steps])
 
 
 @pytest.mark.slow
@@ -154,4 +164,4 @@ def test_demo_layout_reproduces_its_golden_losses(worlds):
 def test_demo_golden_losses_whole_run(worlds):
     golden = json.loads(GOLDEN.read_text())
     cfg = demo_config(len(golden["losses"]))
-    assert worlds(8).run(train_and_report, cfg, timeout_s=600)[0]["losses"] == golden["losses"]
+    assert_golden(worlds(8).run(train_and_report, cfg, timeout_s=600)[0]["losses"], golden["losses"])
