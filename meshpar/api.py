@@ -268,7 +268,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     partial = {id(p) for p in sequence_partial}  # summed over tp before their bucket's dp reduction
     data_parallel = ShardedDataParallel(
         model, mesh, zero, microbatches=microbatches,
-        grad_sync=lambda params: sum_grads_over_tp([p for p in params if id(p) in partial], mesh, "sp_grads"))
+        grad_sync=lambda params: sum_grads_over_tp([p for p in params if id(p) in partial], mesh, "sp_grads"),
+        compute_dtype=PRECISIONS[precision])
     settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
     optimizer = adamw(*data_parallel.optimizer_params(), settings)
     scaler = DynamicLossScaler(LossScaleConfig()) if precision == "fp16" else None

@@ -3,10 +3,14 @@ final parameters (20 steps, fp32, AdamW), with and without accumulation and offl
 model-state bytes per rank against the ZeRO formulas; the ledger against the analytic
 volume; and the overlap of reductions with backward, from the event trace."""
 
+import gc
+
 import pytest
 import torch
 
-from meshpar.config import validate
+from meshpar.config import check, validate
+from meshpar.train.launch import build_mesh
+from meshpar.train.trainer import Trainer
 from reference import fast_config, train_and_report
 
 REL = 1e-5
@@ -153,6 +157,52 @@ def test_ledger_volume_per_step(worlds):
         assert wire / steps == pytest.approx(factor * ring * grad_bytes, rel=1e-3), f"zero {stage}"
         ops = {op for (axis, op, tag), _ in run["ledger"].items() if axis == "dp" and tag in training_tags[stage]}
         assert ops == ({"all_reduce"} if stage == 0 else {"reduce_scatter", "all_gather"})
+
+
+def zero3_gathers(cfg, sixteen_bit: bool) -> dict:
+    """Train cfg (ZeRO-3) with its compute's gathers in 16 bits or, `sixteen_bit` False,
+    in fp32; the losses, final parameters, gather wire bytes and the packings."""
+    check(cfg)
+    mesh = build_mesh(cfg)
+    trainer = Trainer(cfg, mesh, torch.device("cpu"))
+    packings = [(b.numel, b.sixteen_bit and (b.sixteen_bit.width, b.sixteen_bit.extra)) for b in trainer.data_parallel.buckets]
+    if not sixteen_bit:
+        for b in trainer.data_parallel.buckets:
+            b.sixteen_bit = None
+    result = trainer.run()
+    report = {"losses": [s["loss"] for s in result.steps], "params": result.parallel.full_state(),
+              "wire": {tag: e.wire_bytes for (axis, op, tag), e in mesh.ledger.entries.items()
+                       if axis == "dp" and tag.startswith("params_")},
+              "packings": packings}
+    del trainer, result
+    gc.collect()
+    mesh.destroy()
+    return report
+
+
+@pytest.mark.parametrize("precision, layout", [("bf16", {"dp": 2}), ("fp16", {"dp": 2, "tp": 2, "sequence_parallel": True})])
+def test_zero3_gathers_linear_weights_in_16_bits_and_changes_no_bit(worlds, precision, layout):
+    cfg = fast_config(steps=4, micro_batch_size=2)
+    cfg.parallel.zero, cfg.train.precision = 3, precision
+    for key, value in layout.items():
+        setattr(cfg.parallel, key, value)
+    n, world = layout["dp"], cfg.parallel.world_size
+    half, full = (worlds(world).run(zero3_gathers, cfg, sixteen)[0] for sixteen in (True, False))
+    # Linear layers compute from the 16-bit rounding autocast would have made; the rest exact.
+    assert half["losses"] == full["losses"]
+    for name, value in full["params"].items():
+        assert torch.equal(half["params"][name], value), name
+    # Each gather moves n x (shard + 2 x the most exact elements on a rank) 16-bit words;
+    # buckets without a linear weight (the embedding, the final norm) move fp32.
+    per_gather_half = sum(2 * n * packing[0] if packing else 4 * numel for numel, packing in half["packings"])
+    per_gather_full = sum(4 * numel for numel, _ in half["packings"])
+    ratio = (n - 1) / n
+    for tag in ("params_forward", "params_backward"):
+        calls = full["wire"][tag] / (ratio * per_gather_full)
+        assert half["wire"][tag] == pytest.approx(calls * ratio * per_gather_half, rel=1e-12), tag
+        assert half["wire"][tag] / full["wire"][tag] < 0.53, tag  # the tiny model: half, but for norms and embedding
+    layers = [packing for _, packing in half["packings"] if packing]
+    assert len(layers) == cfg.model.resolve().num_layers + (0 if cfg.model.resolve().tie_embeddings else 1)
 
 
 def test_zero3_gathers_a_tied_embedding_for_both_of_its_layers(worlds):

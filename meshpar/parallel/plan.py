@@ -115,6 +115,8 @@ class ColumnLinear(nn.Module):
     split on its own); x is replicated on the tp ranks (inside a sequence-parallel tp
     region, `enter` False, the region has gathered it)."""
 
+    matmul_params = ("weight", "bias")  # read only through F.linear (param_gather.py)
+
     def __init__(self, linear: nn.Linear, mesh: ParallelMesh, fused: int = 1):
         super().__init__()
         t, r = mesh.size("tp"), mesh.index("tp")
@@ -138,6 +140,8 @@ class RowLinear(nn.Module):
     """y = sum over tp of x_local W_local^T, plus the bias once; W split by input features.
     Inside a sequence-parallel tp region (`leave` False) the partial sums go out as they
     are, tp rank 0's with the bias, and the region reduce-scatters them."""
+
+    matmul_params = ("weight",)  # the bias is added in fp32 outside a region
 
     def __init__(self, linear: nn.Linear, mesh: ParallelMesh):
         super().__init__()

@@ -175,6 +175,8 @@ class ColumnParallelLinear(nn.Module):
     applies the entering mapping itself; inside a block that shares one input between
     several column-parallel layers (Q, K, V), the block applies it once instead."""
 
+    matmul_params = ("weight",)  # read only through F.linear (param_gather.py)
+
     def __init__(self, weight_local: torch.Tensor, mesh: ParallelMesh,
                  sequence_parallel: bool = False, enter: bool = True):
         super().__init__()
@@ -190,6 +192,8 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x_local @ W_local^T with W split by input features. With
     `leave=True` it reduces its partial output itself."""
+
+    matmul_params = ("weight",)
 
     def __init__(self, weight_local: torch.Tensor, mesh: ParallelMesh,
                  sequence_parallel: bool = False, leave: bool = True):

@@ -18,7 +18,9 @@ tied embeddings do, lies in the bucket of the later one, and both gather it).
 With N = dp ranks, the wire bytes per rank and step (ring-equivalent) are 2(N-1)/N of the
 gradient bytes for stages 0-2 (all-reduce, or reduce-scatter + all-gather) and 3(N-1)/N
 for stage 3 (two gathers and a reduce-scatter), once per step when there is one
-micro-batch; with m micro-batches stage 3 gathers 2m times.
+micro-batch; with m micro-batches stage 3 gathers 2m times. Under bf16/fp16 stage 3's
+gathers carry the linear weights in 16 bits, the very bits autocast would compute with,
+and the rest exact (param_gather.py): about 2(N-1)/N in all.
 
 A bucket's reduction is launched from the gradient hooks as soon as its last gradient of
 the step has been accumulated (`overlap`), while backward goes on with earlier layers;
@@ -66,6 +68,7 @@ from torch import nn
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.parallel.grad_reduce import GradReducer
+from meshpar.parallel.param_gather import SixteenBitGather, read_only_by_matmuls
 from meshpar.parallel.sharding import tied_across_stages
 
 STAGES = (0, 1, 2, 3)
@@ -114,6 +117,9 @@ class Bucket:
     gathered: bool = True
     gather_work: object = None
     gather_source: torch.Tensor | None = None
+    gather_into: torch.Tensor | None = None  # where the in-flight gather lands
+    sixteen_bit: SixteenBitGather | None = None  # ZeRO-3 under bf16/fp16: compute's gathers in 16 bits
+    rounded: bool = False  # gathered in 16 bits: linear weights hold their rounding
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # offloaded master, grad
     finite: torch.Tensor | None = None  # this rank's own gradients were finite (before any reduction)
 
@@ -138,7 +144,7 @@ class ShardedDataParallel:
     def __init__(self, module: nn.Module, mesh: ParallelMesh, stage: int = 0,
                  bucket_bytes: int = 25 * 2**20, overlap: bool = True, offload: tuple[str, ...] = (),
                  microbatches: int = 1, grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
-                 reducer: GradReducer | None = None):
+                 reducer: GradReducer | None = None, compute_dtype: torch.dtype | None = None):
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage {stage}: choose one of {', '.join(map(str, STAGES))}")
         offload = set(offload) | ({"optimizer"} if "params" in offload else set())  # params implies it
@@ -181,6 +187,8 @@ class ShardedDataParallel:
             for p in self.params():
                 p.register_post_accumulate_grad_hook(self._on_grad)
         if stage == 3:
+            if compute_dtype is not None and self.n > 1:
+                self._gather_in_16_bits(module, compute_dtype)
             self._install_gather_hooks(units)
             for b in self.buckets:
                 self._free_params(b)
@@ -235,6 +243,18 @@ class ShardedDataParallel:
             bucket.host = {"master": master.pin_memory() if pin and not master.is_pinned() else master,
                            "grad": torch.zeros(size, dtype=first.dtype, pin_memory=pin)}
         self.buckets.append(bucket)
+
+    def _gather_in_16_bits(self, module: nn.Module, dtype: torch.dtype):
+        """Buckets holding linear weights gather them rounded to `dtype`, the rest exact
+        (param_gather.py); a bucket with none gathers fp32."""
+        rounded = read_only_by_matmuls(module)
+        for b in self.buckets:
+            if not any(id(p) in rounded for p in b.params):
+                continue
+            exact = torch.zeros(b.numel, dtype=torch.bool)  # the alignment padding is zeros: exact in 16 bits
+            for p, offset in zip(b.params, b.offsets):
+                exact[offset:offset + p.numel()] = id(p) not in rounded
+            b.sixteen_bit = SixteenBitGather(exact, self.n, self.rank, dtype, b.param_flat.device)
 
     def params(self) -> list[nn.Parameter]:
         """The parameters it manages, bucket by bucket."""
@@ -488,15 +508,23 @@ class ShardedDataParallel:
             out.register_hook(before_backward)
 
     def _gather(self, b: Bucket, purpose: str, wait: bool = True):
-        if b.gathered:
+        exact = purpose == "read"  # to read the values themselves, not to compute with them
+        if b.gathered and not (exact and b.rounded):
             return
+        self._free_params(b)
         storage = b.param_flat.untyped_storage()
         storage.resize_(b.numel * b.param_flat.element_size())
-        # The shard is copied to the device first (from host memory when offloaded).
-        b.gather_source = b.param_shard.to(b.param_flat.device, copy=True)
-        b.gather_work = comm.all_gather_into(self.mesh, "dp", b.param_flat.data, b.gather_source,
+        device = b.param_flat.device
+        sixteen = None if exact else b.sixteen_bit
+        # The shard goes to the device first (from host memory when offloaded: packed there).
+        if sixteen is None:
+            b.gather_source, b.gather_into = b.param_shard.to(device, copy=True), b.param_flat.data
+        else:
+            b.gather_source = sixteen.pack(b.param_shard).to(device)
+            b.gather_into = torch.empty(sixteen.n * sixteen.width, dtype=sixteen.dtype, device=device)
+        b.gather_work = comm.all_gather_into(self.mesh, "dp", b.gather_into, b.gather_source,
                                              tag=f"params_{purpose}", async_op=True)
-        b.gathered = True
+        b.gathered, b.rounded = True, sixteen is not None
         if wait:
             self._wait_gather(b)
 
@@ -505,14 +533,16 @@ class ShardedDataParallel:
             with self.mesh.ledger.waiting("dp", "all_gather", "params"):
                 b.gather_work.wait()
             b.gather_work = None
-        b.gather_source = None
+        if b.gather_into is not None and b.rounded:
+            b.sixteen_bit.unpack(b.gather_into, b.param_flat.data)
+        b.gather_source = b.gather_into = None
 
     def _free_params(self, b: Bucket):
         if self.stage != 3 or not b.gathered:
             return
         self._wait_gather(b)
         b.param_flat.untyped_storage().resize_(0)
-        b.gathered = False
+        b.gathered = b.rounded = False
 
     @contextmanager
     def gathered(self) -> Iterator[None]:

@@ -37,6 +37,12 @@ class Dtypes:
         g = 4 if grad_bytes is None else grad_bytes
         return cls(p, g, 4 if p < 4 else 0, 8, activation)
 
+    @property
+    def gather_bytes(self) -> int:
+        """Bytes per linear weight in ZeRO-3's gathers: 16 bits under bf16/fp16, whose
+        matmuls read only the weights' 16-bit rounding (meshpar/parallel/param_gather.py)."""
+        return min(self.param_bytes, self.activation_bytes)
+
 
 def params_per_rank(spec: ModelSpec, layout: Layout) -> int:
     """Parameters on the busiest rank before ZeRO-3 sharding: the first pipeline stage's
@@ -128,7 +134,8 @@ def memory_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dty
     activations += weight_copy_bytes(spec, layout, dtypes)
     other = WORKSPACE_BYTES + 2 * BUCKET_BYTES
     if layout.zero == 3:  # two units gathered at once (the one running, the one prefetched)
-        other += 2 * spec.layer_params() / layout.tp * dtypes.param_bytes
+        received = dtypes.gather_bytes if dtypes.gather_bytes < dtypes.param_bytes else 0  # 16 bits, then upcast
+        other += 2 * spec.layer_params() / layout.tp * (dtypes.param_bytes + received)
     if gradients_follow_activations(layout, layout.microbatches(global_batch)):
         total = params + max(grads, activations) + optimizer + other
     else:

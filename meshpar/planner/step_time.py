@@ -17,7 +17,7 @@ Per micro-batch and pipeline stage (the most loaded one):
   gradients of the shared weight (what each keeps of it), not overlapped.
 The pipeline then runs m micro-batches with the schedule's bubble (from the simulator).
 dp: one reduction of the gradients per step (ZeRO-3 gathers the parameters twice per
-micro-batch as well), overlapped with the last micro-batch's backward; over NVLink when a
+micro-batch as well, the linear weights in 16 bits under bf16/fp16), overlapped with the last micro-batch's backward; over NVLink when a
 dp group fits in a node, else over the network. With cp, the gradients are summed over cp
 too (a reduce-scatter and all-gather around the dp all-reduce of 1/cp at ZeRO-0, an
 all-reduce of the dp shard at ZeRO 1-3), not overlapped.
@@ -120,7 +120,10 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     dp_comm = _ring_time(dp_payload, layout.dp, dp_link, dp_eff) + \
         (layers + 2) * dp_latency * 1e-6 * (layout.dp > 1)
     if layout.zero == 3:  # parameters gathered for forward and again for backward, per micro-batch and layer
-        dp_comm += 2 * m * (_ring_time(params * dtypes.param_bytes, layout.dp, dp_link, dp_eff, all_reduce=False)
+        # linear weights in the compute dtype, the embedding table (a lookup reads it) exact
+        table = spec.embedding_params() / t
+        gathered = (params - table) * dtypes.gather_bytes + table * dtypes.param_bytes
+        dp_comm += 2 * m * (_ring_time(gathered, layout.dp, dp_link, dp_eff, all_reduce=False)
                             + layers * dp_latency * 1e-6 * (layout.dp > 1))
         overlap = m * (forward + backward)
     else:

@@ -18,7 +18,7 @@ from meshpar.parallel.apply import ParallelModel, parallelize
 from meshpar.parallel.compile import allow_split_backward
 from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.zero import ShardedDataParallel
-from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autocast
+from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
 from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
 from meshpar.parallel.sharding import model_names
 from meshpar.pipeline.check import Costs, simulate
@@ -71,7 +71,8 @@ class Trainer:
         self.data_parallel = ShardedDataParallel(
             self.model, mesh, par.zero, int(par.bucket_mb * 2**20), overlap=par.overlap,
             offload=par.offload, microbatches=self.num_microbatches, grad_sync=self.parallel.sync_grads,
-            reducer=GradReducer(mesh, par.grad_compression, par.error_feedback, par.hierarchical_allreduce))
+            reducer=GradReducer(mesh, par.grad_compression, par.error_feedback, par.hierarchical_allreduce),
+            compute_dtype=PRECISIONS[tr.precision])
         self.parallel.data_parallel = self.data_parallel
         self.optimizer = adamw(*self.data_parallel.optimizer_params(), tr)
         self.tokens_per_step = tr.global_batch_size * tr.seq_len
