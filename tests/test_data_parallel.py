@@ -126,3 +126,26 @@ def test_one_rank_keeps_autograd_gradients_and_equals_the_buckets(reference):
     alive = [weakref.ref(p.grad) for p in params]
     dp.zero_grad()
     assert all(p.grad is None for p in params) and all(ref() is None for ref in alive)
+
+
+def gradients_held(cfg) -> dict:
+    """One step of cfg; how this rank holds its gradients."""
+    check(cfg)
+    mesh = build_mesh(cfg)
+    trainer = Trainer(cfg, mesh, torch.device("cpu"))
+    trainer.train_step()
+    dp = trainer.data_parallel
+    params = dp.params()
+    held = {"direct": dp.direct, "buffers": sum(b.grad_flat is not None for b in dp.buckets),
+            "storages": len({p.grad.untyped_storage().data_ptr() for p in params}), "params": len(params)}
+    mesh.destroy()
+    return held
+
+
+def test_tensor_parallel_alone_keeps_autograd_gradients(worlds):
+    # dp = cp = 1: nothing to reduce but tp's partial sums (SP norms), taken after backward.
+    # That these runs equal one device is tests/test_tensor_parallel.py's business.
+    for held in worlds(2).run(gradients_held, fast_config(tp=2, sequence_parallel=True, steps=1)):
+        assert held["direct"] and held["buffers"] == 0 and held["storages"] == held["params"]
+    for held in worlds(2).run(gradients_held, fast_config(dp=2, steps=1)):
+        assert not held["direct"] and held["buffers"] > 0

@@ -50,6 +50,13 @@ def test_a_nan_gradient_stops_every_rank_naming_step_rank_and_parameter(worlds):
     assert "step 3" in messages[0] and "rank 1" in messages[0] and "layers.1.mlp.w_down.weight" in messages[0]
 
 
+def test_a_nan_gradient_under_tp_alone_is_named_too(worlds):
+    """tp 2, dp 1: the gradients stay autograd's (no buckets); the origin is still named."""
+    messages = worlds(2).run(nan_on_one_rank, fast_config(tp=2, steps=4), 1, 3)
+    assert messages[0] == messages[1]
+    assert "step 3" in messages[0] and "rank 1" in messages[0] and "layers.1.mlp.w_down.weight" in messages[0]
+
+
 def test_a_nan_gradient_on_one_rank_alone_is_named_too():
     """No reduction, so no per-bucket finite flag: the origin is read from the gradients."""
     message = nan_on_one_rank(fast_config(steps=4), 0, 2)

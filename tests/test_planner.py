@@ -99,6 +99,8 @@ def test_one_rank_with_one_micro_batch_holds_gradients_or_activations_not_both()
     assert two["total"] == two["params"] + two["optimizer"] + two["other"] + two["grads"] + two["activations"]
     dp2 = memory_bytes(spec, layout(dp=2, mbs=4), 8)  # a reduction needs its buffer
     assert dp2["total"] == sum(v for k, v in dp2.items() if k != "total")
+    tp2 = memory_bytes(spec, layout(tp=2, mbs=8), 8)  # tp sums its partial gradients after backward
+    assert tp2["total"] == tp2["params"] + tp2["optimizer"] + tp2["other"] + max(tp2["grads"], tp2["activations"])
 
 
 def test_zero_paper_accounting():

@@ -44,11 +44,12 @@ ZeRO 1-2) adds the two stages' gradients.
 How the reductions cross dp - fp32, 16-bit, int8 with error feedback, hierarchical - is
 the `GradReducer`'s business (grad_reduce.py).
 
-With nothing to reduce - one rank on dp, cp and tp, stage 0, nothing offloaded, no weight
-tied across stages - a bucket would only copy each gradient once more: the gradients
-stay where autograd accumulates them (`direct`), as in a plain PyTorch loop. They live
-from backward to the next step's `zero_grad`, not through its forward: 4 bytes per
-parameter less at the activations' peak.
+With nothing to reduce over dp or cp - one rank on each, stage 0, nothing offloaded, no
+weight tied across stages - a bucket would only copy each gradient once more: the
+gradients stay where autograd accumulates them (`direct`), as in a plain PyTorch loop,
+and the few that are partial over tp are summed once backward is done. They live from
+backward to the next step's `zero_grad`, not through its forward: 4 bytes per parameter
+less at the activations' peak (with one micro-batch and no pipeline).
 
 Offload: `optimizer` keeps an fp32 master copy of this rank's shard, its gradient and the
 optimizer states in host memory and runs the step there; `params` (stage 3) keeps the
@@ -158,8 +159,8 @@ class ShardedDataParallel:
         self.cp_parts = stage == 0 and self.cp > 1 and self.n > 1
         # Whether a reduction (tp, cp or dp) mixes this rank's gradients with others'.
         self.reduces = any(mesh.size(axis) > 1 for axis in ("tp", "cp", "dp"))
-        # Nothing to reduce: gradients stay autograd's, no buckets (see the module docstring).
-        self.direct = (stage == 0 and not self.reduces and not offload
+        # Nothing to reduce over dp or cp: gradients stay autograd's (see the module docstring).
+        self.direct = (stage == 0 and self.n == 1 and self.cp == 1 and not offload
                        and not any(tied_across_stages(p) for p in module.parameters()))
         self.events: list[tuple[float, str, int]] = []  # (time, what, bucket): the overlap trace
         self.buckets: list[Bucket] = []
@@ -408,6 +409,10 @@ class ShardedDataParallel:
             for p in self.params():  # as a bucket's slot would be: zero where none came
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+            if self.reduces:  # tp: whether this rank's own gradients were finite, then the sums
+                for b in self.buckets:
+                    b.finite = torch.stack([torch.isfinite(p.grad).all() for p in b.params]).all()
+                self.grad_sync(self.params())
             return
         for b in self.buckets:
             if not b.launched:

@@ -115,11 +115,12 @@ def weight_copy_bytes(spec: ModelSpec, layout: Layout, dtypes: Dtypes) -> float:
 
 def gradients_follow_activations(layout: Layout, microbatches: int) -> bool:
     """Whether the peak holds the larger of the gradients and the activations, not both.
-    One rank on dp, tp and cp at ZeRO-0 with nothing offloaded keeps autograd's own
-    gradients (meshpar/parallel/zero.py, `direct`): none exist in the forward, and backward
-    makes them as it frees the activations. With one micro-batch per step and no pipeline
-    only: otherwise a later micro-batch's forward runs with the gradients present."""
-    return (layout.dp == layout.tp == layout.cp == layout.pp == 1 and layout.zero == 0
+    One rank on dp and cp at ZeRO-0 with nothing offloaded keeps autograd's own gradients
+    (meshpar/parallel/zero.py, `direct`; tp sums its few partial ones after backward):
+    none exist in the forward, and backward makes them as it frees the activations. With
+    one micro-batch per step and no pipeline only: otherwise a later micro-batch's forward
+    runs with the gradients present."""
+    return (layout.dp == layout.cp == layout.pp == 1 and layout.zero == 0
             and layout.offload == "none" and microbatches == 1)
 
 
