@@ -63,7 +63,9 @@ class SixteenBitGather:
         out = torch.zeros(self.width, dtype=self.dtype, device=shard.device)
         out[:self.size] = shard
         if self.extra:
-            exact = shard[self.mine.to(shard.device)]
+            if self.mine.device != shard.device:  # once: where the shard lives (the host, when offloaded)
+                self.mine = self.mine.to(shard.device)
+            exact = shard[self.mine]
             out[self.size:self.size + 2 * exact.numel()] = exact.view(self.dtype)
         return out
 
