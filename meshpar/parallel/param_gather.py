@@ -6,10 +6,10 @@ rounded gives the matmul the very bits it would have cast itself, for half the b
 the wire. Every other parameter - norm gains, embedding tables, a weight two modules
 share, anything of a module meshpar does not know - is read in fp32 and travels exactly.
 
-So each rank sends its shard twice over, in one all-gather of 16-bit words: the whole
-shard cast to 16 bits (s words), then its exact parameters' elements as fp32 (two words
-each), padded to the largest such count on any rank (e): 2 (s + e) bytes per rank
-instead of 4 s. A Llama layer's exact elements are its two norm gains, 2h of some 12 h^2:
+So each rank sends, in one all-gather of 16-bit words, its whole shard cast to 16 bits
+(s words), then its exact parameters' elements once more as fp32 (two words each),
+padded to the largest such count on any rank (e): 2 (s + 2e) bytes per rank instead of
+4 s. A Llama layer's exact elements are its two norm gains, 2h of some 12 h^2:
 the wire bytes are half of fp32's to within 1/(6h). The receiver upcasts the first part
 into the fp32 buffer the module's parameters are views of, then writes the exact
 elements over their rounded values.

@@ -514,9 +514,10 @@ class ShardedDataParallel:
 
     def _gather(self, b: Bucket, purpose: str, wait: bool = True):
         exact = purpose == "read"  # to read the values themselves, not to compute with them
-        if b.gathered and not (exact and b.rounded):
-            return
-        self._free_params(b)
+        if b.gathered:
+            if not (exact and b.rounded):
+                return
+            self._free_params(b)  # gathered rounded, for compute: a read gathers it again exact
         storage = b.param_flat.untyped_storage()
         storage.resize_(b.numel * b.param_flat.element_size())
         device = b.param_flat.device
