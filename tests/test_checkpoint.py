@@ -4,7 +4,6 @@ files; stop and resume flags; Hugging Face export and import."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -22,9 +21,7 @@ from meshpar.checkpoint.regions import Box
 from meshpar.checkpoint.store import share_files
 from meshpar.config import ConfigError, check, validate
 from meshpar.mesh import MeshShape, ParallelMesh
-from meshpar.train.launch import build_mesh
-from meshpar.train.trainer import Trainer
-from reference import fast_config, train_and_report as train
+from reference import fast_config, train_and_report as train, trainer_on_this_rank
 from test_composition import layout_config
 
 STEPS, STOP = 6, 3
@@ -35,18 +32,12 @@ REPO = Path(__file__).resolve().parent.parent
 def resume_and_resave(cfg, resave_dir: str) -> dict:
     """Load cfg's checkpoint (--resume), write it straight back to `resave_dir` from this
     layout, then train on; the losses and final parameters."""
-    check(cfg)
-    mesh = build_mesh(cfg)
-    trainer = Trainer(cfg, mesh, torch.device("cpu"))
-    cfg.train.save_dir = resave_dir
-    trainer.save_checkpoint()
-    result = trainer.run()
-    report = {"losses": [s["loss"] for s in result.steps], "params": result.parallel.full_state(),
-              "started_from": result.summary["started_from"]}
-    del trainer, result
-    gc.collect()
-    mesh.destroy()
-    return report
+    with trainer_on_this_rank(cfg) as trainer:
+        cfg.train.save_dir = resave_dir
+        trainer.save_checkpoint()
+        result = trainer.run()
+        return {"losses": [s["loss"] for s in result.steps], "params": result.parallel.full_state(),
+                "started_from": result.summary["started_from"]}
 
 
 def saved_layout(**kw):

@@ -6,10 +6,7 @@ import weakref
 import pytest
 import torch
 
-from meshpar.config import check
-from meshpar.train.launch import build_mesh
-from meshpar.train.trainer import Trainer
-from reference import fast_config, train_and_report
+from reference import fast_config, train_and_report, trainer_on_this_rank
 
 REL = 1e-5
 
@@ -110,13 +107,9 @@ def test_one_rank_keeps_autograd_gradients_and_equals_the_buckets(reference):
     assert bucketed["losses"] == reference["losses"]
     for name, value in reference["params"].items():
         torch.testing.assert_close(bucketed["params"][name], value, rtol=0, atol=1e-7)
-    cfg = fast_config(dp=1, steps=1)
-    check(cfg)
-    mesh = build_mesh(cfg)
-    trainer = Trainer(cfg, mesh, torch.device("cpu"))
-    trainer.run()
-    mesh.destroy()
-    dp = trainer.data_parallel
+    with trainer_on_this_rank(fast_config(dp=1, steps=1)) as trainer:
+        trainer.run()
+        dp = trainer.data_parallel
     assert dp.direct and all(b.grad_flat is None for b in dp.buckets)
     params = dp.params()
     # Each gradient its own storage (a bucket's slots share one), and counted as state.
@@ -130,16 +123,12 @@ def test_one_rank_keeps_autograd_gradients_and_equals_the_buckets(reference):
 
 def gradients_held(cfg) -> dict:
     """One step of cfg; how this rank holds its gradients."""
-    check(cfg)
-    mesh = build_mesh(cfg)
-    trainer = Trainer(cfg, mesh, torch.device("cpu"))
-    trainer.train_step()
-    dp = trainer.data_parallel
-    params = dp.params()
-    held = {"direct": dp.direct, "buffers": sum(b.grad_flat is not None for b in dp.buckets),
-            "storages": len({p.grad.untyped_storage().data_ptr() for p in params}), "params": len(params)}
-    mesh.destroy()
-    return held
+    with trainer_on_this_rank(cfg) as trainer:
+        trainer.train_step()
+        dp = trainer.data_parallel
+        params = dp.params()
+        return {"direct": dp.direct, "buffers": sum(b.grad_flat is not None for b in dp.buckets),
+                "storages": len({p.grad.untyped_storage().data_ptr() for p in params}), "params": len(params)}
 
 
 def test_tensor_parallel_alone_keeps_autograd_gradients(worlds):

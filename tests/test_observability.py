@@ -14,31 +14,22 @@ import torch
 from meshpar.cli import main
 from meshpar.parallel.sharding import model_names
 from meshpar.train.checks import DivergenceError
-from reference import fast_config
+from reference import fast_config, trainer_on_this_rank
 
 ROOT = Path(__file__).parent.parent
 
 
-def trainer_for(cfg):
-    from meshpar.train.launch import build_mesh
-    from meshpar.train.trainer import Trainer
-
-    return Trainer(cfg, build_mesh(cfg), torch.device("cpu"))
-
-
 def nan_on_one_rank(cfg, bad_rank: int, bad_step: int) -> str:
     """Train; on `bad_rank` one gradient turns NaN at `bad_step`. Returns the error."""
-    trainer = trainer_for(cfg)
-    if trainer.mesh.rank == bad_rank:
-        param = dict(trainer.model.named_parameters())["layers.1.mlp.w_down.weight"]
-        param.register_hook(lambda g: g * float("nan") if trainer.step + 1 == bad_step else g)
-    try:
-        for _ in range(cfg.train.steps):
-            trainer.train_step()
-    except DivergenceError as err:
-        return str(err)
-    finally:
-        trainer.mesh.destroy()
+    with trainer_on_this_rank(cfg) as trainer:
+        if trainer.mesh.rank == bad_rank:
+            param = dict(trainer.model.named_parameters())["layers.1.mlp.w_down.weight"]
+            param.register_hook(lambda g: g * float("nan") if trainer.step + 1 == bad_step else g)
+        try:
+            for _ in range(cfg.train.steps):
+                trainer.train_step()
+        except DivergenceError as err:
+            return str(err)
     return "no error"
 
 
@@ -64,18 +55,16 @@ def test_a_nan_gradient_on_one_rank_alone_is_named_too():
 
 
 def drift_on_one_rank(cfg, name: str) -> str:
-    trainer = trainer_for(cfg)
-    trainer.train_step()
-    trainer.check_consistency()  # identical after a real step
-    if trainer.mesh.rank == trainer.mesh.world_size - 1:
-        with torch.no_grad():
-            dict(model_names(trainer.model))[name].view(-1)[0] += 1e-7  # the model's names, a tied copy's too
-    try:
-        trainer.check_consistency()
-    except DivergenceError as err:
-        return str(err)
-    finally:
-        trainer.mesh.destroy()
+    with trainer_on_this_rank(cfg) as trainer:
+        trainer.train_step()
+        trainer.check_consistency()  # identical after a real step
+        if trainer.mesh.rank == trainer.mesh.world_size - 1:
+            with torch.no_grad():
+                dict(model_names(trainer.model))[name].view(-1)[0] += 1e-7  # the model's names, a tied copy's too
+        try:
+            trainer.check_consistency()
+        except DivergenceError as err:
+            return str(err)
     return "no error"
 
 

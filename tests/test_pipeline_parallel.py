@@ -5,11 +5,9 @@ simulator's prediction; the ledger counts the point-to-point traffic."""
 import pytest
 import torch
 
-from meshpar.pipeline.check import simulate
-from meshpar.train.launch import mesh_shape
 from meshpar.mesh import ParallelMesh
-from meshpar.train.trainer import Trainer
-from reference import fast_config, train_and_report
+from meshpar.pipeline.check import simulate
+from reference import fast_config, train_and_report, trainer_on_this_rank
 
 REL = 1e-5
 STEPS = 10
@@ -74,12 +72,12 @@ def test_pipeline_composes_with_dp_and_tp(worlds, reference, schedule, virtual_s
 def held_and_predicted(cfg):
     """One step; the micro-batches whose saved activations were alive at once on this
     rank (measured through saved_tensors_hooks) and the simulator's peak for it."""
-    mesh = ParallelMesh.build(mesh_shape(cfg))
-    trainer = Trainer(cfg, mesh, torch.device("cpu"))
-    trainer.train_step()
-    predicted = simulate(trainer.schedule).peak_inflight_microbatches[mesh.index("pp")]
-    sends = {tag: e.calls for (axis, op, tag), e in mesh.ledger.entries.items() if axis == "pp" and op == "send"}
-    return trainer.pipeline.peak_live_microbatches, predicted, sends
+    with trainer_on_this_rank(cfg) as trainer:
+        trainer.train_step()
+        mesh = trainer.mesh
+        predicted = simulate(trainer.schedule).peak_inflight_microbatches[mesh.index("pp")]
+        sends = {tag: e.calls for (axis, op, tag), e in mesh.ledger.entries.items() if axis == "pp" and op == "send"}
+        return trainer.pipeline.peak_live_microbatches, predicted, sends
 
 
 @pytest.mark.parametrize("schedule, virtual_stages", SCHEDULES)

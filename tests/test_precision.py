@@ -8,15 +8,12 @@ import torch
 
 import weakref
 
-from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model, model_config
 from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autocast
 from meshpar.parallel.weight_casts import RecastWeights
 from meshpar.train.activations import count_saved_bytes
-from meshpar.train.launch import mesh_shape
-from meshpar.train.trainer import Trainer
-from reference import build_mesh, fast_config, train_and_report
+from reference import fast_config, train_and_report, trainer_on_this_rank
 
 
 def test_bf16_tracks_fp32():
@@ -41,25 +38,24 @@ def test_scaler_hysteresis_backoff_and_growth():
 
 def overflow_on_one_rank(cfg, bad_step: int, bad_rank: int):
     """Train; before step `bad_step` rank `bad_rank` turns one gradient into Inf."""
-    mesh = ParallelMesh.build(mesh_shape(cfg))
-    trainer = Trainer(cfg, mesh, torch.device("cpu"))
-    records, before, after = [], None, None
-    for step in range(1, cfg.train.steps + 1):
-        handle = None
-        if step == bad_step:
-            before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-            if mesh.rank == bad_rank:
-                handle = trainer.model.layers[2].mlp.w_up.weight.register_hook(lambda g: g * math.inf)
-        records.append(trainer.train_step())
-        if handle:
-            handle.remove()
-        if step == bad_step:
-            after = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    finite = all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    untouched = all(torch.equal(before[n], after[n]) for n in before)
-    states_finite = all(torch.isfinite(t).all() for s in trainer.optimizer.state.values()
-                        for t in s.values() if torch.is_tensor(t))
-    return records, untouched, finite and states_finite
+    with trainer_on_this_rank(cfg) as trainer:
+        records, before, after = [], None, None
+        for step in range(1, cfg.train.steps + 1):
+            handle = None
+            if step == bad_step:
+                before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+                if trainer.mesh.rank == bad_rank:
+                    handle = trainer.model.layers[2].mlp.w_up.weight.register_hook(lambda g: g * math.inf)
+            records.append(trainer.train_step())
+            if handle:
+                handle.remove()
+            if step == bad_step:
+                after = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        finite = all(torch.isfinite(p).all() for p in trainer.model.parameters())
+        untouched = all(torch.equal(before[n], after[n]) for n in before)
+        states_finite = all(torch.isfinite(t).all() for s in trainer.optimizer.state.values()
+                            for t in s.values() if torch.is_tensor(t))
+        return records, untouched, finite and states_finite
 
 
 def test_fp16_overflow_skips_the_step_on_every_rank(worlds):
@@ -128,16 +124,16 @@ def train_with_and_without_recasting(cfg):
         if not recast:
             RecastWeights._reference = lambda self, t: None  # every copy kept, as autocast does
         try:
-            trainer = Trainer(cfg, build_mesh(cfg), torch.device("cpu"))
-            result = trainer.run()
+            with trainer_on_this_rank(cfg) as trainer:
+                result = trainer.run()
+                matmul_weights = sum(p.numel() for name, p in trainer.model.named_parameters()
+                                     if p.ndim == 2 and "embedding" not in name)  # ZeRO-3: the full shapes
+                in_flight = trainer.pipeline.peak_live_microbatches if trainer.pipeline else 1
+                rank = trainer.mesh.rank
+                out.append(([s["loss"] for s in result.steps], result.summary["activation_bytes_per_rank"][rank],
+                            in_flight, matmul_weights))
         finally:
             RecastWeights._reference = original
-        matmul_weights = sum(p.numel() for name, p in trainer.model.named_parameters()
-                             if p.ndim == 2 and "embedding" not in name)  # ZeRO-3: the full shapes
-        in_flight = trainer.pipeline.peak_live_microbatches if trainer.pipeline else 1
-        rank = trainer.mesh.rank
-        out.append(([s["loss"] for s in result.steps], result.summary["activation_bytes_per_rank"][rank],
-                    in_flight, matmul_weights))
     return out
 
 

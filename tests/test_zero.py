@@ -3,15 +3,11 @@ final parameters (20 steps, fp32, AdamW), with and without accumulation and offl
 model-state bytes per rank against the ZeRO formulas; the ledger against the analytic
 volume; and the overlap of reductions with backward, from the event trace."""
 
-import gc
-
 import pytest
 import torch
 
-from meshpar.config import check, validate
-from meshpar.train.launch import build_mesh
-from meshpar.train.trainer import Trainer
-from reference import fast_config, train_and_report
+from meshpar.config import validate
+from reference import fast_config, train_and_report, trainer_on_this_rank
 
 REL = 1e-5
 
@@ -162,22 +158,16 @@ def test_ledger_volume_per_step(worlds):
 def zero3_gathers(cfg, sixteen_bit: bool) -> dict:
     """Train cfg (ZeRO-3) with its compute's gathers in 16 bits or, `sixteen_bit` False,
     in fp32; the losses, final parameters, gather wire bytes and the packings."""
-    check(cfg)
-    mesh = build_mesh(cfg)
-    trainer = Trainer(cfg, mesh, torch.device("cpu"))
-    packings = [(b.numel, b.sixteen_bit and (b.sixteen_bit.width, b.sixteen_bit.extra)) for b in trainer.data_parallel.buckets]
-    if not sixteen_bit:
-        for b in trainer.data_parallel.buckets:
-            b.sixteen_bit = None
-    result = trainer.run()
-    report = {"losses": [s["loss"] for s in result.steps], "params": result.parallel.full_state(),
-              "wire": {tag: e.wire_bytes for (axis, op, tag), e in mesh.ledger.entries.items()
-                       if axis == "dp" and tag.startswith("params_")},
-              "packings": packings}
-    del trainer, result
-    gc.collect()
-    mesh.destroy()
-    return report
+    with trainer_on_this_rank(cfg) as trainer:
+        packings = [(b.numel, b.sixteen_bit and b.sixteen_bit.width) for b in trainer.data_parallel.buckets]
+        if not sixteen_bit:
+            for b in trainer.data_parallel.buckets:
+                b.sixteen_bit = None
+        result = trainer.run()
+        return {"losses": [s["loss"] for s in result.steps], "params": result.parallel.full_state(),
+                "wire": {tag: e.wire_bytes for (axis, op, tag), e in trainer.mesh.ledger.entries.items()
+                         if axis == "dp" and tag.startswith("params_")},
+                "packings": packings}
 
 
 @pytest.mark.parametrize("precision, layout", [("bf16", {"dp": 2}), ("fp16", {"dp": 2, "tp": 2, "sequence_parallel": True})])
@@ -194,7 +184,7 @@ def test_zero3_gathers_linear_weights_in_16_bits_and_changes_no_bit(worlds, prec
         assert torch.equal(half["params"][name], value), name
     # Each gather moves n x (shard + 2 x the most exact elements on a rank) 16-bit words;
     # buckets without a linear weight (the embedding, the final norm) move fp32.
-    per_gather_half = sum(2 * n * packing[0] if packing else 4 * numel for numel, packing in half["packings"])
+    per_gather_half = sum(2 * n * packing if packing else 4 * numel for numel, packing in half["packings"])
     per_gather_full = sum(4 * numel for numel, _ in half["packings"])
     ratio = (n - 1) / n
     for tag in ("params_forward", "params_backward"):
@@ -229,15 +219,9 @@ def test_zero3_gathers_a_tied_embedding_for_both_of_its_layers(worlds):
 
 
 def overlap_trace(stage: int, overlap: bool) -> dict:
-    from meshpar.config import check
-    from meshpar.mesh import ParallelMesh
-    from meshpar.train.launch import mesh_shape
-    from meshpar.train.trainer import Trainer
-
-    cfg = zero_config(2, stage, overlap=overlap, bucket_mb=0.05)
-    trainer = Trainer(check(cfg), ParallelMesh.build(mesh_shape(cfg)), torch.device("cpu"))
-    trainer.train_step()
-    events = trainer.data_parallel.events
+    with trainer_on_this_rank(zero_config(2, stage, overlap=overlap, bucket_mb=0.05)) as trainer:
+        trainer.train_step()
+        events = trainer.data_parallel.events
     done = next(t for t, what, _ in events if what == "backward_done")
     launches = [t for t, what, _ in events if what == "launch"]
     return {"buckets": len(trainer.data_parallel.buckets), "launched": len(launches),
