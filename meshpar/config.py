@@ -344,7 +344,7 @@ def validate(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = Fal
             problems.append(f"--{axis}={getattr(par, axis)} must be at least 1")
     if model is not None and par.cp > 1 and par.tp >= 1:
         problems += context_parallel_problems(model.num_heads, model.num_kv_heads, tr.seq_len, par.cp, par.tp,
-                                              par.sequence_parallel, par.cp_impl, model.dropout)
+                                              par.sequence_parallel, par.cp_impl)
     if par.virtual_stages < 1:
         problems.append(f"--virtual-stages={par.virtual_stages} must be at least 1")
     if par.schedule not in GENERATORS:

@@ -64,8 +64,8 @@ def test_ring_blocks_on_one_rank(monkeypatch, flash):
     assert max(errors.values()) < REL, errors
 
 
-def cp_config(cp: int, impl: str = "ring", **parallel):
-    cfg = fast_config(steps=10, seq_len=48)  # 48 = 2 x cp x 6 (cp 4) or x 12 (cp 2)
+def cp_config(cp: int, impl: str = "ring", steps: int = 10, **parallel):
+    cfg = fast_config(steps=steps, seq_len=48)  # 48 = 2 x cp x 6 (cp 4) or x 12 (cp 2)
     cfg.parallel.cp, cfg.parallel.cp_impl = cp, impl
     for key, value in parallel.items():
         setattr(cfg.parallel, key, value)
@@ -88,6 +88,27 @@ def test_training_equals_single_device(worlds, reference, world, layouts):
     for layout, runs in zip(layouts, zip(*results)):
         for rank, run in enumerate(runs):
             assert_matches(run, reference, f"{layout} rank {rank}")
+
+
+def with_dropout(cfg, p: float = 0.1):
+    cfg.model.overrides["dropout"] = p
+    return cfg
+
+
+@pytest.mark.parametrize("world, layouts", [
+    (2, [{"cp": 2}]),
+    (4, [{"cp": 4}, {"cp": 2, "tp": 2, "sequence_parallel": True}, {"cp": 2, "tp": 2}]),
+])
+def test_dropout_draws_the_masks_of_one_device(worlds, world, layouts):
+    # Each rank draws the whole sequence's mask and keeps its tokens' rows: cp's two chunks,
+    # and under SP its tp block of them. Keeping the first rows instead fails at step 1.
+    reference = train_and_report(with_dropout(cp_config(1, steps=4)))
+    plain = train_and_report(cp_config(1, steps=4))
+    assert plain["losses"][0] != reference["losses"][0]  # the masks change the loss
+    results = worlds(world).run(train_each, [with_dropout(cp_config(**layout, steps=4)) for layout in layouts])
+    for layout, runs in zip(layouts, zip(*results)):
+        for rank, run in enumerate(runs):
+            assert_matches(run, reference, f"{layout} with dropout, rank {rank}")
 
 
 @pytest.mark.slow

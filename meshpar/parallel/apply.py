@@ -25,6 +25,7 @@ from meshpar.model.llama import Transformer
 from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.compile import apply_compile
 from meshpar.parallel.context import ContextParallelAttention, local_positions
+from meshpar.parallel.dropout import shard_dropouts
 from meshpar.parallel.sharding import full_state, tie
 from meshpar.parallel.recompute import apply_recompute
 from meshpar.parallel.tensor_plan import TensorParallelLlama
@@ -94,6 +95,7 @@ def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool 
         attend = ContextParallelAttention(mesh, cp_impl)
         for layer in model.layers:
             layer.attention.attend = attend
+    shard_dropouts(list(model.layers), model.cfg.dropout, mesh, sequence_parallel)
     if num_stages > 1:
         counts = stage_layer_counts or balanced_split(model.cfg, num_stages)
         ranges = stage_layers_of(counts)

@@ -268,7 +268,7 @@ def _ring_attention(q, k, v, mesh: ParallelMesh) -> torch.Tensor:
 
 
 def context_parallel_problems(num_heads: int, num_kv_heads: int, seq_len: int, cp: int, tp: int,
-                              sequence_parallel: bool, impl: str, dropout: float) -> list[str]:
+                              sequence_parallel: bool, impl: str) -> list[str]:
     if cp == 1:
         return []
     found = []
@@ -283,7 +283,4 @@ def context_parallel_problems(num_heads: int, num_kv_heads: int, seq_len: int, c
     if impl == "all-to-all" and (num_heads // max(tp, 1)) % cp:
         found.append(f"--cp-impl all-to-all needs the attention heads per tp rank ({num_heads // max(tp, 1)}) "
                      f"divisible by --cp {cp}; use --cp-impl ring")
-    if dropout > 0:
-        found.append("--cp above 1 with dropout is not supported: each rank would draw masks for its own "
-                     "tokens only; set the model's dropout to 0")
     return found

@@ -279,23 +279,3 @@ def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tens
                                  num_valid_local: int, mesh: ParallelMesh) -> torch.Tensor:
     """Per-token losses (same shape as `targets`), identical on every tp rank."""
     return _VocabParallelCrossEntropy.apply(logits_local, targets, vocab_start, num_valid_local, mesh)
-
-
-class SequenceParallelDropout(nn.Module):
-    """Dropout on a sequence-sharded tensor that draws the mask of the full tensor (all tp
-    ranks share the generator state) and keeps this rank's block, so every rank's mask is
-    its slice of the mask one device would draw."""
-
-    def __init__(self, p: float, mesh: ParallelMesh):
-        super().__init__()
-        self.p, self.mesh = p, mesh
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        t, rank = self.mesh.size("tp"), self.mesh.index("tp")
-        full_shape = list(x.shape)
-        full_shape[SEQ_DIM] *= t
-        keep = torch.rand(full_shape, device=x.device) >= self.p
-        keep = keep.chunk(t, dim=SEQ_DIM)[rank]
-        return x * keep / (1 - self.p)

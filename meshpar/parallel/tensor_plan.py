@@ -23,9 +23,8 @@ from meshpar.mesh import ParallelMesh
 from meshpar.model.config import ModelConfig
 from meshpar.model.llama import Transformer
 from meshpar.parallel.sharding import SPEC_ATTR, ShardSpec
-from meshpar.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, SequenceParallelDropout,
-                                     VocabParallelEmbedding, bracket, sum_grads_over_tp,
-                                     vocab_parallel_cross_entropy)
+from meshpar.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, bracket,
+                                     sum_grads_over_tp, vocab_parallel_cross_entropy)
 
 SEQUENCE_PARALLEL_GRAD_ATTR = "meshpar_sequence_parallel_grad"
 
@@ -93,9 +92,6 @@ class TensorParallelLlama:
         for layer in model.layers:
             self._shard_attention(layer.attention, cfg, t, r)
             self._shard_mlp(layer.mlp, cfg, t, r)
-            if sequence_parallel:
-                layer.attention_dropout = SequenceParallelDropout(cfg.dropout, mesh)
-                layer.mlp_dropout = SequenceParallelDropout(cfg.dropout, mesh)
         self.sequence_parallel_params = []
         if sequence_parallel:
             norms = [m for m in model.modules() if type(m).__name__ == "RMSNorm"]

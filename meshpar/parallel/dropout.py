@@ -1,0 +1,70 @@
+"""Dropout on a rank that holds only some of the sequence's tokens, with the mask one
+device would draw.
+
+The model's dropout draws its mask as `rand(shape) >= p` (meshpar/model/llama.py). A
+rank holding part of the sequence - context parallelism's two load-balanced chunks,
+sequence parallelism's 1/tp of them, or both - draws the mask of the whole sequence
+and keeps the rows of its own tokens. The ranks sharing a sequence share the generator
+state (the trainer seeds one stream per dp rank), so together they apply exactly the
+mask of one device, in the same generator calls on CPU and CUDA alike.
+
+The price: each rank generates the random numbers of the whole sequence, cp x tp times
+its own (a transient of 5 bytes per element of the full tensor: the uniform draws and
+the comparison's booleans). A counter-based generator, hashing each element's global
+position, would generate only the rank's own; it would also change the masks of one
+device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from meshpar.mesh import ParallelMesh
+from meshpar.parallel.context import local_positions
+from meshpar.parallel.tensor import SEQ_DIM
+
+
+class ShardedDropout(nn.Module):
+    """Dropout on this rank's tokens of a (batch, sequence, hidden) tensor: its cp chunks
+    and, under `sequence_parallel`, its tp block of those."""
+
+    def __init__(self, p: float, mesh: ParallelMesh, sequence_parallel: bool):
+        super().__init__()
+        self.p = p
+        self.cp, self.cp_rank = mesh.size("cp"), mesh.index("cp")
+        self.tp, self.tp_rank = (mesh.size("tp"), mesh.index("tp")) if sequence_parallel else (1, 0)
+        self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def rows(self, local_len: int, device: torch.device) -> torch.Tensor:
+        """Positions in the whole sequence of this rank's `local_len` tokens, in its order."""
+        key = (local_len, device)
+        if key not in self._rows:
+            full_len = local_len * self.tp * self.cp
+            mine = local_positions(full_len, self.cp, self.cp_rank, device) if self.cp > 1 else torch.arange(
+                full_len, device=device)
+            self._rows[key] = mine.chunk(self.tp)[self.tp_rank]
+        return self._rows[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        rows = self.rows(x.shape[SEQ_DIM], x.device)
+        full_shape = list(x.shape)
+        full_shape[SEQ_DIM] *= self.tp * self.cp
+        keep = (torch.rand(full_shape, device=x.device) >= self.p).index_select(SEQ_DIM, rows)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, cp={self.cp}, tp_blocks={self.tp}"
+
+
+def shard_dropouts(layers: list[nn.Module], p: float, mesh: ParallelMesh, sequence_parallel: bool) -> None:
+    """Give each transformer block of `layers` sharded dropouts where its tokens are split
+    (cp above 1, or tp above 1 under sequence parallelism); elsewhere the model's own."""
+    split = mesh.size("cp") > 1 or (sequence_parallel and mesh.size("tp") > 1)
+    if not split:
+        return
+    for layer in layers:
+        layer.attention_dropout = ShardedDropout(p, mesh, sequence_parallel)
+        layer.mlp_dropout = ShardedDropout(p, mesh, sequence_parallel)
