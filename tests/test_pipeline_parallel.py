@@ -169,3 +169,24 @@ def test_tied_embeddings_across_stages_equal_one_device(worlds, pp, schedule, vi
             assert (tied.calls, tied.bytes) == (STEPS, STEPS * shared_bytes), f"rank {rank}"
         else:
             assert tied is None, f"rank {rank} holds no copy"
+
+
+def dropout_stream(cfg) -> tuple[int, int, int, torch.Tensor]:
+    """(dp, tp, pp index, the first draws of this rank's dropout stream) once its trainer is built."""
+    with trainer_on_this_rank(cfg) as trainer:
+        mesh = trainer.mesh
+        return mesh.index("dp"), mesh.index("tp"), mesh.index("pp"), torch.rand(16)
+
+
+def test_dropout_streams_are_shared_by_a_stage_and_differ_between_stages(worlds):
+    # tp ranks draw one mask together; two stages sharing a stream would apply the same
+    # masks in different layers, two dp replicas to different samples.
+    cfg = pipeline_config(2, "1f1b", 4, tp=2, model={"dropout": 0.1}, steps=1)
+    tp2_pp2 = worlds(4).run(dropout_stream, cfg)
+    cfg.parallel.tp, cfg.parallel.dp = 1, 2
+    dp2_pp2 = worlds(4).run(dropout_stream, cfg)
+    for streams in (tp2_pp2, dp2_pp2):
+        for i, (dp_a, tp_a, pp_a, draws_a) in enumerate(streams):
+            for dp_b, tp_b, pp_b, draws_b in streams[i + 1:]:
+                same_replica_stage = (dp_a, pp_a) == (dp_b, pp_b)
+                assert torch.equal(draws_a, draws_b) == same_replica_stage, (dp_a, tp_a, pp_a, dp_b, tp_b, pp_b)

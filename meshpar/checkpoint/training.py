@@ -21,6 +21,7 @@ from torch import nn
 
 from meshpar.checkpoint.regions import Box, CheckpointError, box_of, first_holder
 from meshpar.checkpoint.store import LOCAL, CheckpointReader, write_checkpoint
+from meshpar.parallel.dropout import stream_seed
 from meshpar.parallel.sharding import model_names
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -175,5 +176,5 @@ def restore_training(trainer, reader: CheckpointReader) -> None:
             if key.startswith("feedback/"):
                 _, kind, bucket = key.split("/")
                 getattr(reducer, kind)[int(bucket)] = value.to(trainer.device)
-    else:  # another layout: a fresh dropout stream per dp rank, a function of the step
-        torch.manual_seed(trainer.cfg.train.seed + 1 + mesh.index("dp") + 1_000_003 * trainer.step)
+    else:  # another layout: fresh dropout streams, a function of the step
+        torch.manual_seed(stream_seed(trainer.cfg.train.seed, mesh, trainer.step))

@@ -59,6 +59,14 @@ class ShardedDropout(nn.Module):
         return f"p={self.p}, cp={self.cp}, tp_blocks={self.tp}"
 
 
+def stream_seed(seed: int, mesh: ParallelMesh, step: int = 0) -> int:
+    """The seed of this rank's dropout stream, from `step` on (a fresh stream after a
+    load into another layout). The tp and cp ranks of a replica's stage share one: they
+    draw one mask together. dp ranks draw their own, and so do pipeline ranks - sharing a
+    stream, stage 1 would apply in its layers the very masks stage 0 applies in its."""
+    return seed + 1 + mesh.index("dp") + mesh.size("dp") * mesh.index("pp") + 1_000_003 * step
+
+
 def shard_dropouts(layers: list[nn.Module], p: float, mesh: ParallelMesh, sequence_parallel: bool) -> None:
     """Give each transformer block of `layers` sharded dropouts where its tokens are split
     (cp above 1, or tp above 1 under sequence parallelism); elsewhere the model's own."""
