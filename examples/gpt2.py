@@ -12,35 +12,37 @@ from torch import nn
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, n_head: int):
+    def __init__(self, hidden: int, n_head: int, dropout: float):
         super().__init__()
         self.n_head = n_head
         self.c_attn = nn.Linear(hidden, 3 * hidden)  # q, k, v fused
         self.c_proj = nn.Linear(hidden, hidden)
+        self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         b, s, _ = x.shape
         q, k, v = self.c_attn(x).chunk(3, dim=-1)
         q, k, v = (t.view(b, s, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).reshape(b, s, -1))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, s, -1)))
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, dropout: float):
         super().__init__()
         self.c_fc = nn.Linear(hidden, 4 * hidden)
         self.c_proj = nn.Linear(4 * hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    def __init__(self, hidden: int, n_head: int):
+    def __init__(self, hidden: int, n_head: int, dropout: float):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(hidden), Attention(hidden, n_head)
-        self.ln_2, self.mlp = nn.LayerNorm(hidden), MLP(hidden)
+        self.ln_1, self.attn = nn.LayerNorm(hidden), Attention(hidden, n_head, dropout)
+        self.ln_2, self.mlp = nn.LayerNorm(hidden), MLP(hidden, dropout)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -49,11 +51,12 @@ class Block(nn.Module):
 
 class GPT2(nn.Module):
     def __init__(self, vocab: int = 256, hidden: int = 64, layers: int = 4, n_head: int = 4, max_len: int = 128,
-                 seed: int = 0, tie: bool = False):
+                 seed: int = 0, tie: bool = False, dropout: float = 0.0):
         super().__init__()
         torch.manual_seed(seed)
         self.wte, self.wpe = nn.Embedding(vocab, hidden), nn.Embedding(max_len, hidden)
-        self.h = nn.ModuleList(Block(hidden, n_head) for _ in range(layers))
+        self.drop = nn.Dropout(dropout)  # GPT-2's three places: embeddings, attention and MLP outputs
+        self.h = nn.ModuleList(Block(hidden, n_head, dropout) for _ in range(layers))
         self.ln_f = nn.LayerNorm(hidden)
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
         if tie:  # as GPT-2 does: the output layer is the token embedding
@@ -64,7 +67,7 @@ class GPT2(nn.Module):
                 nn.init.normal_(p, std=std)
 
     def embed(self, tokens):
-        return self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.drop(self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1], device=tokens.device)))
 
     def head(self, x):
         return self.lm_head(self.ln_f(x))
@@ -89,6 +92,6 @@ def gpt2_plan(hidden: int = 64):
         vocab_output="lm_head",
         divide_by_tp={"h.*.attn": ["n_head"]},
         tp_regions=["h.*.attn", "h.*.mlp"],
-        pipeline=meshpar.PipelinePlan(blocks="h", first=["wte", "wpe"], last=["ln_f", "lm_head"],
+        pipeline=meshpar.PipelinePlan(blocks="h", first=["wte", "wpe", "drop"], last=["ln_f", "lm_head"],
                                       embed=GPT2.embed, head=GPT2.head, hidden_size=hidden),
     )

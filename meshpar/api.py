@@ -29,6 +29,7 @@ from meshpar.config import TrainConfig
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.compile import allow_split_backward, apply_compile
+from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.recompute import recompute_modules
 from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
 from meshpar.parallel.plan import (FUSED_ATTR, PipelinePlan, Plan, PlannedStages, apply_sequence_parallel,
@@ -221,7 +222,15 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     A weight two modules share (a tied embedding and output layer) stays shared: split
     alike over tp, and held by both the first and the last pipeline stage, whose
     gradients of it are added up. Refused: between modules the plan splits differently,
-    and between pipeline stages other than the first and the last."""
+    and between pipeline stages other than the first and the last.
+
+    Dropout: the default generator is seeded last, from the seed the model was built
+    with (`torch.initial_seed()`), one stream per dp rank and pipeline stage, shared by
+    the tp ranks - they draw one mask together. A dropout inside a tp region sees whole
+    tensors (replicated, or the row layer's partial sums, which one mask scales alike);
+    under sequence parallelism one between regions draws the whole sequence's mask and
+    keeps its tokens' rows. Not handled: a dropout on a tensor split over tp by heads
+    (attention probabilities) - each rank would draw the same mask for its own heads."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero={zero}: choose 0, 1, 2 or 3")
     if precision not in PRECISIONS:
@@ -273,6 +282,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
     optimizer = adamw(*data_parallel.optimizer_params(), settings)
     scaler = DynamicLossScaler(LossScaleConfig()) if precision == "fp16" else None
+    torch.manual_seed(dropout_seed(torch.initial_seed(), mesh) % 2**64)
     return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab,
                         virtual_stages, model_name, precision, scaler, sequence_parallel)
 

@@ -419,6 +419,47 @@ def test_sequence_parallel_over_a_plan_equals_one_device(worlds, single):
         close(run, single, f"recomputed blocks, tp2 sp rank {rank}")  # their gathers run again in backward
 
 
+def train_gpt2_with_dropout(tp: int, sequence_parallel: bool = False) -> dict:
+    """GPT-2 with dropout 0.1 in its three places (embeddings, attention and MLP outputs,
+    the latter two inside tp regions) and one more between the regions, after ln_2."""
+    mesh = meshpar.init_mesh(tp=tp)
+    gpt2 = GPT2(seed=0, dropout=0.1)
+    for block in gpt2.h:
+        block.ln_2 = torch.nn.Sequential(block.ln_2, torch.nn.Dropout(0.1))
+    model = meshpar.parallelize(gpt2, mesh, gpt2_plan(), microbatches=2, lr=LR, sequence_parallel=sequence_parallel)
+    out = {"losses": [model.step(x, y) for x, y in batches(1, 0)], "params": model.full_state()}
+    mesh.destroy()
+    return out
+
+
+def test_dropout_over_a_plan_draws_one_devices_masks(worlds, single):
+    """tp ranks share the stream; inside a region the whole tensor (replicated, or the row
+    layer's partial sums) is dropped, between regions under SP each rank keeps its rows of
+    the whole sequence's mask. Attention probabilities split by heads would not be."""
+    reference = in_one_process(train_gpt2_with_dropout, 1)
+    assert reference["losses"][0] != single["losses"][0]  # the masks are drawn
+    for sequence_parallel in (False, True):
+        for rank, run in enumerate(worlds(2).run(train_gpt2_with_dropout, 2, sequence_parallel)):
+            close(run, reference, f"tp2 sp={sequence_parallel} with dropout, rank {rank}")
+
+
+def first_draws_after_parallelize(dp: int, tp: int, pp: int) -> tuple[int, int, torch.Tensor]:
+    mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp)
+    meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan())
+    out = mesh.index("dp"), mesh.index("pp"), torch.rand(8)
+    mesh.destroy()
+    return out
+
+
+def test_parallelize_gives_each_stage_and_replica_its_own_dropout_stream(worlds):
+    # From the seed the model was built with, equal on every rank: two stages sharing it
+    # would apply the same masks in different blocks.
+    for dp, tp, pp in ((1, 2, 2), (2, 1, 2)):
+        draws = worlds(4).run(first_draws_after_parallelize, dp, tp, pp)
+        for (dp_a, pp_a, a), (dp_b, pp_b, b) in itertools.combinations(draws, 2):
+            assert torch.equal(a, b) == ((dp_a, pp_a) == (dp_b, pp_b)), (dp, tp, pp)
+
+
 def saved_by_a_block(sequence_parallel: bool) -> dict[str, int]:
     from meshpar.train.activations import measure_saved_bytes
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from meshpar.checkpoint.regions import Box, CheckpointError, box_of, first_holder
 from meshpar.checkpoint.store import LOCAL, CheckpointReader, write_checkpoint
-from meshpar.parallel.dropout import stream_seed
+from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.sharding import model_names
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -177,4 +177,4 @@ def restore_training(trainer, reader: CheckpointReader) -> None:
                 _, kind, bucket = key.split("/")
                 getattr(reducer, kind)[int(bucket)] = value.to(trainer.device)
     else:  # another layout: fresh dropout streams, a function of the step
-        torch.manual_seed(stream_seed(trainer.cfg.train.seed, mesh, trainer.step))
+        torch.manual_seed(dropout_seed(trainer.cfg.train.seed, mesh, trainer.step))

@@ -27,11 +27,14 @@ from meshpar.parallel.tensor import SEQ_DIM
 
 class ShardedDropout(nn.Module):
     """Dropout on this rank's tokens of a (batch, sequence, hidden) tensor: its cp chunks
-    and, under `sequence_parallel`, its tp block of those."""
+    and, under `sequence_parallel`, its tp block of those. `like_torch`: the mask and
+    scaling of `nn.Dropout` on CPU (bernoulli(1 - p) divided by 1 - p, then a product)
+    instead of the model's `rand >= p` - for a plan's model (on CUDA torch's dropout is a
+    fused kernel with its own draws, so there the masks are alike in distribution only)."""
 
-    def __init__(self, p: float, mesh: ParallelMesh, sequence_parallel: bool):
+    def __init__(self, p: float, mesh: ParallelMesh, sequence_parallel: bool, like_torch: bool = False):
         super().__init__()
-        self.p = p
+        self.p, self.like_torch = p, like_torch
         self.cp, self.cp_rank = mesh.size("cp"), mesh.index("cp")
         self.tp, self.tp_rank = (mesh.size("tp"), mesh.index("tp")) if sequence_parallel else (1, 0)
         self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -52,6 +55,9 @@ class ShardedDropout(nn.Module):
         rows = self.rows(x.shape[SEQ_DIM], x.device)
         full_shape = list(x.shape)
         full_shape[SEQ_DIM] *= self.tp * self.cp
+        if self.like_torch:
+            scale = torch.empty(full_shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p).div_(1 - self.p)
+            return x * scale.index_select(SEQ_DIM, rows)
         keep = (torch.rand(full_shape, device=x.device) >= self.p).index_select(SEQ_DIM, rows)
         return x * keep / (1 - self.p)
 
@@ -59,7 +65,7 @@ class ShardedDropout(nn.Module):
         return f"p={self.p}, cp={self.cp}, tp_blocks={self.tp}"
 
 
-def stream_seed(seed: int, mesh: ParallelMesh, step: int = 0) -> int:
+def dropout_seed(seed: int, mesh: ParallelMesh, step: int = 0) -> int:
     """The seed of this rank's dropout stream, from `step` on (a fresh stream after a
     load into another layout). The tp and cp ranks of a replica's stage share one: they
     draw one mask together. dp ranks draw their own, and so do pipeline ranks - sharing a

@@ -27,7 +27,8 @@ blocks (norms, residual adds, dropout) runs on 1/tp of the tokens. A region sees
 whole sequence, so it may mix tokens (the attention core) and read the sequence length
 from its input; outside the regions a block must work token by token. The blocks'
 replicated parameters (norm gains, row biases) then see 1/tp of the tokens, and their
-gradients are summed over tp.
+gradients are summed over tp. An `nn.Dropout` between regions draws the mask of the whole
+sequence and keeps its rows (meshpar/parallel/dropout.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshpar.mesh import ParallelMesh
+from meshpar.parallel.dropout import ShardedDropout
 from meshpar.parallel.sharding import SPEC_ATTR, ShardSpec
 from meshpar.parallel.tensor import (bracket, copy_to_tensor_parallel, gather_to_replicated,
                                      reduce_from_tensor_parallel, scatter_to_sequence_parallel)
@@ -289,14 +291,20 @@ def apply_sequence_parallel(model: nn.Module, plan: Plan, mesh: ParallelMesh) ->
     """Sequence parallelism over the plan's blocks (see the module docstring), in place,
     after `check_sequence_parallel` and `apply_tensor_plan`. Returns the blocks'
     replicated parameters, whose gradients must be summed over tp."""
-    blocks = model.get_submodule(plan.block_list())
-    for _, region in _regions(model, plan):
+    blocks, regions = model.get_submodule(plan.block_list()), _regions(model, plan)
+    for _, region in regions:
         for module in region.modules():
             if isinstance(module, ColumnLinear):
                 module.enter = False
             elif isinstance(module, RowLinear):
                 module.leave = False
         bracket(region, mesh, sequence_parallel=True)
+    # A dropout between regions sees this rank's tokens only: it draws the whole sequence's
+    # mask and keeps its rows, as one device would (inside a region it sees them all).
+    for name, module in list(model.named_modules()):
+        if (type(module) is nn.Dropout and module.p > 0 and name.startswith(plan.block_list() + ".")
+                and not any(name.startswith(r + ".") for r, _ in regions)):
+            _set(model, name, ShardedDropout(module.p, mesh, sequence_parallel=True, like_torch=True))
     blocks[0].register_forward_pre_hook(lambda _m, args: (scatter_to_sequence_parallel(args[0], mesh), *args[1:]))
     blocks[-1].register_forward_hook(lambda _m, _args, out: gather_to_replicated(out, mesh))
     return [p for p in blocks.parameters() if not hasattr(p, SPEC_ATTR)]

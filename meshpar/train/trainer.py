@@ -16,7 +16,7 @@ from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
 from meshpar.parallel.apply import ParallelModel, parallelize
 from meshpar.parallel.compile import allow_split_backward
-from meshpar.parallel.dropout import stream_seed
+from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
@@ -59,7 +59,7 @@ class Trainer:
                                     par.sequence_parallel, num_stages, par.pp_layers,
                                     par.recompute, par.recompute_every, par.cp_impl, tr.compile)
         self.model = self.parallel.module
-        torch.manual_seed(stream_seed(tr.seed, mesh))  # dropout's masks
+        torch.manual_seed(dropout_seed(tr.seed, mesh))  # dropout's masks
         dp, dp_rank = mesh.size("dp"), mesh.index("dp")
         train_tokens, val_tokens = load_tokens(tr.data)
         self.loader = BatchLoader(train_tokens, tr.seq_len, tr.global_batch_size, dp_rank, dp, tr.seed)
