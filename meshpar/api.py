@@ -28,7 +28,7 @@ from meshpar.checkpoint import planned
 from meshpar.config import TrainConfig
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model.loss import cross_entropy_sum
-from meshpar.parallel.compile import allow_split_backward, apply_compile
+from meshpar.parallel.compile import allow_split_backward, apply_compile, recast_weight_copies
 from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.recompute import recompute_modules
 from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
@@ -260,6 +260,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     compiled, recomputed = _matching(model, "compile", compile), _matching(model, "recompute", recompute)
     if compiled:
         apply_compile(compiled)
+        if recasting(precision, zero, schedule if pp > 1 else None):
+            recast_weight_copies()  # the saved-tensor hooks cannot see inside a compiled graph
         if pp > 1 and build_schedule(schedule, pp, virtual_stages, microbatches).splits_backward:
             allow_split_backward()
     recompute_modules(recomputed)  # around the compiled forwards: the checkpoint stays eager

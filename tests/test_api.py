@@ -134,6 +134,21 @@ def test_gpt2_in_bf16_equals_one_device_in_bf16(worlds):
     assert max(abs(a / b - 1) for a, b in zip(replicated, fp32)) > 1e-5  # it did compute in 16 bits
     for rank, run in enumerate(worlds(4).run(bf16, 2, 1, 2, 3, 2)):
         assert run["losses"] == replicated, f"pp2 dp2 zero3 rank {rank}"
+    # Compiled blocks on the pipeline: their partitioner casts the copies again too
+    # (inductor's fusions round bf16 otherwise than eager, hence the tolerance).
+    compiled = functools.partial(with_joint_pass, functools.partial(bf16, compile=["h.*"]))
+    for rank, run in enumerate(worlds(2).run(compiled, 1, 1, 2, 0, 2)):
+        assert run["joint_pass"] == "_CastWeightsAgain", rank
+        torch.testing.assert_close(torch.tensor(run["losses"]), reference, rtol=1e-3, atol=0)
+
+
+def with_joint_pass(train, *args) -> dict:
+    """train(*args), and the name of the joint-graph pass inductor ran for it."""
+    import torch._inductor.config as inductor_config
+
+    out = train(*args)
+    out["joint_pass"] = type(inductor_config.joint_custom_pre_pass).__name__
+    return out
 
 
 def test_fp16_skips_an_overflowing_step_and_a_checkpoint_keeps_the_scale(tmp_path):

@@ -117,12 +117,20 @@ def test_16_bit_compute_with_tp_and_pp(worlds, precision, layout):
 
 def train_with_and_without_recasting(cfg):
     """(losses, activation bytes, peak micro-batches in flight, bytes of the weights this
-    rank casts to 16 bits) with weight copies cast again in backward, then kept."""
+    rank casts to 16 bits) with weight copies cast again in backward, then kept. Compiled
+    blocks keep theirs without the joint-graph pass that marks the casts for recompute."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from meshpar.train import trainer as trainer_module
+
     out = []
     for recast in (True, False):
-        original = RecastWeights._reference
+        original, install = RecastWeights._reference, trainer_module.recast_weight_copies
         if not recast:
             RecastWeights._reference = lambda self, t: None  # every copy kept, as autocast does
+            trainer_module.recast_weight_copies = lambda: None
+            inductor_config.joint_custom_pre_pass = None
+            torch._dynamo.reset()  # no graph compiled with the pass comes back
         try:
             with trainer_on_this_rank(cfg) as trainer:
                 result = trainer.run()
@@ -133,16 +141,19 @@ def train_with_and_without_recasting(cfg):
                 out.append(([s["loss"] for s in result.steps], result.summary["activation_bytes_per_rank"][rank],
                             in_flight, matmul_weights))
         finally:
-            RecastWeights._reference = original
+            RecastWeights._reference, trainer_module.recast_weight_copies = original, install
     return out
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("layout", ["pp2", "zero3"])
-def test_16_bit_weight_copies_are_cast_again_not_kept(worlds, layout):
+def test_16_bit_weight_copies_are_cast_again_not_kept(worlds, layout, compiled):
     """Under a pipeline and ZeRO-3, autograd keeps no 16-bit weight copy: the activations
     shrink by exactly 2 bytes per weight per micro-batch in flight, and the losses stay
-    the same to the bit (the copy is cast again from the same fp32 weight)."""
-    cfg = fast_config(dp=2 if layout == "zero3" else 1, steps=3, precision="bf16", micro_batch_size=4)
+    the same to the bit (the copy is cast again from the same fp32 weight). Compiled
+    blocks too, through their partitioner (meshpar/parallel/compile.py)."""
+    cfg = fast_config(dp=2 if layout == "zero3" else 1, steps=3, precision="bf16", micro_batch_size=4,
+                      compile=compiled)
     cfg.parallel.pp = 2 if layout == "pp2" else 1
     cfg.parallel.zero = 3 if layout == "zero3" else 0
     for rank, (recast, kept) in enumerate(worlds(2).run(train_with_and_without_recasting, cfg)):

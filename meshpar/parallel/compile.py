@@ -13,12 +13,56 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.utils.checkpoint import CheckpointPolicy
 
 
 def apply_compile(layers: list[nn.Module]) -> None:
     """Compile each of `layers` (transformer blocks) in place."""
     for layer in layers:
         layer.forward = torch.compile(layer.forward)
+
+
+def recast_weight_copies() -> None:
+    """Compiled blocks cast their 16-bit weight copies again in backward instead of
+    saving them - what `weight_casts.RecastWeights` does for eager code, whose hooks
+    cannot tell a copy made inside a compiled graph. Inductor's partitioner saves the
+    copies: the cast's output feeds a matmul in backward, which bans recomputing it. A
+    joint-graph pass marks each 16-bit cast of an fp32 forward input (a weight) as
+    must-recompute, so the partitioner saves the fp32 weight - alive anyway, and free to
+    save - and casts it again in the backward graph: the same bits, one cast more.
+
+    Process-wide, as `allow_split_backward` (inductor's `joint_custom_pre_pass`,
+    replacing any set before); what it changes in other compiled code is what it changes
+    here (saving fp32 inputs in place of their 16-bit casts). Graphs dynamo compiled
+    before would come back without it, so its cache goes, as there."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    if not isinstance(inductor_config.joint_custom_pre_pass, _CastWeightsAgain):
+        inductor_config.joint_custom_pre_pass = _CastWeightsAgain()
+        torch._dynamo.reset()
+
+
+class _CastWeightsAgain(CustomGraphPass):
+    """The joint-graph pass of `recast_weight_copies`."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        casts = (torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default)
+        for node in graph.nodes:
+            if node.op != "call_function" or node.target not in casts:
+                continue
+            source = node.args[0]
+            if not (isinstance(source, torch.fx.Node) and source.op == "placeholder"
+                    and source.name.startswith("primals")):  # forward inputs, not backward's tangents
+                continue
+            before, after = source.meta.get("val"), node.meta.get("val")
+            if before is not None and after is not None and before.dtype == torch.float32 \
+                    and after.dtype in (torch.bfloat16, torch.float16):
+                node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+
+    def uuid(self):
+        return get_hash_for_files((__file__,))
 
 
 def allow_split_backward() -> None:

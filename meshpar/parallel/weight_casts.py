@@ -23,8 +23,8 @@ A parameter changed in place between forward and backward (the async schedule's
 update) would be recast from its new value, so that is refused: a reference records the
 parameter's version and unpacking checks it, as autograd does for a tensor it saved.
 
-Compiled blocks (`--compile`) keep what their own partitioner decides to save, out of
-this hook's sight.
+Compiled blocks (`--compile`) are out of this hook's sight; a joint-graph pass has their
+partitioner do the same (`recast_weight_copies` in meshpar/parallel/compile.py).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from meshpar.config import Config
 from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
 from meshpar.parallel.apply import ParallelModel, parallelize
-from meshpar.parallel.compile import allow_split_backward
+from meshpar.parallel.compile import allow_split_backward, recast_weight_copies
 from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.zero import ShardedDataParallel
@@ -98,6 +98,8 @@ class Trainer:
         # 16-bit weight copies cast again in backward, not kept, under ZeRO-3 and pipelines.
         recast = recasting(tr.precision, par.zero, par.schedule if self.pipeline else None)
         self.saved_tensor_hooks = saved_tensor_hooks(self.model, recast)
+        if recast and tr.compile:  # the hooks cannot see inside a compiled graph
+            recast_weight_copies()
         self.compute = functools.partial(autocast, tr.precision, device, cache=not recast)
         self.scaler = None
         if tr.precision == "fp16":
