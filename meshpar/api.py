@@ -123,6 +123,7 @@ class Parallelized:
         tp = self.mesh.size("tp")
         if self.sequence_parallel and inputs.shape[1] % tp:
             raise ValueError(f"sequence_parallel: tp={tp} must divide the sequence length {inputs.shape[1]}")
+        self._check_same_batch(inputs, targets)
         xs, ys = inputs.chunk(self.microbatches), targets.chunk(self.microbatches)
         tokens = targets.numel() * self.mesh.size("dp")
         self.data_parallel.zero_grad()
@@ -153,6 +154,31 @@ class Parallelized:
                       lambda: {id(p): name for name, p in self.named_parameters()}, loss)
         self.steps_taken += 1  # not when the step diverged: nothing was updated
         return loss.item()
+
+    def _check_same_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """ValueError, on every rank of the replica, unless its tp and pp ranks were all
+        given the same batch: a pipeline's first stage would read one batch's inputs and
+        its last another's targets, and nothing else would notice. Compared by a
+        position-weighted checksum: one all-reduce of 12 numbers per axis and step."""
+        axes = [axis for axis in ("tp", "pp") if self.mesh.size(axis) > 1]
+        if not axes:
+            return
+        parts = []
+        for t in (inputs, targets):
+            flat = t.detach().flatten().double()
+            where = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
+            parts += [torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device), flat.sum(),
+                      (flat * where).sum()]
+        mine = torch.stack(parts)
+        extremes = torch.cat([mine, -mine])  # the max of both halves: the largest and the smallest
+        for axis in axes:
+            comm.all_reduce(self.mesh, axis, extremes, tag="same_batch", op="max")
+        if not torch.equal(extremes[:len(parts)], -extremes[len(parts):]):
+            raise ValueError(
+                "step(inputs, targets): the tp and pp ranks of a replica were given different batches; "
+                "every rank of a replica needs the same rows. Draw them from a generator of their own "
+                "(torch.Generator().manual_seed(...)) rather than the default one, which parallelize() "
+                "seeds per dp rank and pipeline stage for dropout")
 
     def _pipeline(self, micro_batch: torch.Tensor) -> PipelineRuntime:
         if self.pipeline is None:
@@ -226,7 +252,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
 
     Dropout: the default generator is seeded last, from the seed the model was built
     with (`torch.initial_seed()`), one stream per dp rank and pipeline stage, shared by
-    the tp ranks - they draw one mask together. A dropout inside a tp region sees whole
+    the tp ranks - they draw one mask together. So draw batches from a generator of
+    their own: `step` refuses, on every rank, a batch that differs between the tp or pp
+    ranks of a replica. A dropout inside a tp region sees whole
     tensors (replicated, or the row layer's partial sums, which one mask scales alike);
     under sequence parallelism one between regions draws the whole sequence's mask and
     keeps its tokens' rows. Not handled: a dropout on a tensor split over tp by heads

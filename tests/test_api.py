@@ -475,6 +475,27 @@ def test_parallelize_gives_each_stage_and_replica_its_own_dropout_stream(worlds)
             assert torch.equal(a, b) == ((dp_a, pp_a) == (dp_b, pp_b)), (dp, tp, pp)
 
 
+def batches_from_the_default_generator(tp: int, pp: int) -> str:
+    """The hazard parallelize's reseeding creates: batches drawn from the default
+    generator after it differ between stages (and replicas). The error, or 'no error'."""
+    mesh = meshpar.init_mesh(tp=tp, pp=pp)
+    model = meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan(), microbatches=2, lr=LR)
+    tokens = torch.randint(0, 256, (BATCH, SEQ + 1))
+    try:
+        model.step(tokens[:, :-1], tokens[:, 1:])
+        return "no error"
+    except ValueError as err:
+        return str(err)
+    finally:
+        mesh.destroy()
+
+
+def test_ranks_of_a_replica_given_different_batches_are_told(worlds):
+    for message in worlds(2).run(batches_from_the_default_generator, 1, 2):
+        assert "were given different batches" in message and "generator of their own" in message
+    assert worlds(2).run(batches_from_the_default_generator, 2, 1) == ["no error"] * 2  # tp ranks share a stream
+
+
 def saved_by_a_block(sequence_parallel: bool) -> dict[str, int]:
     from meshpar.train.activations import measure_saved_bytes
 
