@@ -5,12 +5,13 @@ The model's dropout draws its mask as `rand(shape) >= p` (meshpar/model/llama.py
 rank holding part of the sequence - context parallelism's two load-balanced chunks,
 sequence parallelism's 1/tp of them, or both - draws the mask of the whole sequence
 and keeps the rows of its own tokens. The ranks sharing a sequence share the generator
-state (the trainer seeds one stream per dp rank), so together they apply exactly the
+state (`dropout_seed`: one stream per dp rank and pipeline stage), so together they apply the
 mask of one device, in the same generator calls on CPU and CUDA alike.
 
 The price: each rank generates the random numbers of the whole sequence, cp x tp times
-its own (a transient of 5 bytes per element of the full tensor: the uniform draws and
-the comparison's booleans). A counter-based generator, hashing each element's global
+its own, and holds them for a moment: 5 bytes per element of the whole tensor under the
+model's rule (the uniform draws and the comparison's booleans), one element of the
+tensor's dtype under torch's. A counter-based generator, hashing each element's global
 position, would generate only the rank's own; it would also change the masks of one
 device.
 """
