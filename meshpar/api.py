@@ -254,11 +254,11 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     with (`torch.initial_seed()`), one stream per dp rank and pipeline stage, shared by
     the tp ranks - they draw one mask together. So draw batches from a generator of
     their own: `step` refuses, on every rank, a batch that differs between the tp or pp
-    ranks of a replica. A dropout inside a tp region sees whole
-    tensors (replicated, or the row layer's partial sums, which one mask scales alike);
-    under sequence parallelism one between regions draws the whole sequence's mask and
-    keeps its tokens' rows. Not handled: a dropout on a tensor split over tp by heads
-    (attention probabilities) - each rank would draw the same mask for its own heads."""
+    ranks of a replica. A dropout inside a tp region sees whole tensors (replicated, or
+    the row layer's partial sums, which one mask scales alike); under sequence
+    parallelism one between regions draws the whole sequence's mask and keeps its
+    tokens' rows. Not handled: a dropout on a tensor split over tp by heads (attention
+    probabilities) - each rank would draw the same mask for its own heads."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero={zero}: choose 0, 1, 2 or 3")
     if precision not in PRECISIONS:

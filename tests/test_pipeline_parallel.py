@@ -2,6 +2,8 @@
 synchronous schedule, alone and with dp and tp; the activations actually held match the
 simulator's prediction; the ledger counts the point-to-point traffic."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -186,7 +188,5 @@ def test_dropout_streams_are_shared_by_a_stage_and_differ_between_stages(worlds)
     cfg.parallel.tp, cfg.parallel.dp = 1, 2
     dp2_pp2 = worlds(4).run(dropout_stream, cfg)
     for streams in (tp2_pp2, dp2_pp2):
-        for i, (dp_a, tp_a, pp_a, draws_a) in enumerate(streams):
-            for dp_b, tp_b, pp_b, draws_b in streams[i + 1:]:
-                same_replica_stage = (dp_a, pp_a) == (dp_b, pp_b)
-                assert torch.equal(draws_a, draws_b) == same_replica_stage, (dp_a, tp_a, pp_a, dp_b, tp_b, pp_b)
+        for (dp_a, tp_a, pp_a, a), (dp_b, tp_b, pp_b, b) in itertools.combinations(streams, 2):
+            assert torch.equal(a, b) == ((dp_a, pp_a) == (dp_b, pp_b)), (dp_a, tp_a, pp_a, dp_b, tp_b, pp_b)

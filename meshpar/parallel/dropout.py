@@ -5,8 +5,8 @@ The model's dropout draws its mask as `rand(shape) >= p` (meshpar/model/llama.py
 rank holding part of the sequence - context parallelism's two load-balanced chunks,
 sequence parallelism's 1/tp of them, or both - draws the mask of the whole sequence
 and keeps the rows of its own tokens. The ranks sharing a sequence share the generator
-state (`dropout_seed`: one stream per dp rank and pipeline stage), so together they apply the
-mask of one device, in the same generator calls on CPU and CUDA alike.
+state (`dropout_seed`: one stream per dp rank and pipeline stage), so together they
+apply the mask of one device, in the same generator calls on CPU and CUDA alike.
 
 The price: each rank generates the random numbers of the whole sequence, cp x tp times
 its own, and holds them for a moment: 5 bytes per element of the whole tensor under the
