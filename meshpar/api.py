@@ -88,13 +88,12 @@ class Parallelized:
     steps_taken: int = 0  # with the skipped ones
     skipped_steps: int = 0  # fp16: steps whose gradients overflowed (no update)
     extra: dict | None = None  # the caller's data from the checkpoint `load` restored
+    recast: bool = False  # 16-bit weight copies cast again in backward, not kept (weight_casts.py)
+    compiled: bool = False  # some modules run compiled: the zero-bubble split walks the graph twice
 
     def __post_init__(self):
-        pipelined = self.mesh.size("pp") > 1
-        recast = recasting(self.precision, self.data_parallel.stage, self.schedule if pipelined else None)
-        # 16-bit weight copies are cast again in backward, not kept (weight_casts.py).
-        self._saved_tensor_hooks = saved_tensor_hooks(self.module, recast)
-        self._compute = lambda: autocast(self.precision, self.device(), cache=not recast)
+        self._saved_tensor_hooks = saved_tensor_hooks(self.module, self.recast)
+        self._compute = lambda: autocast(self.precision, self.device(), cache=not self.recast)
 
     def device(self) -> torch.device:
         """Where this rank's parameters live."""
@@ -188,7 +187,7 @@ class Parallelized:
             schedule = build_schedule(self.schedule, pp, self.virtual_stages, self.microbatches)
             self.pipeline = PipelineRuntime(schedule, self.module,
                                             self.mesh, self.loss_sum, shape, micro_batch.device,
-                                            measure_activations=False)
+                                            measure_activations=False, split_at_linears=not self.compiled)
             self.pipeline.compute_context = self._compute
             self.pipeline.saved_tensor_hooks = self._saved_tensor_hooks
         return self.pipeline
@@ -286,9 +285,10 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     vocab = apply_tensor_plan(model, plan, mesh)  # may replace modules: match again
     sequence_partial = apply_sequence_parallel(model, plan, mesh) if sequence_parallel else []
     compiled, recomputed = _matching(model, "compile", compile), _matching(model, "recompute", recompute)
+    recast = recasting(precision, zero, schedule if pp > 1 else None)
     if compiled:
         apply_compile(compiled)
-        if recasting(precision, zero, schedule if pp > 1 else None):
+        if recast:
             recast_weight_copies()  # the saved-tensor hooks cannot see inside a compiled graph
         if pp > 1 and build_schedule(schedule, pp, virtual_stages, microbatches).splits_backward:
             allow_split_backward()
@@ -314,7 +314,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     scaler = DynamicLossScaler(LossScaleConfig()) if precision == "fp16" else None
     torch.manual_seed(dropout_seed(torch.initial_seed(), mesh) % 2**64)
     return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab,
-                        virtual_stages, model_name, precision, scaler, sequence_parallel)
+                        virtual_stages, model_name, precision, scaler, sequence_parallel,
+                        recast=recast, compiled=bool(compiled))
 
 
 def _matching(model: nn.Module, option: str, patterns) -> list[nn.Module]:

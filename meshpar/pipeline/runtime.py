@@ -27,6 +27,7 @@ from meshpar.mesh import ParallelMesh
 from meshpar.pipeline.actions import Action, Schedule
 from meshpar.parallel.weight_casts import keep_saved
 from meshpar.pipeline.split import PipelineChunks
+from meshpar.pipeline.weight_grads import DeferredWeightGrads
 
 
 class _Saved:
@@ -51,7 +52,7 @@ class PipelineRuntime:
     def __init__(self, schedule: Schedule, chunks: PipelineChunks, mesh: ParallelMesh,
                  loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  hidden_shape: tuple[int, ...], device: torch.device, measure_activations: bool = True,
-                 microbatches_per_step: int | None = None):
+                 microbatches_per_step: int | None = None, split_at_linears: bool = True):
         self.schedule, self.chunks, self.mesh = schedule, chunks, mesh
         self.loss_sum, self.hidden_shape, self.device = loss_sum, hidden_shape, device
         self.rank = mesh.index("pp")
@@ -69,6 +70,10 @@ class PipelineRuntime:
         # weight copies recast or kept; a measurement's pack/unpack for the rest.
         self.saved_tensor_hooks: Callable = keep_saved
         self.loss_scale = 1.0  # fp16: backward runs from loss * loss_scale
+        # The zero-bubble split: I and W at the linear layers (weight_grads.py), or where
+        # that cannot reach (compiled code) the generic split, which walks the graph twice.
+        self.weight_grads = (DeferredWeightGrads(chunks) if schedule.splits_backward and split_at_linears
+                             else None)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -79,19 +84,23 @@ class PipelineRuntime:
         return ((stage * self.schedule.num_microbatches + mb) * 2 + int(backward)) * 2 + int(evaluation)
 
     def _live_saved_bytes(self) -> int:
-        """Bytes of the storages autograd keeps for the micro-batches in flight (each
-        storage once; parameters are not activations)."""
+        """Bytes of the storages autograd keeps for the micro-batches in flight, and of
+        what their linear layers hold for W (each storage once; parameters are not
+        activations)."""
         params = {p.untyped_storage().data_ptr() for p in self.chunks.parameters()}
+        held = [holder.tensor for saved in self.state.saved.values() for holder in saved]
+        if self.weight_grads is not None:
+            held += self.weight_grads.held_tensors()
         storages = {}
-        for saved in self.state.saved.values():
-            for holder in saved:
-                storage = holder.tensor.untyped_storage()
-                if storage.data_ptr() not in params:
-                    storages[storage.data_ptr()] = storage.nbytes()
+        for tensor in held:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                storages[storage.data_ptr()] = storage.nbytes()
         return sum(storages.values())
 
     def _live_microbatches(self) -> int:
-        return sum(1 for saved in self.state.saved.values() if len(saved))
+        return sum(1 for key, saved in self.state.saved.items()
+                   if len(saved) or (self.weight_grads is not None and self.weight_grads.held(key)))
 
     # --- synchronous schedules: one step = the whole action list -----------------------
 
@@ -180,9 +189,12 @@ class PipelineRuntime:
         elif a.kind == "I":
             self._backward(key, inputs_only=True)
         elif a.kind == "W":
-            st = self.state
-            weights = self.chunks.stage_parameters(a.stage)
-            torch.autograd.backward(st.stage_out[key], st.grad_out.get(key), inputs=weights)
+            if self.weight_grads is not None:
+                self.weight_grads.weight_pass(key)
+            else:
+                st = self.state
+                weights = self.chunks.stage_parameters(a.stage)
+                torch.autograd.backward(st.stage_out[key], st.grad_out.get(key), inputs=weights)
             self._release(key)
 
     def _forward(self, stage: int, mb: int):
@@ -205,7 +217,9 @@ class PipelineRuntime:
 
         version = self.versions.get(mb // self.microbatches_per_step) if self.versions else None
         measure = self.measure_activations and torch.is_grad_enabled()
-        with self.saved_tensor_hooks(pack, lambda h: h.tensor) if measure else self.saved_tensor_hooks():
+        split = (self.weight_grads.recording() if self.weight_grads is not None and torch.is_grad_enabled()
+                 else nullcontext())
+        with self.saved_tensor_hooks(pack, lambda h: h.tensor) if measure else self.saved_tensor_hooks(), split:
             with self.compute_context():
                 if version is not None:
                     y = functional_call(self.chunks, version, (stage, x))
@@ -229,7 +243,13 @@ class PipelineRuntime:
             st.grad_out[key] = st.grad_in.pop((stage + 1, mb))  # the next stage ran here
         grad = st.grad_out.get(key)
         x = st.stage_in.get(key)
-        if inputs_only:
+        if inputs_only and self.weight_grads is not None:
+            with self.weight_grads.input_pass(key):
+                torch.autograd.backward(out, grad)
+            st.stage_out.pop(key)  # the graph is gone; W needs only what the linear layers held
+            if x is not None:
+                st.grad_in[key] = x.grad
+        elif inputs_only:
             if x is not None:
                 (st.grad_in[key],) = torch.autograd.grad(out, [x], grad, retain_graph=True)
         else:

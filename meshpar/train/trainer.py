@@ -93,7 +93,8 @@ class Trainer:
             self.model.positions = self.positions
             self.pipeline = PipelineRuntime(self.schedule, self.model, mesh, self.parallel.loss_sum,
                                             (micro_batch, seq_shard, self.model_cfg.hidden_size), device,
-                                            microbatches_per_step=self.num_microbatches)
+                                            microbatches_per_step=self.num_microbatches,
+                                            split_at_linears=not tr.compile)
         self.asynchronous = par.schedule == "async" and self.pipeline is not None
         # 16-bit weight copies cast again in backward, not kept, under ZeRO-3 and pipelines.
         recast = recasting(tr.precision, par.zero, par.schedule if self.pipeline else None)
