@@ -121,7 +121,7 @@ class DeferredWeightGrads:
         grads: dict[int, list] = {}  # a layer called twice: its gradients summed first
         for weight, bias, x, grad_y in self.pending.pop(key, []):
             dy = grad_y.reshape(-1, grad_y.shape[-1])
-            products = [(weight, x.reshape(-1, x.shape[-1]).t().mm(dy).t())]
+            products = [(weight, dy.t().mm(x.reshape(-1, x.shape[-1])))]
             if bias is not None:
                 products.append((bias, dy.sum(0)))
             for tensor, grad in products:
