@@ -40,12 +40,14 @@ def with_recompute(cfg, policy, every=1):
     return cfg
 
 
-@pytest.mark.parametrize("layout", [{"tp": 2, "sequence_parallel": True}, {"pp": 2}])
+@pytest.mark.parametrize("layout", [{"tp": 2, "sequence_parallel": True}, {"pp": 2},
+                                    {"pp": 2, "schedule": "zb-h1"}])  # recomputed in I, linears split
 def test_recompute_with_tp_sp_and_pp(worlds, layout):
     def config(policy="none", every=1):
         cfg = fast_config(steps=5, micro_batch_size=4, tp=layout.get("tp", 1),
                           sequence_parallel=layout.get("sequence_parallel", False))
         cfg.parallel.pp = layout.get("pp", 1)
+        cfg.parallel.schedule = layout.get("schedule", cfg.parallel.schedule)
         return with_recompute(cfg, policy, every)
 
     baseline = worlds(2).run(train_and_report, config())

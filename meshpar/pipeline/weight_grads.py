@@ -92,8 +92,8 @@ class DeferredWeightGrads:
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Context of a split micro-batch's forward (and of its I, where recomputation
-        runs the forward again): its linear layers hold their weight gradients back."""
+        """Context of a split micro-batch's forward: its linear layers will hold their
+        weight gradients back. (A recomputation in I enters it again: recompute.py.)"""
         with _RouteLinears(self):
             yield
 
@@ -104,8 +104,7 @@ class DeferredWeightGrads:
         self.key = key
         self.pending.setdefault(key, [])
         try:
-            with self.recording():
-                yield
+            yield
         finally:
             self.key = None
 
