@@ -37,10 +37,10 @@ def count_hook_calls(model: nn.Module) -> dict[str, int]:
 @pytest.mark.parametrize("precision, recompute", [("fp32", False), ("bf16", False), ("bf16", True)])
 def test_input_and_weight_passes_do_one_backwards_work(precision, recompute):
     """With recomputation the layers run again in I, their linear layers routed as in
-    the forward (recompute.py enters the forward's torch-function modes again). One
-    product more then: checkpoint stops recomputing once the last saved tensor is back,
-    which in one backward is the input of a layer's last linear (w_down), before its
-    matmul; a routed linear saves its input only once its forward has run."""
+    the forward. One product more then: checkpoint stops recomputing once the last saved
+    tensor is back, which in one backward is the input of a layer's last linear
+    (w_down), before its matmul; a routed linear saves its input only once its forward
+    has run."""
     cfg = model_config("tiny")
     reference = build_model(cfg, seed=0)
     model = copy.deepcopy(reference)

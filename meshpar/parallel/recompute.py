@@ -8,42 +8,24 @@
                 keep everything
 
 PyTorch's non-reentrant checkpoint does the work, with the RNG state saved and restored
-so dropout draws the same masks the second time, and the torch-function modes the
-forward ran under entered again (the zero-bubble split routes the linear layers through
-one: meshpar/pipeline/weight_grads.py). The wrapped method replaces the module's own (an
-instance attribute), so parameter names stay those of the reference.
+so dropout draws the same masks the second time. The wrapped method replaces the
+module's own (an instance attribute), so parameter names stay those of the reference.
 """
 
 from __future__ import annotations
 
 import functools
-from contextlib import ExitStack, contextmanager, nullcontext
 
-import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 POLICIES = ("none", "full", "selective")
 
 
-def _forwards_modes():
-    """checkpoint's context_fn: nothing around the forward; around the recomputation, the
-    torch-function modes active when the forward ran - a backward runs without them."""
-    modes = torch.overrides._get_current_function_mode_stack()
-
-    @contextmanager
-    def recomputation():
-        with ExitStack() as stack:
-            for mode in modes:
-                stack.enter_context(mode)
-            yield
-    return nullcontext(), recomputation()
-
-
 def _checkpointed(fn):
     @functools.wraps(fn)
     def run(*args):
-        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=_forwards_modes)
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
     return run
 
 

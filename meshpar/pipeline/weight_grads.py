@@ -83,28 +83,54 @@ class _RouteLinears(TorchFunctionMode):
 
 
 class DeferredWeightGrads:
-    """The held-back weight gradients of one pipeline rank, by (stage, micro-batch)."""
+    """The held-back weight gradients of one pipeline rank, by (stage, micro-batch).
+
+    The routing is on only inside the modules that own deferrable weights (a forward
+    pre-hook enters `_RouteLinears`, a forward hook leaves it), and only while `routing`:
+    a mode sees every torch call made under it, and the rest of a block need not pay a
+    Python call per operation. The hooks are installed once, here."""
 
     def __init__(self, module: nn.Module):
         self.deferrable = read_only_by_matmuls(module)
         self.pending: dict[tuple[int, int], list] = {}
         self.key: tuple[int, int] | None = None  # the micro-batch whose I is running
+        self.routing = False
+        self._modes: list[_RouteLinears] = []
+        for owner in module.modules():
+            if any(id(p) in self.deferrable for p in owner.parameters(recurse=False)):
+                owner.register_forward_pre_hook(self._enter)
+                owner.register_forward_hook(self._leave, always_call=True)
+
+    def _enter(self, _module, _args):
+        mode = _RouteLinears(self) if self.routing else None
+        if mode is not None:
+            mode.__enter__()
+        self._modes.append(mode)
+
+    def _leave(self, _module, _args, _out):
+        mode = self._modes.pop()
+        if mode is not None:
+            mode.__exit__(None, None, None)
 
     @contextmanager
     def recording(self) -> Iterator[None]:
         """Context of a split micro-batch's forward: its linear layers will hold their
-        weight gradients back. (A recomputation in I enters it again: recompute.py.)"""
-        with _RouteLinears(self):
+        weight gradients back."""
+        self.routing = True
+        try:
             yield
+        finally:
+            self.routing = False
 
     @contextmanager
     def input_pass(self, key: tuple[int, int]) -> Iterator[None]:
         """Context of micro-batch `key`'s I: what its linear layers hold back is filed
-        under `key`."""
+        under `key`; a recomputation of the forward routes them again."""
         self.key = key
         self.pending.setdefault(key, [])
         try:
-            yield
+            with self.recording():
+                yield
         finally:
             self.key = None
 
