@@ -218,6 +218,48 @@ def test_zero3_gathers_a_tied_embedding_for_both_of_its_layers(worlds):
         assert gathers["params_backward"] == steps * m * units, gathers
 
 
+def gathered_at_each_weight_pass(cfg, early: bool) -> dict:
+    """Train cfg (ZeRO-3, zb-h1) with units freed after their input gradient (`early`) or
+    once their last gradient is in; the buckets gathered whenever a W starts."""
+    with trainer_on_this_rank(cfg) as trainer:
+        dp, store = trainer.data_parallel, trainer.pipeline.weight_grads
+        assert dp.free_after_input_grad  # what the trainer sets where W is split at the linears
+        dp.free_after_input_grad = early
+        gathered, weight_pass = [], store.weight_pass
+        store.weight_pass = lambda key: (gathered.append(sum(b.gathered for b in dp.buckets)), weight_pass(key))
+        result = trainer.run()
+        return {"losses": [s["loss"] for s in result.steps], "params": result.parallel.full_state(),
+                "gathered": gathered, "buckets": len(dp.buckets), "microbatches": trainer.num_microbatches,
+                "with_split_weights": sum(any(id(p) in store.deferrable for p in b.params) for b in dp.buckets),
+                "gathers": {tag: e.calls for (axis, op, tag), e in trainer.mesh.ledger.entries.items()
+                            if axis == "dp" and tag.startswith("params_")}}
+
+
+def test_zero3_frees_a_unit_before_its_weight_pass(worlds):
+    """zb-h1's W reads no weight (pipeline/weight_grads.py), so under ZeRO-3 a unit is
+    freed once its input gradient is done: no bucket is gathered when a W starts, and
+    every bucket is gathered once per micro-batch in forward and once in backward - the
+    ZeRO-3 count. Waiting for the last gradient instead kept every unit with a linear
+    layer gathered until its W, and a forward in between found it gathered: fewer
+    forward gathers, more memory. The same bits either way."""
+    cfg = zero_config(2, 3, micro_batch_size=2, pp=2, schedule="zb-h1")
+    cfg.train.steps = 3
+    runs = zip(*(worlds(4).run(gathered_at_each_weight_pass, cfg, early) for early in (True, False)))
+    saved_by_waiting = []
+    for rank, (early, late) in enumerate(runs):
+        assert early["gathered"] and set(early["gathered"]) == {0}, (rank, early["gathered"])
+        assert max(late["gathered"]) == late["with_split_weights"] > 0, (rank, late["gathered"])
+        per_step = cfg.train.steps * early["microbatches"] * early["buckets"]
+        assert early["gathers"]["params_forward"] == early["gathers"]["params_backward"] == per_step, early
+        assert late["gathers"]["params_backward"] == per_step >= late["gathers"]["params_forward"]
+        saved_by_waiting.append(per_step - late["gathers"]["params_forward"])
+        assert early["losses"] == late["losses"]
+        for name, value in late["params"].items():
+            assert torch.equal(early["params"][name], value), name
+    # Stage 0 runs each W right after its I; stage 1 holds one back, across a forward.
+    assert saved_by_waiting[0] == 0 and saved_by_waiting[-1] > 0, saved_by_waiting
+
+
 def overlap_trace(stage: int, overlap: bool) -> dict:
     with trainer_on_this_rank(zero_config(2, stage, overlap=overlap, bucket_mb=0.05)) as trainer:
         trainer.train_step()

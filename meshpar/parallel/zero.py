@@ -59,6 +59,7 @@ parameter shards themselves in host memory between uses.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -163,6 +164,10 @@ class ShardedDataParallel:
         self.direct = (stage == 0 and self.n == 1 and self.cp == 1 and not offload
                        and not any(tied_across_stages(p) for p in module.parameters()))
         self.events: list[tuple[float, str, int]] = []  # (time, what, bucket): the overlap trace
+        # ZeRO-3: a zero-bubble pipeline computes the linear layers' weight gradients in W,
+        # without reading the weights (pipeline/weight_grads.py): a unit is then freed as
+        # soon as its input gradient is done, not when its last gradient arrives.
+        self.free_after_input_grad = False
         self.buckets: list[Bucket] = []
         units = units_of(module)
         seen: set[int] = set()
@@ -483,14 +488,17 @@ class ShardedDataParallel:
                        for p in unit.parameters() if id(p) in self._slot_of}
             if buckets:
                 held.append((unit, list(buckets.values())))
+        users = Counter(b.index for _, buckets in held for b in buckets)
         for i, (unit, buckets) in enumerate(held):
             ahead = held[i + 1][1] if i + 1 < len(held) else []
             behind = held[i - 1][1] if i > 0 else []
-            unit.register_forward_pre_hook(lambda m, args, bs=buckets, ahead=ahead: self._before_forward(bs, ahead))
+            own = [b for b in buckets if users[b.index] == 1]  # a shared one waits for its other user
+            unit.register_forward_pre_hook(lambda m, args, bs=buckets, ahead=ahead, own=own:
+                                           self._before_forward(bs, ahead, own, args))
             unit.register_forward_hook(lambda m, args, out, bs=buckets, behind=behind:
                                        self._after_forward(bs, behind, out))
 
-    def _before_forward(self, buckets: list[Bucket], ahead: list[Bucket]):
+    def _before_forward(self, buckets: list[Bucket], ahead: list[Bucket], own: list[Bucket], args: tuple):
         purpose = "forward" if torch.is_grad_enabled() else "eval"
         for b in buckets:
             self._gather(b, purpose, wait=False)
@@ -498,6 +506,12 @@ class ShardedDataParallel:
             self._gather(b, purpose, wait=False)
         for b in buckets:
             self._wait_gather(b)
+        x = args[0] if args and torch.is_tensor(args[0]) else None
+        if self.free_after_input_grad and own and x is not None and x.requires_grad and torch.is_grad_enabled():
+            def after_backward(grad, own=own):  # every product reading the weights is done
+                for b in own:
+                    self._free_params(b)
+            x.register_hook(after_backward)
 
     def _after_forward(self, buckets: list[Bucket], behind: list[Bucket], out):
         for b in buckets:

@@ -95,6 +95,7 @@ class Trainer:
                                             (micro_batch, seq_shard, self.model_cfg.hidden_size), device,
                                             microbatches_per_step=self.num_microbatches,
                                             split_at_linears=not tr.compile)
+            self.data_parallel.free_after_input_grad = self.pipeline.weight_grads is not None
         self.asynchronous = par.schedule == "async" and self.pipeline is not None
         # 16-bit weight copies cast again in backward, not kept, under ZeRO-3 and pipelines.
         recast = recasting(tr.precision, par.zero, par.schedule if self.pipeline else None)
