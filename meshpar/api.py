@@ -189,7 +189,6 @@ class Parallelized:
                                             self.mesh, self.loss_sum, shape, micro_batch.device,
                                             measure_activations=False, split_at_linears=not self.compiled)
             self.pipeline.compute_context = self._compute
-            self.data_parallel.free_after_input_grad = self.pipeline.weight_grads is not None
             self.pipeline.saved_tensor_hooks = self._saved_tensor_hooks
         return self.pipeline
 

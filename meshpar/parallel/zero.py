@@ -165,8 +165,11 @@ class ShardedDataParallel:
                        and not any(tied_across_stages(p) for p in module.parameters()))
         self.events: list[tuple[float, str, int]] = []  # (time, what, bucket): the overlap trace
         # ZeRO-3: a zero-bubble pipeline computes the linear layers' weight gradients in W,
-        # without reading the weights (pipeline/weight_grads.py): a unit is then freed as
-        # soon as its input gradient is done, not when its last gradient arrives.
+        # without reading the weights (pipeline/weight_grads.py): a unit can then be freed
+        # as soon as its input gradient is done, not when its last gradient arrives. That
+        # assumes, as FSDP2's post-backward does, that nothing in the unit's backward reads
+        # a parameter off the path to its input (y = f(x) + g(w)): true of meshpar's model,
+        # which the trainer turns this on for; not known of a model of the API's.
         self.free_after_input_grad = False
         self.buckets: list[Bucket] = []
         units = units_of(module)
