@@ -18,6 +18,7 @@ the linear layers routes the forward's `F.linear` calls through a torch-function
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -44,16 +45,19 @@ class Stage(nn.Module):
         return x
 
 
-def held_bytes(tensors) -> int:
+def held_bytes(tensors: list[torch.Tensor]) -> int:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
 
-def run_once(stage: Stage, x: torch.Tensor, grad: torch.Tensor, variant: str, count: bool) -> dict:
-    """One forward and the variant's backward; times (and with `count`, FLOPs) of its passes."""
+def run_once(stage: Stage, x: torch.Tensor, grad: torch.Tensor, variant: str, count: bool,
+             store: DeferredWeightGrads | None) -> dict:
+    """One forward and the variant's backward; times (and with `count`, FLOPs) of its
+    passes. `store`: the split at the linear layers, installed on `stage` (variant
+    "linears" only)."""
     params = list(stage.parameters())
+    lasting = {t.data_ptr() for t in [*params, *stage.buffers()]}
     saved = []  # what autograd keeps, to weigh it between I and W
-    store = DeferredWeightGrads(stage) if variant == "linears" else None
 
     def pack(t):
         saved.append(t)
@@ -83,8 +87,8 @@ def run_once(stage: Stage, x: torch.Tensor, grad: torch.Tensor, variant: str, co
             result[name + "_s"] = time.perf_counter() - start
         if name == "I":  # generic: the whole graph is kept for W; at the linears: what they hold
             kept = store.held_tensors() if store is not None else saved
-            result["held_bytes"] = held_bytes([t for t in kept if t.data_ptr() not in _param_ptrs(stage)])
-    for p in stage.parameters():
+            result["held_bytes"] = held_bytes([t for t in kept if t.data_ptr() not in lasting])
+    for p in params:
         p.grad = None
     x.grad = None
     return result
@@ -93,10 +97,6 @@ def run_once(stage: Stage, x: torch.Tensor, grad: torch.Tensor, variant: str, co
 def _input_pass(store: DeferredWeightGrads, out: torch.Tensor, grad: torch.Tensor):
     with store.input_pass((0, 0)):
         torch.autograd.backward(out, grad)
-
-
-def _param_ptrs(module: nn.Module) -> set[int]:
-    return {t.data_ptr() for t in [*module.parameters(), *module.buffers()]}
 
 
 def main():
@@ -110,15 +110,22 @@ def main():
     cfg = model_config(args.model)
     torch.manual_seed(0)
     stage = Stage(build_model(cfg, seed=0), args.layers, args.seq)
+    split_stage = copy.deepcopy(stage)  # the same weights, with the split's forward hooks
+    store = DeferredWeightGrads(split_stage)
     x = torch.randn(args.batch, args.seq, cfg.hidden_size, requires_grad=True)
     grad = torch.randn_like(x)
     variants = ("plain", "generic", "linears")
-    counts = {v: run_once(stage, x, grad, v, count=True) for v in variants}
+
+    def run(variant: str, count: bool) -> dict:
+        split = variant == "linears"
+        return run_once(split_stage if split else stage, x, grad, variant, count, store if split else None)
+
+    counts = {v: run(v, count=True) for v in variants}
     times = {v: [] for v in variants}
-    run_once(stage, x, grad, "plain", count=False)  # warm-up
+    run("plain", count=False)  # warm-up
     for _ in range(args.repeats):
         for v in variants:
-            times[v].append(run_once(stage, x, grad, v, count=False))
+            times[v].append(run(v, count=False))
     median = {v: {k: statistics.median(r[k] for r in times[v]) for k in times[v][0] if k.endswith("_s")}
               for v in variants}
     plain_s = median["plain"]["B_s"]

@@ -95,7 +95,7 @@ class DeferredWeightGrads:
         self.pending: dict[tuple[int, int], list] = {}
         self.key: tuple[int, int] | None = None  # the micro-batch whose I is running
         self.routing = False
-        self._modes: list[_RouteLinears] = []
+        self._modes: list[_RouteLinears | None] = []  # one per module forward entered
         for owner in module.modules():
             if any(id(p) in self.deferrable for p in owner.parameters(recurse=False)):
                 owner.register_forward_pre_hook(self._enter)
