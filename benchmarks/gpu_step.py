@@ -23,7 +23,12 @@ FLOPs per token (N all parameters) and with the exact matmul count (the input em
 a lookup, not a matmul), MFU against the bf16 matmul rate measured here (an 8192^3 matmul
 on a GPU) and against 989 TFLOP/s (H100/H200 dense bf16), peak memory. Then one line of
 ratios: meshpar / torch-eager and meshpar-compile / torch-compile (at least 1.0: meshpar is
-as fast or faster).
+as fast or faster). A variant that fails prints a line with its error, and the others still
+run: on a lent machine one run has to say as much as it can.
+
+With `--profile FILE` each variant runs one more step under torch.profiler after the timed
+ones: its line gains the step's wall time and the time the device was busy in it, and FILE
+gets the kernels that took the most device time - where a slower variant loses its time.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
+import traceback
 from datetime import date
 
 import torch
@@ -49,7 +56,8 @@ from meshpar.train.metrics import peak_memory
 from meshpar.train.optim import build_optimizer, lr_at
 from meshpar.train.trainer import Trainer
 
-VARIANTS = ("torch-eager", "torch-compile", "meshpar", "meshpar-compile")
+# Each eager pair before the compiled one: a run cut short still has one comparison.
+VARIANTS = ("torch-eager", "meshpar", "torch-compile", "meshpar-compile")
 H100_BF16_PEAK = GPUS["h100-80gb"].peak_tflops * 1e12  # dense bf16, the same for an H200
 # On a CPU: a toy model of the same family, small enough to compile and train in seconds.
 TOY = {"vocab_size": 1024, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4,
@@ -121,13 +129,38 @@ def matmul_rate(device: torch.device) -> float:
     return 2 * n ** 3 / statistics.median(times)
 
 
+def profiled_step(steps, name: str, device: torch.device, out: str) -> dict:
+    """Run one more step under torch.profiler; append its costliest kernels to `out` and
+    return the step's wall time and the device's busy time in it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        next(steps)
+        synchronize(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    with open(out, "a") as f:
+        f.write(f"=== {name}: wall {wall * 1e3:.1f} ms, device busy {busy_us / 1e3:.1f} ms\n")
+        f.write(events.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                             row_limit=30, max_name_column_width=90))
+        f.write("\n")
+    return {"profiled_step_wall_s": round(wall, 5), "profiled_step_device_busy_s": round(busy_us / 1e6, 5)}
+
+
 def run_variant(name: str, args, device: torch.device, rate: float) -> dict:
     cfg = config(args, compile_blocks=name == "meshpar-compile")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     count = args.warmup + args.steps
-    steps = list(meshpar_steps(cfg, device, count) if name.startswith("meshpar")
-                 else plain_steps(cfg, device, name == "torch-compile", count))
+    generator = (meshpar_steps(cfg, device, count + 1) if name.startswith("meshpar")
+                 else plain_steps(cfg, device, name == "torch-compile", count + 1))
+    steps = [next(generator) for _ in range(count)]
+    profiled = profiled_step(generator, name, device, args.profile) if args.profile else {}
+    generator.close()
     step_time = statistics.median(t for t, _ in steps[args.warmup:])
     tokens_per_s = args.batch * args.seq_len / step_time
     model = cfg.model.resolve()
@@ -145,6 +178,7 @@ def run_variant(name: str, args, device: torch.device, rate: float) -> dict:
         "peak_memory_gib": round(peak_memory(device) / 2 ** 30, 2) if device.type == "cuda" else None,
         "compile_and_warmup_s": round(sum(t for t, _ in steps[:args.warmup]), 2),
         "losses": [round(loss, 4) for _, loss in steps],
+        **profiled,
     }
     gc.collect()
     if device.type == "cuda":
@@ -154,6 +188,9 @@ def run_variant(name: str, args, device: torch.device, rate: float) -> dict:
 
 def median_round(runs: list[dict]) -> dict:
     """The round of median step time, and every round's step time beside it."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
     chosen = dict(sorted(runs, key=lambda r: r["step_time_s"])[len(runs) // 2])
     chosen["step_time_s_per_round"] = [r["step_time_s"] for r in runs]
     return chosen
@@ -177,6 +214,8 @@ def main(argv=None):
                         help="run every variant this many times, in turns; report each one's median round (1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--out", help="also append the JSON lines to this file")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="profile one more step per variant; append its costliest kernels to FILE")
     args = parser.parse_args(argv)
     on_gpu = args.device == "cuda"
     args.batch = args.batch or (8 if on_gpu else 2)
@@ -192,28 +231,46 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.manual_seed(0)
     rate = matmul_rate(device)
-    lines = [{"benchmark": "gpu_step", "date": date.today().isoformat(), "device": device_name(device),
-              "torch": torch.__version__, "matmul_tflops": round(rate / 1e12, 2)}]
-    print(json.dumps(lines[0]), flush=True)
+    lines = []
+    emit({"benchmark": "gpu_step", "date": date.today().isoformat(), "device": device_name(device),
+          "torch": torch.__version__, "matmul_tflops": round(rate / 1e12, 2)}, lines, args.out)
     rounds = {name: [] for name in variants}
-    for _ in range(args.rounds):  # variants take turns, so a busy machine slows them alike
+    for round_index in range(args.rounds):  # variants take turns, so a busy machine slows them alike
         for name in variants:
-            rounds[name].append(run_variant(name, args, device, rate))
-    results = {}
-    for name, runs in rounds.items():
-        results[name] = median_round(runs)
-        lines.append(results[name])
-        print(json.dumps(results[name]), flush=True)
+            try:
+                run = run_variant(name, args, device, rate)
+            except Exception as error:  # report it and go on to the other variants
+                traceback.print_exc(file=sys.stderr)
+                run = {"variant": name, "error": f"{type(error).__name__}: {error}"}
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rounds[name].append(run)
+            # As each run ends (a run cut short keeps what it measured): with one round the
+            # line itself, with several a progress line on stderr.
+            if args.rounds == 1:
+                emit(run, lines, args.out)
+            else:
+                print(f"round {round_index + 1}: {json.dumps(run)}", file=sys.stderr, flush=True)
+    results = {name: median_round(runs) for name, runs in rounds.items()}
+    if args.rounds > 1:
+        for result in results.values():
+            emit(result, lines, args.out)
     ratios = {f"{ours}/{theirs}": round(results[ours]["tokens_per_s"] / results[theirs]["tokens_per_s"], 3)
               for ours, theirs in (("meshpar", "torch-eager"), ("meshpar-compile", "torch-compile"))
-              if ours in results and theirs in results}
+              if "tokens_per_s" in results.get(ours, {}) and "tokens_per_s" in results.get(theirs, {})}
     if ratios:
-        lines.append({"tokens_per_s_ratio": ratios})
-        print(json.dumps(lines[-1]), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
+        emit({"tokens_per_s_ratio": ratios}, lines, args.out)
     return lines
+
+
+def emit(line: dict, lines: list[dict], out: str | None):
+    """Print one JSON line, keep it, and append it to `out`."""
+    lines.append(line)
+    print(json.dumps(line), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":
