@@ -122,6 +122,32 @@ def test_cross_entropy_sum_equals_torch_in_value_and_gradient(monkeypatch, block
     torch.testing.assert_close(ours_grad, logits.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cross_entropy_sum_equals_the_blocks(monkeypatch, dtype):
+    """The generated kernels a GPU runs (compiled here for the CPU: the same source) give
+    the eager blocks' loss and gradient to round-off, in the logits' dtype, and keep
+    the same tensors for backward."""
+    from meshpar.model import loss
+    from meshpar.train.activations import count_saved_bytes
+
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 37, 300) * 4).to(dtype)
+    targets = torch.randint(0, 300, (2, 37))
+    monkeypatch.setattr(loss, "BLOCK_ELEMENTS", 20 * 300)  # several blocks, one cut short
+    results = []
+    for fused_on in ((), ("cpu",)):
+        monkeypatch.setattr(loss, "FUSED_ON", fused_on)
+        x = logits.clone().requires_grad_()
+        with count_saved_bytes(torch.nn.Module()) as saved:
+            value = loss.cross_entropy_sum(x, targets)
+        (value * 0.25).backward()
+        results.append((value, x.grad, saved["bytes"]))
+    (blocks, blocks_grad, blocks_saved), (fused, fused_grad, fused_saved) = results
+    assert fused_grad.dtype == dtype and fused_saved == blocks_saved
+    torch.testing.assert_close(fused, blocks, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused_grad, blocks_grad, **({} if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)))
+
+
 def test_cross_entropy_sum_keeps_16_bit_logits_and_no_fp32_copy():
     """What backward keeps: the bf16 logits (2 bytes each) and a 4-byte log-sum-exp per
     token, against the fp32 log-softmax (4 bytes per logit) of F.cross_entropy on the upcast."""

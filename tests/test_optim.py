@@ -39,3 +39,24 @@ def test_clipping_scales_to_max_norm():
     assert clip_grads(params, 2.0, ParallelMesh.single()) == pytest.approx(1.0, rel=1e-5)
     assert params[0].grad[0].item() == pytest.approx(0.6, rel=1e-5)
     assert clip_grads(params, 0.0, ParallelMesh.single()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_clipping_under_the_limit_skips_the_pass_and_changes_no_bit():
+    """With the norm read on the host, a norm clearly under the limit multiplies nothing
+    (its scale would be exactly 1); at the limit the gradients are still scaled."""
+
+    from meshpar.train.optim import clip_by_norm
+
+    grads = [torch.randn(1000, generator=torch.Generator().manual_seed(0))]
+    norm = torch.linalg.vector_norm(grads[0])
+    for max_norm in (norm.item() * 1.01, norm.item() * 100):
+        kept = grads[0].clone()
+        with torch.autograd.profiler.profile() as prof:
+            clip_by_norm(grads, norm, max_norm, norm.item())
+        assert not any("foreach_mul" in e.name for e in prof.function_events)
+        assert torch.equal(grads[0], kept)
+        unskipped = [kept.clone()]
+        clip_by_norm(unskipped, norm, max_norm)  # no host value: the multiply runs, by exactly 1
+        assert torch.equal(unskipped[0], kept)
+    clip_by_norm(grads, norm, norm.item() * 0.9995, norm.item())  # within the margin: scaled
+    assert torch.linalg.vector_norm(grads[0]).item() == pytest.approx(norm.item() * 0.9995, rel=1e-6)
