@@ -190,6 +190,8 @@ class Parallelized:
                                             measure_activations=False, split_at_linears=not self.compiled)
             self.pipeline.compute_context = self._compute
             self.pipeline.saved_tensor_hooks = self._saved_tensor_hooks
+            if self.pipeline.weight_grads is not None:  # ZeRO-3 counts their gradients apart
+                self.data_parallel.deferred = frozenset(self.pipeline.weight_grads.deferrable)
         return self.pipeline
 
     def save(self, directory: str | os.PathLike, keep: int = 3, extra: dict | None = None) -> Path:

@@ -78,7 +78,10 @@ REPRESENTATIVE = {
         (1, 2, 2, 2, 3, "zb-h1", "selective"),
         (2, 1, 2, 2, 2, "interleaved-1f1b", "none"),
         (2, 2, 1, 2, 3, "1f1b", "selective"),
-        (2, 2, 2, 1, 3, "1f1b", "none")],  # dp 1's ZeRO-3 shards of stage 0 hold tp-sharded weights only
+        (2, 2, 2, 1, 3, "1f1b", "none"),  # dp 1's ZeRO-3 shards of stage 0 hold tp-sharded weights only
+        # The last stage holds 7 Ws back: ZeRO-3 must not free a unit on a count of gradients
+        # that mixes several micro-batches' I (norm gains) with W (weights); it did, mid-I.
+        (1, 1, 8, 1, 3, "zb-h1", "none")],
     4: [(1, 1, 2, 2, 0, "interleaved-1f1b", "selective"),
         (2, 1, 1, 2, 2, "1f1b", "none"),
         (1, 2, 2, 1, 3, "zb-h1", "none")],
@@ -142,6 +145,7 @@ def demo_config(steps: int):
 # kernels (AVX2 against AVX-512) round differently from the first step on: 9e-8 relative
 # at step 1 between the two seen here. Any change of behaviour moves them far more.
 GOLDEN_REL = 1e-5
+WHOLE_RUN_REL = 2e-3
 
 
 def assert_golden(losses: list[float], golden: list[float]):
@@ -164,4 +168,10 @@ def test_demo_layout_reproduces_its_golden_losses(worlds):
 def test_demo_golden_losses_whole_run(worlds):
     golden = json.loads(GOLDEN.read_text())
     cfg = demo_config(len(golden["losses"]))
-    assert_golden(worlds(8).run(train_and_report, cfg, timeout_s=600)[0]["losses"], golden["losses"])
+    losses = worlds(8).run(train_and_report, cfg, timeout_s=600)[0]["losses"]
+    # Across CPUs the first steps' round-off (above) grows over training: on an AVX-512
+    # machine against the recording one, 8.6e-8 relative at step 1, 1e-6 at step 30,
+    # 6.2e-4 at most (step 84). So the first 30 steps are held to GOLDEN_REL and the
+    # whole run to WHOLE_RUN_REL; a change of behaviour shows in the first steps.
+    assert_golden(losses[:30], golden["losses"][:30])
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(golden["losses"]), rtol=WHOLE_RUN_REL, atol=0)

@@ -22,18 +22,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def forward_backward_errors(shape: dict, sequence_parallel: bool, overrides: dict, dropout: float = 0.0,
-                            loss_block_elements: int | None = None):
+                            loss_block_elements: int | None = None, fused_loss: bool = False):
     """On one rank: the parallel model's logits, loss and gathered gradients against the
     reference computed on the same rank, for one micro-batch; plus the ledger.
-    `loss_block_elements`: the loss's block size (default: one block at these sizes)."""
+    `loss_block_elements`: the loss's block size (default: one block at these sizes);
+    `fused_loss`: the loss's generated kernels, as on a GPU, compiled for the CPU."""
     from meshpar.model import loss
 
-    default_block = loss.BLOCK_ELEMENTS
+    default_block, default_fused_on = loss.BLOCK_ELEMENTS, loss.FUSED_ON
     loss.BLOCK_ELEMENTS = loss_block_elements or default_block
+    loss.FUSED_ON = ("cpu",) if fused_loss else default_fused_on
     try:
-        return _forward_backward_errors(shape, sequence_parallel, overrides, dropout)
+        result = _forward_backward_errors(shape, sequence_parallel, overrides, dropout)
+        assert not (fused_loss and loss._fusion_failed), loss._fusion_failed  # no fallback to blocks
+        return result
     finally:
-        loss.BLOCK_ELEMENTS = default_block
+        loss.BLOCK_ELEMENTS, loss.FUSED_ON = default_block, default_fused_on
 
 
 def _forward_backward_errors(shape: dict, sequence_parallel: bool, overrides: dict, dropout: float):
@@ -70,7 +74,9 @@ def _forward_backward_errors(shape: dict, sequence_parallel: bool, overrides: di
     }
 
 
-CASES_2 = [({"tp": 2}, False, {}), ({"tp": 2}, True, {}), ({"tp": 2}, True, GQA_PADDED)]
+CASES_2 = [({"tp": 2}, False, {}), ({"tp": 2}, True, {}), ({"tp": 2}, True, GQA_PADDED),
+           # the vocab-parallel loss's fused kernels, full slices and a padded one
+           ({"tp": 2}, False, {}, 0.0, None, True), ({"tp": 2}, True, {"num_kv_heads": 1, "vocab_size": 257}, 0.0, None, True)]
 CASES_4 = [({"tp": 4}, False, {}), ({"tp": 4}, True, {}), ({"tp": 4}, False, GQA_PADDED),
            ({"tp": 4}, True, {"num_kv_heads": 2, "vocab_size": 258}),
            ({"tp": 2, "dp": 2}, False, {}), ({"tp": 2, "dp": 2}, True, GQA_PADDED),

@@ -9,11 +9,12 @@ one fp32 log-sum-exp per token, backward recomputes softmax block by block strai
 into a gradient of the logits' own dtype. In fp32 the values match F.cross_entropy to
 round-off; only the order of the reductions differs.
 
-On a GPU the same two computations run fused instead (torch.compile generates them, with
-or without --compile): forward is one reduction kernel that reads the 16-bit logits and
+On a GPU the same computations run fused instead (torch.compile generates them, with or
+without --compile): forward is one reduction kernel that reads the 16-bit logits and
 writes a log-sum-exp per row, backward one pointwise kernel that reads them again and
 writes the gradient. No fp32 block exists at all, and the bytes moved fall from about 68
-per logit in eager blocks (an upcast, then a kernel per operation) to about 8.
+per logit in eager blocks (an upcast, then a kernel per operation) to about 8. The
+vocab-parallel loss (meshpar/parallel/tensor.py) uses the same kernels on its slice.
 """
 
 from __future__ import annotations
@@ -41,20 +42,28 @@ def _row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1)
 
 
+def _shifted_sum_exp(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return (logits.float() - shift[:, None]).exp().sum(dim=-1)
+
+
 def _softmax_minus_one_hot(logits: torch.Tensor, targets: torch.Tensor, logsumexp: torch.Tensor,
                            grad_loss: torch.Tensor) -> torch.Tensor:
-    """d(loss)/d(logits) = softmax - one_hot(target), times the upstream gradient, in the
-    logits' dtype. Fused, the one-hot is a comparison per element, never a tensor."""
+    """d(loss)/d(logits) = softmax - one_hot(target), times the upstream gradient (a
+    scalar, or one per row as (rows, 1)), in the logits' dtype. A target of -1 hits no
+    column. Fused, the one-hot is a comparison per element, never a tensor."""
     probs = (logits.float() - logsumexp[:, None]).exp()
     one_hot = torch.arange(logits.shape[1], device=logits.device) == targets[:, None]
     return ((probs - one_hot.float()) * grad_loss).to(logits.dtype)
 
 
+KERNELS = {"logsumexp": _row_logsumexp, "shifted_sum_exp": _shifted_sum_exp,
+           "softmax_minus_one_hot": _softmax_minus_one_hot}
+
+
 @cache
-def _fused():
-    """The two kernels, compiled once per process (shapes that change recompile once, as
-    dynamic)."""
-    return torch.compile(_row_logsumexp, fullgraph=True), torch.compile(_softmax_minus_one_hot, fullgraph=True)
+def _compiled(name: str):
+    """One kernel, compiled once per process (shapes that change recompile once, as dynamic)."""
+    return torch.compile(KERNELS[name], fullgraph=True)
 
 
 @cache
@@ -65,15 +74,15 @@ def _fusion_available(device_type: str) -> bool:
 _fusion_failed: list[str] = []  # why generating the kernels failed in this process, once it has
 
 
-def _fuses(device: torch.device) -> bool:
-    return device.type in FUSED_ON and _fusion_available(device.type) and not _fusion_failed
-
-
-def _run_fused(which: int, *args):
-    """The fused kernel `which` (0: forward, 1: backward), or None where it cannot be
-    generated here: then a warning, once, and eager blocks from then on."""
+def fused(name: str, *args: torch.Tensor) -> torch.Tensor | None:
+    """The generated kernel `name` of KERNELS applied to `args` where this device fuses
+    (FUSED_ON), else None: the caller runs eager blocks. A kernel that cannot be generated
+    here warns, once, and leaves every later call to the blocks."""
+    device = args[0].device
+    if device.type not in FUSED_ON or not _fusion_available(device.type) or _fusion_failed:
+        return None
     try:
-        return _fused()[which](*args)
+        return _compiled(name)(*args)
     except torch.OutOfMemoryError:
         raise
     except Exception as error:  # inductor or Triton broken on this machine
@@ -83,14 +92,23 @@ def _run_fused(which: int, *args):
         return None
 
 
+def shifted_sum_exp(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """sum over each row of exp(logit - shift[row]), in fp32: fused, or a block of rows at a time."""
+    total = fused("shifted_sum_exp", logits, shift)
+    if total is None:
+        total = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for start, end in row_blocks(*logits.shape):
+            total[start:end] = _shifted_sum_exp(logits[start:end], shift[start:end])
+    return total
+
+
 class _CrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows, vocab = logits.shape
-        logsumexp = _run_fused(0, logits) if _fuses(logits.device) else None
+        logsumexp = fused("logsumexp", logits)
         if logsumexp is None:
-            logsumexp = torch.empty(rows, dtype=torch.float32, device=logits.device)
-            for start, end in row_blocks(rows, vocab):
+            logsumexp = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+            for start, end in row_blocks(*logits.shape):
                 logsumexp[start:end] = _row_logsumexp(logits[start:end])
         target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1).float()
         ctx.save_for_backward(logits, targets, logsumexp)
@@ -99,7 +117,7 @@ class _CrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         logits, targets, logsumexp = ctx.saved_tensors
-        grad = _run_fused(1, logits, targets, logsumexp, grad_loss) if _fuses(logits.device) else None
+        grad = fused("softmax_minus_one_hot", logits, targets, logsumexp, grad_loss)
         if grad is not None:
             return grad, None
         grad = torch.empty_like(logits)

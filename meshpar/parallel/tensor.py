@@ -23,7 +23,7 @@ from torch import nn
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
-from meshpar.model.loss import row_blocks
+from meshpar.model.loss import fused, row_blocks, shifted_sum_exp
 
 SEQ_DIM = 1
 
@@ -246,9 +246,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         safe_target = local_target.masked_fill(outside, 0)
         target_logit = logits.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1).float() - logits_max
         target_logit = target_logit.masked_fill(outside, 0.0)
-        sum_exp = torch.empty_like(logits_max)
-        for start, end in row_blocks(*logits.shape):
-            sum_exp[start:end] = (logits[start:end].float() - logits_max[start:end, None]).exp().sum(dim=-1)
+        sum_exp = shifted_sum_exp(logits, logits_max)
         # Both sums ride one all-reduce: same bytes, one call fewer.
         sums = torch.stack((target_logit, sum_exp))
         comm.all_reduce(mesh, "tp", sums, tag="loss")
@@ -263,7 +261,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits_local, logits_max, sum_exp, safe_target, outside = ctx.saved_tensors
         logits = logits_local.reshape(-1, logits_local.shape[-1])
         grad_loss = grad_loss.reshape(-1)
+        valid = logits[:, :ctx.num_valid_local]
+        # Fused: the one-rank loss's kernel, with the global log-sum-exp and a target of -1
+        # where it lies in another rank's slice.
+        local = fused("softmax_minus_one_hot", valid, safe_target.masked_fill(outside, -1),
+                      logits_max + sum_exp.log(), grad_loss[:, None])
+        if local is not None and valid.shape == logits.shape:
+            return local.view_as(logits_local), None, None, None, None
         grad = torch.zeros_like(logits)  # padded columns get none
+        if local is not None:
+            grad[:, :ctx.num_valid_local] = local
+            return grad.view_as(logits_local), None, None, None, None
         hit = (~outside).float()
         for start, end in row_blocks(logits.shape[0], ctx.num_valid_local):
             # softmax over the full vocabulary (its local slice), minus one at the target

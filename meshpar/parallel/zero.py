@@ -113,6 +113,7 @@ class Bucket:
     grad_flat: torch.Tensor | None = None  # full gradients; stages 2-3 free it after reduction
     cp_part: torch.Tensor | None = None  # stage 0 with cp and dp: this rank's 1/cp, reduced over dp
     accumulated: int = 0  # gradient accumulations this step, over all params
+    accumulated_deferred: int = 0  # those of them computed in a zero-bubble W
     reduction: object = None  # the in-flight work, if any
     reduced_into: torch.Tensor | None = None  # stage 1: where the reduce-scatter landed
     launched: bool = False
@@ -171,6 +172,8 @@ class ShardedDataParallel:
         # a parameter off the path to its input (y = f(x) + g(w)): true of meshpar's model,
         # which the trainer turns this on for; not known of a model of the API's.
         self.free_after_input_grad = False
+        # Ids of the parameters whose gradients a zero-bubble W computes (set by the trainer).
+        self.deferred: frozenset[int] = frozenset()
         self.buckets: list[Bucket] = []
         units = units_of(module)
         seen: set[int] = set()
@@ -344,6 +347,7 @@ class ShardedDataParallel:
         """Start a step: no gradient accumulated, no reduction launched."""
         for b in self.buckets:
             b.accumulated, b.launched, b.reduction, b.reduced_into = 0, False, None, None
+            b.accumulated_deferred = 0
             # The bucket's values are not zeroed: each parameter's first gradient of the
             # step is copied into its slot (_on_grad), later ones accumulate there.
             for p in b.params:
@@ -359,11 +363,24 @@ class ShardedDataParallel:
         # then receives the later micro-batches' in place.
         self._into_slot(b, i, p)
         b.accumulated += 1
-        done = b.accumulated % len(b.params) == 0
-        if self.stage == 3 and done:  # this unit's backward for one micro-batch is over
+        if self.stage == 3 and self._backward_over(b, p):  # this unit's backward for one micro-batch
             self._free_params(b)
         if self.overlap and b.accumulated == len(b.params) * self.microbatches:
             self._launch(b)
+
+    def _backward_over(self, b: Bucket, p: nn.Parameter) -> bool:
+        """Whether gradient p, just accumulated, ends bucket b's backward of one micro-batch.
+        Split at the linear layers (zero-bubble), a bucket's other gradients arrive in I and
+        its deferred ones in W, micro-batches apart: only the end of a W ends it then. A
+        count over both would reach a multiple of the bucket's size inside a later I and
+        free the weights that I's products were about to read."""
+        if not self.deferred:
+            return b.accumulated % len(b.params) == 0
+        deferred_here = sum(id(q) in self.deferred for q in b.params)
+        if id(p) in self.deferred:
+            b.accumulated_deferred += 1
+            return b.accumulated_deferred % deferred_here == 0
+        return deferred_here == 0 and b.accumulated % len(b.params) == 0
 
     def _launch(self, b: Bucket):
         """Start the bucket's dp reduction (asynchronous when overlapping)."""

@@ -95,7 +95,9 @@ class Trainer:
                                             (micro_batch, seq_shard, self.model_cfg.hidden_size), device,
                                             microbatches_per_step=self.num_microbatches,
                                             split_at_linears=not tr.compile)
-            self.data_parallel.free_after_input_grad = self.pipeline.weight_grads is not None
+            if self.pipeline.weight_grads is not None:
+                self.data_parallel.free_after_input_grad = True
+                self.data_parallel.deferred = frozenset(self.pipeline.weight_grads.deferrable)
         self.asynchronous = par.schedule == "async" and self.pipeline is not None
         # 16-bit weight copies cast again in backward, not kept, under ZeRO-3 and pipelines.
         recast = recasting(tr.precision, par.zero, par.schedule if self.pipeline else None)
