@@ -79,6 +79,21 @@ class GPT2(nn.Module):
         return self.head(x)
 
 
+def gpt2_init(layers: int = 4):
+    """GPT-2's initialization as a rule per parameter name, for a model built on the meta
+    device (`meshpar.parallelize(..., init=gpt2_init())`): each rank then draws only its
+    own share, and every layout starts from the same values."""
+    import meshpar
+
+    def rule(name: str) -> "meshpar.InitRule":
+        if name.endswith("bias"):
+            return meshpar.InitRule("zeros")
+        if ".ln_" in name or name.startswith("ln_"):
+            return meshpar.InitRule("ones")
+        return meshpar.InitRule("normal", 0.02 / math.sqrt(2 * layers) if name.endswith("c_proj.weight") else 0.02)
+    return rule
+
+
 def gpt2_plan(hidden: int = 64):
     """How meshpar splits GPT2: Megatron's column-then-row pairs, the vocabulary over tp,
     each attention's head count divided by tp, the pipeline's three parts, and the tp

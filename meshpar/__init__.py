@@ -4,7 +4,8 @@ The public API - everything else is meshpar's own business and may change:
 
 - `init_mesh`, `parallelize`, `Plan`, `PipelinePlan`, `Parallelized`: bring your own model
   and training loop (see meshpar/api.py and docs/api.md); `DivergenceError`, what a step
-  raises on every rank when the loss or a gradient is not finite;
+  raises on every rank when the loss or a gradient is not finite; `meta_device` and
+  `InitRule`: build a model too large for one device and let each rank fill its share;
 - building blocks usable on their own: `ColumnLinear`, `RowLinear`, `VocabEmbedding`,
   `vocab_parallel_cross_entropy`, `ShardedDataParallel` (ZeRO 0-3), `RingAttention`
   (context parallelism), `build_schedule` and `simulate` (pipeline schedules as data and
@@ -14,6 +15,7 @@ The public API - everything else is meshpar's own business and may change:
 __version__ = "0.1.0"
 
 from meshpar.api import Parallelized, init_mesh, parallelize  # noqa: E402
+from meshpar.init import InitRule, meta_device  # noqa: E402
 from meshpar.mesh import ParallelMesh  # noqa: E402
 from meshpar.parallel.context import RingAttention  # noqa: E402
 from meshpar.parallel.plan import ColumnLinear, PipelinePlan, Plan, RowLinear, VocabEmbedding  # noqa: E402
@@ -25,4 +27,4 @@ from meshpar.train.checks import DivergenceError  # noqa: E402
 
 __all__ = ["init_mesh", "parallelize", "Plan", "PipelinePlan", "Parallelized", "ParallelMesh", "ColumnLinear",
            "RowLinear", "VocabEmbedding", "vocab_parallel_cross_entropy", "ShardedDataParallel", "RingAttention",
-           "build_schedule", "simulate", "DivergenceError"]
+           "build_schedule", "simulate", "DivergenceError", "InitRule", "meta_device"]

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -26,15 +27,16 @@ from torch import nn
 from meshpar import comm
 from meshpar.checkpoint import planned
 from meshpar.config import TrainConfig
+from meshpar.init import InitRule, Materialization, initializer
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.compile import allow_split_backward, apply_compile, recast_weight_copies
 from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.recompute import recompute_modules
 from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
-from meshpar.parallel.plan import (FUSED_ATTR, PipelinePlan, Plan, PlannedStages, apply_sequence_parallel,
+from meshpar.parallel.plan import (PipelinePlan, Plan, PlannedStages, apply_sequence_parallel,
                                    apply_tensor_plan, check_sequence_parallel, gather_fused, shared_weights)
-from meshpar.parallel.sharding import gather_full, model_names, shard_spec, tie
+from meshpar.parallel.sharding import FUSED_ATTR, gather_full, model_names, shard_spec, tie
 from meshpar.parallel.tensor import sum_grads_over_tp, vocab_parallel_cross_entropy
 from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
 from meshpar.parallel.zero import ShardedDataParallel
@@ -228,7 +230,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
                 schedule: str = "1f1b", virtual_stages: int = 1, lr: float = 3e-4, weight_decay: float = 0.1,
                 betas: tuple[float, float] = (0.9, 0.95), max_grad_norm: float = 1.0,
                 compile: list[str] | tuple[str, ...] = (), recompute: list[str] | tuple[str, ...] = (),
-                precision: str = "fp32", sequence_parallel: bool = False) -> Parallelized:
+                precision: str = "fp32", sequence_parallel: bool = False,
+                init: Callable[[str], InitRule] | None = None, seed: int = 0, load: str | os.PathLike | None = None,
+                device: torch.device | str | None = None) -> Parallelized:
     """Split `model` (built the same, from the same seed, on every rank) over `mesh` by
     `plan`: tensor parallelism over tp, a pipeline of `schedule` with `microbatches`
     micro-batches per step over pp (the plan's `pipeline` part; `virtual_stages` chunks
@@ -259,13 +263,22 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     the row layer's partial sums, which one mask scales alike); under sequence
     parallelism one between regions draws the whole sequence's mask and keeps its
     tokens' rows. Not handled: a dropout on a tensor split over tp by heads (attention
-    probabilities) - each rank would draw the same mask for its own heads."""
+    probabilities) - each rank would draw the same mask for its own heads.
+
+    A model too large to build: build it on the meta device (`with meshpar.meta_device():
+    model = MyModel()`, shapes only) and pass `init` - a rule per parameter name, e.g.
+    `lambda name: InitRule("ones") if "norm" in name else InitRule("normal", 0.02)` - with
+    `seed`, or `load`, a checkpoint `save` wrote (in any layout). Each rank then allocates
+    on `device` (default: the current CUDA device if there is one, else the CPU) and fills
+    only its own share, after the split; `init` draws each parameter tile by tile
+    (meshpar/init.py), so every layout - one device included - starts from the same values."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero={zero}: choose 0, 1, 2 or 3")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
     if sequence_parallel and mesh.size("tp") == 1:
         raise ValueError("sequence_parallel needs tp above 1 (it shards the sequence over the tp ranks)")
+    on_meta = _check_materialization(model, init, load)
     shared = shared_weights(model)
     model_name = type(model).__name__
     if mesh.size("cp") > 1:
@@ -306,18 +319,40 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
                 tie(model.get_parameter(places[0]), "holder" if rank == 0 else "copy", places[0])
         ranges = stage_layers_of(counts)
         model = PlannedStages(model, plan.pipeline, {s: ranges[s] for s in range(rank, stages, pp)}, stages)
+    materialize = None
+    if on_meta:  # with the split done, ZeRO allocates this rank's share (under stage 3 its shard)
+        device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+        materialize = Materialization(device, mesh, None if load else initializer(init, seed))
     partial = {id(p) for p in sequence_partial}  # summed over tp before their bucket's dp reduction
     data_parallel = ShardedDataParallel(
         model, mesh, zero, microbatches=microbatches,
         grad_sync=lambda params: sum_grads_over_tp([p for p in params if id(p) in partial], mesh, "sp_grads"),
-        compute_dtype=PRECISIONS[precision])
+        compute_dtype=PRECISIONS[precision], materialize=materialize)
     settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
     optimizer = adamw(*data_parallel.optimizer_params(), settings)
     scaler = DynamicLossScaler(LossScaleConfig()) if precision == "fp16" else None
     torch.manual_seed(dropout_seed(torch.initial_seed(), mesh) % 2**64)
-    return Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule, vocab,
-                        virtual_stages, model_name, precision, scaler, sequence_parallel,
-                        recast=recast, compiled=bool(compiled))
+    parallelized = Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule,
+                                vocab, virtual_stages, model_name, precision, scaler, sequence_parallel,
+                                recast=recast, compiled=bool(compiled))
+    if load is not None:
+        parallelized.load(load)
+    return parallelized
+
+
+def _check_materialization(model: nn.Module, init, load) -> bool:
+    """Whether `model` is on the meta device (then `init` or `load` must say how its
+    values come); ValueError, before anything changes, when the options do not fit."""
+    on_meta = any(p.is_meta for p in model.parameters())
+    if init is not None and load is not None:
+        raise ValueError("init= and load= both given: the parameters come from one of them")
+    if on_meta and init is None and load is None:
+        raise ValueError("the model is on the meta device (shapes, no values): pass init= (a rule per parameter "
+                         "name, meshpar.InitRule) or load= (a checkpoint saved by Parallelized.save)")
+    if init is not None and not on_meta:
+        raise ValueError("init= fills a model built on the meta device (with meshpar.meta_device()); this one "
+                         "already has values - build it there, or drop init=")
+    return on_meta
 
 
 def _matching(model: nn.Module, option: str, patterns) -> list[nn.Module]:

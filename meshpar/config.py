@@ -264,16 +264,33 @@ def _checkpoint_problems(cfg: Config) -> list[str]:
         sources.append(("--init-from", tr.init_from))
     for flag, path in sources:
         try:
-            saved = open_checkpoint(path).meta["model"]
+            reader = open_checkpoint(path)
         except CheckpointError as err:
             problems.append(f"{flag}: {err}")
             continue
+        saved = reader.meta["model"]
         ours = dataclasses.asdict(cfg.model.resolve())
         differ = [f"{k} {ours[k]} (checkpoint {saved[k]})" for k in ours if k in saved and saved[k] != ours[k]]
         if differ:
             problems.append(f"{flag} {path} holds another model: this run's {cfg.model.name} differs in "
                             f"{', '.join(differ)}")
+        else:
+            problems += [f"{flag} {path}: {p}" for p in tensor_mismatch(reader, cfg.model.resolve())]
     return problems
+
+
+def tensor_mismatch(reader, model_cfg: ModelConfig) -> list[str]:
+    """The first parameter of the model that `reader` lacks or holds at another shape
+    (read from the files' headers: no tensor is loaded), as a one-item list; empty when
+    every parameter is there at its shape."""
+    from meshpar.model import build_model
+
+    for name, param in build_model(model_cfg, 0, "meta").named_parameters():
+        if not reader.has(name, "param"):
+            return [f"holds no tensor {name} (the model's first parameter it lacks)"]
+        if tuple(reader.full_shape(name)) != tuple(param.shape):
+            return [f"{name} has shape {tuple(reader.full_shape(name))} there, {tuple(param.shape)} in the model"]
+    return []
 
 
 def adopt_checkpoint_model(cfg: Config) -> None:

@@ -17,7 +17,7 @@ from meshpar.mesh import MeshShape
 
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
-from gpt2 import GPT2, gpt2_plan  # noqa: E402
+from gpt2 import GPT2, gpt2_init, gpt2_plan  # noqa: E402
 
 STEPS, BATCH, SEQ = 10, 8, 32
 REL = 1e-5
@@ -33,10 +33,17 @@ def batches(dp: int, dp_rank: int):
         yield rows[:, :-1], rows[:, 1:]
 
 
-def train_gpt2(dp: int, tp: int, pp: int, zero: int, microbatches: int, tie: bool = False, **options) -> dict:
+def train_gpt2(dp: int, tp: int, pp: int, zero: int, microbatches: int, tie: bool = False, meta: bool = False,
+               **options) -> dict:
+    """`meta`: the model built on the meta device, each rank filling its share by gpt2_init."""
     mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp)
-    model = meshpar.parallelize(GPT2(seed=0, tie=tie), mesh, gpt2_plan(), zero=zero, microbatches=microbatches,
-                                lr=LR, **options)
+    if meta:
+        with meshpar.meta_device():
+            gpt2 = GPT2(tie=tie)
+        options.update(init=gpt2_init(), seed=5)
+    else:
+        gpt2 = GPT2(seed=0, tie=tie)
+    model = meshpar.parallelize(gpt2, mesh, gpt2_plan(), zero=zero, microbatches=microbatches, lr=LR, **options)
     losses = [model.step(x, y) for x, y in batches(dp, mesh.index("dp"))]
     out = {"losses": losses, "params": model.full_state(), "ledger": dict(mesh.ledger.entries)}
     mesh.destroy()
@@ -76,6 +83,32 @@ def test_gpt2_on_tp2_dp2_zero1_equals_one_device(worlds, single):
     runs = worlds(4).run(train_gpt2, 2, 2, 1, 1, 2)
     for rank, run in enumerate(runs):
         close(run, single, f"tp2 dp2 zero1 rank {rank}")
+
+
+def test_gpt2_built_on_meta_fills_each_share_as_one_device(worlds):
+    """GPT-2 built on the meta device and filled by its init rule rank by rank - fused q,
+    k, v split over tp, biases, a tied embedding held by both pipeline ends - trains on
+    tp2 x pp2 and on dp2 ZeRO-3 as the one-device model filled by the same rule."""
+    meta = functools.partial(train_gpt2, meta=True, tie=True)
+    reference = in_one_process(meta, 1, 1, 1, 0, 2)
+    assert reference["losses"] != in_one_process(train_gpt2, 1, 1, 1, 0, 2, True)["losses"]  # init's own values
+    for rank, run in enumerate(worlds(4).run(meta, 1, 2, 2, 0, 2)):
+        close(run, reference, f"meta tp2 pp2 rank {rank}")
+    for rank, run in enumerate(worlds(2).run(meta, 2, 1, 1, 3, 2)):
+        close(run, reference, f"meta dp2 zero3 rank {rank}")
+
+
+def test_a_meta_model_needs_an_initializer_or_a_checkpoint():
+    single = meshpar.ParallelMesh.single()
+    with meshpar.meta_device():
+        gpt2 = GPT2()
+    assert all(p.is_meta for p in gpt2.parameters())
+    with pytest.raises(ValueError, match="the model is on the meta device .* pass init= .* or load="):
+        meshpar.parallelize(gpt2, single, gpt2_plan())
+    with pytest.raises(ValueError, match="init= and load= both given"):
+        meshpar.parallelize(gpt2, single, gpt2_plan(), init=gpt2_init(), load="somewhere")
+    with pytest.raises(ValueError, match="init= fills a model built on the meta device"):
+        meshpar.parallelize(GPT2(), single, gpt2_plan(), init=gpt2_init())
 
 
 def test_gpt2_on_a_1f1b_pipeline_equals_one_device(worlds, single):
@@ -298,10 +331,16 @@ def train_gpt2_resumed(dp: int, tp: int, pp: int, zero: int, directory: str, sav
     """With save_at: train that many steps and save. Without: load the checkpoint under
     `directory` and train the remaining steps."""
     mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp)
-    # The resumed runs start from other weights: what they load must be what counts.
-    model = meshpar.parallelize(GPT2(seed=0 if save_at else 1, tie=tie), mesh, gpt2_plan(), zero=zero,
-                                microbatches=2, lr=1e-3)
-    start = model.load(directory) if save_at is None else 0
+    if save_at is None and mesh.size("pp") > 1:  # resumed on a pipeline: built on meta, loaded by parallelize
+        with meshpar.meta_device():
+            gpt2 = GPT2(tie=tie)
+        model = meshpar.parallelize(gpt2, mesh, gpt2_plan(), zero=zero, microbatches=2, lr=1e-3, load=directory)
+        start = model.steps_taken
+    else:
+        # The resumed runs start from other weights: what they load must be what counts.
+        model = meshpar.parallelize(GPT2(seed=0 if save_at else 1, tie=tie), mesh, gpt2_plan(), zero=zero,
+                                    microbatches=2, lr=1e-3)
+        start = model.load(directory) if save_at is None else 0
     stop = save_at if save_at is not None else STEPS
     losses = [model.step(x, y) for x, y in itertools.islice(batches(dp, mesh.index("dp")), start, stop)]
     if save_at is not None:
@@ -313,7 +352,8 @@ def train_gpt2_resumed(dp: int, tp: int, pp: int, zero: int, directory: str, sav
 
 def test_a_checkpoint_saved_in_one_layout_resumes_in_others(worlds, single, tmp_path):
     """Saved after 5 steps on tp=2 x dp=2 ZeRO-1 (fused q, k, v split over tp), resumed on
-    a 2-stage pipeline and on one device: the last 5 steps are the uninterrupted run's."""
+    a 2-stage pipeline (its model built on the meta device and loaded by parallelize) and
+    on one device: the last 5 steps are the uninterrupted run's."""
     directory = str(tmp_path / "ck")
     saved = worlds(4).run(train_gpt2_resumed, 2, 2, 1, 1, directory, 5)
     close({"losses": saved[0]["losses"], "params": {}}, {"losses": single["losses"][:5]}, "before saving")

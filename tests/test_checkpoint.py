@@ -320,6 +320,44 @@ def test_hugging_face_round_trip(small_checkpoint, tmp_path):
     assert back.names() == reader.names()
     for name in reader.names():
         assert torch.equal(back.read_full(name), reader.read_full(name)), name
+    # A rank reads its box only: rows of wq rounded out to whole heads, a column cut's columns.
+    wq, down = "layers.1.attention.wq.weight", "layers.1.mlp.w_down.weight"
+    rows, cols = reader.full_shape(wq)
+    for name, box in ((wq, Box((rows, cols), (12, 0), (20, 64), (20, 64))),
+                      (down, Box(reader.full_shape(down), (0, 96), (64, 96), (64, 96)))):
+        fresh = open_checkpoint(tmp_path / "hf")
+        part = fresh.read(name, "param", box)
+        inside = tuple(slice(o, o + v) for o, v in zip(box.offsets, box.valid))
+        assert torch.equal(part, reader.read_full(name)[inside]), name
+        head_dim = rows // model_of(reader).num_heads  # 8: rows 12-31 lie in heads 1-3
+        expected = (24 * cols if name == wq else 64 * 96) * 4
+        assert fresh.bytes_read == expected, (name, fresh.bytes_read, expected, head_dim)
+    # Several files with an index, as transformers writes large models: read the same.
+    from safetensors.torch import load_file, save_file
+    shards = tmp_path / "hf-shards"
+    shards.mkdir()
+    for f in ("config.json",):
+        (shards / f).write_text((tmp_path / "hf" / f).read_text())
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, shards / file)
+    (shards / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: file for file, keys in halves.items() for k in keys}}))
+    split = open_checkpoint(shards)
+    for name in reader.names():
+        assert torch.equal(split.read_full(name), reader.read_full(name)), name
+    # A directory whose tensor differs from the model: the first such tensor named, exit 2.
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"][:32]
+    bad = tmp_path / "hf-bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    save_file(tensors, bad / "model.safetensors")
+    out = subprocess.run([sys.executable, "-m", "meshpar", "train", "--init-from", str(bad), "--steps", "1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2, out.stderr
+    assert "layers.0.attention.wq.weight has shape (32, 64) there, (64, 64) in the model" in out.stderr, out.stderr
     # and as --init-from starts a run (one step at a negligible learning rate)
     start = train(fast_config(steps=1, init_from=str(tmp_path / "hf"), lr=1e-12))
     for name in reader.names():

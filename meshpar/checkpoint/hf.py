@@ -131,6 +131,7 @@ class HFReader:
         self.meta = {"step": 0, "model": {"name": raw.get("_name_or_path") or self.path.name,
                                           **{f: getattr(self.cfg, f) for f in ModelConfig.__dataclass_fields__}},
                      "layout": None, "train": None}
+        self.bytes_read = 0  # tensor bytes read by this process (boxes, not whole tensors)
         self.files = sorted(self.path.glob("*.safetensors"))
         if not self.files:
             raise CheckpointError(f"{self.path}: no *.safetensors weights (pytorch_model.bin is not read)")
@@ -175,5 +176,29 @@ class HFReader:
         return from_hf_rotary(weight, heads) if heads else weight
 
     def read(self, name: str, kind: str, target: Box) -> torch.Tensor:
-        full = self.read_full(name, kind)
-        return fill_box(target, [(Box.whole(full.shape), full)], f"{kind} of {name}")
+        """`target`'s elements only, through safetensors' slices: a rank reads its own box
+        (rounded out to whole heads for wq and wk, whose rows the rotary convention
+        permutes within each head), never the whole tensor."""
+        if not self.has(name, kind):
+            raise CheckpointError(f"{self.path}: holds no {kind} of {name} (a Hugging Face directory has "
+                                  f"parameters only)")
+        if target.volume() == 0:  # padding only (a vocabulary cut's tail)
+            return torch.zeros(target.local_shape)
+        theirs, file = self.hf_name[name], self.where[self.hf_name[name]]
+        lo = list(target.offsets)
+        hi = [o + v for o, v in zip(target.offsets, target.valid)]
+        heads = _heads_of(name, self.cfg)
+        if heads:
+            d = target.full_shape[0] // heads
+            lo[0], hi[0] = lo[0] // d * d, -(-hi[0] // d) * d
+        try:
+            with safe_open(file, framework="pt") as handle:
+                part = handle.get_slice(theirs)[tuple(slice(a, b) for a, b in zip(lo, hi))]
+            self.bytes_read += part.numel() * part.element_size()
+            part = part.float()
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file}: {theirs} unreadable ({err})") from None
+        if heads:
+            part = from_hf_rotary(part, part.shape[0] // d)
+        shape = tuple(b - a for a, b in zip(lo, hi))
+        return fill_box(target, [(Box(target.full_shape, tuple(lo), shape, shape), part)], f"{kind} of {name}")

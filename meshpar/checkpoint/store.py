@@ -148,6 +148,7 @@ class CheckpointReader:
             raise CheckpointError(f"{meta_path}: not a meshpar checkpoint (format {self.meta.get('format')!r})")
         self._verified: set[str] = set()
         self.hashed_bytes = 0  # read by this process to check sha256s
+        self.bytes_read = 0  # tensor bytes read by this process (the rows of saved pieces it needs)
         self._handles: dict[str, object] = {}
         # (name, kind) -> box -> [(file, key, start, stop)]
         self.index: dict[tuple[str, str], dict[Box, list]] = defaultdict(lambda: defaultdict(list))
@@ -227,22 +228,45 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: holds no {kind} of {name}")
         sources = []
         for box, parts in self.index[name, kind].items():
-            if target.overlap(box) is None:
+            cut = target.overlap(box)
+            if cut is None:
                 continue
             numel = int(torch.tensor(box.local_shape).prod()) if box.local_shape else 1
-            values = None
-            held = 0
-            for file, key, start, stop in parts:
-                piece = self._tensor(file, key)
-                if values is None:
-                    values = torch.zeros(numel, dtype=piece.dtype)
-                values[start:stop] = piece
-                held += stop - start
+            held = sum(stop - start for _, _, start, stop in parts)
             if held != numel:
                 raise CheckpointError(f"{self.path}: the pieces of {kind} of {name} at {box.offsets} hold "
                                       f"{held} of its {numel} elements")
-            sources.append((box, values))
+            sources.append(self._rows_read(box, parts, cut[1]))
         return fill_box(target, sources, f"{kind} of {name}")
+
+    def _rows_read(self, box: Box, parts: list, wanted: tuple[slice, ...]) -> tuple[Box, torch.Tensor]:
+        """The rows (first dimension) of a saved box that hold the `wanted` elements, read
+        through safetensors' slices from the pieces that cover them, as (their box, values).
+        A piece is a flat range of the box's row-major elements (ZeRO's ranges), so rows are
+        what one slice can cut; a cut along a later dimension reads the rows whole."""
+        if not box.local_shape:
+            rows, row_size = slice(0, 1), 1
+        else:
+            rows = wanted[0]
+            row_size = int(torch.tensor(box.local_shape[1:]).prod()) if len(box.local_shape) > 1 else 1
+        lo, hi = rows.start * row_size, rows.stop * row_size
+        values = None
+        for file, key, start, stop in parts:
+            a, b = max(lo, start), min(hi, stop)
+            if a >= b:
+                continue
+            self._verify(file)
+            piece = self._open(file).get_slice(key)[a - start:b - start]
+            self.bytes_read += piece.numel() * piece.element_size()
+            if values is None:
+                values = torch.zeros(hi - lo, dtype=piece.dtype)
+            values[a - lo:b - lo] = piece
+        if not box.local_shape:
+            return box, values
+        local = (rows.stop - rows.start, *box.local_shape[1:])
+        valid = (min(box.valid[0] - rows.start, local[0]), *box.valid[1:])
+        offsets = (box.offsets[0] + rows.start, *box.offsets[1:])
+        return Box(box.full_shape, offsets, valid, local), values
 
     def read_full(self, name: str, kind: str = "param") -> torch.Tensor:
         return self.read(name, kind, Box.whole(self.full_shape(name, kind)))

@@ -8,12 +8,13 @@ them to the local shard.
 
 from __future__ import annotations
 
-import zlib
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshpar.init import Box, InitRule, initializer, materialize, meta_device
 from meshpar.model.config import ModelConfig
 
 
@@ -60,9 +61,10 @@ def to_compute_dtype(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (max_seq_len, head_dim/2), Su et al. 2021."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    """cos and sin of shape (max_seq_len, head_dim/2), Su et al. 2021. Computed on the host
+    even when the model is built on the meta device: they are a function, not weights."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device="cpu"), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -167,25 +169,33 @@ class Transformer(nn.Module):
         return self.output(self.norm(x))
 
 
+def init_rule(cfg: ModelConfig, name: str) -> InitRule:
+    """How parameter `name` starts: norms at one, the rest normal with std init_std, the
+    residual outputs (wo, w_down) scaled down by sqrt(2 x layers) as GPT-2's."""
+    if name.endswith("norm.weight"):
+        return InitRule("ones")
+    if name.endswith(("wo.weight", "w_down.weight")):
+        return InitRule("normal", cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    return InitRule("normal", cfg.init_std)
+
+
+def initialize(cfg: ModelConfig, seed: int):
+    """The reference initialization as a `materialize` fill: tile by tile (meshpar/init.py),
+    so any rank fills its own boxes with exactly these values."""
+    return initializer(functools.partial(init_rule, cfg), seed)
+
+
 def init_weights(model: Transformer, seed: int) -> None:
-    """Deterministic init: each parameter draws from its own generator, seeded by `seed`
-    and the parameter's name, so any subset of the model (a pipeline stage, a shard
-    built from the full tensor) gets exactly the reference values."""
-    cfg = model.cfg
-    residual_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5  # GPT-2: scale residual outputs
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-                continue
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            std = residual_std if name.endswith(("wo.weight", "w_down.weight")) else cfg.init_std
-            values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
-            param.copy_(values)
+    """Fill every parameter of a whole (unsliced) model by the reference initialization."""
+    fill = initialize(model.cfg, seed)
+    for name, param in model.named_parameters():
+        fill(param.data, Box.whole(param.shape), name)
 
 
 def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> Transformer:
-    """The reference model, initialised from `seed`, on `device`."""
-    model = Transformer(cfg)
-    init_weights(model, seed)
-    return model.to(device)
+    """The reference model, initialised from `seed`, on `device` ("meta": shapes only)."""
+    with meta_device():
+        model = Transformer(cfg)
+    if torch.device(device).type != "meta":
+        materialize(model, None, device, initialize(cfg, seed))
+    return model

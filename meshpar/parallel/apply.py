@@ -5,10 +5,14 @@
     3. pipeline parallelism: keep this rank's stages (layers split over pp x virtual stages)
     4. torch.compile of the layers this rank holds, if asked (compile.py)
     5. activation recomputation of those layers
-    6. data parallelism (ZeRO stages 0-3) wraps the result, over dp: see zero.py
+    6. data parallelism (ZeRO stages 0-3) wraps the result, over dp: see zero.py; a model
+       built on the meta device gets its parameters' storage there, in ZeRO's flat
+       buffers, filled for this rank only (under ZeRO-3, only its shard)
 
-The model arrives as the full, seeded single-device reference and leaves holding only
-this rank's slices of it.
+The model arrives either built on the meta device (shapes only: steps 1-5 slice shapes,
+and step 6 allocates and fills this rank's share, tile by tile, with the reference
+initialization's values - meshpar/init.py) or as the full single-device model, and leaves
+holding only this rank's slices of it.
 """
 
 from __future__ import annotations
@@ -85,7 +89,8 @@ def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool 
     pp x virtual stages; `stage_layer_counts` fixes the layers per stage (default: balanced);
     `recompute` is none, full or selective (full: every `recompute_every`-th layer);
     `cp_impl` is ring or all-to-all attention over cp; `compile_layers` compiles each
-    transformer block with torch.compile."""
+    transformer block with torch.compile. A model on the meta device stays there (ZeRO's
+    wrapper gives it storage)."""
     parallel = ParallelModel(model, mesh)
     if mesh.size("tp") > 1:
         tp = TensorParallelLlama(model, mesh, sequence_parallel)

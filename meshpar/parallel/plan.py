@@ -43,11 +43,9 @@ from torch import nn
 
 from meshpar.mesh import ParallelMesh
 from meshpar.parallel.dropout import ShardedDropout
-from meshpar.parallel.sharding import SPEC_ATTR, ShardSpec
+from meshpar.parallel.sharding import FUSED_ATTR, SPEC_ATTR, ShardSpec
 from meshpar.parallel.tensor import (bracket, copy_to_tensor_parallel, gather_to_replicated,
                                      reduce_from_tensor_parallel, scatter_to_sequence_parallel)
-
-FUSED_ATTR = "meshpar_fused_chunks"  # a column parameter's k fused parts, for gathering it back
 
 
 @dataclass

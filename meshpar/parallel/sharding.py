@@ -17,6 +17,7 @@ from meshpar.mesh import ParallelMesh
 SPEC_ATTR = "meshpar_shard"
 TIED_ATTR = "meshpar_tied"  # "holder" or "copy": a weight held by two pipeline stages
 TIED_NAME_ATTR = "meshpar_tied_name"  # its name in the whole model
+FUSED_ATTR = "meshpar_fused_chunks"  # a column parameter's k fused parts (q, k, v in one projection)
 
 
 @dataclass(frozen=True)

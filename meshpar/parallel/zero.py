@@ -68,10 +68,11 @@ import torch
 from torch import nn
 
 from meshpar import comm
+from meshpar.init import Materialization, adopt_storage, fill_flat, move_buffers
 from meshpar.mesh import ParallelMesh
 from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.param_gather import SixteenBitGather, read_only_by_matmuls
-from meshpar.parallel.sharding import tied_across_stages
+from meshpar.parallel.sharding import model_names, tied_across_stages
 
 STAGES = (0, 1, 2, 3)
 OFFLOADS = ("optimizer", "params")
@@ -147,11 +148,16 @@ class ShardedDataParallel:
     def __init__(self, module: nn.Module, mesh: ParallelMesh, stage: int = 0,
                  bucket_bytes: int = 25 * 2**20, overlap: bool = True, offload: tuple[str, ...] = (),
                  microbatches: int = 1, grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
-                 reducer: GradReducer | None = None, compute_dtype: torch.dtype | None = None):
+                 reducer: GradReducer | None = None, compute_dtype: torch.dtype | None = None,
+                 materialize: Materialization | None = None):
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage {stage}: choose one of {', '.join(map(str, STAGES))}")
         offload = set(offload) | ({"optimizer"} if "params" in offload else set())  # params implies it
         self.mesh, self.stage, self.overlap, self.offload = mesh, stage, overlap, tuple(sorted(offload))
+        # A model built on the meta device gets its parameters' storage here, in the flat
+        # buffers, and filled there: under ZeRO-3 only this rank's shard is ever drawn.
+        self.materialize = materialize
+        self._names = {id(p): name for name, p in model_names(module)} if materialize else {}
         self.microbatches = microbatches
         self.grad_sync = grad_sync or (lambda params: None)
         self.reducer = reducer or GradReducer(mesh)
@@ -204,6 +210,8 @@ class ShardedDataParallel:
             self._install_gather_hooks(units)
             for b in self.buckets:
                 self._free_params(b)
+        if materialize is not None:
+            move_buffers(module, materialize.device)
 
     # --- layout -----------------------------------------------------------------------
 
@@ -227,15 +235,33 @@ class ShardedDataParallel:
         size = numel // self.n if sharded else numel
         start = self.rank * size if sharded else 0
         first = params[0]
-        param_flat = torch.zeros(numel, dtype=first.dtype, device=first.device)
+        meta = first.is_meta
+        device = self.materialize.device if meta else first.device
+        # On meta, the buffer is left untouched (no resident pages) until filled: under
+        # ZeRO-3 only the shard is, and the buffer is freed below before any gather.
+        param_flat = (torch.empty if meta else torch.zeros)(numel, dtype=first.dtype, device=device)
         with torch.no_grad():
+            param_flat[total:].zero_()  # the alignment padding
             for p, offset in zip(params, offsets):
-                param_flat[offset:offset + p.numel()].copy_(p.detach().flatten())
-                p.data = param_flat[offset:offset + p.numel()].view_as(p)
+                view = param_flat[offset:offset + p.numel()].view_as(p)
+                if p.is_meta:
+                    adopt_storage(p, view)
+                    if self.stage < 3:
+                        self._fill(view.reshape(-1), p, 0)
+                else:
+                    view.copy_(p.detach())
+                    p.data = view
         param_shard = param_flat[start:start + size]
         if self.stage == 3:
-            home = "cpu" if "params" in self.offload else first.device
-            param_shard = param_shard.clone().to(home)
+            home = "cpu" if "params" in self.offload else device
+            if meta:
+                param_shard = torch.zeros(size, dtype=first.dtype, device=home)
+                for p, offset in zip(params, offsets):
+                    lo, hi = max(offset, start), min(offset + p.numel(), start + size)
+                    if lo < hi:
+                        self._fill(param_shard[lo - start:hi - start], p, lo - offset)
+            else:
+                param_shard = param_shard.clone().to(home)
             if home == "cpu" and torch.cuda.is_available():
                 param_shard = param_shard.pin_memory()
         bucket = Bucket(len(self.buckets), params, offsets, numel, (start, start + size),
@@ -255,6 +281,12 @@ class ShardedDataParallel:
             bucket.host = {"master": master.pin_memory() if pin and not master.is_pinned() else master,
                            "grad": torch.zeros(size, dtype=first.dtype, pin_memory=pin)}
         self.buckets.append(bucket)
+
+    def _fill(self, out: torch.Tensor, p: nn.Parameter, start: int) -> None:
+        """out := elements [start, ...) of meta-built p's local tensor, by the
+        materialization's fill (left as they are when a checkpoint will be loaded)."""
+        if self.materialize.fill is not None:
+            fill_flat(out, p, self.materialize.mesh, self._names[id(p)], start, self.materialize.fill)
 
     def _gather_in_16_bits(self, module: nn.Module, dtype: torch.dtype):
         """Buckets holding linear weights gather them rounded to `dtype`, the rest exact

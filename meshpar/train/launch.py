@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 import socket
 from datetime import timedelta
 
@@ -19,6 +20,7 @@ import torch.multiprocessing as mp
 
 from meshpar.config import Config, ranks_per_node
 from meshpar.mesh import MeshShape, ParallelMesh
+from meshpar.train.metrics import format_bytes
 from meshpar.train.trainer import Trainer
 from meshpar.train.watchdog import Watchdog
 
@@ -117,4 +119,12 @@ def launch(cfg: Config) -> dict | None:
         return Trainer(cfg, ParallelMesh.single(), device).run().summary
     mp.start_processes(_local_rank_main, args=(cfg, world_size, free_port()),
                        nprocs=world_size, join=True, start_method="spawn")
+    if cfg.train.progress:
+        print(f"peak resident memory of the largest rank: {format_bytes(largest_child_rss())} "
+              f"(the kernel's count, every rank finished)")
     return None
+
+
+def largest_child_rss() -> int:
+    """The largest peak resident set among this process's finished children, in bytes."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB

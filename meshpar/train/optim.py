@@ -27,12 +27,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def adamw(decayed: list[torch.Tensor], undecayed: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
-    """On GPUs the fused kernel (one launch for all parameters), elsewhere the foreach one."""
+    """The fused kernel, on GPUs and CPUs alike: one pass over each parameter, no
+    temporaries the size of the model (the foreach kernel's sqrt of the second moments
+    was one: 60 MiB more at the peak of a 290M-parameter model's tp4 x pp2 rank)."""
     groups = [{"params": decayed, "weight_decay": cfg.weight_decay},
               {"params": undecayed, "weight_decay": 0.0}]
-    on_gpu = all(p.is_cuda for p in decayed + undecayed)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=peak_lr(cfg),
-                             betas=(cfg.beta1, cfg.beta2), **({"fused": True} if on_gpu else {"foreach": True}))
+                             betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def peak_lr(cfg: TrainConfig) -> float:

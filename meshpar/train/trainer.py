@@ -14,6 +14,8 @@ from meshpar import comm
 from meshpar.config import Config
 from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
+from meshpar.init import Materialization
+from meshpar.model.llama import initialize
 from meshpar.parallel.apply import ParallelModel, parallelize
 from meshpar.parallel.compile import allow_split_backward, recast_weight_copies
 from meshpar.parallel.dropout import dropout_seed
@@ -52,12 +54,17 @@ class Trainer:
         self.cfg, self.mesh, self.device = cfg, mesh, device
         tr = cfg.train
         self.model_cfg = cfg.model.resolve()
-        # Every rank builds the full seeded reference, then keeps its slices of it.
+        # The model is built on the meta device (shapes only) and sliced for this rank;
+        # data parallelism then allocates this rank's share (under ZeRO-3 its shard) and
+        # fills it with the reference initialization's values, unless a checkpoint is
+        # about to overwrite them.
         par = cfg.parallel
         num_stages = par.pp * par.virtual_stages
-        self.parallel = parallelize(build_model(self.model_cfg, tr.seed, device), mesh,
+        self.parallel = parallelize(build_model(self.model_cfg, tr.seed, "meta"), mesh,
                                     par.sequence_parallel, num_stages, par.pp_layers,
                                     par.recompute, par.recompute_every, par.cp_impl, tr.compile)
+        loads = tr.init_from or (tr.resume and tr.save_dir and latest_checkpoint(tr.save_dir))
+        materialize = Materialization(device, mesh, None if loads else initialize(self.model_cfg, tr.seed))
         self.model = self.parallel.module
         torch.manual_seed(dropout_seed(tr.seed, mesh))  # dropout's masks
         dp, dp_rank = mesh.size("dp"), mesh.index("dp")
@@ -72,7 +79,7 @@ class Trainer:
             self.model, mesh, par.zero, int(par.bucket_mb * 2**20), overlap=par.overlap,
             offload=par.offload, microbatches=self.num_microbatches, grad_sync=self.parallel.sync_grads,
             reducer=GradReducer(mesh, par.grad_compression, par.error_feedback, par.hierarchical_allreduce),
-            compute_dtype=PRECISIONS[tr.precision])
+            compute_dtype=PRECISIONS[tr.precision], materialize=materialize)
         self.parallel.data_parallel = self.data_parallel
         self.optimizer = adamw(*self.data_parallel.optimizer_params(), tr)
         self.tokens_per_step = tr.global_batch_size * tr.seq_len
@@ -395,7 +402,8 @@ class Trainer:
                 if self.pipeline else None)
         split = {part: sum(s[part] for s in timed) / len(timed) for part in ("compute_s", "comm_s", "bubble_s")}
         per_rank = comm.all_gather_object(self.mesh, {"state": state, "ledger": ledger, "activations": activations,
-                                                      "wait": wait, "time_split": split}, tag="summary")
+                                                      "wait": wait, "time_split": split,
+                                                      "peak_memory": peak_memory(self.device)}, tag="summary")
         return {
             "summary": True,
             "steps": len(steps),
@@ -404,6 +412,7 @@ class Trainer:
             "tokens_per_s": sum(s["tokens"] for s in timed) / sum(s["step_time_s"] for s in timed),
             "mesh": {axis: self.mesh.size(axis) for axis in ("pp", "dp", "cp", "tp")},
             "num_params": self.model_cfg.num_params(),
+            "device": self.device.type,
             "precision": self.cfg.train.precision,
             "zero": self.cfg.parallel.zero,
             "offload": list(self.data_parallel.offload),
@@ -416,6 +425,8 @@ class Trainer:
             "comm_per_rank": [r["ledger"] for r in per_rank],
             "model_state_bytes_per_rank": [r["state"] for r in per_rank],
             "activation_bytes_per_rank": [r["activations"] for r in per_rank],
+            # So far in the run: a GPU's peak allocated bytes, a CPU process's peak resident set.
+            "peak_memory_bytes_per_rank": [r["peak_memory"] for r in per_rank],
             "time_split_per_rank_s": [r["time_split"] for r in per_rank],  # mean per step: compute, comm, bubble
             **({"trace_dir": self.cfg.train.trace_dir} if self.cfg.train.trace_dir else {}),
             **({"pipeline": self.pipeline_summary(timed, [r["wait"] for r in per_rank])} if self.pipeline else {}),
@@ -490,6 +501,9 @@ def format_summary(summary: dict) -> str:
     acts = summary["activation_bytes_per_rank"]
     lines.append(f"activations held for backward, peak per rank: {format_bytes(min(acts))}"
                  + ("" if min(acts) == max(acts) else f" to {format_bytes(max(acts))}"))
+    peaks = summary["peak_memory_bytes_per_rank"]
+    lines.append(f"peak memory per rank ({'resident set' if summary.get('device') != 'cuda' else 'allocated'}): "
+                 f"{format_bytes(min(peaks))} to {format_bytes(max(peaks))}, {format_bytes(sum(peaks))} over all ranks")
     if summary.get("loss_curve"):
         lines.append(f"loss curve: {summary['loss_curve']}")
     return "\n".join(lines)
