@@ -138,7 +138,7 @@ class Parallelized:
             for x, y in zip(xs, ys):
                 with self._saved_tensor_hooks():
                     with self._compute():
-                        logits = self.module(x)
+                        logits = _logits(self.module(x))
                     part = self.loss_sum(logits, y) / tokens
                 (part * scale if self.scaler else part).backward()
                 loss += part.detach()
@@ -338,6 +338,12 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     if load is not None:
         parallelized.load(load)
     return parallelized
+
+
+def _logits(out):
+    """A model's logits: what it returned, or the `.logits` of an output object
+    (transformers' causal LMs return one)."""
+    return out if torch.is_tensor(out) else out.logits
 
 
 def _check_materialization(model: nn.Module, init, load) -> bool:

@@ -582,3 +582,47 @@ def test_sequence_parallel_over_a_plan_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="matches no module inside the blocks"):
         meshpar.parallelize(GPT2(seed=0), tp2, dataclasses.replace(gpt2_plan(), tp_regions=["ln_f"]),
                             sequence_parallel=True)
+
+
+def hf_llama(seed: int = 0):
+    """transformers' own LlamaForCausalLM, small, built from a seed; and its plan."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      use_cache=False, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    layers = "model.layers.*"
+    plan = meshpar.Plan(column=[f"{layers}.self_attn.{p}_proj" for p in "qkv"] + [f"{layers}.mlp.gate_proj",
+                                                                                f"{layers}.mlp.up_proj"],
+                        row=[f"{layers}.self_attn.o_proj", f"{layers}.mlp.down_proj"],
+                        vocab_embedding=["model.embed_tokens"], vocab_output="lm_head", blocks="model.layers",
+                        tp_regions=[f"{layers}.self_attn", f"{layers}.mlp"])
+    return transformers.LlamaForCausalLM(config), plan
+
+
+def train_hf_llama(dp: int, tp: int, zero: int, sequence_parallel: bool = False) -> dict:
+    mesh = meshpar.init_mesh(dp=dp, tp=tp)
+    llama, plan = hf_llama()
+    model = meshpar.parallelize(llama, mesh, plan, zero=zero, lr=LR, sequence_parallel=sequence_parallel)
+    losses = [model.step(x, y) for x, y in batches(dp, mesh.index("dp"))]
+    out = {"losses": losses, "params": model.full_state()}
+    mesh.destroy()
+    return out
+
+
+def test_transformers_llama_on_zero3_and_sequence_parallel_equals_one_device(worlds):
+    """transformers' LlamaForCausalLM as it is (its output object's .logits read): under
+    ZeRO-3 its inner `model` is opened into units (embedding, each layer, norm), each
+    gathered again for its backward; under sequence parallelism its attention, called
+    with keyword arguments and returning (output, weights), is bracketed all the same."""
+    from meshpar.parallel.zero import units_of
+
+    llama = hf_llama()[0]
+    names = {id(m): n for n, m in llama.named_modules()}
+    assert [names[id(u)] for u in units_of(llama)] == ["model.embed_tokens", "model.layers.0",
+                                                               "model.layers.1", "model.norm", "lm_head"]
+    reference = in_one_process(train_hf_llama, 1, 1, 0)
+    for rank, run in enumerate(worlds(2).run(train_hf_llama, 2, 1, 3)):
+        close(run, reference, f"hf llama dp2 zero3 rank {rank}")
+    for rank, run in enumerate(worlds(2).run(train_hf_llama, 1, 2, 0, True)):
+        close(run, reference, f"hf llama tp2 sp rank {rank}")

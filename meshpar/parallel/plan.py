@@ -44,7 +44,7 @@ from torch import nn
 from meshpar.mesh import ParallelMesh
 from meshpar.parallel.dropout import ShardedDropout
 from meshpar.parallel.sharding import FUSED_ATTR, SPEC_ATTR, ShardSpec
-from meshpar.parallel.tensor import (bracket, copy_to_tensor_parallel, gather_to_replicated,
+from meshpar.parallel.tensor import (bracket, copy_to_tensor_parallel, gather_to_replicated, on_first_input, on_output,
                                      reduce_from_tensor_parallel, scatter_to_sequence_parallel)
 
 
@@ -303,8 +303,8 @@ def apply_sequence_parallel(model: nn.Module, plan: Plan, mesh: ParallelMesh) ->
         if (type(module) is nn.Dropout and module.p > 0 and name.startswith(plan.block_list() + ".")
                 and not any(name.startswith(r + ".") for r, _ in regions)):
             _set(model, name, ShardedDropout(module.p, mesh, sequence_parallel=True, like_torch=True))
-    blocks[0].register_forward_pre_hook(lambda _m, args: (scatter_to_sequence_parallel(args[0], mesh), *args[1:]))
-    blocks[-1].register_forward_hook(lambda _m, _args, out: gather_to_replicated(out, mesh))
+    on_first_input(blocks[0], lambda x: scatter_to_sequence_parallel(x, mesh))
+    on_output(blocks[-1], lambda y: gather_to_replicated(y, mesh))
     return [p for p in blocks.parameters() if not hasattr(p, SPEC_ATTR)]
 
 

@@ -159,13 +159,31 @@ def leave_tensor_parallel(x, mesh: ParallelMesh, sequence_parallel: bool):
     return reduce_from_tensor_parallel(x, mesh)
 
 
+def on_first_input(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Apply `fn` to `module`'s first argument before each call, whether it comes
+    positionally or by keyword (transformers calls its attention with hidden_states=...)."""
+    def hook(_module, args, kwargs):
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        first = next(iter(kwargs))
+        return args, {**kwargs, first: fn(kwargs[first])}
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def on_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Apply `fn` to what `module` returns, or to the first element of a tuple it returns
+    (an attention's output beside its weights)."""
+    def hook(_module, _args, out):
+        return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
+    module.register_forward_hook(hook)
+
+
 def bracket(region: nn.Module, mesh: ParallelMesh, sequence_parallel: bool) -> None:
     """Hooks one entering mapping on `region`'s input and one leaving mapping on its
     output: the tp region of a column-to-row pair (an attention, an MLP), whose column
     layers share the one entered input."""
-    region.register_forward_pre_hook(
-        lambda _m, args: (enter_tensor_parallel(args[0], mesh, sequence_parallel), *args[1:]))
-    region.register_forward_hook(lambda _m, _args, out: leave_tensor_parallel(out, mesh, sequence_parallel))
+    on_first_input(region, lambda x: enter_tensor_parallel(x, mesh, sequence_parallel))
+    on_output(region, lambda y: leave_tensor_parallel(y, mesh, sequence_parallel))
 
 
 # --- layers --------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -80,14 +81,33 @@ OFFLOADS = ("optimizer", "params")
 
 def units_of(module: nn.Module) -> list[nn.Module]:
     """The modules holding parameters, in forward order: direct children, with module
-    lists and dicts (the layers) opened one level."""
+    lists and dicts (the layers) opened one level, and a child that holds such a list but
+    no parameter of its own (transformers' inner `model`, around its layers) opened in
+    turn - as one unit it would hold every layer's weights at once."""
     units = []
     for child in module.children():
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
             units += [m for m in child.children() if any(True for _ in m.parameters())]
-        elif any(True for _ in child.parameters()):
+        elif not any(True for _ in child.parameters()):
+            continue
+        elif _holds_layers(child) and not any(True for _ in child.parameters(recurse=False)):
+            units += units_of(child)
+        else:
             units.append(child)
     return units
+
+
+def _holds_layers(module: nn.Module) -> bool:
+    return any(isinstance(m, (nn.ModuleList, nn.ModuleDict)) for m in module.modules())
+
+
+def _tensors_in(out) -> list[torch.Tensor]:
+    """The tensors a module returned: itself, or those in a tuple, list or mapping
+    (transformers' ModelOutput is one), one level deep."""
+    if torch.is_tensor(out):
+        return [out]
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    return [v for v in values if torch.is_tensor(v)]
 
 
 @dataclass
@@ -568,15 +588,18 @@ class ShardedDataParallel:
     def _after_forward(self, buckets: list[Bucket], behind: list[Bucket], out):
         for b in buckets:
             self._free_params(b)
-        if torch.is_tensor(out) and out.requires_grad:
-            def before_backward(grad, buckets=buckets, behind=behind):
-                for b in buckets:
-                    self._gather(b, "backward", wait=False)
-                for b in behind:
-                    self._gather(b, "backward", wait=False)
-                for b in buckets:
-                    self._wait_gather(b)
-            out.register_hook(before_backward)
+
+        def before_backward(grad, buckets=buckets, behind=behind):
+            for b in buckets:
+                self._gather(b, "backward", wait=False)
+            for b in behind:
+                self._gather(b, "backward", wait=False)
+            for b in buckets:
+                self._wait_gather(b)
+        # Every output the backward can enter through (a gathered bucket is not gathered twice).
+        for tensor in _tensors_in(out):
+            if tensor.requires_grad:
+                tensor.register_hook(before_backward)
 
     def _gather(self, b: Bucket, purpose: str, wait: bool = True):
         exact = purpose == "read"  # to read the values themselves, not to compute with them
