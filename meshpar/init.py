@@ -1,8 +1,10 @@
 """Sharded from the first byte: build on the meta device, then fill only this rank's boxes.
 
 A model is built on the meta device (shapes, no memory), the layout slices it (tensor
-parallelism, pipeline stages), and only then does `materialize` give each parameter this
-rank's storage, filled by an initializer or left for a checkpoint to load.
+parallelism, pipeline stages), and only then does each parameter get this rank's storage,
+filled by an initializer or left for a checkpoint to load: in ZeRO's flat buckets during
+training (`Materialization`, read by parallel/zero.py: under ZeRO-3 only the rank's shard
+is drawn), or on its own by `materialize` (a whole one-device model, a rank's share alone).
 
 Initialization is defined tile by tile, so that any box of a parameter can be filled
 without the rest. A parameter is cut into tiles (`tile_shape`: 256 x 256 elements for a
@@ -47,8 +49,8 @@ class Materialization:
 
 class _SkipInitializers(TorchFunctionMode):
     """Module constructors' own initializers (torch.nn.init.*) do nothing: on the meta
-    device there is nothing to fill, and running them there imports torch's compiler
-    (their meta kernels are Python references), about 70 MiB per process."""
+    device there is nothing to fill, and the values they would draw are not the ones the
+    run starts from anyway (the rank's share is filled after the split)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__module__", None) == "torch.nn.init":

@@ -139,6 +139,8 @@ def test_gpt2_on_a_pipeline_with_zero3_equals_one_device(worlds, single):
             close(run, single, f"pp2 dp2 zero3 {schedule} rank {rank}")
 
 
+# Slow (50 s of compiling); compiled blocks stay in the quick suite through the trainer's tests.
+@pytest.mark.slow
 def test_gpt2_with_compiled_blocks_equals_one_device(worlds, single):
     """compile=["h.*"]: each GPT-2 block compiled, its tp all-reduces graph breaks; with
     the zero-bubble split on a pipeline too."""
@@ -372,7 +374,8 @@ def test_a_checkpoint_saved_in_one_layout_resumes_in_others(worlds, single, tmp_
     assert "dp 2 x tp 2 x pp 1 x cp 1, ZeRO-1" in described and "optimizer step 5" in described, described
 
 
-@pytest.mark.parametrize("script, ranks", [("tp_dp_zero1.py", 4), ("pipeline_1f1b.py", 2)])
+@pytest.mark.parametrize("script, ranks", [("tp_dp_zero1.py", 4),
+                                           pytest.param("pipeline_1f1b.py", 2, marks=pytest.mark.slow)])  # 27 s
 def test_examples_run_with_one_command(script, ranks):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(ROOT / "examples" / script)],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -414,6 +414,8 @@ def torchrun(save_dir: Path, fault: str, tmp_path: Path) -> tuple[str, float]:
     return out.stdout + out.stderr, time.monotonic() - start
 
 
+# Slow (40 s: torchrun restarts after a SIGKILL, twice).
+@pytest.mark.slow
 def test_a_killed_rank_restarts_under_torchrun_and_ends_bit_identical(worlds, tmp_path):
     """SIGKILL of one rank mid-run, and of another while a checkpoint is being written:
     torchrun stops the others and restarts the job, which resumes from the newest

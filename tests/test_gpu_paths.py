@@ -25,6 +25,8 @@ STAGED_CASES = [dict(dp=1, tp=2, pp=2, cp=1, zero=0, schedule="1f1b"),
                 dict(dp=2, tp=2, pp=1, cp=1, zero=2)]
 
 
+# Slow (30 s): the staging runs on any backend; make test-all runs it.
+@pytest.mark.slow
 def test_host_staged_collectives_change_nothing(worlds):
     """The collectives run on host copies (a copy even on a CPU, so the copy back is
     exercised): the same losses and parameters, bit for bit."""
@@ -64,6 +66,9 @@ def compiled_and_eager_runs(cases: list[dict]) -> list[tuple[dict, dict]]:
     return runs
 
 
+# Slow (80 s: compiling in every rank of each layout); test_compiled_blocks_train_like_eager and the
+# zero3-compiled precision case keep compiled blocks in the quick suite.
+@pytest.mark.slow
 def test_compiled_blocks_in_parallel_layouts_equal_one_device(worlds):
     """Compiled blocks around the collectives of tp and cp (graph breaks), inside pipeline
     stages and under ZeRO-3's gather hooks; every collective still runs and is counted.
