@@ -5,7 +5,8 @@ fp32 copies, one per rank as every rank built before meta construction, are 25.8
 24 GB machine. Here each rank of tp2 x pp2 x dp2 with ZeRO-3 allocates and draws only its
 shard, and the run trains 2 steps. Reported: every rank's peak resident memory (the
 summary's gather) and the largest as the kernel counts it for the finished ranks, their
-total, and the losses.
+sum (not one moment's total: each rank peaks at its own time, and each counts the pages
+of the libraries it maps), and the losses.
 
     python benchmarks/large_model.py                 # about 5 minutes on 2 cores
     python benchmarks/large_model.py --layers 4      # a smaller check of the same path
@@ -49,11 +50,12 @@ dp = 2
 zero = 3
 
 [train]
-global_batch_size = 4
+global_batch_size = 2
 micro_batch_size = 1
 seq_len = 32
 steps = {args.steps}
 warmup_steps = 1
+lr = 3e-4
 eval_every = 0
 progress = false
 """)
@@ -79,7 +81,8 @@ progress = false
     print(json.dumps(result))
     print(f"{params:,} parameters (8 fp32 copies: {result['eight_fp32_copies_gb']} GB) trained {len(losses)} steps on "
           f"8 ranks in {result['seconds']} s: peak resident {min(result['peak_rss_per_rank_gb'])}-"
-          f"{max(result['peak_rss_per_rank_gb'])} GB per rank, {result['peak_rss_total_gb']} GB in all")
+          f"{max(result['peak_rss_per_rank_gb'])} GB per rank, {result['peak_rss_total_gb']} GB summed over the ranks' "
+          f"own peaks")
 
 
 if __name__ == "__main__":

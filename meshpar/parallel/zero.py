@@ -76,6 +76,7 @@ from meshpar.parallel.param_gather import SixteenBitGather, read_only_by_matmuls
 from meshpar.parallel.sharding import model_names, tied_across_stages
 
 STAGES = (0, 1, 2, 3)
+MAX_IN_FLIGHT = 2  # stages 2-3: gradient reductions running at once (full buffers alive)
 OFFLOADS = ("optimizer", "params")
 
 
@@ -201,6 +202,7 @@ class ShardedDataParallel:
         # Ids of the parameters whose gradients a zero-bubble W computes (set by the trainer).
         self.deferred: frozenset[int] = frozenset()
         self.buckets: list[Bucket] = []
+        self._in_flight: list[Bucket] = []  # stages 2-3: launched reductions, oldest first
         units = units_of(module)
         seen: set[int] = set()
         pending: list[nn.Module] = []
@@ -404,6 +406,7 @@ class ShardedDataParallel:
             # step is copied into its slot (_on_grad), later ones accumulate there.
             for p in b.params:
                 p.grad = None
+        self._in_flight.clear()
         self.events.clear()
 
     def _on_grad(self, p: nn.Parameter):
@@ -456,6 +459,18 @@ class ShardedDataParallel:
             b.reduction = self.reducer.reduce_scatter(b.index, b.grad_flat, out)
         b.launched = True
         self._free_finished()
+        if self.stage >= 2:
+            self._limit_in_flight(b)
+
+    def _limit_in_flight(self, launched: Bucket):
+        """Stages 2-3: wait for the oldest reductions while more than MAX_IN_FLIGHT are
+        running, so that at most that many full gradient buffers exist at once. Unbounded,
+        every unit's buffer lived to the end of backward when gloo's reduce-scatters lagged
+        behind it: 2.4 units' bytes per layer at the peak of a 0.8B model's ZeRO-3 rank
+        (benchmarks/large_model.py). Only local waits: no collective is reordered."""
+        self._in_flight = [b for b in self._in_flight if b.grad_flat is not None] + [launched]
+        while len(self._in_flight) > MAX_IN_FLIGHT:
+            self._complete(self._in_flight.pop(0))
 
     def _complete(self, b: Bucket):
         if b.reduction is not None:
