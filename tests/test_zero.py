@@ -302,3 +302,37 @@ def test_zero_config_errors_name_the_choices(change, message):
         setattr(cfg.parallel, key, value)
     problems = validate(cfg)
     assert any(message in p for p in problems), problems
+
+
+def reductions_in_flight(cfg) -> int:
+    """On this rank: the most launched gradient reductions whose full buffers were alive
+    at once, over a short run."""
+    from meshpar.parallel.zero import ShardedDataParallel
+
+    launch, peak = ShardedDataParallel._launch, 0
+
+    def counting(self, b):
+        nonlocal peak
+        launch(self, b)
+        peak = max(peak, sum(x.launched and x.grad_flat is not None for x in self.buckets))
+    ShardedDataParallel._launch = counting
+    try:
+        with trainer_on_this_rank(cfg) as trainer:
+            trainer.run()
+            assert len(trainer.data_parallel.buckets) > 4
+    finally:
+        ShardedDataParallel._launch = launch
+    return peak
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_at_most_two_gradient_reductions_run_at_once(worlds, stage):
+    """Stages 2-3 keep a unit's full gradient buffer until its reduce-scatter is done:
+    beyond MAX_IN_FLIGHT (2) the oldest is waited for, so the buffers of every unit do
+    not pile up behind a slow reduction."""
+    from meshpar.parallel.zero import MAX_IN_FLIGHT
+
+    cfg = fast_config(dp=2, steps=2)
+    cfg.parallel.zero, cfg.parallel.bucket_mb = stage, 0.01  # stage 2: many small buckets
+    assert MAX_IN_FLIGHT == 2
+    assert max(worlds(2).run(reductions_in_flight, cfg)) <= MAX_IN_FLIGHT
