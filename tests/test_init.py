@@ -147,3 +147,19 @@ def test_zero_fills_its_buffers_and_under_stage3_draws_only_its_shard(stage):
         else:  # its half, give or take the rows cut at a shard's two ends
             assert total / 2 <= sum(drawn) <= total / 2 + 2 * 64 * len(zero.buckets)
             assert all(b.param_flat.untyped_storage().size() == 0 for b in zero.buckets)
+
+
+def test_a_frozen_parameter_outside_every_bucket_is_materialized_too():
+    from meshpar.parallel.zero import ShardedDataParallel
+    from meshpar.init import Materialization
+
+    cfg = model_config("tiny")
+    model = build_model(cfg, 3, "meta")
+    model.norm.weight.requires_grad_(False)  # frozen: no bucket holds it
+    mesh = ParallelMesh.single()
+    zero = ShardedDataParallel(model, mesh, 0, materialize=Materialization("cpu", mesh, initialize(cfg, 3)))
+    assert all(id(p) != id(model.norm.weight) for p in zero.params())
+    assert not any(p.is_meta for p in model.parameters())
+    assert torch.equal(model.norm.weight.detach(), torch.ones(cfg.hidden_size))
+    assert torch.equal(model.layers[0].attention.wq.weight.detach(),
+                       build_model(cfg, 3).layers[0].attention.wq.weight.detach())

@@ -69,7 +69,8 @@ import torch
 from torch import nn
 
 from meshpar import comm
-from meshpar.init import Materialization, adopt_storage, fill_flat, move_buffers
+from meshpar.init import Materialization, adopt_storage, fill_flat
+from meshpar.init import materialize as materialize_rest
 from meshpar.mesh import ParallelMesh
 from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.param_gather import SixteenBitGather, read_only_by_matmuls
@@ -232,8 +233,8 @@ class ShardedDataParallel:
             self._install_gather_hooks(units)
             for b in self.buckets:
                 self._free_params(b)
-        if materialize is not None:
-            move_buffers(module, materialize.device)
+        if materialize is not None:  # what no bucket holds (frozen parameters) on its own; buffers moved
+            materialize_rest(module, materialize.mesh, materialize.device, materialize.fill)
 
     # --- layout -----------------------------------------------------------------------
 
