@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/checkpoint.py
 	$(BIN)/python benchmarks/compression_training.py --out runs/bench/compression.png
 	$(BIN)/python benchmarks/gpu_step.py --rounds 3
+	$(BIN)/python benchmarks/init_memory.py
+	$(BIN)/python benchmarks/large_model.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
