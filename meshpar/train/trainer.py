@@ -503,7 +503,8 @@ def format_summary(summary: dict) -> str:
                  + ("" if min(acts) == max(acts) else f" to {format_bytes(max(acts))}"))
     peaks = summary["peak_memory_bytes_per_rank"]
     lines.append(f"peak memory per rank ({'resident set' if summary.get('device') != 'cuda' else 'allocated'}): "
-                 f"{format_bytes(min(peaks))} to {format_bytes(max(peaks))}, {format_bytes(sum(peaks))} over all ranks")
+                 f"{format_bytes(min(peaks))} to {format_bytes(max(peaks))}, "
+                 f"{format_bytes(sum(peaks))} summed over the ranks (each at its own moment)")
     if summary.get("loss_curve"):
         lines.append(f"loss curve: {summary['loss_curve']}")
     return "\n".join(lines)
