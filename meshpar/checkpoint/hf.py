@@ -162,26 +162,20 @@ class HFReader:
         with safe_open(self.where[self.hf_name[name]], framework="pt") as handle:
             return tuple(handle.get_slice(self.hf_name[name]).get_shape())
 
-    def read_full(self, name: str, kind: str = "param") -> torch.Tensor:
+    def _require(self, name: str, kind: str) -> None:
         if not self.has(name, kind):
             raise CheckpointError(f"{self.path}: holds no {kind} of {name} (a Hugging Face directory has "
                                   f"parameters only)")
-        file = self.where[self.hf_name[name]]
-        try:
-            with safe_open(file, framework="pt") as handle:
-                weight = handle.get_tensor(self.hf_name[name]).float()
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{file}: {self.hf_name[name]} unreadable ({err})") from None
-        heads = _heads_of(name, self.cfg)
-        return from_hf_rotary(weight, heads) if heads else weight
+
+    def read_full(self, name: str, kind: str = "param") -> torch.Tensor:
+        self._require(name, kind)
+        return self.read(name, kind, Box.whole(self.full_shape(name)))
 
     def read(self, name: str, kind: str, target: Box) -> torch.Tensor:
         """`target`'s elements only, through safetensors' slices: a rank reads its own box
         (rounded out to whole heads for wq and wk, whose rows the rotary convention
         permutes within each head), never the whole tensor."""
-        if not self.has(name, kind):
-            raise CheckpointError(f"{self.path}: holds no {kind} of {name} (a Hugging Face directory has "
-                                  f"parameters only)")
+        self._require(name, kind)
         if target.volume() == 0:  # padding only (a vocabulary cut's tail)
             return torch.zeros(target.local_shape)
         theirs, file = self.hf_name[name], self.where[self.hf_name[name]]
@@ -201,4 +195,6 @@ class HFReader:
         if heads:
             part = from_hf_rotary(part, part.shape[0] // d)
         shape = tuple(b - a for a, b in zip(lo, hi))
+        if tuple(lo) == target.offsets and shape == target.local_shape:  # read exactly the box: no copy
+            return part
         return fill_box(target, [(Box(target.full_shape, tuple(lo), shape, shape), part)], f"{kind} of {name}")

@@ -209,10 +209,6 @@ class CheckpointReader:
             raise CheckpointError(found[0] + more)
         self._verified.update(files)
 
-    def _tensor(self, file: str, key: str) -> torch.Tensor:
-        self._verify(file)
-        return self._open(file).get_tensor(key)
-
     def has(self, name: str, kind: str) -> bool:
         return (name, kind) in self.index
 

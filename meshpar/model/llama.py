@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshpar.init import Box, InitRule, initializer, materialize, meta_device
+from meshpar.init import InitRule, initializer, materialize, meta_device
 from meshpar.model.config import ModelConfig
 
 
@@ -183,13 +183,6 @@ def initialize(cfg: ModelConfig, seed: int):
     """The reference initialization as a `materialize` fill: tile by tile (meshpar/init.py),
     so any rank fills its own boxes with exactly these values."""
     return initializer(functools.partial(init_rule, cfg), seed)
-
-
-def init_weights(model: Transformer, seed: int) -> None:
-    """Fill every parameter of a whole (unsliced) model by the reference initialization."""
-    fill = initialize(model.cfg, seed)
-    for name, param in model.named_parameters():
-        fill(param.data, Box.whole(param.shape), name)
 
 
 def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> Transformer:

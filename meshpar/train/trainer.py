@@ -63,7 +63,8 @@ class Trainer:
         self.parallel = parallelize(build_model(self.model_cfg, tr.seed, "meta"), mesh,
                                     par.sequence_parallel, num_stages, par.pp_layers,
                                     par.recompute, par.recompute_every, par.cp_impl, tr.compile)
-        loads = tr.init_from or (tr.resume and tr.save_dir and latest_checkpoint(tr.save_dir))
+        self.resume_from = latest_checkpoint(tr.save_dir) if tr.resume and tr.save_dir else None
+        loads = self.resume_from is not None or tr.init_from
         materialize = Materialization(device, mesh, None if loads else initialize(self.model_cfg, tr.seed))
         self.model = self.parallel.module
         torch.manual_seed(dropout_seed(tr.seed, mesh))  # dropout's masks
@@ -132,9 +133,8 @@ class Trainer:
         """--resume: the newest complete checkpoint in --save-dir, whole; else --init-from:
         parameters only. Returns what was loaded (None: the seeded initialisation)."""
         tr = self.cfg.train
-        found = latest_checkpoint(tr.save_dir) if tr.resume and tr.save_dir else None
-        if found is not None:
-            reader = CheckpointReader(found)
+        if self.resume_from is not None:
+            reader = CheckpointReader(self.resume_from)
             reader.verify(self.mesh)
             restore_training(self, reader)
             return f"resumed from {reader.path} (step {self.step})"
