@@ -29,15 +29,13 @@ from meshpar.checkpoint import planned
 from meshpar.config import TrainConfig
 from meshpar.init import InitRule, Materialization, initializer
 from meshpar.mesh import MeshShape, ParallelMesh
-from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.compile import allow_split_backward, apply_compile, recast_weight_copies
 from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.recompute import recompute_modules
 from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
-from meshpar.parallel.plan import (PipelinePlan, Plan, PlannedStages, apply_sequence_parallel,
-                                   apply_tensor_plan, check_sequence_parallel, gather_fused, shared_weights)
+from meshpar.parallel.plan import (PipelinePlan, Plan, PlannedStages, TensorParallelism, apply_tensor_plan,
+                                   check_plan, gather_fused, shared_weights)
 from meshpar.parallel.sharding import FUSED_ATTR, gather_full, model_names, shard_spec, tie
-from meshpar.parallel.tensor import sum_grads_over_tp, vocab_parallel_cross_entropy
 from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
@@ -80,7 +78,7 @@ class Parallelized:
     microbatches: int
     max_grad_norm: float
     schedule: str
-    vocab: dict = field(default_factory=dict)
+    tensor_parallel: TensorParallelism
     virtual_stages: int = 1
     model_name: str = ""  # the user's model class (`module` may be this rank's pipeline stages)
     precision: str = "fp32"  # of the compute: fp32, or bf16/fp16 under autocast (fp32 weights)
@@ -109,10 +107,7 @@ class Parallelized:
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross entropy of a micro-batch (vocab-parallel when the
         plan splits the output layer)."""
-        if self.vocab:
-            return vocab_parallel_cross_entropy(logits, targets, self.vocab["vocab_start"],
-                                                self.vocab["vocab_local"], self.mesh).sum()
-        return cross_entropy_sum(logits, targets)
+        return self.tensor_parallel.loss_sum(logits, targets)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """One optimizer step on this dp rank's rows of the global batch (tokens and
@@ -295,10 +290,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
             raise ValueError(f"interleaved-1f1b needs microbatches ({microbatches}) to be a multiple of pp ({pp})")
         ties_ends = [places for places in shared if _tied_across_stages(places, plan.pipeline)]
     _matching(model, "compile", compile), _matching(model, "recompute", recompute)  # refused before any change
-    if sequence_parallel:
-        check_sequence_parallel(model, plan)
-    vocab = apply_tensor_plan(model, plan, mesh)  # may replace modules: match again
-    sequence_partial = apply_sequence_parallel(model, plan, mesh) if sequence_parallel else []
+    check_plan(model, plan, mesh, sequence_parallel)
+    tensor_parallel = apply_tensor_plan(model, plan, mesh, sequence_parallel)  # may replace modules: match again
     compiled, recomputed = _matching(model, "compile", compile), _matching(model, "recompute", recompute)
     recast = recasting(precision, zero, schedule if pp > 1 else None)
     if compiled:
@@ -323,17 +316,15 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     if on_meta:  # with the split done, ZeRO allocates this rank's share (under stage 3 its shard)
         device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
         materialize = Materialization(device, mesh, None if load else initializer(init, seed))
-    partial = {id(p) for p in sequence_partial}  # summed over tp before their bucket's dp reduction
     data_parallel = ShardedDataParallel(
-        model, mesh, zero, microbatches=microbatches,
-        grad_sync=lambda params: sum_grads_over_tp([p for p in params if id(p) in partial], mesh, "sp_grads"),
+        model, mesh, zero, microbatches=microbatches, grad_sync=tensor_parallel.sync_grads,
         compute_dtype=PRECISIONS[precision], materialize=materialize)
     settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
     optimizer = adamw(*data_parallel.optimizer_params(), settings)
     scaler = DynamicLossScaler(LossScaleConfig()) if precision == "fp16" else None
     torch.manual_seed(dropout_seed(torch.initial_seed(), mesh) % 2**64)
     parallelized = Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule,
-                                vocab, virtual_stages, model_name, precision, scaler, sequence_parallel,
+                                tensor_parallel, virtual_stages, model_name, precision, scaler, sequence_parallel,
                                 recast=recast, compiled=bool(compiled))
     if load is not None:
         parallelized.load(load)

@@ -19,7 +19,7 @@ from meshpar.parallel.context import context_parallel_problems
 from meshpar.parallel.grad_reduce import COMPRESSIONS
 from meshpar.parallel.precision import PRECISIONS
 from meshpar.parallel.recompute import POLICIES
-from meshpar.parallel.tensor_plan import tensor_parallel_problems
+from meshpar.parallel.llama_plan import tensor_parallel_problems
 from meshpar.parallel.zero import OFFLOADS, STAGES
 from meshpar.pipeline.schedules import GENERATORS
 from meshpar.pipeline.split import split_problems

@@ -466,7 +466,7 @@ def test_sequence_parallel_over_a_plan_equals_one_device(worlds, single):
     ledger = runs[0]["ledger"]
     moved = sum(wire(ledger, op) for op in ("all_reduce", "all_gather", "reduce_scatter"))
     assert moved == wire(plain, "all_reduce") + ends
-    assert ledger[("tp", "all_reduce", "sp_grads")].calls == STEPS  # norm gains and row biases, one bucket
+    assert ledger[("tp", "all_reduce", "partial_grads")].calls == STEPS  # norm gains and row biases, one bucket
     for rank, run in enumerate(worlds(4).run(sp, 2, 2, 1, 1, 2)):
         close(run, single, f"tp2 dp2 zero1 sp rank {rank}")
     for rank, run in enumerate(worlds(4).run(sp, 1, 2, 2, 0, 2)):

@@ -32,7 +32,8 @@ from meshpar.parallel.context import ContextParallelAttention, local_positions
 from meshpar.parallel.dropout import shard_dropouts
 from meshpar.parallel.sharding import full_state, tie
 from meshpar.parallel.recompute import apply_recompute
-from meshpar.parallel.tensor_plan import TensorParallelLlama
+from meshpar.parallel.llama_plan import llama_plan
+from meshpar.parallel.plan import apply_tensor_plan
 from meshpar.pipeline.split import PipelineChunks, balanced_split, stage_layers_of
 
 
@@ -93,8 +94,8 @@ def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool 
     wrapper gives it storage)."""
     parallel = ParallelModel(model, mesh)
     if mesh.size("tp") > 1:
-        tp = TensorParallelLlama(model, mesh, sequence_parallel)
-        parallel.loss_sum = tp.loss
+        tp = apply_tensor_plan(model, llama_plan(model.cfg), mesh, sequence_parallel)
+        parallel.loss_sum = tp.loss_sum
         parallel.grad_syncs.append(tp.sync_grads)
     if mesh.size("cp") > 1:
         attend = ContextParallelAttention(mesh, cp_impl)

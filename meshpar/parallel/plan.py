@@ -9,13 +9,23 @@ its module names to parallel styles - no edit to the model.
     vocab_embedding   nn.Embedding split by rows (vocabulary)
     vocab_output      the output nn.Linear split by vocabulary; the loss is the
                       vocab-parallel cross entropy (the full logits are never gathered)
-    divide_by_tp      attributes divided by tp (an attention's head count)
+    heads             column patterns whose outputs are this many heads: split by whole
+                      heads; fewer heads than tp (grouped-query attention's KV heads, a
+                      divisor of tp): each rank holds the head its query heads read,
+                      replicated, and the copies' gradients are summed over tp
+    divide_by_tp      attributes divided by tp (an attention's head count; a head count
+                      below tp that divides it becomes 1: the one replicated head)
     pipeline          the model as first modules + embed(), a ModuleList of blocks,
                       last modules + head(): stages are runs of blocks
     blocks            the ModuleList of transformer blocks (or the pipeline's): where
                       sequence parallelism shards the sequence
     tp_regions        the modules that each hold a column-to-row pair (an attention,
-                      an MLP): sequence parallelism's all-gather and reduce-scatter points
+                      an MLP): entered once for all their column layers and left once
+                      (an all-reduce each way; sequence parallelism's all-gather and
+                      reduce-scatter points)
+    sequence_start, sequence_end, sequence_sharded
+                      where sequence parallelism begins and ends, if not at the blocks'
+                      input and output (below)
 
 Names are `fnmatch` patterns over `named_modules()`.
 
@@ -28,7 +38,12 @@ whole sequence, so it may mix tokens (the attention core) and read the sequence 
 from its input; outside the regions a block must work token by token. The blocks'
 replicated parameters (norm gains, row biases) then see 1/tp of the tokens, and their
 gradients are summed over tp. An `nn.Dropout` between regions draws the mask of the whole
-sequence and keeps its rows (meshpar/parallel/dropout.py).
+sequence and keeps its rows (meshpar/parallel/dropout.py). A plan may start the split
+earlier and end it later: at `sequence_start`'s output (a vocab embedding then
+reduce-scatters its partial lookups: half the bytes of an all-reduce and a scatter) and
+at `sequence_end`'s input (a column layer then all-gathers as it enters, and its input
+gradient is reduce-scattered); the modules outside the blocks in between
+(`sequence_sharded`, a final norm) then also see 1/tp of the tokens.
 """
 
 from __future__ import annotations
@@ -38,14 +53,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from meshpar import comm
 from meshpar.mesh import ParallelMesh
+from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.dropout import ShardedDropout
-from meshpar.parallel.sharding import FUSED_ATTR, SPEC_ATTR, ShardSpec
-from meshpar.parallel.tensor import (bracket, copy_to_tensor_parallel, gather_to_replicated, on_first_input, on_output,
-                                     reduce_from_tensor_parallel, scatter_to_sequence_parallel)
+from meshpar.parallel.sharding import shard_spec
+from meshpar.parallel.tensor import (ColumnLinear, RowLinear, VocabEmbedding, bracket, gather_to_replicated,
+                                     on_first_input, on_output, scatter_to_sequence_parallel, sum_grads_over_tp,
+                                     vocab_parallel_cross_entropy)
 
 
 @dataclass
@@ -73,20 +90,29 @@ class Plan:
     - vocab_embedding: nn.Embedding split by vocabulary rows;
     - vocab_output: the output nn.Linear split by vocabulary, with the vocab-parallel
       cross entropy (the full logits are never gathered);
+    - heads: column patterns whose outputs are this many heads, split by whole heads
+      (fewer heads than tp: one replicated head per rank);
     - divide_by_tp: attributes divided by tp (an attention's head count);
     - pipeline: a PipelinePlan, for pp > 1;
     - blocks: the ModuleList of transformer blocks, for sequence parallelism (without
       it, the pipeline's);
-    - tp_regions: the modules holding a column-to-row pair, for sequence parallelism."""
+    - tp_regions: the modules holding a column-to-row pair, entered and left once;
+    - sequence_start / sequence_end: the module whose output sequence parallelism
+      splits / whose input it gathers (default: the blocks' input / output);
+    - sequence_sharded: modules outside the blocks that run on the split sequence."""
 
     column: dict[str, int] | list[str] = field(default_factory=dict)
     row: list[str] = field(default_factory=list)
     vocab_embedding: list[str] = field(default_factory=list)
     vocab_output: str | None = None
     divide_by_tp: dict[str, list[str]] = field(default_factory=dict)
+    heads: dict[str, int] = field(default_factory=dict)
     pipeline: PipelinePlan | None = None
     blocks: str | None = None
     tp_regions: list[str] = field(default_factory=list)
+    sequence_start: str | None = None
+    sequence_end: str | None = None
+    sequence_sharded: list[str] = field(default_factory=list)
 
     def columns(self) -> dict[str, int]:
         """The column patterns with their fused-part counts."""
@@ -99,85 +125,6 @@ class Plan:
 
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _param(local: torch.Tensor, spec: ShardSpec | None = None, fused: int = 1) -> nn.Parameter:
-    param = nn.Parameter(local.detach().clone().contiguous())
-    if spec is not None:
-        setattr(param, SPEC_ATTR, spec)
-    if fused > 1:
-        setattr(param, FUSED_ATTR, fused)
-    return param
-
-
-class ColumnLinear(nn.Module):
-    """y_local = x W_local^T + b_local, W split by output features (each of `fused` parts
-    split on its own); x is replicated on the tp ranks (inside a sequence-parallel tp
-    region, `enter` False, the region has gathered it)."""
-
-    matmul_params = ("weight", "bias")  # read only through F.linear (param_gather.py)
-
-    def __init__(self, linear: nn.Linear, mesh: ParallelMesh, fused: int = 1):
-        super().__init__()
-        t, r = mesh.size("tp"), mesh.index("tp")
-        self.mesh, self.enter = mesh, True
-        rows = linear.out_features
-        if rows % (fused * t):
-            raise ValueError(f"{rows} output features do not split into {fused} parts over tp={t}")
-
-        def split(tensor):
-            return torch.cat([part.chunk(t)[r] for part in tensor.chunk(fused)])
-        spec = ShardSpec.even("tp", 0, rows, t)
-        self.weight = _param(split(linear.weight), spec, fused)
-        self.bias = None if linear.bias is None else _param(split(linear.bias), spec, fused)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's output features of the full input."""
-        return F.linear(copy_to_tensor_parallel(x, self.mesh) if self.enter else x, self.weight, self.bias)
-
-
-class RowLinear(nn.Module):
-    """y = sum over tp of x_local W_local^T, plus the bias once; W split by input features.
-    Inside a sequence-parallel tp region (`leave` False) the partial sums go out as they
-    are, tp rank 0's with the bias, and the region reduce-scatters them."""
-
-    matmul_params = ("weight",)  # the bias is added in fp32 outside a region
-
-    def __init__(self, linear: nn.Linear, mesh: ParallelMesh):
-        super().__init__()
-        t, r = mesh.size("tp"), mesh.index("tp")
-        if linear.in_features % t:
-            raise ValueError(f"{linear.in_features} input features do not split over tp={t}")
-        self.mesh, self.leave = mesh, True
-        self.weight = _param(linear.weight.chunk(t, dim=1)[r], ShardSpec.even("tp", 1, linear.in_features, t))
-        self.bias = None if linear.bias is None else _param(linear.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The full output from this rank's input features."""
-        if not self.leave:
-            return F.linear(x, self.weight, self.bias if self.mesh.index("tp") == 0 else None)
-        y = reduce_from_tensor_parallel(F.linear(x, self.weight), self.mesh)
-        return y if self.bias is None else y + self.bias
-
-
-class VocabEmbedding(nn.Module):
-    """Rows [start, start + rows) of the table on each tp rank; partial lookups summed."""
-
-    def __init__(self, embedding: nn.Embedding, mesh: ParallelMesh):
-        super().__init__()
-        t, r = mesh.size("tp"), mesh.index("tp")
-        vocab = embedding.num_embeddings
-        if vocab % t:
-            raise ValueError(f"a vocabulary of {vocab} does not split over tp={t}")
-        self.mesh, self.start = mesh, r * vocab // t
-        self.weight = _param(embedding.weight.chunk(t)[r], ShardSpec.even("tp", 0, vocab, t))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Full embeddings, each looked up on the rank owning its row."""
-        local = tokens - self.start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tensor_parallel(x, self.mesh)
 
 
 def _set(model: nn.Module, name: str, module: nn.Module):
@@ -208,41 +155,116 @@ def _split_of(module_name: str, plan: Plan) -> tuple[str, int] | None:
     return None
 
 
-def apply_tensor_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh) -> dict:
-    """Replace the planned modules by their tp-parallel versions, in place. Returns what
-    the loss needs: {"vocab_start", "vocab_local"} when the output is vocab-parallel.
-    A weight shared by modules the plan cuts alike (a tied embedding and vocab-parallel
-    output layer) stays one parameter; one they would cut differently is refused
-    (ValueError) before the model is touched."""
-    if mesh.size("tp") == 1:
-        return {}
-    shared = shared_weights(model)
-    for places in shared:
+@dataclass
+class TensorParallelism:
+    """What a model split over tp needs besides its forward: the loss of its logits
+    (vocab-parallel when the plan splits the output layer; the padded rows never count)
+    and the sums over tp of the gradients that are partial there - replicated parameters
+    that saw 1/tp of the tokens (sequence parallelism) or that one tp rank alone adds (a
+    row layer's bias inside a tp region), and replicated heads (each holder saw only its
+    own query heads' share)."""
+
+    mesh: ParallelMesh
+    vocab_start: int = 0
+    vocab_valid: int | None = None  # this rank's real vocabulary rows; None: the output is not split
+    partial: list[nn.Parameter] = field(default_factory=list)
+    replicated_heads: list[nn.Parameter] = field(default_factory=list)
+
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross entropy of a micro-batch."""
+        if self.vocab_valid is None:
+            return cross_entropy_sum(logits, targets)
+        return vocab_parallel_cross_entropy(logits, targets, self.vocab_start, self.vocab_valid, self.mesh).sum()
+
+    def sync_grads(self, params: list[nn.Parameter] | None = None) -> None:
+        """After backward: sum over tp the partial gradients - of `params` only when given
+        (one gradient bucket; the tp ranks of a slice call this for the same buckets in
+        the same order). A parameter without a gradient (another pipeline stage's) is
+        skipped, alike on the tp ranks of one stage."""
+        wanted = None if params is None else {id(p) for p in params}
+
+        def chosen(found: list[nn.Parameter]) -> list[nn.Parameter]:
+            return [p for p in found if p.grad is not None and (wanted is None or id(p) in wanted)]
+        sum_grads_over_tp(chosen(self.partial), self.mesh, "partial_grads")
+        heads = chosen(self.replicated_heads)
+        if not heads:
+            return
+        # Each holder writes its head's gradient into a zeroed slot of the full size; one
+        # sum over tp then gives every head its total.
+        r, slots = self.mesh.index("tp"), []
+        for p in heads:
+            head = r // shard_spec(p).replicas * p.shape[0]
+            slot = p.grad.new_zeros((shard_spec(p).full_size, *p.shape[1:]))
+            slot[head:head + p.shape[0]] = p.grad
+            slots.append((p, head, slot))
+        flat = torch.cat([slot.flatten() for _, _, slot in slots])
+        comm.all_reduce(self.mesh, "tp", flat, tag="kv_grads")
+        offset = 0
+        for p, head, slot in slots:
+            p.grad.copy_(flat[offset:offset + slot.numel()].view_as(slot)[head:head + p.shape[0]])
+            offset += slot.numel()
+
+
+def check_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh, sequence_parallel: bool = False) -> None:
+    """ValueError, before any change to the model, for a plan `apply_tensor_plan` could
+    not apply: a shared weight its modules would cut differently, tp regions that hold
+    no column-to-row pair, sequence parallelism without blocks and regions."""
+    for places in shared_weights(model):
         splits = {_split_of(place.rpartition(".")[0], plan) for place in places}
         if len(splits) > 1:
             raise ValueError(f"{' and '.join(places)} share one weight, but the plan splits them differently; "
                              f"plan both alike (vocab_embedding with vocab_output) or untie them")
+    if sequence_parallel and (plan.block_list() is None or not plan.tp_regions):
+        raise ValueError("sequence_parallel needs the plan's blocks and tp regions: Plan(blocks='h', "
+                         "tp_regions=['h.*.attn', 'h.*.mlp']) - the ModuleList of transformer blocks (or the "
+                         "pipeline's) and the modules that each hold a column-to-row pair")
+    if plan.tp_regions:
+        _check_regions(model, plan)
+    if sequence_parallel:
+        names = dict(model.named_modules())
+        for option in ("sequence_start", "sequence_end"):
+            if getattr(plan, option) is not None and getattr(plan, option) not in names:
+                raise ValueError(f"{option}={getattr(plan, option)!r} names no module of the model")
+        if plan.sequence_sharded and not any(_matches(n, plan.sequence_sharded) for n in names):
+            raise ValueError(f"sequence_sharded={plan.sequence_sharded} matches no module of the model")
+
+
+def apply_tensor_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh,
+                      sequence_parallel: bool = False) -> TensorParallelism:
+    """Replace the planned modules by their tp-parallel versions, in place, bracket the tp
+    regions, and under `sequence_parallel` split the sequence (module docstring); after
+    `check_plan`, which runs first. A weight shared by modules the plan cuts alike (a
+    tied embedding and vocab-parallel output layer) stays one parameter."""
+    tensor_parallel = TensorParallelism(mesh)
+    if mesh.size("tp") == 1:
+        return tensor_parallel
+    check_plan(model, plan, mesh, sequence_parallel)
+    shared = shared_weights(model)
     t = mesh.size("tp")
     columns = plan.columns()
+
+    def column(m: nn.Module, n: str) -> ColumnLinear:
+        heads = plan.heads[_which(n, plan.heads)] if _matches(n, plan.heads) else None
+        return ColumnLinear(m, mesh, columns[_which(n, columns)], heads)
     found = set()
     for name, module in list(model.named_modules()):
-        for patterns, build in ((columns, lambda m, n: ColumnLinear(m, mesh, columns[_which(n, columns)])),
-                                (plan.row, lambda m, n: RowLinear(m, mesh)),
+        for patterns, build in ((columns, column), (plan.row, lambda m, n: RowLinear(m, mesh)),
                                 (plan.vocab_embedding, lambda m, n: VocabEmbedding(m, mesh))):
             if name and _matches(name, patterns):
                 _set(model, name, build(module, name))
                 found.add(name)
         if name and _matches(name, plan.divide_by_tp):
-            for attr in next(v for p, v in plan.divide_by_tp.items() if fnmatch.fnmatchcase(name, p)):
+            for attr in plan.divide_by_tp[_which(name, plan.divide_by_tp)]:
                 value = getattr(module, attr)
-                if value % t:
-                    raise ValueError(f"{name}.{attr}={value} does not divide by tp={t}")
-                setattr(module, attr, value // t)
-    out = {}
+                if value % t and t % value:
+                    raise ValueError(f"{name}.{attr}={value} and tp={t}: one must divide the other")
+                setattr(module, attr, max(1, value // t))
     if plan.vocab_output:
         head = model.get_submodule(plan.vocab_output)
-        _set(model, plan.vocab_output, ColumnLinear(head, mesh))
-        out = {"vocab_start": mesh.index("tp") * head.out_features // t, "vocab_local": head.out_features // t}
+        _set(model, plan.vocab_output, ColumnLinear(head, mesh, pad=True))
+        rows = -(-head.out_features // t)
+        tensor_parallel.vocab_start = mesh.index("tp") * rows
+        tensor_parallel.vocab_valid = max(0, min(rows, head.out_features - tensor_parallel.vocab_start))
         found.add(plan.vocab_output)
     if not found:
         raise ValueError("the plan matched no module of the model: check its names against named_modules()")
@@ -251,61 +273,78 @@ def apply_tensor_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh) -> dict:
         for place in places[1:]:
             module_name, _, attr = place.rpartition(".")
             setattr(model.get_submodule(module_name), attr, weight)
-    return out
+    partial = []
+    for _, region in _regions(model, plan):  # one entering and one leaving mapping per region
+        for module in region.modules():
+            if isinstance(module, ColumnLinear):
+                module.enter = "none"
+            elif isinstance(module, RowLinear):
+                module.leave = False  # tp rank 0 adds the bias: its gradient is that rank's alone
+                partial += [module.bias] if module.bias is not None else []
+        bracket(region, mesh, sequence_parallel)
+    tensor_parallel.replicated_heads = list({id(p): p for p in model.parameters()
+                                             if shard_spec(p) is not None and shard_spec(p).replicas > 1}.values())
+    if sequence_parallel:
+        partial += _split_sequence(model, plan, mesh)
+    tensor_parallel.partial = list({id(p): p for p in partial}.values())
+    return tensor_parallel
 
 
 def _regions(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
     name = plan.block_list()
-    return [(n, m) for n, m in model.named_modules() if n.startswith(name + ".") and _matches(n, plan.tp_regions)]
+    inside = "" if name is None else name + "."
+    return [(n, m) for n, m in model.named_modules() if n.startswith(inside) and _matches(n, plan.tp_regions)]
 
 
-def check_sequence_parallel(model: nn.Module, plan: Plan) -> None:
-    """ValueError unless the plan names the blocks and tp regions inside them, each
-    region holding a column and a row layer of the plan (checked on the model as given,
-    before any change)."""
-    name = plan.block_list()
-    if name is None or not plan.tp_regions:
-        raise ValueError("sequence_parallel needs the plan's blocks and tp regions: Plan(blocks='h', "
-                         "tp_regions=['h.*.attn', 'h.*.mlp']) - the ModuleList of transformer blocks (or the "
-                         "pipeline's) and the modules that each hold a column-to-row pair")
+def _check_regions(model: nn.Module, plan: Plan) -> None:
+    """ValueError unless each tp region (inside the blocks) holds a column and a row
+    layer of the plan, and no split layer of the blocks lies outside a region."""
     regions = _regions(model, plan)
     if not regions:
-        raise ValueError(f"tp_regions={plan.tp_regions} matches no module inside the blocks {name!r}")
+        raise ValueError(f"tp_regions={plan.tp_regions} matches no module inside the blocks {plan.block_list()!r}")
     for region_name, region in regions:
         inside = [f"{region_name}.{n}" if n else region_name for n, _ in region.named_modules()]
         for patterns, label in ((plan.columns(), "column"), (plan.row, "row")):
             if not any(_matches(n, patterns) for n in inside):
-                raise ValueError(f"sequence_parallel: tp region {region_name} holds no {label} layer of the plan")
-    # A split layer between regions would see only this rank's tokens, and a row layer
-    # there would add up partial sums of different tokens.
+                raise ValueError(f"tp region {region_name} holds no {label} layer of the plan")
+    name = plan.block_list()
+    if name is None:
+        return
+    # Under sequence parallelism a split layer between regions would see only this rank's
+    # tokens, and a row layer there would add up partial sums of different tokens.
     for n, _ in model.named_modules():
         if (n.startswith(name + ".") and _matches(n, [*plan.columns(), *plan.row])
                 and not any(n.startswith(r + ".") for r, _ in regions)):
-            raise ValueError(f"sequence_parallel: {n} is split over tp but lies in no tp region; "
-                             f"add the module holding it to tp_regions")
+            raise ValueError(f"{n} is split over tp but lies in no tp region; add the module holding it to tp_regions")
 
 
-def apply_sequence_parallel(model: nn.Module, plan: Plan, mesh: ParallelMesh) -> list[nn.Parameter]:
-    """Sequence parallelism over the plan's blocks (see the module docstring), in place,
-    after `check_sequence_parallel` and `apply_tensor_plan`. Returns the blocks'
-    replicated parameters, whose gradients must be summed over tp."""
+def _split_sequence(model: nn.Module, plan: Plan, mesh: ParallelMesh) -> list[nn.Parameter]:
+    """Sequence parallelism over the plan's blocks, in place, once the tp regions are
+    bracketed. Returns the replicated parameters that see 1/tp of the tokens, whose
+    gradients must be summed over tp."""
     blocks, regions = model.get_submodule(plan.block_list()), _regions(model, plan)
-    for _, region in regions:
-        for module in region.modules():
-            if isinstance(module, ColumnLinear):
-                module.enter = False
-            elif isinstance(module, RowLinear):
-                module.leave = False
-        bracket(region, mesh, sequence_parallel=True)
     # A dropout between regions sees this rank's tokens only: it draws the whole sequence's
     # mask and keeps its rows, as one device would (inside a region it sees them all).
     for name, module in list(model.named_modules()):
         if (type(module) is nn.Dropout and module.p > 0 and name.startswith(plan.block_list() + ".")
                 and not any(name.startswith(r + ".") for r, _ in regions)):
             _set(model, name, ShardedDropout(module.p, mesh, sequence_parallel=True, like_torch=True))
-    on_first_input(blocks[0], lambda x: scatter_to_sequence_parallel(x, mesh))
-    on_output(blocks[-1], lambda y: gather_to_replicated(y, mesh))
-    return [p for p in blocks.parameters() if not hasattr(p, SPEC_ATTR)]
+    start = model.get_submodule(plan.sequence_start) if plan.sequence_start else None
+    if isinstance(start, VocabEmbedding):
+        start.scatter = True  # its partial lookups reduce-scattered: the sum and the split in one
+    elif start is not None:
+        on_output(start, lambda y: scatter_to_sequence_parallel(y, mesh))
+    else:
+        on_first_input(blocks[0], lambda x: scatter_to_sequence_parallel(x, mesh))
+    end = model.get_submodule(plan.sequence_end) if plan.sequence_end else None
+    if isinstance(end, ColumnLinear):
+        end.enter = "gather"  # all-gathered as it enters; its input gradient reduce-scattered
+    elif end is not None:
+        on_first_input(end, lambda x: gather_to_replicated(x, mesh))
+    else:
+        on_output(blocks[-1], lambda y: gather_to_replicated(y, mesh))
+    sharded = [blocks] + [m for n, m in model.named_modules() if _matches(n, plan.sequence_sharded)]
+    return list({id(p): p for m in sharded for p in m.parameters() if shard_spec(p) is None}.values())
 
 
 def _which(name: str, patterns: dict[str, int]) -> str:

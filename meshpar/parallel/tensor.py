@@ -24,6 +24,7 @@ from torch import nn
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.model.loss import fused, row_blocks, shifted_sum_exp
+from meshpar.parallel.sharding import FUSED_ATTR, SPEC_ATTR, ShardSpec
 
 SEQ_DIM = 1
 
@@ -188,59 +189,124 @@ def bracket(region: nn.Module, mesh: ParallelMesh, sequence_parallel: bool) -> N
 
 # --- layers --------------------------------------------------------------------------
 
-class ColumnParallelLinear(nn.Module):
-    """y_local = x @ W_local^T with W split by output features. With `enter=True` it
-    applies the entering mapping itself; inside a block that shares one input between
-    several column-parallel layers (Q, K, V), the block applies it once instead."""
+def _param(local: torch.Tensor, spec: ShardSpec | None = None, fused: int = 1) -> nn.Parameter:
+    param = nn.Parameter(local.detach().clone().contiguous())
+    if spec is not None:
+        setattr(param, SPEC_ATTR, spec)
+    if fused > 1:
+        setattr(param, FUSED_ATTR, fused)
+    return param
 
-    matmul_params = ("weight",)  # read only through F.linear (param_gather.py)
 
-    def __init__(self, weight_local: torch.Tensor, mesh: ParallelMesh,
-                 sequence_parallel: bool = False, enter: bool = True):
+def padded_rows(full: torch.Tensor, rows: int, rank: int) -> torch.Tensor:
+    """Rows [rank * rows, (rank + 1) * rows) of `full`, zeros past its end (a vocabulary
+    that tp does not divide: padded rows no token selects, whose logits the loss masks)."""
+    start = rank * rows
+    local = full.new_zeros((rows, *full.shape[1:]))
+    stop = max(start, min(start + rows, full.shape[0]))
+    local[:stop - start] = full.detach()[start:stop]
+    return local
+
+
+class ColumnLinear(nn.Module):
+    """y_local = x W_local^T + b_local, W split by output features; x is replicated on
+    the tp ranks. Split by whole heads when `heads` is given: with fewer heads than tp
+    ranks (a divisor of tp: grouped-query attention's KV heads) each rank holds the one
+    head its query heads read, replicated over tp/heads ranks. `fused` parts (q, k, v in
+    one projection) are each split on their own. `pad`: the rows are rounded up to a
+    multiple of tp with zeros (a vocabulary).
+
+    `enter` says how x arrives: "copy" (replicated: the entering mapping, all-reduce in
+    backward), "none" (inside a tp region that entered once for all its column layers)
+    or "gather" (where sequence parallelism ends: all-gather the sequence)."""
+
+    matmul_params = ("weight", "bias")  # read only through F.linear (param_gather.py)
+
+    def __init__(self, linear: nn.Linear, mesh: ParallelMesh, fused: int = 1, heads: int | None = None,
+                 pad: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(weight_local)
-        self.mesh, self.sequence_parallel, self.enter = mesh, sequence_parallel, enter
+        t, r = mesh.size("tp"), mesh.index("tp")
+        self.mesh, self.enter = mesh, "copy"
+        rows = linear.out_features
+        if heads is not None and heads < t:
+            if t % heads or fused > 1:
+                raise ValueError(f"{heads} heads over tp={t}: tp must be a multiple of a head count below it")
+            replicas, per_head = t // heads, rows // heads
+            first = r // replicas * per_head
 
-    def forward(self, x):
-        if self.enter:
-            x = enter_tensor_parallel(x, self.mesh, self.sequence_parallel)
-        return F.linear(x, self.weight)
+            def split(tensor):
+                return tensor[first:first + per_head]
+            spec = ShardSpec("tp", 0, rows, tuple(j * replicas for j in range(heads)), replicas)
+        elif pad:
+            def split(tensor):
+                return padded_rows(tensor, -(-rows // t), r)
+            spec = ShardSpec.even("tp", 0, rows, t)
+        else:
+            if rows % (fused * t) or (heads is not None and heads % t):
+                raise ValueError(f"{rows} output features ({heads or fused} part(s)) do not split over tp={t}")
+
+            def split(tensor):
+                return torch.cat([part.chunk(t)[r] for part in tensor.chunk(fused)])
+            spec = ShardSpec.even("tp", 0, rows, t)
+        self.weight = _param(split(linear.weight), spec, fused)
+        self.bias = None if linear.bias is None else _param(split(linear.bias), spec, fused)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's output features of the full input."""
+        if self.enter == "copy":
+            x = copy_to_tensor_parallel(x, self.mesh)
+        elif self.enter == "gather":
+            x = gather_from_sequence_parallel(x, self.mesh)
+        return F.linear(x, self.weight, self.bias)
 
 
-class RowParallelLinear(nn.Module):
-    """y = sum over ranks of x_local @ W_local^T with W split by input features. With
-    `leave=True` it reduces its partial output itself."""
+class RowLinear(nn.Module):
+    """y = sum over tp of x_local W_local^T, plus the bias once; W split by input features.
+    Inside a tp region (`leave` False) the partial sums go out as they are, tp rank 0's
+    with the bias, and the region reduces them (sequence parallelism: reduce-scatters)."""
 
-    matmul_params = ("weight",)
+    matmul_params = ("weight",)  # the bias is added in fp32 outside a region
 
-    def __init__(self, weight_local: torch.Tensor, mesh: ParallelMesh,
-                 sequence_parallel: bool = False, leave: bool = True):
+    def __init__(self, linear: nn.Linear, mesh: ParallelMesh):
         super().__init__()
-        self.weight = nn.Parameter(weight_local)
-        self.mesh, self.sequence_parallel, self.leave = mesh, sequence_parallel, leave
+        t, r = mesh.size("tp"), mesh.index("tp")
+        if linear.in_features % t:
+            raise ValueError(f"{linear.in_features} input features do not split over tp={t}")
+        self.mesh, self.leave = mesh, True
+        self.weight = _param(linear.weight.chunk(t, dim=1)[r], ShardSpec.even("tp", 1, linear.in_features, t))
+        self.bias = None if linear.bias is None else _param(linear.bias)
 
-    def forward(self, x):
-        y = F.linear(x, self.weight)
-        return leave_tensor_parallel(y, self.mesh, self.sequence_parallel) if self.leave else y
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The full output from this rank's input features."""
+        if not self.leave:
+            # Every tp rank reads the bias, the others as zeros: its gradient then exists on
+            # each, and ZeRO's count of a bucket's gradients completes alike on all of them.
+            bias = self.bias if self.bias is None or self.mesh.index("tp") == 0 else self.bias * 0
+            return F.linear(x, self.weight, bias)
+        y = reduce_from_tensor_parallel(F.linear(x, self.weight), self.mesh)
+        return y if self.bias is None else y + self.bias
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Each rank owns rows [vocab_start, vocab_start + rows) of the table; a token outside
-    them looks up zeros, and the leaving mapping sums the ranks' partial embeddings."""
+class VocabEmbedding(nn.Module):
+    """Rows [start, start + rows) of the table on each tp rank (the vocabulary padded to a
+    multiple of tp); a token outside them looks up zeros, and the ranks' partial lookups
+    are summed - or, where sequence parallelism begins (`scatter`), reduce-scattered
+    along the sequence."""
 
-    def __init__(self, weight_local: torch.Tensor, vocab_start: int, mesh: ParallelMesh,
-                 sequence_parallel: bool = False):
+    def __init__(self, embedding: nn.Embedding, mesh: ParallelMesh):
         super().__init__()
-        self.weight = nn.Parameter(weight_local)
-        self.vocab_start = vocab_start
-        self.mesh, self.sequence_parallel = mesh, sequence_parallel
+        t, r = mesh.size("tp"), mesh.index("tp")
+        rows = -(-embedding.num_embeddings // t)
+        self.mesh, self.start, self.scatter = mesh, r * rows, False
+        self.weight = _param(padded_rows(embedding.weight, rows, r),
+                             ShardSpec.even("tp", 0, embedding.num_embeddings, t))
 
-    def forward(self, tokens):
-        local = tokens - self.vocab_start
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full embeddings, each looked up on the rank owning its row."""
+        local = tokens - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        x = F.embedding(local.masked_fill(outside, 0), self.weight)
-        x = x.masked_fill(outside.unsqueeze(-1), 0.0)
-        return leave_tensor_parallel(x, self.mesh, self.sequence_parallel)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return leave_tensor_parallel(x, self.mesh, sequence_parallel=self.scatter)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

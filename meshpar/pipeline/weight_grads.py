@@ -49,7 +49,10 @@ class _SplitLinear(torch.autograd.Function):
         ctx.layer, ctx.dtype, ctx.store, ctx.x_dtype = layer, dtype, store, x.dtype
         x, w, b = (t if t is None or dtype is None else t.to(dtype) for t in (x, weight, bias))
         ctx.save_for_backward(x)
-        return F.linear(x, w, b)
+        # Not F.linear: with a bias it returns a view of its 2-d result, and a custom
+        # Function's view may not be changed in place (a tp region's all-reduce does).
+        y = x.matmul(w.t())
+        return y if b is None else y.add_(b)
 
     @staticmethod
     def backward(ctx, grad_y):
