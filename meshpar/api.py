@@ -33,7 +33,7 @@ from meshpar.parallel.compile import allow_split_backward, apply_compile, recast
 from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.recompute import recompute_modules
 from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
-from meshpar.parallel.plan import (PipelinePlan, Plan, PlannedStages, TensorParallelism, apply_tensor_plan,
+from meshpar.parallel.plan import (PipelinePlan, Plan, TensorParallelism, apply_tensor_plan,
                                    check_plan, gather_fused, shared_weights)
 from meshpar.parallel.sharding import FUSED_ATTR, gather_full, model_names, shard_spec, tie
 from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
@@ -41,6 +41,7 @@ from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import GENERATORS, build_schedule
 from meshpar.pipeline.split import stage_layers_of
+from meshpar.pipeline.stages import PipelineStages
 from meshpar.train.optim import adamw, clip_and_step
 
 
@@ -216,7 +217,7 @@ class Parallelized:
             for name, p in self.named_parameters():
                 full = gather_full(p, shard_spec(p), self.mesh)
                 parts = getattr(p, FUSED_ATTR, 1)
-                # PlannedStages keeps the model's own parameter names
+                # PipelineStages keeps the model's own parameter names
                 out[name] = gather_fused(full, parts, self.mesh.size("tp")) if parts > 1 else full
         return out
 
@@ -311,7 +312,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
             if rank in (0, pp - 1):
                 tie(model.get_parameter(places[0]), "holder" if rank == 0 else "copy", places[0])
         ranges = stage_layers_of(counts)
-        model = PlannedStages(model, plan.pipeline, {s: ranges[s] for s in range(rank, stages, pp)}, stages)
+        model = PipelineStages(model, plan.pipeline, {s: ranges[s] for s in range(rank, stages, pp)}, stages,
+                               mesh.size("tp") if sequence_parallel else 1)
     materialize = None
     if on_meta:  # with the split done, ZeRO allocates this rank's share (under stage 3 its shard)
         device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")

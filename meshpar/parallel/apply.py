@@ -34,7 +34,8 @@ from meshpar.parallel.sharding import full_state, tie
 from meshpar.parallel.recompute import apply_recompute
 from meshpar.parallel.llama_plan import llama_plan
 from meshpar.parallel.plan import apply_tensor_plan
-from meshpar.pipeline.split import PipelineChunks, balanced_split, stage_layers_of
+from meshpar.pipeline.split import balanced_split, stage_layers_of
+from meshpar.pipeline.stages import PipelineStages
 
 
 @dataclass
@@ -46,7 +47,7 @@ class ParallelModel:
     loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum
     # Sum over tp the gradients partial there; called per gradient bucket before dp.
     grad_syncs: list[Callable[[list[nn.Parameter] | None], None]] = field(default_factory=list)
-    num_stages: int = 1  # pipeline stages over all ranks; module is a PipelineChunks when above 1
+    num_stages: int = 1  # pipeline stages over all ranks; module is a PipelineStages when above 1
     data_parallel: object = None  # the ShardedDataParallel wrapping `module`, once built
 
     def local_positions(self, seq_len: int, device=None) -> torch.Tensor | None:
@@ -93,8 +94,9 @@ def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool 
     transformer block with torch.compile. A model on the meta device stays there (ZeRO's
     wrapper gives it storage)."""
     parallel = ParallelModel(model, mesh)
+    plan = llama_plan(model.cfg)
     if mesh.size("tp") > 1:
-        tp = apply_tensor_plan(model, llama_plan(model.cfg), mesh, sequence_parallel)
+        tp = apply_tensor_plan(model, plan, mesh, sequence_parallel)
         parallel.loss_sum = tp.loss_sum
         parallel.grad_syncs.append(tp.sync_grads)
     if mesh.size("cp") > 1:
@@ -107,7 +109,7 @@ def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool 
         ranges = stage_layers_of(counts)
         p, r = mesh.size("pp"), mesh.index("pp")
         seq_shards = mesh.size("tp") if sequence_parallel else 1
-        parallel.module = PipelineChunks(model, {s: ranges[s] for s in range(r, num_stages, p)},
+        parallel.module = PipelineStages(model, plan.pipeline, {s: ranges[s] for s in range(r, num_stages, p)},
                                          num_stages, seq_shards)
         parallel.num_stages = num_stages
         if model.cfg.tie_embeddings and p > 1 and r in (0, p - 1):  # one weight, two stages

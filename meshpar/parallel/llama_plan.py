@@ -10,6 +10,10 @@ applied by the one engine every model goes through (meshpar/parallel/plan.py).
     norms                replicated; with sequence parallelism they see a sequence shard,
                          so their weight gradients are summed over tp after backward
 
+As a pipeline: the embedding on the first stage, the final norm and the output layer on
+the last, the rotary tables on every stage (each block takes cos and sin of its tokens'
+positions).
+
 Sequence parallelism runs from the embedding's output (its partial lookups
 reduce-scattered) to the output layer's input (all-gathered as it enters), so the final
 norm also sees 1/tp of the tokens.
@@ -17,8 +21,11 @@ norm also sees 1/tp of the tokens.
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from meshpar.model.config import ModelConfig
-from meshpar.parallel.plan import Plan
+from meshpar.parallel.plan import PipelinePlan, Plan
 
 
 def tensor_parallel_problems(cfg: ModelConfig, tp: int, sequence_parallel: bool, seq_len: int) -> list[str]:
@@ -49,4 +56,19 @@ def llama_plan(cfg: ModelConfig) -> Plan:
                 vocab_embedding=["embedding"], vocab_output="output",
                 divide_by_tp={attention: ["num_heads", "num_kv_heads"]},
                 blocks="layers", tp_regions=[attention, mlp],
-                sequence_start="embedding", sequence_end="output", sequence_sharded=["norm"])
+                sequence_start="embedding", sequence_end="output", sequence_sharded=["norm"],
+                pipeline=PipelinePlan(blocks="layers", first=["embedding"], last=["norm", "output"],
+                                      embed=_embed, head=_head, hidden_size=cfg.hidden_size,
+                                      block_args=_rotary, every_stage=["rope_cos", "rope_sin"]))
+
+
+def _embed(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return model.embedding(tokens)
+
+
+def _head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return model.output(model.norm(hidden))
+
+
+def _rotary(model: nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return model.rope_cos[positions], model.rope_sin[positions]

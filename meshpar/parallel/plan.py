@@ -70,7 +70,12 @@ class PipelinePlan:
     """The model as a pipeline: `first` modules and `embed(model, tokens) -> hidden` on
     the first stage, the blocks of the ModuleList `blocks` (each `block(hidden) ->
     hidden`) spread over the stages, `last` modules and `head(model, hidden) -> logits`
-    on the last stage. `hidden_size` is the width of what passes between stages."""
+    on the last stage. `hidden_size` is the width of what passes between stages.
+
+    A block that takes more than the hidden states (rotary tables, say) gets them from
+    `block_args(stages, positions) -> tuple`, the tokens' global positions (s,) given;
+    what it reads - top-level modules or buffers of the model - is named in
+    `every_stage`, and every stage holds it."""
 
     blocks: str
     first: list[str]
@@ -78,6 +83,8 @@ class PipelinePlan:
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     hidden_size: int
+    block_args: Callable[[nn.Module, torch.Tensor], tuple] | None = None
+    every_stage: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -356,40 +363,3 @@ def gather_fused(full_chunks: torch.Tensor, parts: int, tp: int) -> torch.Tensor
     [part 0 of every rank, part 1 of every rank, ...]."""
     per_rank = full_chunks.chunk(tp)
     return torch.cat([rank_local.chunk(parts)[k] for k in range(parts) for rank_local in per_rank])
-
-
-class PlannedStages(nn.Module):
-    """The stages one rank holds of a planned model, under the model's parameter names,
-    with the interface the pipeline runtime drives: forward_stage(stage, x)."""
-
-    def __init__(self, model: nn.Module, pipeline: PipelinePlan, stage_blocks: dict[int, range], num_stages: int):
-        super().__init__()
-        self.pipeline, self.stage_blocks, self.num_stages = pipeline, stage_blocks, num_stages
-        blocks = model.get_submodule(pipeline.blocks)
-        if 0 in stage_blocks:
-            for name in pipeline.first:
-                setattr(self, name, model.get_submodule(name))
-        setattr(self, pipeline.blocks, nn.ModuleDict({str(i): blocks[i] for r in stage_blocks.values() for i in r}))
-        if num_stages - 1 in stage_blocks:
-            for name in pipeline.last:
-                setattr(self, name, model.get_submodule(name))
-
-    def forward_stage(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        if stage == 0:
-            x = self.pipeline.embed(self, x)
-        blocks = getattr(self, self.pipeline.blocks)
-        for i in self.stage_blocks[stage]:
-            x = blocks[str(i)](x)
-        if stage == self.num_stages - 1:
-            x = self.pipeline.head(self, x)
-        return x
-
-    def stage_parameters(self, stage: int) -> list[nn.Parameter]:
-        """The trainable parameters `forward_stage(stage, .)` uses."""
-        blocks = getattr(self, self.pipeline.blocks)
-        modules = [blocks[str(i)] for i in self.stage_blocks[stage]]
-        if stage == 0:
-            modules += [getattr(self, name) for name in self.pipeline.first]
-        if stage == self.num_stages - 1:
-            modules += [getattr(self, name) for name in self.pipeline.last]
-        return [p for m in modules for p in m.parameters() if p.requires_grad]

@@ -26,7 +26,7 @@ from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.pipeline.actions import Action, Schedule
 from meshpar.parallel.weight_casts import keep_saved
-from meshpar.pipeline.split import PipelineChunks
+from meshpar.pipeline.stages import PipelineStages
 from meshpar.pipeline.weight_grads import DeferredWeightGrads
 
 
@@ -49,7 +49,7 @@ class _State:
 
 
 class PipelineRuntime:
-    def __init__(self, schedule: Schedule, chunks: PipelineChunks, mesh: ParallelMesh,
+    def __init__(self, schedule: Schedule, chunks: PipelineStages, mesh: ParallelMesh,
                  loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  hidden_shape: tuple[int, ...], device: torch.device, measure_activations: bool = True,
                  microbatches_per_step: int | None = None, split_at_linears: bool = True):

@@ -1,20 +1,10 @@
-"""Layers -> pipeline stages, and the modules one rank holds.
-
-The first stage also holds the embedding, the last the final norm and the output layer.
-With tied embeddings the last stage's output layer holds the embedding's weight: two
-copies, kept equal by summing their gradients (`sharding.tie`).
-A rank holds stages r, r+p, r+2p, ... (virtual stages); its module keeps the reference
-model's parameter names (a tied copy answers to its holder's, `sharding.model_names`),
-so the full state gathers back by name.
+"""Layers -> pipeline stages: how many of meshpar's Llama layers each stage runs
+(the modules a rank then holds: stages.py).
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from meshpar.model.config import ModelConfig
-from meshpar.model.llama import Transformer
 
 
 def balanced_split(cfg: ModelConfig, num_stages: int) -> list[int]:
@@ -59,51 +49,6 @@ def split_problems(cfg: ModelConfig, num_stages: int, layers: list[int] | None) 
     if any(n < 1 for n in layers):
         found.append("--pp-layers: every stage needs at least one layer")
     return found
-
-
-class PipelineChunks(nn.Module):
-    """The stages one rank holds, under the reference model's parameter names."""
-
-    def __init__(self, model: Transformer, stage_layers: dict[int, range], num_stages: int, seq_shards: int):
-        super().__init__()
-        self.stage_layers = stage_layers
-        self.num_stages = num_stages
-        self.seq_shards = seq_shards  # tp under sequence parallelism: hidden states hold s / tp tokens
-        self.positions: torch.Tensor | None = None  # this rank's tokens' global positions (context parallelism)
-        if 0 in stage_layers:
-            self.embedding = model.embedding
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for r in stage_layers.values() for i in r})
-        if num_stages - 1 in stage_layers:
-            self.norm, self.output = model.norm, model.output
-        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
-        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
-
-    def forward(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_stage(stage, x)
-
-    def forward_stage(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (first stage) or hidden states in; hidden states or logits (last) out."""
-        if stage == 0:
-            seq = x.shape[1]
-            x = self.embedding(x)
-        else:
-            seq = x.shape[1] * self.seq_shards
-        positions = self.positions if self.positions is not None else torch.arange(seq, device=x.device)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        for i in self.stage_layers[stage]:
-            x = self.layers[str(i)](x, cos, sin)
-        if stage == self.num_stages - 1:
-            x = self.output(self.norm(x))
-        return x
-
-    def stage_parameters(self, stage: int) -> list[nn.Parameter]:
-        """The trainable parameters `forward_stage(stage, .)` uses."""
-        modules = [self.layers[str(i)] for i in self.stage_layers[stage]]
-        if stage == 0:
-            modules.append(self.embedding)
-        if stage == self.num_stages - 1:
-            modules += [self.norm, self.output]
-        return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
 def stage_layers_of(counts: list[int]) -> list[range]:

@@ -1,0 +1,69 @@
+"""The pipeline stages one rank holds, for any model with a `PipelinePlan`.
+
+A rank holds stages r, r + p, r + 2p, ... (virtual stages) of the model's blocks; the
+first stage also holds the plan's `first` modules (the embedding), the last its `last`
+ones (the final norm and output layer), every stage its `every_stage` ones (rotary
+tables). The container keeps the model's parameter names (a tied copy answers to its
+holder's, `sharding.model_names`), so the full state gathers back by name and
+checkpoints load into any layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from meshpar.parallel.plan import PipelinePlan
+
+
+class PipelineStages(nn.Module):
+    """This rank's stages, with the interface the pipeline runtime drives:
+    forward_stage(stage, x) and stage_parameters(stage)."""
+
+    def __init__(self, model: nn.Module, pipeline: PipelinePlan, stage_blocks: dict[int, range], num_stages: int,
+                 seq_shards: int = 1):
+        super().__init__()
+        self.pipeline, self.stage_blocks, self.num_stages = pipeline, stage_blocks, num_stages
+        self.seq_shards = seq_shards  # tp under sequence parallelism: hidden states hold s / tp tokens
+        self.positions: torch.Tensor | None = None  # this rank's tokens' global positions (context parallelism)
+        blocks = model.get_submodule(pipeline.blocks)
+        # In forward order: ZeRO's buckets and gathers follow it.
+        self._hold(model, [*(pipeline.first if 0 in stage_blocks else []), *pipeline.every_stage])
+        setattr(self, pipeline.blocks, nn.ModuleDict({str(i): blocks[i] for r in stage_blocks.values() for i in r}))
+        self._hold(model, pipeline.last if num_stages - 1 in stage_blocks else [])
+
+    def _hold(self, model: nn.Module, names: list[str]) -> None:
+        for name in names:
+            if name in model._buffers:
+                self.register_buffer(name, model._buffers[name], persistent=False)
+            else:
+                setattr(self, name, model.get_submodule(name))
+
+    def forward(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stage(stage, x)
+
+    def forward_stage(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (first stage) or hidden states in; hidden states or logits (last) out."""
+        seq = x.shape[1] * (1 if stage == 0 else self.seq_shards)
+        if stage == 0:
+            x = self.pipeline.embed(self, x)
+        args = ()
+        if self.pipeline.block_args is not None:
+            positions = self.positions if self.positions is not None else torch.arange(seq, device=x.device)
+            args = self.pipeline.block_args(self, positions)
+        blocks = getattr(self, self.pipeline.blocks)
+        for i in self.stage_blocks[stage]:
+            x = blocks[str(i)](x, *args)
+        if stage == self.num_stages - 1:
+            x = self.pipeline.head(self, x)
+        return x
+
+    def stage_parameters(self, stage: int) -> list[nn.Parameter]:
+        """The trainable parameters `forward_stage(stage, .)` uses."""
+        blocks = getattr(self, self.pipeline.blocks)
+        modules = [blocks[str(i)] for i in self.stage_blocks[stage]]
+        if stage == 0:
+            modules += [getattr(self, name) for name in self.pipeline.first]
+        if stage == self.num_stages - 1:
+            modules += [getattr(self, name) for name in self.pipeline.last]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
