@@ -42,7 +42,8 @@ from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import GENERATORS, build_schedule
 from meshpar.pipeline.split import stage_layers_of
 from meshpar.pipeline.stages import PipelineStages
-from meshpar.train.optim import adamw, clip_and_step
+from meshpar.train.optim import adamw
+from meshpar.train.step import TrainingStep
 
 
 def init_mesh(dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, *, backend: str | None = None,
@@ -95,6 +96,10 @@ class Parallelized:
     def __post_init__(self):
         self._saved_tensor_hooks = saved_tensor_hooks(self.module, self.recast)
         self._compute = lambda: autocast(self.precision, self.device(), cache=not self.recast)
+        self._training_step = TrainingStep(
+            self.module, self.mesh, self.data_parallel, self.optimizer, self.loss_sum,
+            lambda x: _logits(self.module(x)), self._compute, self._saved_tensor_hooks, self.max_grad_norm,
+            lambda: {id(p): name for name, p in self.named_parameters()}, self.scaler)
 
     def device(self) -> torch.device:
         """Where this rank's parameters live."""
@@ -121,36 +126,13 @@ class Parallelized:
         if self.sequence_parallel and inputs.shape[1] % tp:
             raise ValueError(f"sequence_parallel: tp={tp} must divide the sequence length {inputs.shape[1]}")
         self._check_same_batch(inputs, targets)
-        xs, ys = inputs.chunk(self.microbatches), targets.chunk(self.microbatches)
-        tokens = targets.numel() * self.mesh.size("dp")
-        self.data_parallel.zero_grad()
-        scale = self.scaler.scale if self.scaler else 1.0
+        xs, ys = list(inputs.chunk(self.microbatches)), list(targets.chunk(self.microbatches))
         if self.mesh.size("pp") > 1:
-            pipeline = self._pipeline(xs[0])
-            pipeline.loss_scale = scale
-            loss = pipeline.run(list(xs), list(ys), tokens)
-        else:
-            loss = torch.zeros((), device=inputs.device)
-            for x, y in zip(xs, ys):
-                with self._saved_tensor_hooks():
-                    with self._compute():
-                        logits = _logits(self.module(x))
-                    part = self.loss_sum(logits, y) / tokens
-                (part * scale if self.scaler else part).backward()
-                loss += part.detach()
-        self.data_parallel.finish_reduction()
-        for axis in ("dp", "pp"):
-            comm.all_reduce(self.mesh, axis, loss, tag="loss")
-        if self.scaler:
-            # An overflow on any rank: every rank skips, parameters and optimizer states stay as they are.
-            if self.scaler.unscale_and_update(self.data_parallel.grads(), self.mesh):
-                self.skipped_steps += 1
-                self.steps_taken += 1
-                return loss.item()
-        clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, self.steps_taken + 1,
-                      lambda: {id(p): name for name, p in self.named_parameters()}, loss)
-        self.steps_taken += 1  # not when the step diverged: nothing was updated
-        return loss.item()
+            self._training_step.pipeline = self._pipeline(xs[0])
+        result = self._training_step(xs, ys, targets.numel() * self.mesh.size("dp"), self.steps_taken + 1)
+        self.steps_taken += 1
+        self.skipped_steps += result.skipped
+        return result.loss.item()
 
     def _check_same_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """ValueError, on every rank of the replica, unless its tp and pp ranks were all

@@ -27,7 +27,6 @@ from meshpar.parallel.sharding import model_names
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import add_communication, asynchronous, build_schedule
-from meshpar.train.activations import count_saved_bytes
 from meshpar.train.checks import check_replicas
 from meshpar.train.data import BatchLoader, corpus_description, load_tokens
 from meshpar.planner.hardware import device_peak_flops
@@ -39,6 +38,7 @@ from meshpar.checkpoint import CheckpointReader, latest_checkpoint, open_checkpo
 from meshpar.checkpoint.training import load_parameters, restore_training, save_training
 from meshpar.train.plot import plot_losses
 from meshpar.train.optim import adamw, clip_and_step, lr_at
+from meshpar.train.step import TrainingStep
 
 
 @dataclass
@@ -121,6 +121,10 @@ class Trainer:
         if self.pipeline:
             self.pipeline.compute_context = self.compute
             self.pipeline.saved_tensor_hooks = self.saved_tensor_hooks
+        self.training_step = TrainingStep(
+            self.model, mesh, self.data_parallel, self.optimizer, self.parallel.loss_sum,
+            lambda x: self.model(x, self.positions), self.compute, self.saved_tensor_hooks, tr.max_grad_norm,
+            self._param_names, self.scaler, self.pipeline)
         self.skipped_steps = 0
         self.peak_saved_bytes = 0  # activations held for backward (the pipeline counts its own)
         self.flops_per_token = from_meshpar(self.model_cfg, tr.seq_len).flops_per_token()
@@ -175,54 +179,28 @@ class Trainer:
     def _train_step(self) -> dict:
         start = time.perf_counter()
         lr = self._set_lr(self.step)
-
         xs, ys = self._microbatches(self.loader)
-        self.data_parallel.zero_grad()
-        # Each micro-batch's summed token loss is divided by the tokens of the whole
-        # global batch: the partial losses add up, over micro-batches and dp ranks, to the mean.
-        scale = self.scaler.scale if self.scaler else 1.0
-        if self.pipeline:
-            wait_before = self.pipeline.recv_wait_s
-            self.pipeline.loss_scale = scale
-            loss_sum = self.pipeline.run(xs, ys, self.tokens_per_step)
-        else:
-            loss_sum = torch.zeros((), device=self.device)
-            for x, y in zip(xs, ys):
-                # The first step counts the activations saved for backward (one micro-batch's).
-                measure = self.step == self.first_step
-                with (count_saved_bytes(self.model, self.saved_tensor_hooks) if measure
-                      else self.saved_tensor_hooks()) as saved:
-                    with self.compute():
-                        logits = self.model(x, self.positions)
-                    loss = self.parallel.loss_sum(logits, y) / self.tokens_per_step
-                if saved is not None:
-                    self.peak_saved_bytes = max(self.peak_saved_bytes, saved["bytes"])
-                (loss * scale if self.scaler else loss).backward()
-                loss_sum += loss.detach()
-        self.data_parallel.finish_reduction()
-        comm.all_reduce(self.mesh, "dp", loss_sum, tag="loss")
-        comm.all_reduce(self.mesh, "cp", loss_sum, tag="loss")
-        comm.all_reduce(self.mesh, "pp", loss_sum, tag="loss")  # the last stage holds it
-        overflow = False
-        if self.scaler:
-            overflow = self.scaler.unscale_and_update(self.data_parallel.grads(), self.mesh)
-        grad_norm = None
-        if overflow:  # every rank skips: the parameters and optimizer states stay as they are
+        wait_before = self.pipeline.recv_wait_s if self.pipeline else 0.0
+        scale = self.scaler.scale if self.scaler else None
+        # The first step counts the activations saved for backward (one micro-batch's).
+        measure = self.step == self.first_step and not self.pipeline
+        result = self.training_step(xs, ys, self.tokens_per_step, self.step + 1, on_saved=self._saved if measure else None)
+        if result.skipped:
             self.skipped_steps += 1
-        else:
-            grad_norm = self._clip_and_update(loss_sum)
-
-        loss_value = loss_sum.item()  # synchronises a CUDA device before timing
+        loss_value = result.loss.item()  # synchronises a CUDA device before timing
         step_time = time.perf_counter() - start
         self.step += 1
-        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": result.grad_norm,
                   "tokens": self.tokens_per_step, "step_time_s": step_time,
                   "tokens_per_s": self.tokens_per_step / step_time}
         if self.pipeline:
             record["pipeline_wait_s"] = self.pipeline.recv_wait_s - wait_before
         if self.scaler:
-            record.update(loss_scale=scale, skipped=overflow)
+            record.update(loss_scale=scale, skipped=result.skipped)
         return record
+
+    def _saved(self, nbytes: int) -> None:
+        self.peak_saved_bytes = max(self.peak_saved_bytes, nbytes)
 
     def train_step_async(self) -> dict:
         """PipeDream-2BW: batch t runs on the weights of the start of step t; the update

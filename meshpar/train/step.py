@@ -1,0 +1,85 @@
+"""One training step, for every layout and both front doors: `meshpar train` (trainer.py)
+and the Python API's `Parallelized.step` run this.
+
+    forward and backward of each micro-batch (a pipeline runs its schedule instead),
+    the gradient reduction over dp (ZeRO 0-3, started from backward hooks) finished,
+    the loss summed over dp, cp and pp (the last stage holds it),
+    fp16: gradients unscaled, and on an overflow anywhere every rank skips the update,
+    the global gradient norm, clipping and the optimizer on this rank's shard.
+
+Each micro-batch's summed token loss is divided by the tokens of the whole global batch,
+so the parts add up, over micro-batches and dp ranks, to its mean.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from meshpar import comm
+from meshpar.mesh import ParallelMesh
+from meshpar.parallel.precision import DynamicLossScaler
+from meshpar.parallel.zero import ShardedDataParallel
+from meshpar.pipeline.runtime import PipelineRuntime
+from meshpar.train.activations import count_saved_bytes
+from meshpar.train.optim import clip_and_step
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # the global batch's mean loss, on every rank
+    grad_norm: float | None  # before clipping; None when the update was skipped
+    skipped: bool  # fp16: the gradients overflowed somewhere, nothing was updated
+
+
+@dataclass
+class TrainingStep:
+    """What a step needs; `pipeline` is set once it exists (pp above 1)."""
+
+    module: nn.Module
+    mesh: ParallelMesh
+    data_parallel: ShardedDataParallel
+    optimizer: torch.optim.Optimizer
+    loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # logits, targets -> summed token loss
+    forward: Callable[[torch.Tensor], torch.Tensor]  # a micro-batch's tokens -> its logits
+    compute: Callable[[], AbstractContextManager]  # autocast of the chosen precision
+    saved_tensor_hooks: Callable[[], AbstractContextManager]  # 16-bit weight copies recast in backward
+    max_grad_norm: float
+    names: Callable[[], dict[int, str]]  # parameter id -> whole-model name, for a divergence's report
+    scaler: DynamicLossScaler | None = None
+    pipeline: PipelineRuntime | None = None
+
+    def __call__(self, xs: list[torch.Tensor], ys: list[torch.Tensor], tokens: int, step: int,
+                 on_saved: Callable[[int], None] | None = None) -> StepResult:
+        """One optimizer step on this rank's micro-batches `xs`, `ys` of a global batch of
+        `tokens` target tokens; `step` numbers it (from 1) for a divergence's report.
+        `on_saved`: told the bytes each micro-batch saved for backward (no pipeline)."""
+        self.data_parallel.zero_grad()
+        scale = self.scaler.scale if self.scaler else 1.0
+        if self.pipeline is not None:
+            self.pipeline.loss_scale = scale
+            loss = self.pipeline.run(xs, ys, tokens)
+        else:
+            loss = torch.zeros((), device=xs[0].device)
+            for x, y in zip(xs, ys):
+                saving = (count_saved_bytes(self.module, self.saved_tensor_hooks) if on_saved
+                          else self.saved_tensor_hooks())
+                with saving as saved:
+                    with self.compute():
+                        logits = self.forward(x)
+                    part = self.loss_sum(logits, y) / tokens
+                if on_saved:
+                    on_saved(saved["bytes"])
+                (part * scale if self.scaler else part).backward()
+                loss += part.detach()
+        self.data_parallel.finish_reduction()
+        for axis in ("dp", "cp", "pp"):
+            comm.all_reduce(self.mesh, axis, loss, tag="loss")
+        if self.scaler and self.scaler.unscale_and_update(self.data_parallel.grads(), self.mesh):
+            return StepResult(loss, None, skipped=True)  # parameters and optimizer states as they were
+        norm = clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, step, self.names, loss)
+        return StepResult(loss, norm, skipped=False)
