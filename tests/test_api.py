@@ -447,8 +447,8 @@ def test_a_checkpoint_keeps_the_callers_data_and_each_ranks_random_state(worlds,
 
 def test_sequence_parallel_over_a_plan_equals_one_device(worlds, single):
     """GPT-2's blocks on 1/tp of the sequence outside their attention and MLP regions:
-    tp2 (eager, compiled, recomputed), tp2 x dp2 ZeRO-1 and a tp2 x pp2 pipeline equal
-    one device, and the blocks move the bytes of tensor parallelism's all-reduces as
+    tp2, tp2 x dp2 ZeRO-1 and a tp2 x pp2 pipeline equal one device (compiled and
+    recomputed blocks: the slow test below), and the blocks move the bytes of tensor parallelism's all-reduces as
     all-gathers and reduce-scatters."""
     sp = functools.partial(train_gpt2, sequence_parallel=True)
     runs = worlds(2).run(sp, 1, 2, 1, 0, 2)
@@ -471,6 +471,11 @@ def test_sequence_parallel_over_a_plan_equals_one_device(worlds, single):
         close(run, single, f"tp2 dp2 zero1 sp rank {rank}")
     for rank, run in enumerate(worlds(4).run(sp, 1, 2, 2, 0, 2)):
         close(run, single, f"tp2 pp2 sp rank {rank}")
+
+
+@pytest.mark.slow
+def test_sequence_parallel_over_compiled_or_recomputed_blocks_equals_one_device(worlds, single):
+    sp = functools.partial(train_gpt2, sequence_parallel=True)
     for rank, run in enumerate(worlds(2).run(functools.partial(sp, compile=["h.*"]), 1, 2, 1, 0, 2)):
         close(run, single, f"compiled blocks, tp2 sp rank {rank}")  # the regions' hooks traced inside
     for rank, run in enumerate(worlds(2).run(functools.partial(sp, recompute=["h.*"]), 1, 2, 1, 0, 2)):
