@@ -16,43 +16,22 @@ caller's own JSON data, such as its data position or its learning-rate schedule'
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
-from meshpar.checkpoint.regions import Box, CheckpointError
+from meshpar.checkpoint.regions import CheckpointError
 from meshpar.checkpoint.store import CheckpointReader, write_checkpoint
 from meshpar.checkpoint.training import (Part, load_moments, optimizer_state_pieces, read_local, restore_rng,
-                                         rng_tensors, whole)
-from meshpar.parallel.sharding import shard_spec
-
-
-def _parts(name: str, p: nn.Parameter, fused: int, mesh) -> list[Part]:
-    if fused == 1:
-        return whole(name, p, mesh)
-    spec = shard_spec(p)
-    rows, rest = p.shape[0] // fused, tuple(p.shape[1:])
-    index = mesh.index(spec.axis) if spec else 0
-    full_rows = spec.full_size // fused if spec else rows
-    box = Box((full_rows,) + rest, (index * rows,) + (0,) * len(rest), (rows,) + rest, (rows,) + rest)
-    return [Part(f"{name}#{j}", box, j * (p.numel() // fused), p.numel() // fused) for j in range(fused)]
+                                         rng_tensors, saved_parts)
 
 
 def _parts_of(parallelized) -> Callable[[nn.Parameter], list[Part]]:
-    """param -> its saved parts: under its own name, or as its k fused parts where one
-    of the plan's column patterns says k."""
-    columns = {pattern: k for pattern, k in parallelized.plan.columns().items() if k > 1}
+    """param -> its saved parts (training.saved_parts), under the model's own names."""
     names = {id(p): name for name, p in parallelized.named_parameters()}
-
-    def parts_of(p: nn.Parameter) -> list[Part]:
-        name = names[id(p)]
-        module = name.rpartition(".")[0]
-        fused = next((k for pattern, k in columns.items() if fnmatch.fnmatchcase(module, pattern)), 1)
-        return _parts(name, p, fused, parallelized.mesh)
-    return parts_of
+    return lambda p: saved_parts(names[id(p)], p, parallelized.mesh)
 
 
 def _layout(parallelized) -> dict:

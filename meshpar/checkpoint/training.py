@@ -19,8 +19,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from meshpar.checkpoint.regions import Box, CheckpointError, box_of, first_holder
+from meshpar.checkpoint.regions import Box, CheckpointError, first_holder
 from meshpar.checkpoint.store import LOCAL, CheckpointReader, write_checkpoint
+from meshpar.init import boxes_of
 from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.sharding import model_names
 
@@ -56,9 +57,23 @@ class Part:
     numel: int
 
 
-def whole(name: str, p: nn.Parameter, mesh) -> list[Part]:
-    """A parameter saved as itself: its local tensor is one box of the full one."""
-    return [Part(name, box_of(p, mesh), 0, p.numel())]
+def saved_parts(name: str, p: nn.Parameter, mesh) -> list[Part]:
+    """How a parameter is saved: as itself, its local tensor being one box of the full
+    one - or, fused (q, k and v in one projection: on each tp rank its rows of each
+    part, no one box of the whole), as its k parts `name#0` .. `name#k-1`, each split
+    like any column weight. Every layout of the same plan names them alike (at tp = 1
+    too), so what one saved loads into any other."""
+    boxes = boxes_of(p, mesh)
+    if len(boxes) == 1:
+        return [Part(name, boxes[0][1], 0, p.numel())]
+    k, row = len(boxes), p[0].numel()
+    parts = []
+    for j, (rows, box) in enumerate(boxes):  # `box` is in the whole tensor's rows: part j's are shifted
+        part_rows = box.full_shape[0] // k
+        part = Box((part_rows, *box.full_shape[1:]), (box.offsets[0] - j * part_rows, *box.offsets[1:]), box.valid,
+                   box.local_shape)
+        parts.append(Part(f"{name}#{j}", part, rows.start * row, (rows.stop - rows.start) * row))
+    return parts
 
 
 def optimizer_state_pieces(dp, optimizer, mesh, parts_of: Callable[[nn.Parameter], list[Part]]
@@ -106,7 +121,7 @@ def rank_tensors(trainer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """What this rank writes: its pieces (and their descriptions) and its own state."""
     mesh, dp = trainer.mesh, trainer.data_parallel
     names = _names(trainer)
-    tensors, pieces = optimizer_state_pieces(dp, trainer.optimizer, mesh, lambda p: whole(names[id(p)], p, mesh))
+    tensors, pieces = optimizer_state_pieces(dp, trainer.optimizer, mesh, lambda p: saved_parts(names[id(p)], p, mesh))
     tensors.update(rng_tensors(trainer.device))
     reducer = dp.reducer
     for kind, buffers in (("errors", reducer.errors), ("shard_errors", reducer.shard_errors)):
@@ -151,7 +166,7 @@ def load_moments(dp, optimizer, reader, optimizer_step: int, parts_of: Callable[
 def load_parameters(trainer, reader) -> None:
     """Every parameter from `reader` (a CheckpointReader or a Hugging Face directory's)."""
     names, mesh = _names(trainer), trainer.mesh
-    trainer.data_parallel.load_params(lambda p: read_local(reader, "param", whole(names[id(p)], p, mesh)))
+    trainer.data_parallel.load_params(lambda p: read_local(reader, "param", saved_parts(names[id(p)], p, mesh)))
 
 
 def restore_training(trainer, reader: CheckpointReader) -> None:
@@ -162,7 +177,7 @@ def restore_training(trainer, reader: CheckpointReader) -> None:
         raise CheckpointError(f"{reader.path}: holds parameters only (no training state to resume); "
                               f"start from it with --init-from instead")
     names, mesh, dp = _names(trainer), trainer.mesh, trainer.data_parallel
-    load_moments(dp, trainer.optimizer, reader, saved["optimizer_step"], lambda p: whole(names[id(p)], p, mesh))
+    load_moments(dp, trainer.optimizer, reader, saved["optimizer_step"], lambda p: saved_parts(names[id(p)], p, mesh))
     trainer.step = saved["step"]
     trainer.skipped_steps = saved["skipped_steps"]
     trainer.loader.load_state_dict(saved["loader"])

@@ -59,7 +59,7 @@ from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.dropout import ShardedDropout
-from meshpar.parallel.sharding import shard_spec
+from meshpar.parallel.sharding import FUSED_ATTR, shard_spec
 from meshpar.parallel.tensor import (ColumnLinear, RowLinear, VocabEmbedding, bracket, gather_to_replicated,
                                      on_first_input, on_output, scatter_to_sequence_parallel, sum_grads_over_tp,
                                      vocab_parallel_cross_entropy)
@@ -243,12 +243,18 @@ def apply_tensor_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh,
     `check_plan`, which runs first. A weight shared by modules the plan cuts alike (a
     tied embedding and vocab-parallel output layer) stays one parameter."""
     tensor_parallel = TensorParallelism(mesh)
+    columns = plan.columns()
     if mesh.size("tp") == 1:
+        # Unsplit, a fused parameter is still marked: checkpoints save it as its parts in every layout.
+        for name, module in model.named_modules():
+            if name and _matches(name, columns) and columns[_which(name, columns)] > 1:
+                for p in (module.weight, module.bias):
+                    if p is not None:
+                        setattr(p, FUSED_ATTR, columns[_which(name, columns)])
         return tensor_parallel
     check_plan(model, plan, mesh, sequence_parallel)
     shared = shared_weights(model)
     t = mesh.size("tp")
-    columns = plan.columns()
 
     def column(m: nn.Module, n: str) -> ColumnLinear:
         heads = plan.heads[_which(n, plan.heads)] if _matches(n, plan.heads) else None
