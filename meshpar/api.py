@@ -33,15 +33,14 @@ from meshpar.parallel.compile import allow_split_backward, apply_compile, recast
 from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.recompute import recompute_modules
 from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
-from meshpar.parallel.plan import (PipelinePlan, Plan, TensorParallelism, apply_tensor_plan,
-                                   check_plan, gather_fused, shared_weights)
-from meshpar.parallel.sharding import FUSED_ATTR, gather_full, model_names, shard_spec, tie
+from meshpar.parallel.plan import Plan, TensorParallelism, apply_tensor_plan, check_plan, gather_fused
+from meshpar.parallel.sharding import FUSED_ATTR, gather_full, model_names, shard_spec
 from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import GENERATORS, build_schedule
 from meshpar.pipeline.split import stage_layers_of
-from meshpar.pipeline.stages import PipelineStages
+from meshpar.pipeline.stages import PipelineStages, shared_by_the_ends, tie_the_ends
 from meshpar.train.optim import adamw
 from meshpar.train.step import TrainingStep
 
@@ -257,7 +256,6 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     if sequence_parallel and mesh.size("tp") == 1:
         raise ValueError("sequence_parallel needs tp above 1 (it shards the sequence over the tp ranks)")
     on_meta = _check_materialization(model, init, load)
-    shared = shared_weights(model)
     model_name = type(model).__name__
     if mesh.size("cp") > 1:
         raise ValueError("context parallelism is not offered for plans yet; use meshpar's own model for cp")
@@ -271,7 +269,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
             raise ValueError(f"virtual_stages={virtual_stages}: above 1 only with schedule='interleaved-1f1b'")
         if schedule == "interleaved-1f1b" and microbatches % pp:
             raise ValueError(f"interleaved-1f1b needs microbatches ({microbatches}) to be a multiple of pp ({pp})")
-        ties_ends = [places for places in shared if _tied_across_stages(places, plan.pipeline)]
+        ends_share = shared_by_the_ends(model, plan.pipeline)
     _matching(model, "compile", compile), _matching(model, "recompute", recompute)  # refused before any change
     check_plan(model, plan, mesh, sequence_parallel)
     tensor_parallel = apply_tensor_plan(model, plan, mesh, sequence_parallel)  # may replace modules: match again
@@ -290,9 +288,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
         if blocks < stages:
             raise ValueError(f"{blocks} blocks cannot fill {stages} pipeline stages (pp x virtual_stages)")
         counts = [blocks // stages + (1 if s < blocks % stages else 0) for s in range(stages)]
-        for places in ties_ends:  # the first stage's and the last's copy: their gradients add up
-            if rank in (0, pp - 1):
-                tie(model.get_parameter(places[0]), "holder" if rank == 0 else "copy", places[0])
+        tie_the_ends(model, ends_share, mesh)  # the first stage's and the last's copy: their gradients add up
         ranges = stage_layers_of(counts)
         model = PipelineStages(model, plan.pipeline, {s: ranges[s] for s in range(rank, stages, pp)}, stages,
                                mesh.size("tp") if sequence_parallel else 1)
@@ -344,25 +340,3 @@ def _matching(model: nn.Module, option: str, patterns) -> list[nn.Module]:
         raise ValueError(f"{option}={list(patterns)} matches no module of the model; name modules as "
                          f"named_modules() does, e.g. the blocks' 'layers.*'")
     return found
-
-
-def _tied_across_stages(places: list[str], pipeline: PipelinePlan) -> bool:
-    """Whether a shared weight's places lie on the first and the last pipeline stage
-    (True), on one stage (False); ValueError for any other spread."""
-    def part(place: str) -> str:
-        module = place.rpartition(".")[0]
-        for kind, roots in (("first", pipeline.first), ("last", pipeline.last)):
-            if any(module == root or module.startswith(root + ".") for root in roots):
-                return kind
-        if module.startswith(pipeline.blocks + "."):
-            return "block " + module[len(pipeline.blocks) + 1:].split(".")[0]
-        return "outside the pipeline plan"
-
-    parts = {part(place) for place in places}
-    if parts == {"first", "last"}:
-        return True
-    if len(parts) > 1 or "outside the pipeline plan" in parts:
-        raise ValueError(f"{' and '.join(places)} share one weight across {', '.join(sorted(parts))}: with pp > 1 "
-                         f"only a weight of the first and the last stage can be shared (an embedding and the "
-                         f"output layer); untie them")
-    return False

@@ -30,12 +30,12 @@ from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.compile import apply_compile
 from meshpar.parallel.context import ContextParallelAttention, local_positions
 from meshpar.parallel.dropout import shard_dropouts
-from meshpar.parallel.sharding import full_state, tie
+from meshpar.parallel.sharding import full_state
 from meshpar.parallel.recompute import apply_recompute
 from meshpar.parallel.llama_plan import llama_plan
 from meshpar.parallel.plan import apply_tensor_plan
 from meshpar.pipeline.split import balanced_split, stage_layers_of
-from meshpar.pipeline.stages import PipelineStages
+from meshpar.pipeline.stages import PipelineStages, shared_by_the_ends, tie_the_ends
 
 
 @dataclass
@@ -112,8 +112,7 @@ def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool 
         parallel.module = PipelineStages(model, plan.pipeline, {s: ranges[s] for s in range(r, num_stages, p)},
                                          num_stages, seq_shards)
         parallel.num_stages = num_stages
-        if model.cfg.tie_embeddings and p > 1 and r in (0, p - 1):  # one weight, two stages
-            tie(model.embedding.weight, "holder" if r == 0 else "copy", "embedding.weight")
+        tie_the_ends(model, shared_by_the_ends(model, plan.pipeline), mesh)  # a tied embedding: one weight, two stages
     held = parallel.module.layers
     if compile_layers:
         apply_compile(list(held.children()))

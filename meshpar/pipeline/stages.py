@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from meshpar.parallel.plan import PipelinePlan
+from meshpar.mesh import ParallelMesh
+from meshpar.parallel.plan import PipelinePlan, shared_weights
+from meshpar.parallel.sharding import tie
 
 
 class PipelineStages(nn.Module):
@@ -67,3 +69,41 @@ class PipelineStages(nn.Module):
         if stage == self.num_stages - 1:
             modules += [getattr(self, name) for name in self.pipeline.last]
         return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def shared_by_the_ends(model: nn.Module, pipeline: PipelinePlan) -> list[list[str]]:
+    """The places of each weight that a first-stage and a last-stage module share (a tied
+    embedding and output layer): each end holds a copy, their gradients summed. A weight
+    shared across other stages is refused (ValueError). Read before the model changes."""
+    return [places for places in shared_weights(model) if _across_the_ends(places, pipeline)]
+
+
+def tie_the_ends(model: nn.Module, shared: list[list[str]], mesh: ParallelMesh) -> None:
+    """Mark the first stage's copy of each weight `shared_by_the_ends` found as its
+    holder, the last stage's as a copy (`sharding.tie`), under its first place's name."""
+    p, r = mesh.size("pp"), mesh.index("pp")
+    if p > 1 and r in (0, p - 1):
+        for places in shared:
+            tie(model.get_parameter(places[0]), "holder" if r == 0 else "copy", places[0])
+
+
+def _across_the_ends(places: list[str], pipeline: PipelinePlan) -> bool:
+    """Whether a shared weight's places lie on the first and the last pipeline stage
+    (True), on one stage (False); ValueError for any other spread."""
+    def part(place: str) -> str:
+        module = place.rpartition(".")[0]
+        for kind, roots in (("first", pipeline.first), ("last", pipeline.last)):
+            if any(module == root or module.startswith(root + ".") for root in roots):
+                return kind
+        if module.startswith(pipeline.blocks + "."):
+            return "block " + module[len(pipeline.blocks) + 1:].split(".")[0]
+        return "outside the pipeline plan"
+
+    parts = {part(place) for place in places}
+    if parts == {"first", "last"}:
+        return True
+    if len(parts) > 1 or "outside the pipeline plan" in parts:
+        raise ValueError(f"{' and '.join(places)} share one weight across {', '.join(sorted(parts))}: with pp > 1 "
+                         f"only a weight of the first and the last stage can be shared (an embedding and the "
+                         f"output layer); untie them")
+    return False

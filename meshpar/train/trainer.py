@@ -184,7 +184,8 @@ class Trainer:
         scale = self.scaler.scale if self.scaler else None
         # The first step counts the activations saved for backward (one micro-batch's).
         measure = self.step == self.first_step and not self.pipeline
-        result = self.training_step(xs, ys, self.tokens_per_step, self.step + 1, on_saved=self._saved if measure else None)
+        result = self.training_step(xs, ys, self.tokens_per_step, self.step + 1,
+                                    on_saved=self._saved if measure else None)
         if result.skipped:
             self.skipped_steps += 1
         loss_value = result.loss.item()  # synchronises a CUDA device before timing
