@@ -33,7 +33,7 @@ from meshpar.parallel.compile import allow_split_backward, apply_compile, recast
 from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.recompute import recompute_modules
 from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
-from meshpar.parallel.plan import Plan, TensorParallelism, apply_tensor_plan, check_plan, gather_fused
+from meshpar.parallel.plan import Plan, TensorParallelism, apply_tensor_plan, gather_fused
 from meshpar.parallel.sharding import FUSED_ATTR, gather_full, model_names, shard_spec
 from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
 from meshpar.parallel.zero import ShardedDataParallel
@@ -271,7 +271,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
             raise ValueError(f"interleaved-1f1b needs microbatches ({microbatches}) to be a multiple of pp ({pp})")
         ends_share = shared_by_the_ends(model, plan.pipeline)
     _matching(model, "compile", compile), _matching(model, "recompute", recompute)  # refused before any change
-    check_plan(model, plan, mesh, sequence_parallel)
+    # Checks the plan against the model first, refusing before any change.
     tensor_parallel = apply_tensor_plan(model, plan, mesh, sequence_parallel)  # may replace modules: match again
     compiled, recomputed = _matching(model, "compile", compile), _matching(model, "recompute", recompute)
     recast = recasting(precision, zero, schedule if pp > 1 else None)

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from meshpar import comm
+from meshpar.checkpoint.regions import box_of
 from meshpar.mesh import ParallelMesh
 from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.dropout import ShardedDropout
@@ -196,12 +197,13 @@ class TensorParallelism:
         heads = chosen(self.replicated_heads)
         if not heads:
             return
-        # Each holder writes its head's gradient into a zeroed slot of the full size; one
-        # sum over tp then gives every head its total.
-        r, slots = self.mesh.index("tp"), []
+        # Each holder writes its head's gradient at its box in a zeroed tensor of the full
+        # size; one sum over tp then gives every head its total.
+        slots = []
         for p in heads:
-            head = r // shard_spec(p).replicas * p.shape[0]
-            slot = p.grad.new_zeros((shard_spec(p).full_size, *p.shape[1:]))
+            box = box_of(p, self.mesh)
+            head = box.offsets[0]
+            slot = p.grad.new_zeros(box.full_shape)
             slot[head:head + p.shape[0]] = p.grad
             slots.append((p, head, slot))
         flat = torch.cat([slot.flatten() for _, _, slot in slots])
@@ -212,7 +214,7 @@ class TensorParallelism:
             offset += slot.numel()
 
 
-def check_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh, sequence_parallel: bool = False) -> None:
+def check_plan(model: nn.Module, plan: Plan, sequence_parallel: bool = False) -> None:
     """ValueError, before any change to the model, for a plan `apply_tensor_plan` could
     not apply: a shared weight its modules would cut differently, tp regions that hold
     no column-to-row pair, sequence parallelism without blocks and regions."""
@@ -252,7 +254,7 @@ def apply_tensor_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh,
                     if p is not None:
                         setattr(p, FUSED_ATTR, columns[_which(name, columns)])
         return tensor_parallel
-    check_plan(model, plan, mesh, sequence_parallel)
+    check_plan(model, plan, sequence_parallel)
     shared = shared_weights(model)
     t = mesh.size("tp")
 
