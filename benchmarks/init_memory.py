@@ -32,12 +32,12 @@ def largest_share_rank(cfg, shape) -> tuple[int, int]:
     """(rank, parameters) of the rank holding the most parameters, found on meta."""
     from meshpar.mesh import ParallelMesh
     from meshpar.model import build_model
-    from meshpar.parallel.apply import parallelize
+    from meshpar.parallel.apply import split_model
 
     shares = []
     for stage in range(shape.pp):
         rank = shape.rank(pp=stage)
-        parallel = parallelize(build_model(cfg, 0, "meta"), ParallelMesh(shape, rank), num_stages=shape.pp)
+        parallel = split_model(build_model(cfg, 0, "meta"), ParallelMesh(shape, rank), num_stages=shape.pp)
         shares.append((sum(p.numel() for p in parallel.module.parameters()), rank))
     held, rank = max(shares)
     return rank, held
@@ -52,7 +52,7 @@ def measure(case: str) -> dict:
     from meshpar.mesh import MeshShape, ParallelMesh
     from meshpar.model import build_model, model_config
     from meshpar.model.llama import initialize
-    from meshpar.parallel.apply import parallelize
+    from meshpar.parallel.apply import split_model
     from meshpar.parallel.sharding import model_names
 
     name, tp, pp = case.split(":")
@@ -61,7 +61,7 @@ def measure(case: str) -> dict:
     rank, held = largest_share_rank(cfg, shape)
     mesh = ParallelMesh(shape, rank)
     start = time.perf_counter()
-    parallel = parallelize(build_model(cfg, 0, "meta"), mesh, num_stages=shape.pp)
+    parallel = split_model(build_model(cfg, 0, "meta"), mesh, num_stages=shape.pp)
     materialize(parallel.module, mesh, "cpu", initialize(cfg, 0))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model, model_config
-from meshpar.parallel.apply import parallelize
+from meshpar.parallel.apply import split_model
 from meshpar.train.activations import measure_saved_bytes
 from common import run_on_local_ranks
 
@@ -31,7 +31,7 @@ def rank_main(rank: int, args, results):
     cp = args.cp
     mesh = ParallelMesh.build(MeshShape(cp=cp)) if cp > 1 else ParallelMesh.single()
     cfg = model_config("tiny", max_seq_len=args.seq_len)
-    parallel = parallelize(build_model(cfg, seed=0), mesh, cp_impl=args.impl)
+    parallel = split_model(build_model(cfg, seed=0), mesh, cp_impl=args.impl)
     model = parallel.module
     tokens = torch.randint(0, cfg.vocab_size, (1, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]

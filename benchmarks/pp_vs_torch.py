@@ -25,7 +25,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model, model_config
-from meshpar.parallel.apply import parallelize
+from meshpar.parallel.apply import split_model
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import build_schedule
 from meshpar.train.data import BatchLoader, load_tokens
@@ -64,10 +64,10 @@ def rank_main(rank: int, args, results):
 
     for name, v, torch_schedule_class in SCHEDULES:
         num_stages = args.pp * v
-        ours = parallelize(build_model(cfg, seed=0), mesh, num_stages=num_stages)
+        ours = split_model(build_model(cfg, seed=0), mesh, num_stages=num_stages)
         runtime = PipelineRuntime(build_schedule(name, args.pp, v, m), ours.module, mesh, loss_sum,
                                   hidden, torch.device("cpu"), measure_activations=args.measure_activations)
-        theirs = parallelize(build_model(cfg, seed=0), mesh, num_stages=num_stages).module
+        theirs = split_model(build_model(cfg, seed=0), mesh, num_stages=num_stages).module
         stages = [PipelineStage(OneStage(theirs, s), s, num_stages, torch.device("cpu"))
                   for s in range(rank, num_stages, args.pp)]
         torch_loss = lambda logits, y: loss_sum(logits, y) / tokens  # noqa: E731

@@ -29,7 +29,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model, model_config
-from meshpar.parallel.apply import parallelize
+from meshpar.parallel.apply import split_model
 from meshpar.train.data import BatchLoader, load_tokens
 from common import loopback_bytes, run_on_local_ranks
 
@@ -66,7 +66,7 @@ def rank_main(rank: int, args, results):
     tokens = args.batch_size * args.seq_len
 
     for sp in (False, True):
-        ours = parallelize(build_model(cfg, seed=0), ParallelMesh.build(MeshShape(tp=args.tp)), sp)
+        ours = split_model(build_model(cfg, seed=0), ParallelMesh.build(MeshShape(tp=args.tp)), sequence_parallel=sp)
         ours_opt = torch.optim.AdamW(ours.module.parameters(), lr=3e-4)
         theirs = build_model(cfg, seed=0)
         parallelize_module(theirs, init_device_mesh("cpu", (args.tp,)), torch_tp_plan(theirs, sp))

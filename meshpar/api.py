@@ -13,9 +13,8 @@ next-token cross entropy over the global batch, as one device would compute it.
 
 from __future__ import annotations
 
-import fnmatch
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -26,23 +25,22 @@ from torch import nn
 
 from meshpar import comm
 from meshpar.checkpoint import planned
-from meshpar.config import TrainConfig
+from meshpar.config import Config, ParallelConfig, TrainConfig, communication_problems, zero_problems
 from meshpar.init import InitRule, Materialization, initializer
 from meshpar.mesh import MeshShape, ParallelMesh
-from meshpar.parallel.compile import allow_split_backward, apply_compile, recast_weight_copies
+from meshpar.parallel.apply import ParallelModel, split_model
+from meshpar.parallel.compile import allow_split_backward, recast_weight_copies
 from meshpar.parallel.dropout import dropout_seed
-from meshpar.parallel.recompute import recompute_modules
+from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
-from meshpar.parallel.plan import Plan, TensorParallelism, apply_tensor_plan, gather_fused
+from meshpar.parallel.plan import Plan, gather_fused
 from meshpar.parallel.sharding import FUSED_ATTR, gather_full, model_names, shard_spec
 from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
-from meshpar.pipeline.schedules import GENERATORS, build_schedule
-from meshpar.pipeline.split import stage_layers_of
-from meshpar.pipeline.stages import PipelineStages, shared_by_the_ends, tie_the_ends
+from meshpar.pipeline.schedules import GENERATORS, add_communication, asynchronous, build_schedule
 from meshpar.train.optim import adamw
-from meshpar.train.step import TrainingStep
+from meshpar.train.step import StepResult, TrainingStep
 
 
 def init_mesh(dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, *, backend: str | None = None,
@@ -71,15 +69,12 @@ class Parallelized:
     """A model split over a mesh, its optimizer, and one training step. Build it with
     `parallelize`."""
 
-    module: nn.Module
-    mesh: ParallelMesh
-    plan: Plan
+    split: ParallelModel  # this rank's part of the model, its plan, loss and positions
     optimizer: torch.optim.Optimizer
     data_parallel: ShardedDataParallel
     microbatches: int
     max_grad_norm: float
     schedule: str
-    tensor_parallel: TensorParallelism
     virtual_stages: int = 1
     model_name: str = ""  # the user's model class (`module` may be this rank's pipeline stages)
     precision: str = "fp32"  # of the compute: fp32, or bf16/fp16 under autocast (fp32 weights)
@@ -91,14 +86,29 @@ class Parallelized:
     extra: dict | None = None  # the caller's data from the checkpoint `load` restored
     recast: bool = False  # 16-bit weight copies cast again in backward, not kept (weight_casts.py)
     compiled: bool = False  # some modules run compiled: the zero-bubble split walks the graph twice
+    positions: torch.Tensor | None = None  # context parallelism: this rank's tokens of the last batch
+    steps: int | None = None  # the run's length: the async schedule is one stream over all of it
 
     def __post_init__(self):
-        self._saved_tensor_hooks = saved_tensor_hooks(self.module, self.recast)
-        self._compute = lambda: autocast(self.precision, self.device(), cache=not self.recast)
-        self._training_step = TrainingStep(
+        self.saved_tensor_hooks = saved_tensor_hooks(self.module, self.recast)
+        self.compute = lambda: autocast(self.precision, self.device(), cache=not self.recast)
+        self.training_step = TrainingStep(
             self.module, self.mesh, self.data_parallel, self.optimizer, self.loss_sum,
-            lambda x: _logits(self.module(x)), self._compute, self._saved_tensor_hooks, self.max_grad_norm,
-            lambda: {id(p): name for name, p in self.named_parameters()}, self.scaler)
+            lambda x: self.split.forward(x, self.positions), self.compute, self.saved_tensor_hooks,
+            self.max_grad_norm, lambda: {id(p): name for name, p in self.named_parameters()}, self.scaler)
+
+    @property
+    def module(self) -> nn.Module:
+        """This rank's part of the model (its pipeline stages when pp is above 1)."""
+        return self.split.module
+
+    @property
+    def mesh(self) -> ParallelMesh:
+        return self.split.mesh
+
+    @property
+    def plan(self) -> Plan:
+        return self.split.plan
 
     def device(self) -> torch.device:
         """Where this rank's parameters live."""
@@ -112,26 +122,83 @@ class Parallelized:
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross entropy of a micro-batch (vocab-parallel when the
         plan splits the output layer)."""
-        return self.tensor_parallel.loss_sum(logits, targets)
+        return self.split.loss_sum(logits, targets)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """One optimizer step on this dp rank's rows of the global batch (tokens and
-        next-token targets, batch x sequence); returns the global batch's mean loss. A loss
+        next-token targets, batch x sequence; under context parallelism each rank keeps
+        its own tokens of them); returns the global batch's mean loss. A loss
         or gradient that is not finite raises DivergenceError on every rank, naming where
         it began, and leaves the parameters as they were - except under fp16, where
         overflowing gradients skip the update on every rank and lower the loss scale
         (counted in `skipped_steps`)."""
-        tp = self.mesh.size("tp")
-        if self.sequence_parallel and inputs.shape[1] % tp:
-            raise ValueError(f"sequence_parallel: tp={tp} must divide the sequence length {inputs.shape[1]}")
+        seq, tp, cp = inputs.shape[1], self.mesh.size("tp"), self.mesh.size("cp")
+        if cp > 1 and seq % (2 * cp):
+            raise ValueError(f"context parallelism: 2 x cp = {2 * cp} must divide the sequence length {seq} "
+                             f"(each rank holds two chunks, balancing the causal mask's work)")
+        if self.sequence_parallel and (seq // cp) % tp:
+            raise ValueError(f"sequence_parallel: tp={tp} must divide the sequence length {seq}"
+                             + (f" over cp={cp}: each cp rank's {seq // cp} tokens" if cp > 1 else ""))
         self._check_same_batch(inputs, targets)
+        tokens = targets.numel() * self.mesh.size("dp")
+        self.use_positions(self.split.local_positions(inputs.shape[1], inputs.device))
+        if self.positions is not None:
+            inputs, targets = inputs[:, self.positions], targets[:, self.positions]
         xs, ys = list(inputs.chunk(self.microbatches)), list(targets.chunk(self.microbatches))
-        if self.mesh.size("pp") > 1:
-            self._training_step.pipeline = self._pipeline(xs[0])
-        result = self._training_step(xs, ys, targets.numel() * self.mesh.size("dp"), self.steps_taken + 1)
+        if self.mesh.size("pp") > 1 and self.pipeline is None:
+            self.build_pipeline(xs[0].shape, xs[0].device)
+        return self.train_step(xs, ys, tokens).loss.item()
+
+    def train_step(self, xs: list[torch.Tensor], ys: list[torch.Tensor], tokens: int,
+                   on_saved: Callable[[int], None] | None = None,
+                   set_lr: Callable[[int], None] | None = None) -> StepResult:
+        """One optimizer step on this rank's micro-batches (its tokens of them under
+        context parallelism, after `use_positions`) of a global batch of `tokens` target
+        tokens; `on_saved` hears each micro-batch's saved activation bytes (no pipeline).
+        The async schedule's update applies the previous batch's gradient, at the
+        learning rate `set_lr(batch)` sets."""
+        self.training_step.pipeline = self.pipeline
+        if self.asynchronous:
+            if self.steps_taken >= self.steps:
+                raise ValueError(f"the async schedule's stream ends after steps={self.steps}")
+            result = self.training_step.asynchronous(xs, ys, tokens, self.steps_taken,
+                                                     self.steps_taken == self.steps - 1, set_lr)
+        else:
+            result = self.training_step(xs, ys, tokens, self.steps_taken + 1, on_saved)
         self.steps_taken += 1
         self.skipped_steps += result.skipped
-        return result.loss.item()
+        return result
+
+    @property
+    def asynchronous(self) -> bool:
+        """PipeDream-2BW's delayed update (schedule='async' over pp above 1)."""
+        return self.schedule == "async" and self.mesh.size("pp") > 1
+
+    def use_positions(self, positions: torch.Tensor | None) -> None:
+        """Context parallelism: the global positions of the tokens this rank is fed."""
+        self.positions = positions
+        if self.split.pipelined:
+            self.module.positions = positions
+
+    def build_pipeline(self, micro_batch_shape: tuple[int, int], device: torch.device) -> PipelineRuntime:
+        """The pipeline runtime for micro-batches of `micro_batch_shape` tokens (this
+        rank's, under context parallelism): the chosen schedule over one step, or the async
+        schedule's one stream over the whole run, cut into steps."""
+        pp = self.mesh.size("pp")
+        seq = micro_batch_shape[1] // (self.mesh.size("tp") if self.sequence_parallel else 1)
+        shape = (micro_batch_shape[0], seq, self.plan.pipeline.hidden_size)
+        if self.asynchronous:
+            schedule = add_communication(asynchronous(pp, 1, self.microbatches, self.steps))
+        else:
+            schedule = build_schedule(self.schedule, pp, self.virtual_stages, self.microbatches)
+        self.pipeline = PipelineRuntime(schedule, self.module, self.mesh, self.loss_sum, shape, device,
+                                        microbatches_per_step=self.microbatches,
+                                        split_at_linears=not self.compiled)
+        self.pipeline.compute_context = self.compute
+        self.pipeline.saved_tensor_hooks = self.saved_tensor_hooks
+        if self.pipeline.weight_grads is not None:  # ZeRO-3 counts their gradients apart
+            self.data_parallel.deferred = frozenset(self.pipeline.weight_grads.deferrable)
+        return self.pipeline
 
     def _check_same_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """ValueError, on every rank of the replica, unless its tp and pp ranks were all
@@ -158,28 +225,17 @@ class Parallelized:
                 "(torch.Generator().manual_seed(...)) rather than the default one, which parallelize() "
                 "seeds per dp rank and pipeline stage for dropout")
 
-    def _pipeline(self, micro_batch: torch.Tensor) -> PipelineRuntime:
-        if self.pipeline is None:
-            pp = self.mesh.size("pp")
-            seq = micro_batch.shape[1] // (self.mesh.size("tp") if self.sequence_parallel else 1)
-            shape = (micro_batch.shape[0], seq, self.plan.pipeline.hidden_size)
-            schedule = build_schedule(self.schedule, pp, self.virtual_stages, self.microbatches)
-            self.pipeline = PipelineRuntime(schedule, self.module,
-                                            self.mesh, self.loss_sum, shape, micro_batch.device,
-                                            measure_activations=False, split_at_linears=not self.compiled)
-            self.pipeline.compute_context = self._compute
-            self.pipeline.saved_tensor_hooks = self._saved_tensor_hooks
-            if self.pipeline.weight_grads is not None:  # ZeRO-3 counts their gradients apart
-                self.data_parallel.deferred = frozenset(self.pipeline.weight_grads.deferrable)
-        return self.pipeline
-
     def save(self, directory: str | os.PathLike, keep: int = 3, extra: dict | None = None) -> Path:
         """Collective: write a sharded checkpoint `step-<steps taken>` under `directory`
         (parameters, AdamW's state, the step count, fp16's loss scale, each rank's RNG
         states; the newest `keep` are kept). `extra`: the caller's own JSON data to keep
         with it - its data position, its learning-rate schedule's state (rank 0's is
         written). It loads into any layout of the same model and plan. Returns its
-        directory."""
+        directory. Not under the async schedule, which between two steps holds a batch's
+        gradient half applied."""
+        if self.asynchronous:
+            raise ValueError("save() under schedule='async' is not supported: between two steps it holds a "
+                             "batch's gradient half applied")
         return planned.save(self, directory, keep, extra)
 
     def load(self, path: str | os.PathLike) -> int:
@@ -191,41 +247,59 @@ class Parallelized:
         return planned.load(self, path)
 
     def full_state(self) -> dict[str, torch.Tensor]:
-        """Every parameter this rank's pipeline stage holds, at full (single-device)
-        shape. Collective over tp and dp."""
+        """Every parameter at full (single-device) shape, from every pipeline stage, named
+        as the whole model names it. Collective over tp, dp and pp."""
         out = {}
         with self.data_parallel.gathered():
             for name, p in self.named_parameters():
                 full = gather_full(p, shard_spec(p), self.mesh)
                 parts = getattr(p, FUSED_ATTR, 1)
-                # PipelineStages keeps the model's own parameter names
                 out[name] = gather_fused(full, parts, self.mesh.size("tp")) if parts > 1 else full
+        if self.mesh.size("pp") > 1:
+            for part in comm.all_gather_object(self.mesh, out, tag="gather_full", axis="pp"):
+                out.update(part)
         return out
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int = 0, microbatches: int = 1,
-                schedule: str = "1f1b", virtual_stages: int = 1, lr: float = 3e-4, weight_decay: float = 0.1,
-                betas: tuple[float, float] = (0.9, 0.95), max_grad_norm: float = 1.0,
-                compile: list[str] | tuple[str, ...] = (), recompute: list[str] | tuple[str, ...] = (),
-                precision: str = "fp32", sequence_parallel: bool = False,
+                schedule: str = "1f1b", virtual_stages: int = 1, stage_layer_counts: list[int] | None = None,
+                lr: float = 3e-4, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
+                max_grad_norm: float = 1.0, compile: bool | list[str] | tuple[str, ...] = (),
+                recompute: str | list[str] | tuple[str, ...] = (), recompute_every: int = 1,
+                precision: str = "fp32", loss_scale: LossScaleConfig | None = None, sequence_parallel: bool = False,
+                cp_impl: str = "ring", bucket_mb: float = 25.0, overlap: bool = True,
+                offload: list[str] | tuple[str, ...] = (), grad_compression: str = "none",
+                error_feedback: bool = True, hierarchical_allreduce: bool = False, steps: int | None = None,
                 init: Callable[[str], InitRule] | None = None, seed: int = 0, load: str | os.PathLike | None = None,
                 device: torch.device | str | None = None) -> Parallelized:
     """Split `model` (built the same, from the same seed, on every rank) over `mesh` by
-    `plan`: tensor parallelism over tp, a pipeline of `schedule` with `microbatches`
-    micro-batches per step over pp (the plan's `pipeline` part; `virtual_stages` chunks
-    per rank under interleaved-1f1b), ZeRO stage `zero` over dp, and an AdamW with these
-    settings (matrices decayed, vectors not). `compile`:
-    module-name patterns (fnmatch, as the plan's) whose forwards are torch.compiled one
-    module each - the blocks, e.g. ["h.*"]; collectives inside them stay graph breaks.
-    `recompute`: patterns of modules recomputed in backward (activation checkpointing):
-    each keeps only its inputs through forward and runs again in backward, e.g. ["h.*"]
-    for whole blocks or ["h.*.attn"] for the attention alone; outside compiled code.
+    `plan` - the one composition path, `meshpar train`'s too: tensor parallelism over tp,
+    context parallelism over cp (the plan's `attention` cores; `cp_impl` ring or
+    all-to-all), a pipeline of `schedule` with `microbatches` micro-batches per step over
+    pp (the plan's `pipeline` part; `virtual_stages` chunks per rank under
+    interleaved-1f1b; `stage_layer_counts` blocks per stage, default balanced by their
+    weights), ZeRO stage `zero` over dp, and an AdamW with these settings (matrices
+    decayed, vectors not). schedule='async' (PipeDream-2BW: each step's update applies
+    the previous batch's gradient) is one stream over the whole run: give its `steps`.
+
+    `compile`: module-name patterns (fnmatch, as the plan's; the outermost module
+    matched), or True for the blocks, whose forwards are torch.compiled one module each;
+    collectives inside them stay graph breaks. `recompute`: patterns of modules
+    recomputed in backward (activation checkpointing): each keeps only its inputs through
+    forward and runs again in backward, e.g. ["h.*"] for whole blocks or ["h.*.attn"] for
+    the attention alone; or "full" (every `recompute_every`-th block) or "selective" (the
+    plan's attention cores); outside compiled code.
     `precision`: fp32, or bf16/fp16 compute under autocast with the weights, gradients
-    and optimizer in fp32; fp16 scales the loss dynamically (`.scaler`, defaults as the
-    trainer's) and skips a step whose gradients overflow on any rank.
+    and optimizer in fp32; fp16 scales the loss dynamically (`loss_scale`, `.scaler`) and
+    skips a step whose gradients overflow on any rank.
     `sequence_parallel`: Megatron's sequence parallelism over the plan's blocks (tp
     above 1): between their column and row layers the blocks run on 1/tp of the
     sequence (see meshpar/parallel/plan.py for what a block must satisfy).
+    The dp reduction: gradients in buckets of `bucket_mb` MiB, each launched from backward
+    as soon as it is complete (`overlap`), on the wire as `grad_compression` (none, bf16,
+    fp16, int8 with `error_feedback`), or through a `hierarchical_allreduce` (inside
+    nodes, then across); `offload` moves "optimizer" states (and under ZeRO-3 "params"
+    shards) to host memory.
 
     A weight two modules share (a tied embedding and output layer) stays shared: split
     alike over tp, and held by both the first and the last pipeline stage, whose
@@ -237,7 +311,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     the tp ranks - they draw one mask together. So draw batches from a generator of
     their own: `step` refuses, on every rank, a batch that differs between the tp or pp
     ranks of a replica. A dropout inside a tp region sees whole tensors (replicated, or
-    the row layer's partial sums, which one mask scales alike); under sequence
+    the row layer's partial sums, which one mask scales alike); under sequence or context
     parallelism one between regions draws the whole sequence's mask and keeps its
     tokens' rows. Not handled: a dropout on a tensor split over tp by heads (attention
     probabilities) - each rank would draw the same mask for its own heads.
@@ -249,72 +323,73 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     on `device` (default: the current CUDA device if there is one, else the CPU) and fills
     only its own share, after the split; `init` draws each parameter tile by tile
     (meshpar/init.py), so every layout - one device included - starts from the same values."""
+    pp, num_stages = mesh.size("pp"), mesh.size("pp") * virtual_stages
+    _check_options(mesh, zero, precision, sequence_parallel, schedule if pp > 1 else None, virtual_stages,
+                   microbatches, offload, grad_compression, hierarchical_allreduce, recompute, steps)
+    on_meta = _check_materialization(model, init, load)
+    model_name = type(model).__name__
+    split = split_model(model, mesh, plan, sequence_parallel=sequence_parallel, num_stages=num_stages,
+                        stage_layer_counts=stage_layer_counts, cp_impl=cp_impl, compile=compile,
+                        recompute=recompute, recompute_every=recompute_every)
+    compiled = bool(compile)
+    recast = recasting(precision, zero, schedule if pp > 1 else None)
+    if compiled and recast:
+        recast_weight_copies()  # the saved-tensor hooks cannot see inside a compiled graph
+    if compiled and pp > 1 and schedule != "async" and build_schedule(
+            schedule, pp, virtual_stages, microbatches).splits_backward:
+        allow_split_backward()
+    materialize = None
+    if on_meta:  # with the split done, ZeRO allocates this rank's share (under stage 3 its shard)
+        device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+        materialize = Materialization(device, mesh, None if load else initializer(init, seed))
+    data_parallel = ShardedDataParallel(
+        split.module, mesh, zero, int(bucket_mb * 2**20), overlap=overlap, offload=tuple(offload),
+        microbatches=microbatches, grad_sync=split.sync_grads,
+        reducer=GradReducer(mesh, grad_compression, error_feedback, hierarchical_allreduce),
+        compute_dtype=PRECISIONS[precision], materialize=materialize)
+    settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
+    optimizer = adamw(*data_parallel.optimizer_params(), settings)
+    scaler = DynamicLossScaler(loss_scale or LossScaleConfig()) if precision == "fp16" else None
+    torch.manual_seed(dropout_seed(torch.initial_seed(), mesh) % 2**64)
+    parallelized = Parallelized(split, optimizer, data_parallel, microbatches, max_grad_norm, schedule,
+                                virtual_stages, model_name, precision, scaler, sequence_parallel,
+                                recast=recast, compiled=compiled, steps=steps)
+    if load is not None:
+        parallelized.load(load)
+    return parallelized
+
+
+def _check_options(mesh: ParallelMesh, zero: int, precision: str, sequence_parallel: bool, schedule: str | None,
+                   virtual_stages: int, microbatches: int, offload, grad_compression: str,
+                   hierarchical_allreduce: bool, recompute, steps: int | None) -> None:
+    """ValueError, before anything changes, for options that cannot go together."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero={zero}: choose 0, 1, 2 or 3")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
     if sequence_parallel and mesh.size("tp") == 1:
         raise ValueError("sequence_parallel needs tp above 1 (it shards the sequence over the tp ranks)")
-    on_meta = _check_materialization(model, init, load)
-    model_name = type(model).__name__
-    if mesh.size("cp") > 1:
-        raise ValueError("context parallelism is not offered for plans yet; use meshpar's own model for cp")
-    pp = mesh.size("pp")
-    if pp > 1:
-        if plan.pipeline is None:
-            raise ValueError("pp > 1 needs the plan's `pipeline` part (PipelinePlan)")
-        if schedule not in GENERATORS or schedule == "async":
-            raise ValueError(f"schedule {schedule!r}: choose one of naive, gpipe, 1f1b, interleaved-1f1b, zb-h1")
+    if schedule is not None:
+        pp = mesh.size("pp")
+        if schedule not in GENERATORS:
+            raise ValueError(f"schedule {schedule!r}: choose one of {', '.join(GENERATORS)}")
         if virtual_stages < 1 or (virtual_stages > 1 and schedule != "interleaved-1f1b"):
             raise ValueError(f"virtual_stages={virtual_stages}: above 1 only with schedule='interleaved-1f1b'")
         if schedule == "interleaved-1f1b" and microbatches % pp:
             raise ValueError(f"interleaved-1f1b needs microbatches ({microbatches}) to be a multiple of pp ({pp})")
-        ends_share = shared_by_the_ends(model, plan.pipeline)
-    _matching(model, "compile", compile), _matching(model, "recompute", recompute)  # refused before any change
-    # Checks the plan against the model first, refusing before any change.
-    tensor_parallel = apply_tensor_plan(model, plan, mesh, sequence_parallel)  # may replace modules: match again
-    compiled, recomputed = _matching(model, "compile", compile), _matching(model, "recompute", recompute)
-    recast = recasting(precision, zero, schedule if pp > 1 else None)
-    if compiled:
-        apply_compile(compiled)
-        if recast:
-            recast_weight_copies()  # the saved-tensor hooks cannot see inside a compiled graph
-        if pp > 1 and build_schedule(schedule, pp, virtual_stages, microbatches).splits_backward:
-            allow_split_backward()
-    recompute_modules(recomputed)  # around the compiled forwards: the checkpoint stays eager
-    if pp > 1:
-        stages, rank = pp * virtual_stages, mesh.index("pp")  # rank r holds stages r, r + pp, ...
-        blocks = len(model.get_submodule(plan.pipeline.blocks))
-        if blocks < stages:
-            raise ValueError(f"{blocks} blocks cannot fill {stages} pipeline stages (pp x virtual_stages)")
-        counts = [blocks // stages + (1 if s < blocks % stages else 0) for s in range(stages)]
-        tie_the_ends(model, ends_share, mesh)  # the first stage's and the last's copy: their gradients add up
-        ranges = stage_layers_of(counts)
-        model = PipelineStages(model, plan.pipeline, {s: ranges[s] for s in range(rank, stages, pp)}, stages,
-                               mesh.size("tp") if sequence_parallel else 1)
-    materialize = None
-    if on_meta:  # with the split done, ZeRO allocates this rank's share (under stage 3 its shard)
-        device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
-        materialize = Materialization(device, mesh, None if load else initializer(init, seed))
-    data_parallel = ShardedDataParallel(
-        model, mesh, zero, microbatches=microbatches, grad_sync=tensor_parallel.sync_grads,
-        compute_dtype=PRECISIONS[precision], materialize=materialize)
-    settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
-    optimizer = adamw(*data_parallel.optimizer_params(), settings)
-    scaler = DynamicLossScaler(LossScaleConfig()) if precision == "fp16" else None
-    torch.manual_seed(dropout_seed(torch.initial_seed(), mesh) % 2**64)
-    parallelized = Parallelized(model, mesh, plan, optimizer, data_parallel, microbatches, max_grad_norm, schedule,
-                                tensor_parallel, virtual_stages, model_name, precision, scaler, sequence_parallel,
-                                recast=recast, compiled=bool(compiled))
-    if load is not None:
-        parallelized.load(load)
-    return parallelized
-
-
-def _logits(out):
-    """A model's logits: what it returned, or the `.logits` of an output object
-    (transformers' causal LMs return one)."""
-    return out if torch.is_tensor(out) else out.logits
+        if schedule == "async":
+            if steps is None or steps < 1:
+                raise ValueError("schedule='async' is one stream over the whole run: give its length, steps=N")
+            if precision == "fp16" or recompute not in ((), [], "none"):
+                raise ValueError("schedule='async' runs without fp16's loss scale and without recomputation")
+    par = ParallelConfig(dp=mesh.size("dp"), tp=mesh.size("tp"), pp=mesh.size("pp"), cp=mesh.size("cp"),
+                         zero=zero, schedule=schedule or "1f1b", offload=list(offload),
+                         grad_compression=grad_compression, hierarchical_allreduce=hierarchical_allreduce,
+                         ranks_per_node=mesh.ranks_per_node or mesh.world_size)
+    problems = zero_problems(Config(parallel=par)) + communication_problems(
+        Config(parallel=par, train=TrainConfig(precision=precision)), {})
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _check_materialization(model: nn.Module, init, load) -> bool:
@@ -330,13 +405,3 @@ def _check_materialization(model: nn.Module, init, load) -> bool:
         raise ValueError("init= fills a model built on the meta device (with meshpar.meta_device()); this one "
                          "already has values - build it there, or drop init=")
     return on_meta
-
-
-def _matching(model: nn.Module, option: str, patterns) -> list[nn.Module]:
-    """The modules whose names match one of `patterns` (fnmatch); ValueError when there
-    are patterns but no module matches."""
-    found = [m for name, m in model.named_modules() if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
-    if patterns and not found:
-        raise ValueError(f"{option}={list(patterns)} matches no module of the model; name modules as "
-                         f"named_modules() does, e.g. the blocks' 'layers.*'")
-    return found

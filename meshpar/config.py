@@ -160,7 +160,7 @@ def _batch_splits(tr: TrainConfig, dp: int) -> bool:
     return tr.micro_batch_size is None or (tr.micro_batch_size >= 1 and per_rank % tr.micro_batch_size == 0)
 
 
-def _zero_problems(cfg: Config) -> list[str]:
+def zero_problems(cfg: Config) -> list[str]:
     par = cfg.parallel
     problems = []
     if par.zero not in STAGES:
@@ -189,7 +189,7 @@ def ranks_per_node(par: ParallelConfig, env=None) -> int:
     return par.world_size
 
 
-def _communication_problems(cfg: Config, env) -> list[str]:
+def communication_problems(cfg: Config, env) -> list[str]:
     par = cfg.parallel
     problems = []
     if par.grad_compression not in COMPRESSIONS:
@@ -390,10 +390,10 @@ def validate(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = Fal
                         "batch on its own weight snapshot, which recomputation in backward would not see")
     if par.bucket_mb <= 0:
         problems.append(f"parallel.bucket_mb={par.bucket_mb} must be positive")
-    problems += _zero_problems(cfg)
+    problems += zero_problems(cfg)
     env = os.environ if env is None else env
     if all(getattr(par, axis) >= 1 for axis in ("dp", "tp", "pp", "cp")):
-        problems += _communication_problems(cfg, env)
+        problems += communication_problems(cfg, env)
 
     for name in ("global_batch_size", "seq_len", "steps", "eval_batches"):
         if getattr(tr, name) < 1:

@@ -270,7 +270,8 @@ def test_tied_weights_the_plan_cannot_keep_tied_are_refused(shape, plan_change, 
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"schedule": "async"}, "schedule 'async': choose one of naive, gpipe, 1f1b, interleaved-1f1b, zb-h1"),
+    ({"schedule": "async"}, "schedule='async' is one stream over the whole run: give its length, steps=N"),
+    ({"schedule": "1F1B"}, "schedule '1F1B': choose one of naive, gpipe, 1f1b, interleaved-1f1b, zb-h1, async"),
     ({"virtual_stages": 2}, "virtual_stages=2: above 1 only with schedule='interleaved-1f1b'"),
     ({"schedule": "interleaved-1f1b", "virtual_stages": 2, "microbatches": 3},
      "needs microbatches \\(3\\) to be a multiple of pp \\(2\\)"),

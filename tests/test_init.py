@@ -12,7 +12,7 @@ from meshpar.init import Box, InitRule, fill, materialize, tile_shape
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model, model_config
 from meshpar.model.llama import initialize
-from meshpar.parallel.apply import parallelize
+from meshpar.parallel.apply import split_model
 from meshpar.checkpoint.regions import box_of
 from meshpar.parallel.sharding import model_names
 
@@ -71,7 +71,7 @@ def test_meta_built_rank_shares_equal_the_reference(shape, sequence_parallel):
     for rank in range(shape.world_size):
         mesh = ParallelMesh(shape, rank)
         meta = build_model(cfg, seed=3, device="meta")
-        parallel = parallelize(meta, mesh, sequence_parallel, num_stages=shape.pp)
+        parallel = split_model(meta, mesh, sequence_parallel=sequence_parallel, num_stages=shape.pp)
         materialize(parallel.module, mesh, "cpu", initialize(cfg, 3))
         held = model_names(parallel.module)
         assert held and not any(p.is_meta for _, p in held)
@@ -90,7 +90,7 @@ def test_materialize_allocates_only_the_share_and_keeps_ties():
     shares = []
     for rank in range(shape.world_size):
         mesh = ParallelMesh(shape, rank)
-        parallel = parallelize(build_model(cfg, 0, "meta"), mesh, num_stages=2)  # meta, no fill yet
+        parallel = split_model(build_model(cfg, 0, "meta"), mesh, num_stages=2)  # meta, no fill yet
         module = parallel.module
         params = {id(p): p for p in module.parameters()}
         assert all(p.is_meta for p in params.values())

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model, model_config
-from meshpar.parallel.apply import parallelize
+from meshpar.parallel.apply import split_model
 from meshpar.train.activations import measure_layer, predicted_saved_bytes
 from reference import fast_config, train_and_report
 
@@ -16,7 +16,7 @@ POLICIES = [("full", 1), ("full", 2), ("selective", 1)]
 
 def grads_after_one_step(recompute: str, every: int, dropout: float) -> dict:
     cfg = model_config("tiny", dropout=dropout)
-    parallel = parallelize(build_model(cfg, seed=0), ParallelMesh.single(), recompute=recompute,
+    parallel = split_model(build_model(cfg, seed=0), ParallelMesh.single(), recompute=recompute,
                            recompute_every=every)
     tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(3)  # dropout masks

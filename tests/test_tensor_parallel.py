@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model, model_config
-from meshpar.parallel.apply import parallelize
+from meshpar.parallel.apply import split_model
 from meshpar.parallel.sharding import ShardSpec, gather_full
 from reference import fast_config, train_and_report
 
@@ -52,7 +52,7 @@ def _forward_backward_errors(shape: dict, sequence_parallel: bool, overrides: di
     ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
     ref_loss.backward()
 
-    parallel = parallelize(build_model(cfg, seed=0), mesh, sequence_parallel)
+    parallel = split_model(build_model(cfg, seed=0), mesh, sequence_parallel=sequence_parallel)
     mesh.ledger.reset()
     torch.manual_seed(7)
     logits_local = parallel.module(x)
@@ -137,7 +137,7 @@ def bf16_ledger(sequence_parallel: bool) -> dict:
     mesh = ParallelMesh.build(MeshShape(tp=2))
     cfg = model_config("tiny")
     tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
-    parallel = parallelize(build_model(cfg, seed=0), mesh, sequence_parallel)
+    parallel = split_model(build_model(cfg, seed=0), mesh, sequence_parallel=sequence_parallel)
     mesh.ledger.reset()
     with autocast("bf16", torch.device("cpu")):
         logits = parallel.module(tokens[:, :-1])

@@ -1,80 +1,80 @@
-"""parallelize(): the one place where the parallelisms are composed, in a fixed order.
+"""split_model(): the layout half of the one composition path, for every model with a
+`Plan`, in a fixed order (`meshpar.parallelize` then adds data parallelism):
 
-    1. tensor (and sequence) parallelism: shard the layers over tp
-    2. context parallelism: attention cores over cp (the trainer feeds each rank its tokens)
-    3. pipeline parallelism: keep this rank's stages (layers split over pp x virtual stages)
-    4. torch.compile of the layers this rank holds, if asked (compile.py)
-    5. activation recomputation of those layers
-    6. data parallelism (ZeRO stages 0-3) wraps the result, over dp: see zero.py; a model
-       built on the meta device gets its parameters' storage there, in ZeRO's flat
-       buffers, filled for this rank only (under ZeRO-3, only its shard)
+    1. tensor (and sequence) parallelism: shard the plan's layers over tp
+    2. context parallelism: the plan's attention cores over cp (the caller feeds each
+       rank its tokens: `local_positions`)
+    3. dropout on split tokens: the whole sequence's mask, this rank's rows of it
+    4. torch.compile of the chosen modules (compile.py)
+    5. activation recomputation, around the compiled forwards (the checkpoint stays eager)
+    6. pipeline parallelism: keep this rank's stages (blocks split over pp x virtual
+       stages); a weight tied across the first and the last stage keeps a copy on each
 
-The model arrives either built on the meta device (shapes only: steps 1-5 slice shapes,
-and step 6 allocates and fills this rank's share, tile by tile, with the reference
-initialization's values - meshpar/init.py) or as the full single-device model, and leaves
-holding only this rank's slices of it.
+The model arrives built on the meta device (shapes only: every step slices shapes, and
+ZeRO's wrapper then allocates and fills this rank's share, tile by tile, with the
+reference initialization's values - meshpar/init.py) or as the full single-device
+model, and leaves holding only this rank's slices of it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+import fnmatch
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
-from meshpar.model.llama import Transformer
-from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.compile import apply_compile
 from meshpar.parallel.context import ContextParallelAttention, local_positions
 from meshpar.parallel.dropout import shard_dropouts
-from meshpar.parallel.sharding import full_state
-from meshpar.parallel.recompute import apply_recompute
 from meshpar.parallel.llama_plan import llama_plan
-from meshpar.parallel.plan import apply_tensor_plan
-from meshpar.pipeline.split import balanced_split, stage_layers_of
+from meshpar.parallel.plan import Plan, TensorParallelism, apply_tensor_plan, regions_of
+from meshpar.parallel.recompute import POLICIES, recompute_attention, recompute_modules
+from meshpar.parallel.sharding import full_state
+from meshpar.pipeline.split import balanced_split, stage_costs, stage_layers_of
 from meshpar.pipeline.stages import PipelineStages, shared_by_the_ends, tie_the_ends
 
 
 @dataclass
 class ParallelModel:
-    """This rank's part of the model and what training it needs besides forward."""
+    """This rank's part of the model, and what its forward and loss need besides it."""
 
-    module: nn.Module
+    module: nn.Module  # a PipelineStages when num_stages is above 1
     mesh: ParallelMesh
-    loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum
-    # Sum over tp the gradients partial there; called per gradient bucket before dp.
-    grad_syncs: list[Callable[[list[nn.Parameter] | None], None]] = field(default_factory=list)
-    num_stages: int = 1  # pipeline stages over all ranks; module is a PipelineStages when above 1
-    data_parallel: object = None  # the ShardedDataParallel wrapping `module`, once built
+    plan: Plan
+    tensor_parallel: TensorParallelism
+    num_stages: int = 1  # pipeline stages over all ranks
+
+    @property
+    def pipelined(self) -> bool:
+        return self.num_stages > 1
+
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross entropy (vocab-parallel when the output layer is split)."""
+        return self.tensor_parallel.loss_sum(logits, targets)
+
+    def sync_grads(self, params: list[nn.Parameter] | None = None) -> None:
+        """Sum over tp the gradients partial there; called per bucket before dp's reduction."""
+        self.tensor_parallel.sync_grads(params)
 
     def local_positions(self, seq_len: int, device=None) -> torch.Tensor | None:
         """Global positions of this rank's tokens under context parallelism (None: all)."""
         cp = self.mesh.size("cp")
         return None if cp == 1 else local_positions(seq_len, cp, self.mesh.index("cp"), device)
 
-    def sync_grads(self, params: list[nn.Parameter] | None = None):
-        for sync in self.grad_syncs:
-            sync(params)
-
-    @property
-    def pipelined(self) -> bool:
-        return self.num_stages > 1
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of an unpipelined model: `positions` (context parallelism's) passed under
+        the plan's keyword; a model returning an output object (transformers') gives its
+        `.logits`."""
+        out = self.module(tokens, **({self.plan.positions: positions} if positions is not None else {}))
+        return out if torch.is_tensor(out) else out.logits
 
     def full_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """Parameters (or gradients) gathered back to full shape and to every stage
-        (collective over tp and pp). Under ZeRO-2/3 only parameters: the gradients are
-        sharded over dp."""
-        zero = self.data_parallel
-        if zero is not None and zero.stage >= 2 and grads:
-            raise ValueError("full gradients do not exist under ZeRO stage 2-3 (sharded over dp)")
-        if zero is not None and zero.stage == 3:
-            with zero.gathered():
-                state = full_state(self.module, self.mesh, grads)
-        else:
-            state = full_state(self.module, self.mesh, grads)
+        (collective over tp and pp; under ZeRO-3 call it inside `gathered()`)."""
+        state = full_state(self.module, self.mesh, grads)
         if self.mesh.size("pp") > 1:
             merged = {}
             for part in comm.all_gather_object(self.mesh, state, tag="gather_full", axis="pp"):
@@ -83,38 +83,90 @@ class ParallelModel:
         return state
 
 
-def parallelize(model: Transformer, mesh: ParallelMesh, sequence_parallel: bool = False,
-                num_stages: int = 1, stage_layer_counts: list[int] | None = None,
-                recompute: str = "none", recompute_every: int = 1, cp_impl: str = "ring",
-                compile_layers: bool = False) -> ParallelModel:
-    """Shard `model` (the full seeded reference) for this rank of `mesh`. `num_stages` is
-    pp x virtual stages; `stage_layer_counts` fixes the layers per stage (default: balanced);
-    `recompute` is none, full or selective (full: every `recompute_every`-th layer);
-    `cp_impl` is ring or all-to-all attention over cp; `compile_layers` compiles each
-    transformer block with torch.compile. A model on the meta device stays there (ZeRO's
-    wrapper gives it storage)."""
-    parallel = ParallelModel(model, mesh)
-    plan = llama_plan(model.cfg)
-    if mesh.size("tp") > 1:
-        tp = apply_tensor_plan(model, plan, mesh, sequence_parallel)
-        parallel.loss_sum = tp.loss_sum
-        parallel.grad_syncs.append(tp.sync_grads)
-    if mesh.size("cp") > 1:
-        attend = ContextParallelAttention(mesh, cp_impl)
-        for layer in model.layers:
-            layer.attention.attend = attend
-    shard_dropouts(list(model.layers), model.cfg.dropout, mesh, sequence_parallel)
+def split_model(model: nn.Module, mesh: ParallelMesh, plan: Plan | None = None, *, sequence_parallel: bool = False,
+                num_stages: int = 1, stage_layer_counts: list[int] | None = None, cp_impl: str = "ring",
+                compile: bool | list[str] = False, recompute: str | list[str] = "none",
+                recompute_every: int = 1) -> ParallelModel:
+    """Split `model` by `plan` (default: meshpar's Llama's, `llama_plan`) for this rank
+    of `mesh`, in the order above. `num_stages` is pp x virtual stages, with
+    `stage_layer_counts` blocks each (default: balanced by the blocks' weights, the last
+    stage also paying for its output layer). `cp_impl`: ring or all-to-all attention over
+    cp. `compile`: True for every block, or module-name patterns (fnmatch). `recompute`:
+    none; full (every `recompute_every`-th block); selective (the attention cores); or
+    module-name patterns, each module recomputed whole. Every option is checked before
+    the model changes (ValueError)."""
+    plan = plan or llama_plan(model.cfg)
+    blocks = plan.block_list()
+    compiled = _chosen(model, "compile", [f"{blocks}.*"] if compile is True else list(compile or []))
+    recomputed = _chosen(model, "recompute", _recompute_patterns(model, plan, recompute, recompute_every))
+    if (mesh.size("cp") > 1 or recompute == "selective") and not plan.attention:
+        raise ValueError("context parallelism and selective recomputation need the plan's `attention`: the "
+                         "modules whose attend(q, k, v) method is the causal attention core")
     if num_stages > 1:
-        counts = stage_layer_counts or balanced_split(model.cfg, num_stages)
+        counts = _stage_counts(model, plan, num_stages, stage_layer_counts)
+        ends = shared_by_the_ends(model, plan.pipeline)
+
+    tensor_parallel = apply_tensor_plan(model, plan, mesh, sequence_parallel)  # 1; may replace modules
+    if mesh.size("cp") > 1:  # 2
+        attend = ContextParallelAttention(mesh, cp_impl)
+        for _, attention in _named(model, [plan.attention]):
+            attention.attend = attend
+    if blocks is not None:  # 3
+        shard_dropouts(model, blocks, [name for name, _ in regions_of(model, plan)], mesh, sequence_parallel)
+    apply_compile([model.get_submodule(name) for name in compiled])  # 4; by name: step 1 replaced modules
+    recompute_modules([model.get_submodule(name) for name in recomputed])  # 5
+    if recompute == "selective":
+        recompute_attention([m for _, m in _named(model, [plan.attention])])
+    parallel = ParallelModel(model, mesh, plan, tensor_parallel, num_stages)
+    if num_stages > 1:  # 6; rank r holds stages r, r + pp, ...
         ranges = stage_layers_of(counts)
         p, r = mesh.size("pp"), mesh.index("pp")
         seq_shards = mesh.size("tp") if sequence_parallel else 1
+        tie_the_ends(model, ends, mesh)
         parallel.module = PipelineStages(model, plan.pipeline, {s: ranges[s] for s in range(r, num_stages, p)},
                                          num_stages, seq_shards)
-        parallel.num_stages = num_stages
-        tie_the_ends(model, shared_by_the_ends(model, plan.pipeline), mesh)  # a tied embedding: one weight, two stages
-    held = parallel.module.layers
-    if compile_layers:
-        apply_compile(list(held.children()))
-    apply_recompute({int(name): layer for name, layer in held.named_children()}, recompute, recompute_every)
     return parallel
+
+
+def _named(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def _chosen(model: nn.Module, option: str, patterns: list[str]) -> list[str]:
+    """The names of the outermost modules `patterns` match (module names hold no
+    wildcards, so they serve as patterns again); ValueError when there are patterns but
+    none matches."""
+    found = []
+    for name, _ in _named(model, patterns):  # the outermost only: "h.*" means the blocks, not their insides
+        if not any(name.startswith(outer + ".") for outer in found):
+            found.append(name)
+    if patterns and not found:
+        raise ValueError(f"{option}={list(patterns)} matches no module of the model; name modules as "
+                         f"named_modules() does, e.g. the blocks' 'layers.*'")
+    return found
+
+
+def _recompute_patterns(model: nn.Module, plan: Plan, recompute: str | list[str], every: int) -> list[str]:
+    if not isinstance(recompute, str):
+        return list(recompute)
+    if recompute not in POLICIES:
+        raise ValueError(f"unknown recompute policy {recompute!r}; choose one of {', '.join(POLICIES)}, "
+                         f"or module-name patterns")
+    if recompute != "full":
+        return []
+    count = len(model.get_submodule(plan.block_list()))
+    return [f"{plan.block_list()}.{i}" for i in range(count) if (i + 1) % every == 0]
+
+
+def _stage_counts(model: nn.Module, plan: Plan, num_stages: int, given: list[int] | None) -> list[int]:
+    if plan.pipeline is None:
+        raise ValueError("pp > 1 needs the plan's `pipeline` part (PipelinePlan)")
+    blocks = len(model.get_submodule(plan.pipeline.blocks))
+    if blocks < num_stages:
+        raise ValueError(f"{blocks} blocks cannot fill {num_stages} pipeline stages (pp x virtual_stages)")
+    if given is not None:
+        if len(given) != num_stages or sum(given) != blocks or min(given) < 1:
+            raise ValueError(f"stage_layer_counts={given}: {num_stages} counts of at least 1, summing to the "
+                             f"{blocks} blocks")
+        return list(given)
+    return balanced_split(*stage_costs(model, plan.pipeline), num_stages)

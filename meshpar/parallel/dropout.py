@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from meshpar.mesh import ParallelMesh
+from meshpar.model.llama import Dropout
 from meshpar.parallel.context import local_positions
 from meshpar.parallel.tensor import SEQ_DIM
 
@@ -74,12 +75,18 @@ def dropout_seed(seed: int, mesh: ParallelMesh, step: int = 0) -> int:
     return seed + 1 + mesh.index("dp") + mesh.size("dp") * mesh.index("pp") + 1_000_003 * step
 
 
-def shard_dropouts(layers: list[nn.Module], p: float, mesh: ParallelMesh, sequence_parallel: bool) -> None:
-    """Give each transformer block of `layers` sharded dropouts where its tokens are split
-    (cp above 1, or tp above 1 under sequence parallelism); elsewhere the model's own."""
-    split = mesh.size("cp") > 1 or (sequence_parallel and mesh.size("tp") > 1)
-    if not split:
+def shard_dropouts(model: nn.Module, blocks: str, regions: list[str], mesh: ParallelMesh,
+                   sequence_parallel: bool) -> None:
+    """Where the tokens are split (cp above 1, or tp above 1 under sequence parallelism),
+    give the dropouts inside the ModuleList `blocks` but outside the tp `regions` (which
+    see whole sequences, or hold tensors split by heads) a sharded copy: meshpar's own
+    `Dropout` keeps its rule, torch's `nn.Dropout` its own."""
+    if mesh.size("cp") == 1 and not (sequence_parallel and mesh.size("tp") > 1):
         return
-    for layer in layers:
-        layer.attention_dropout = ShardedDropout(p, mesh, sequence_parallel)
-        layer.mlp_dropout = ShardedDropout(p, mesh, sequence_parallel)
+    for name, module in list(model.named_modules()):
+        if (not name.startswith(blocks + ".") or any(name == r or name.startswith(r + ".") for r in regions)
+                or type(module) not in (Dropout, nn.Dropout) or module.p == 0):
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                ShardedDropout(module.p, mesh, sequence_parallel, like_torch=type(module) is nn.Dropout))

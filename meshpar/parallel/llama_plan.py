@@ -57,6 +57,7 @@ def llama_plan(cfg: ModelConfig) -> Plan:
                 divide_by_tp={attention: ["num_heads", "num_kv_heads"]},
                 blocks="layers", tp_regions=[attention, mlp],
                 sequence_start="embedding", sequence_end="output", sequence_sharded=["norm"],
+                attention=attention, positions="positions",
                 pipeline=PipelinePlan(blocks="layers", first=["embedding"], last=["norm", "output"],
                                       embed=_embed, head=_head, hidden_size=cfg.hidden_size,
                                       block_args=_rotary, every_stage=["rope_cos", "rope_sin"]))

@@ -59,7 +59,6 @@ from meshpar import comm
 from meshpar.checkpoint.regions import box_of
 from meshpar.mesh import ParallelMesh
 from meshpar.model.loss import cross_entropy_sum
-from meshpar.parallel.dropout import ShardedDropout
 from meshpar.parallel.sharding import FUSED_ATTR, shard_spec
 from meshpar.parallel.tensor import (ColumnLinear, RowLinear, VocabEmbedding, bracket, gather_to_replicated,
                                      on_first_input, on_output, scatter_to_sequence_parallel, sum_grads_over_tp,
@@ -107,7 +106,12 @@ class Plan:
     - tp_regions: the modules holding a column-to-row pair, entered and left once;
     - sequence_start / sequence_end: the module whose output sequence parallelism
       splits / whose input it gathers (default: the blocks' input / output);
-    - sequence_sharded: modules outside the blocks that run on the split sequence."""
+    - sequence_sharded: modules outside the blocks that run on the split sequence;
+    - attention: the modules whose `attend(q, k, v)` method is the causal attention core
+      (batch, heads, sequence, head_dim): context parallelism replaces it, selective
+      recomputation recomputes it;
+    - positions: the keyword under which the model's forward takes its tokens' global
+      positions (sequence,), which context parallelism passes."""
 
     column: dict[str, int] | list[str] = field(default_factory=dict)
     row: list[str] = field(default_factory=list)
@@ -121,6 +125,8 @@ class Plan:
     sequence_start: str | None = None
     sequence_end: str | None = None
     sequence_sharded: list[str] = field(default_factory=list)
+    attention: str | None = None
+    positions: str | None = None
 
     def columns(self) -> dict[str, int]:
         """The column patterns with their fused-part counts."""
@@ -289,7 +295,7 @@ def apply_tensor_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh,
             module_name, _, attr = place.rpartition(".")
             setattr(model.get_submodule(module_name), attr, weight)
     partial = []
-    for _, region in _regions(model, plan):  # one entering and one leaving mapping per region
+    for _, region in regions_of(model, plan):  # one entering and one leaving mapping per region
         for module in region.modules():
             if isinstance(module, ColumnLinear):
                 module.enter = "none"
@@ -305,7 +311,8 @@ def apply_tensor_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh,
     return tensor_parallel
 
 
-def _regions(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
+def regions_of(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
+    """The tp regions inside the blocks, (name, module)."""
     name = plan.block_list()
     inside = "" if name is None else name + "."
     return [(n, m) for n, m in model.named_modules() if n.startswith(inside) and _matches(n, plan.tp_regions)]
@@ -314,7 +321,7 @@ def _regions(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
 def _check_regions(model: nn.Module, plan: Plan) -> None:
     """ValueError unless each tp region (inside the blocks) holds a column and a row
     layer of the plan, and no split layer of the blocks lies outside a region."""
-    regions = _regions(model, plan)
+    regions = regions_of(model, plan)
     if not regions:
         raise ValueError(f"tp_regions={plan.tp_regions} matches no module inside the blocks {plan.block_list()!r}")
     for region_name, region in regions:
@@ -337,13 +344,7 @@ def _split_sequence(model: nn.Module, plan: Plan, mesh: ParallelMesh) -> list[nn
     """Sequence parallelism over the plan's blocks, in place, once the tp regions are
     bracketed. Returns the replicated parameters that see 1/tp of the tokens, whose
     gradients must be summed over tp."""
-    blocks, regions = model.get_submodule(plan.block_list()), _regions(model, plan)
-    # A dropout between regions sees this rank's tokens only: it draws the whole sequence's
-    # mask and keeps its rows, as one device would (inside a region it sees them all).
-    for name, module in list(model.named_modules()):
-        if (type(module) is nn.Dropout and module.p > 0 and name.startswith(plan.block_list() + ".")
-                and not any(name.startswith(r + ".") for r, _ in regions)):
-            _set(model, name, ShardedDropout(module.p, mesh, sequence_parallel=True, like_torch=True))
+    blocks = model.get_submodule(plan.block_list())
     start = model.get_submodule(plan.sequence_start) if plan.sequence_start else None
     if isinstance(start, VocabEmbedding):
         start.scatter = True  # its partial lookups reduce-scattered: the sum and the split in one

@@ -6,6 +6,10 @@
                 inputs are kept (Korthikanti et al. 2022, Section 5)
     every N     full recomputation of layers N-1, 2N-1, ... (every N-th layer), the rest
                 keep everything
+    patterns    any modules by name (the API's `recompute=`), each recomputed whole
+
+Which modules each policy means comes from the model's plan (parallel/apply.py): its
+blocks, and its attention modules' `attend` cores.
 
 PyTorch's non-reentrant checkpoint does the work, with the RNG state saved and restored
 so dropout draws the same masks the second time. The wrapped method replaces the
@@ -36,17 +40,8 @@ def recompute_modules(modules: list[nn.Module]) -> None:
         module.forward = _checkpointed(module.forward)
 
 
-def apply_recompute(layers: dict[int, nn.Module], policy: str, every: int = 1) -> list[int]:
-    """Recompute the given layers (index -> TransformerBlock) by `policy`; with full
-    recomputation, only every `every`-th layer. Returns the indices recomputed."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown recompute policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    chosen = []
-    for index, layer in layers.items():
-        if policy == "full" and (index + 1) % every == 0:
-            recompute_modules([layer])
-            chosen.append(index)
-        elif policy == "selective":
-            layer.attention.attend = _checkpointed(layer.attention.attend)
-            chosen.append(index)
-    return chosen
+def recompute_attention(attentions: list[nn.Module]) -> None:
+    """Selective recomputation: each attention's core, its `attend(q, k, v)`, keeps only
+    q, k and v and runs again in backward."""
+    for attention in attentions:
+        attention.attend = _checkpointed(attention.attend)

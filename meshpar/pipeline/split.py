@@ -1,20 +1,31 @@
-"""Layers -> pipeline stages: how many of meshpar's Llama layers each stage runs
-(the modules a rank then holds: stages.py).
+"""Blocks -> pipeline stages: how many of a model's blocks each stage runs (the modules
+a rank then holds: stages.py).
 """
 
 from __future__ import annotations
 
+from torch import nn
+
 from meshpar.model.config import ModelConfig
 
 
-def balanced_split(cfg: ModelConfig, num_stages: int) -> list[int]:
-    """Layers per stage, contiguous, minimising the most expensive stage. A layer costs its
-    parameter count (matmul FLOPs per token are twice that); the last stage also pays for
-    the output layer (vocab x hidden)."""
-    h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
-    layer = 2 * h * h + 2 * h * kv + 3 * h * cfg.ffn_hidden_size
-    head = cfg.vocab_size * h
-    L = cfg.num_layers
+def stage_costs(model: nn.Module, pipeline) -> tuple[list[int], int]:
+    """Each block's cost and the last stage's extra: the elements of their matrices (the
+    matmul FLOPs per token are twice that; vectors are negligible). Shapes only: a model
+    on the meta device will do."""
+    def matrices(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
+    blocks = model.get_submodule(pipeline.blocks)
+    return [matrices(block) for block in blocks], sum(matrices(model.get_submodule(n)) for n in pipeline.last)
+
+
+def balanced_split(costs: list[int], last_cost: int, num_stages: int) -> list[int]:
+    """Blocks per stage, contiguous, minimising the most expensive stage, where block i
+    costs `costs[i]` and the last stage also pays `last_cost` (the output layer)."""
+    L = len(costs)
+    prefix = [0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
     # best[s][l]: the smallest possible maximum stage cost putting the first l layers in s stages
     inf = float("inf")
     best = [[inf] * (L + 1) for _ in range(num_stages + 1)]
@@ -23,7 +34,7 @@ def balanced_split(cfg: ModelConfig, num_stages: int) -> list[int]:
     for s in range(1, num_stages + 1):
         for l in range(s, L - (num_stages - s) + 1):
             for k in range(s - 1, l):  # the stage holds layers k..l-1
-                cost = (l - k) * layer + (head if s == num_stages else 0)
+                cost = prefix[l] - prefix[k] + (last_cost if s == num_stages else 0)
                 value = max(best[s - 1][k], cost)
                 if value < best[s][l]:
                     best[s][l], cut[s][l] = value, k

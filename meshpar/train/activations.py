@@ -125,10 +125,10 @@ def measure_layer(cfg: ModelConfig, mesh, batch: int, seq: int, sequence_paralle
     """Saved bytes of one layer of the model parallelized on `mesh`, for one forward in
     `precision` (16-bit: autocast's weight copies cast again in backward, not counted)."""
     from meshpar.model import build_model
-    from meshpar.parallel.apply import parallelize
+    from meshpar.parallel.apply import split_model
     from meshpar.parallel.precision import autocast
 
-    parallel = parallelize(build_model(cfg, seed=0), mesh, sequence_parallel, recompute=recompute,
+    parallel = split_model(build_model(cfg, seed=0), mesh, sequence_parallel=sequence_parallel, recompute=recompute,
                            cp_impl=cp_impl)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     positions = parallel.local_positions(seq)  # context parallelism: this rank's tokens only

@@ -15,7 +15,7 @@ from meshpar.config import Config
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model
 from meshpar.model.llama import TransformerBlock
-from meshpar.parallel.apply import parallelize
+from meshpar.parallel.apply import split_model
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.schedules import build_schedule
 from meshpar.planner.layout import Layout
@@ -51,8 +51,9 @@ def dry_run(cfg: Config) -> str:
         mesh = ParallelMesh(shape, shape.rank(pp=stage))  # no process groups: parallelize only slices
         with torch.device("meta"):
             model = build_model(model_cfg, tr.seed, "meta")
-        parallel = parallelize(model, mesh, par.sequence_parallel, par.pp * par.virtual_stages, par.pp_layers,
-                               par.recompute, par.recompute_every, par.cp_impl)
+        parallel = split_model(model, mesh, sequence_parallel=par.sequence_parallel,
+                               num_stages=par.pp * par.virtual_stages, stage_layer_counts=par.pp_layers,
+                               recompute=par.recompute, recompute_every=par.recompute_every, cp_impl=par.cp_impl)
         params = sum(p.numel() for p in parallel.module.parameters())
         total_params += params
         layers = sum(isinstance(m, TransformerBlock) for m in parallel.module.modules())

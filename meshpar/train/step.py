@@ -9,6 +9,8 @@ and the Python API's `Parallelized.step` run this.
 
 Each micro-batch's summed token loss is divided by the tokens of the whole global batch,
 so the parts add up, over micro-batches and dp ranks, to its mean.
+
+The asynchronous schedule (PipeDream-2BW) steps differently: `asynchronous` below.
 """
 
 from __future__ import annotations
@@ -82,4 +84,26 @@ class TrainingStep:
         if self.scaler and self.scaler.unscale_and_update(self.data_parallel.grads(), self.mesh):
             return StepResult(loss, None, skipped=True)  # parameters and optimizer states as they were
         norm = clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, step, self.names, loss)
+        return StepResult(loss, norm, skipped=False)
+
+    def asynchronous(self, xs: list[torch.Tensor], ys: list[torch.Tensor], tokens: int, step: int, last: bool,
+                     set_lr: Callable[[int], None] | None = None) -> StepResult:
+        """Step `step` (from 0) of the async schedule, PipeDream-2BW: its batch runs on the
+        weights of the start of the step; the update at its end applies batch step-1's
+        gradient (complete only now: its last backwards ran at the start of this step),
+        with that batch's learning rate (`set_lr(batch)`). The `last` step also applies its
+        own gradient, so a run makes as many updates as steps."""
+        self.pipeline.begin_version(step)
+        loss = self.pipeline.run_segment(step, xs, ys, tokens, last)
+        for axis in ("dp", "cp", "pp"):
+            comm.all_reduce(self.mesh, axis, loss, tag="loss")
+        norm = None
+        for batch in ([step - 1] if step >= 1 else []) + ([step] if last else []):
+            if set_lr:
+                set_lr(batch)
+            self.data_parallel.zero_grad()
+            self.pipeline.finish_version(batch)
+            self.data_parallel.finish_reduction()
+            norm = clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, step + 1,
+                                 self.names)
         return StepResult(loss, norm, skipped=False)

@@ -11,22 +11,16 @@ from dataclasses import dataclass
 import torch
 
 from meshpar import comm
+from meshpar.api import Parallelized, parallelize
 from meshpar.config import Config
 from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
-from meshpar.init import Materialization
-from meshpar.model.llama import initialize
-from meshpar.parallel.apply import ParallelModel, parallelize
-from meshpar.parallel.compile import allow_split_backward, recast_weight_copies
+from meshpar.model.llama import init_rule
 from meshpar.parallel.dropout import dropout_seed
-from meshpar.parallel.grad_reduce import GradReducer
-from meshpar.parallel.zero import ShardedDataParallel
-from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
-from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
+from meshpar.parallel.llama_plan import llama_plan
+from meshpar.parallel.precision import LossScaleConfig
 from meshpar.parallel.sharding import model_names
 from meshpar.pipeline.check import Costs, simulate
-from meshpar.pipeline.runtime import PipelineRuntime
-from meshpar.pipeline.schedules import add_communication, asynchronous, build_schedule
 from meshpar.train.checks import check_replicas
 from meshpar.train.data import BatchLoader, corpus_description, load_tokens
 from meshpar.planner.hardware import device_peak_flops
@@ -37,8 +31,7 @@ from meshpar.train.faults import Faults
 from meshpar.checkpoint import CheckpointReader, latest_checkpoint, open_checkpoint
 from meshpar.checkpoint.training import load_parameters, restore_training, save_training
 from meshpar.train.plot import plot_losses
-from meshpar.train.optim import adamw, clip_and_step, lr_at
-from meshpar.train.step import TrainingStep
+from meshpar.train.optim import lr_at
 
 
 @dataclass
@@ -46,92 +39,79 @@ class TrainResult:
     steps: list[dict]  # one record per optimizer step
     evals: list[dict]  # {"step", "val_loss"}
     summary: dict
-    parallel: ParallelModel  # this rank's final model and how to gather it
+    parallel: Parallelized  # this rank's final model and how to gather it
 
 
 class Trainer:
     def __init__(self, cfg: Config, mesh: ParallelMesh, device: torch.device):
         self.cfg, self.mesh, self.device = cfg, mesh, device
-        tr = cfg.train
+        tr, par = cfg.train, cfg.parallel
         self.model_cfg = cfg.model.resolve()
-        # The model is built on the meta device (shapes only) and sliced for this rank;
-        # data parallelism then allocates this rank's share (under ZeRO-3 its shard) and
-        # fills it with the reference initialization's values, unless a checkpoint is
-        # about to overwrite them.
-        par = cfg.parallel
-        num_stages = par.pp * par.virtual_stages
-        self.parallel = parallelize(build_model(self.model_cfg, tr.seed, "meta"), mesh,
-                                    par.sequence_parallel, num_stages, par.pp_layers,
-                                    par.recompute, par.recompute_every, par.cp_impl, tr.compile)
-        self.resume_from = latest_checkpoint(tr.save_dir) if tr.resume and tr.save_dir else None
-        loads = self.resume_from is not None or tr.init_from
-        materialize = Materialization(device, mesh, None if loads else initialize(self.model_cfg, tr.seed))
-        self.model = self.parallel.module
-        torch.manual_seed(dropout_seed(tr.seed, mesh))  # dropout's masks
-        dp, dp_rank = mesh.size("dp"), mesh.index("dp")
-        train_tokens, val_tokens = load_tokens(tr.data)
-        self.loader = BatchLoader(train_tokens, tr.seq_len, tr.global_batch_size, dp_rank, dp, tr.seed)
-        self.val_tokens = val_tokens
+        dp = mesh.size("dp")
         self.num_microbatches = tr.num_microbatches(dp)
-        self.positions = self.parallel.local_positions(tr.seq_len, device)  # None without cp
-        # Data parallelism (ZeRO stage 0-3) owns the gradients, the optimizer's view of the
-        # parameters and the dp reduction, launched from backward hooks.
-        self.data_parallel = ShardedDataParallel(
-            self.model, mesh, par.zero, int(par.bucket_mb * 2**20), overlap=par.overlap,
-            offload=par.offload, microbatches=self.num_microbatches, grad_sync=self.parallel.sync_grads,
-            reducer=GradReducer(mesh, par.grad_compression, par.error_feedback, par.hierarchical_allreduce),
-            compute_dtype=PRECISIONS[tr.precision], materialize=materialize)
-        self.parallel.data_parallel = self.data_parallel
-        self.optimizer = adamw(*self.data_parallel.optimizer_params(), tr)
+        # The model is built on the meta device (shapes only) and goes through the one
+        # composition path (meshpar.parallelize) by its plan: sliced for this rank, then
+        # data parallelism allocates this rank's share (under ZeRO-3 its shard) and fills it
+        # with the reference initialization's values.
+        self.parallel = parallelize(
+            build_model(self.model_cfg, tr.seed, "meta"), mesh, llama_plan(self.model_cfg), zero=par.zero,
+            microbatches=self.num_microbatches, schedule=par.schedule, virtual_stages=par.virtual_stages,
+            stage_layer_counts=par.pp_layers, lr=tr.lr, weight_decay=tr.weight_decay, betas=(tr.beta1, tr.beta2),
+            max_grad_norm=tr.max_grad_norm, compile=tr.compile, recompute=par.recompute,
+            recompute_every=par.recompute_every, precision=tr.precision, loss_scale=LossScaleConfig(
+                initial_scale=tr.loss_scale_initial, backoff_factor=tr.loss_scale_backoff,
+                growth_interval=tr.loss_scale_growth_interval, hysteresis=tr.loss_scale_hysteresis),
+            sequence_parallel=par.sequence_parallel, cp_impl=par.cp_impl, bucket_mb=par.bucket_mb,
+            overlap=par.overlap, offload=par.offload, grad_compression=par.grad_compression,
+            error_feedback=par.error_feedback, hierarchical_allreduce=par.hierarchical_allreduce, steps=tr.steps,
+            init=functools.partial(init_rule, self.model_cfg), seed=tr.seed, device=device)
+        self.model = self.parallel.module
+        self.data_parallel, self.optimizer = self.parallel.data_parallel, self.parallel.optimizer
+        self.scaler, self.compute = self.parallel.scaler, self.parallel.compute
+        self.resume_from = latest_checkpoint(tr.save_dir) if tr.resume and tr.save_dir else None
+        torch.manual_seed(dropout_seed(tr.seed, mesh))  # dropout's masks
+        train_tokens, val_tokens = load_tokens(tr.data)
+        self.loader = BatchLoader(train_tokens, tr.seq_len, tr.global_batch_size, mesh.index("dp"), dp, tr.seed)
+        self.val_tokens = val_tokens
+        self.positions = self.parallel.split.local_positions(tr.seq_len, device)  # None without cp
+        self.parallel.use_positions(self.positions)
         self.tokens_per_step = tr.global_batch_size * tr.seq_len
         self.is_logger = mesh.rank == 0
-        self.step = 0
         self.pipeline = None
         self.compile_note = ""
-        if self.parallel.pipelined:
-            if par.schedule == "async":  # one stream over the whole run, cut into steps
-                self.schedule = add_communication(asynchronous(par.pp, 1, self.num_microbatches, tr.steps))
-            else:
-                self.schedule = build_schedule(par.schedule, par.pp, par.virtual_stages, self.num_microbatches)
-            if tr.compile and self.schedule.splits_backward:
-                allow_split_backward()
-                self.compile_note = " (caches off: the zero-bubble split)"
+        if self.parallel.split.pipelined:
             micro_batch = tr.global_batch_size // dp // self.num_microbatches
-            seq_shard = tr.seq_len // mesh.size("cp") // (mesh.size("tp") if par.sequence_parallel else 1)
-            self.model.positions = self.positions
-            self.pipeline = PipelineRuntime(self.schedule, self.model, mesh, self.parallel.loss_sum,
-                                            (micro_batch, seq_shard, self.model_cfg.hidden_size), device,
-                                            microbatches_per_step=self.num_microbatches,
-                                            split_at_linears=not tr.compile)
-            if self.pipeline.weight_grads is not None:
+            self.pipeline = self.parallel.build_pipeline((micro_batch, tr.seq_len // mesh.size("cp")), device)
+            self.schedule = self.pipeline.schedule
+            if tr.compile and self.schedule.splits_backward:
+                self.compile_note = " (caches off: the zero-bubble split)"
+            if self.pipeline.weight_grads is not None:  # meshpar's blocks read their weights on the input's path only
                 self.data_parallel.free_after_input_grad = True
-                self.data_parallel.deferred = frozenset(self.pipeline.weight_grads.deferrable)
         self.asynchronous = par.schedule == "async" and self.pipeline is not None
-        # 16-bit weight copies cast again in backward, not kept, under ZeRO-3 and pipelines.
-        recast = recasting(tr.precision, par.zero, par.schedule if self.pipeline else None)
-        self.saved_tensor_hooks = saved_tensor_hooks(self.model, recast)
-        if recast and tr.compile:  # the hooks cannot see inside a compiled graph
-            recast_weight_copies()
-        self.compute = functools.partial(autocast, tr.precision, device, cache=not recast)
-        self.scaler = None
-        if tr.precision == "fp16":
-            self.scaler = DynamicLossScaler(LossScaleConfig(
-                initial_scale=tr.loss_scale_initial, backoff_factor=tr.loss_scale_backoff,
-                growth_interval=tr.loss_scale_growth_interval, hysteresis=tr.loss_scale_hysteresis))
-        if self.pipeline:
-            self.pipeline.compute_context = self.compute
-            self.pipeline.saved_tensor_hooks = self.saved_tensor_hooks
-        self.training_step = TrainingStep(
-            self.model, mesh, self.data_parallel, self.optimizer, self.parallel.loss_sum,
-            lambda x: self.model(x, self.positions), self.compute, self.saved_tensor_hooks, tr.max_grad_norm,
-            self._param_names, self.scaler, self.pipeline)
-        self.skipped_steps = 0
         self.peak_saved_bytes = 0  # activations held for backward (the pipeline counts its own)
         self.flops_per_token = from_meshpar(self.model_cfg, tr.seq_len).flops_per_token()
         self.peak_flops = device_peak_flops(device)  # None on a CPU: no MFU
         self.faults = Faults(mesh.rank)
         self.started_from = self._load_checkpoint()
         self.first_step = self.step  # of this process: 0 unless resumed
+
+    @property
+    def step(self) -> int:
+        """Steps taken (the model's count: a resumed run's starts where it stopped)."""
+        return self.parallel.steps_taken
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.parallel.steps_taken = value
+
+    @property
+    def skipped_steps(self) -> int:
+        """fp16: steps whose gradients overflowed, so nothing was updated."""
+        return self.parallel.skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self.parallel.skipped_steps = value
 
     def _load_checkpoint(self) -> str | None:
         """--resume: the newest complete checkpoint in --save-dir, whole; else --init-from:
@@ -184,13 +164,9 @@ class Trainer:
         scale = self.scaler.scale if self.scaler else None
         # The first step counts the activations saved for backward (one micro-batch's).
         measure = self.step == self.first_step and not self.pipeline
-        result = self.training_step(xs, ys, self.tokens_per_step, self.step + 1,
-                                    on_saved=self._saved if measure else None)
-        if result.skipped:
-            self.skipped_steps += 1
+        result = self.parallel.train_step(xs, ys, self.tokens_per_step, on_saved=self._saved if measure else None)
         loss_value = result.loss.item()  # synchronises a CUDA device before timing
         step_time = time.perf_counter() - start
-        self.step += 1
         record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": result.grad_norm,
                   "tokens": self.tokens_per_step, "step_time_s": step_time,
                   "tokens_per_s": self.tokens_per_step / step_time}
@@ -204,45 +180,20 @@ class Trainer:
         self.peak_saved_bytes = max(self.peak_saved_bytes, nbytes)
 
     def train_step_async(self) -> dict:
-        """PipeDream-2BW: batch t runs on the weights of the start of step t; the update
-        at the end of step t applies batch t-1's gradient (complete only now: its last
-        backwards ran at the start of this step), with the learning rate of step t-1.
-        The last step also applies its own gradient, so a run makes `steps` updates."""
-        tr = self.cfg.train
+        """A step of the async schedule (TrainingStep.asynchronous); the learning rate
+        reported is that of the last batch whose gradient it applied."""
         start = time.perf_counter()
-        t = self.step
-        last = t == tr.steps - 1
         xs, ys = self._microbatches(self.loader)
         wait_before = self.pipeline.recv_wait_s
-        self.pipeline.begin_version(t)
-        loss_sum = self.pipeline.run_segment(t, xs, ys, self.tokens_per_step, last)
-        comm.all_reduce(self.mesh, "dp", loss_sum, tag="loss")
-        comm.all_reduce(self.mesh, "cp", loss_sum, tag="loss")
-        comm.all_reduce(self.mesh, "pp", loss_sum, tag="loss")
-        grad_norm, lr = None, None
-        for batch in ([t - 1] if t >= 1 else []) + ([t] if last else []):
-            grad_norm, lr = self._apply_gradient(batch)
-        loss_value = loss_sum.item()
+        applied = []
+        result = self.parallel.train_step(xs, ys, self.tokens_per_step,
+                                          set_lr=lambda batch: applied.append(self._set_lr(batch)))
+        loss_value = result.loss.item()
         step_time = time.perf_counter() - start
-        self.step += 1
-        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                "tokens": self.tokens_per_step, "step_time_s": step_time,
+        return {"step": self.step, "loss": loss_value, "lr": applied[-1] if applied else None,
+                "grad_norm": result.grad_norm, "tokens": self.tokens_per_step, "step_time_s": step_time,
                 "tokens_per_s": self.tokens_per_step / step_time,
                 "pipeline_wait_s": self.pipeline.recv_wait_s - wait_before}
-
-    def _apply_gradient(self, batch: int) -> tuple[float, float]:
-        """One optimizer update from batch `batch`'s gradient (async schedule)."""
-        lr = self._set_lr(batch)
-        self.data_parallel.zero_grad()
-        self.pipeline.finish_version(batch)
-        self.data_parallel.finish_reduction()
-        return self._clip_and_update(), lr
-
-    def _clip_and_update(self, loss_sum: torch.Tensor | None = None) -> float:
-        """Clip by the global norm and step the optimizer (on this rank's shard under ZeRO);
-        a loss or gradient that is not finite stops the run on every rank."""
-        return clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.cfg.train.max_grad_norm,
-                             self.step + 1, self._param_names, loss_sum)
 
     def _param_names(self) -> dict[int, str]:
         return {id(p): name for name, p in model_names(self.model)}
@@ -267,7 +218,7 @@ class Trainer:
             else:
                 for x, y in zip(xs, ys):
                     with self.compute():
-                        logits = self.model(x, self.positions)
+                        logits = self.parallel.split.forward(x, self.positions)
                     loss_sum += self.parallel.loss_sum(logits, y) / total_tokens
         self.model.train()
         comm.all_reduce(self.mesh, "dp", loss_sum, tag="eval")
