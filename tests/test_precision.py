@@ -121,14 +121,14 @@ def train_with_and_without_recasting(cfg):
     blocks keep theirs without the joint-graph pass that marks the casts for recompute."""
     import torch._dynamo
     import torch._inductor.config as inductor_config
-    from meshpar.train import trainer as trainer_module
+    from meshpar import api as api_module
 
     out = []
     for recast in (True, False):
-        original, install = RecastWeights._reference, trainer_module.recast_weight_copies
+        original, install = RecastWeights._reference, api_module.recast_weight_copies
         if not recast:
             RecastWeights._reference = lambda self, t: None  # every copy kept, as autocast does
-            trainer_module.recast_weight_copies = lambda: None
+            api_module.recast_weight_copies = lambda: None
             inductor_config.joint_custom_pre_pass = None
             torch._dynamo.reset()  # no graph compiled with the pass comes back
         try:
@@ -141,7 +141,7 @@ def train_with_and_without_recasting(cfg):
                 out.append(([s["loss"] for s in result.steps], result.summary["activation_bytes_per_rank"][rank],
                             in_flight, matmul_weights))
         finally:
-            RecastWeights._reference, trainer_module.recast_weight_copies = original, install
+            RecastWeights._reference, api_module.recast_weight_copies = original, install
     return out
 
 
