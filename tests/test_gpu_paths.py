@@ -179,7 +179,9 @@ def test_gpu_step_benchmark_runs_on_cpu():
     for name in ("torch-eager", "meshpar"):
         line = result[name]
         assert line["tokens_per_s"] == pytest.approx(line["batch"] * line["seq_len"] / line["step_time_s"], rel=1e-3)
-        assert line["tflops"] > line["tflops_matmul_count"] > 0  # the count includes the embedding
+        # The count includes the embedding; both are printed to 3 decimals, which on a
+        # loaded CPU can round them alike.
+        assert line["tflops"] >= line["tflops_matmul_count"] > 0
         assert line["mfu_vs_989"] is None and line["peak_memory_gib"] is None  # GPU figures only
     assert set(result["ratios"]["tokens_per_s_ratio"]) == {"meshpar/torch-eager"}
     assert_same_work(result, rel=1e-5)
