@@ -79,6 +79,43 @@ def close(run: dict, ref: dict, label: str):
         assert diff <= 10 * REL * ref["params"][name].norm() + LR / 100, f"{label} {name}: {diff}"
 
 
+def train_llama(dp: int, cp: int, pp: int, microbatches: int, **options) -> dict:
+    """meshpar's own Llama through the API, by its plan, built on the meta device."""
+    from meshpar.model import build_model
+    from meshpar.model.config import model_config
+    from meshpar.model.llama import init_rule
+    from meshpar.parallel.llama_plan import llama_plan
+
+    cfg = model_config("tiny")
+    mesh = meshpar.init_mesh(dp=dp, cp=cp, pp=pp)
+    model = meshpar.parallelize(build_model(cfg, 0, "meta"), mesh, llama_plan(cfg), microbatches=microbatches,
+                                lr=LR, init=functools.partial(init_rule, cfg), seed=3, **options)
+    losses = [model.step(x, y) for x, y in batches(dp, mesh.index("dp"))]
+    out = {"losses": losses, "params": model.full_state()}
+    mesh.destroy()
+    return out
+
+
+def test_context_parallelism_over_a_plan_equals_one_device(worlds):
+    """A plan naming its attention cores (`attention`) and its forward's positions
+    keyword (`positions`) gets context parallelism: `step` hands each cp rank its two
+    chunks of the sequence. meshpar's Llama, by its plan, at cp2 x dp2 (ZeRO-1, its
+    attention cores recomputed) and cp2 x pp2 (ring and all-to-all attention)."""
+    single = in_one_process(train_llama, 1, 1, 1, 2)
+    layouts = [dict(dp=2, cp=2, pp=1, microbatches=1, zero=1, recompute="selective"),
+               dict(dp=1, cp=2, pp=2, microbatches=2, cp_impl="all-to-all")]
+    for layout in layouts:
+        for rank, run in enumerate(worlds(4).run(functools.partial(train_llama, **layout))):
+            close(run, single, f"{layout} rank {rank}")
+    assert single["params"].keys() == run["params"].keys()
+
+
+def test_context_parallelism_needs_the_plans_attention_cores():
+    mesh = meshpar.ParallelMesh(MeshShape(cp=2), 0)  # no process group: refused before any collective
+    with pytest.raises(ValueError, match="context parallelism and selective recomputation need the plan's"):
+        meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan())
+
+
 def test_gpt2_on_tp2_dp2_zero1_equals_one_device(worlds, single):
     runs = worlds(4).run(train_gpt2, 2, 2, 1, 1, 2)
     for rank, run in enumerate(runs):

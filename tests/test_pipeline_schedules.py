@@ -127,3 +127,23 @@ def test_simulate_command(capsys, tmp_path):
     assert main(["simulate", "--schedule", "interleaved-1f1b", "--stages", "3", "--virtual-stages", "2",
                  "--microbatches", "4"]) == 2
     assert "multiple of the pipeline ranks (3)" in capsys.readouterr().err
+
+
+def test_stages_are_balanced_by_the_blocks_matrices_the_last_paying_for_the_output():
+    """Any plan's blocks are split by their matrices' elements (shapes only: a meta model
+    will do); meshpar's Llama's cost is its analytic count, 2h^2 + 2h kv + 3h ffn per
+    layer and vocab x h for the output layer."""
+    from meshpar.model import build_model
+    from meshpar.model.config import model_config
+    from meshpar.parallel.llama_plan import llama_plan
+    from meshpar.pipeline.split import balanced_split, stage_costs
+
+    cfg = model_config("tiny", num_layers=8, vocab_size=4096)
+    costs, last = stage_costs(build_model(cfg, 0, "meta"), llama_plan(cfg).pipeline)
+    h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
+    assert costs == [2 * h * h + 2 * h * kv + 3 * h * cfg.ffn_hidden_size] * 8 and last == cfg.vocab_size * h
+    assert balanced_split(costs, 0, 2) == [4, 4]
+    counts = balanced_split(costs, last, 2)
+    assert sum(counts) == 8 and counts[1] < counts[0]  # the output layer weighs on the last stage
+    assert max(sum(costs[:counts[0]]), sum(costs[counts[0]:]) + last) == min(
+        max(sum(costs[:k]), sum(costs[k:]) + last) for k in range(1, 8))  # the best cut
