@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from common import run_on_local_ranks
 from meshpar.checkpoint import CheckpointReader, latest_checkpoint
-from meshpar.checkpoint.training import rank_tensors, restore_training, save_training
+from meshpar.checkpoint.training import rank_tensors, restore_state
 from meshpar.config import Config, ModelSection, ParallelConfig, TrainConfig, check
 from meshpar.train.launch import build_mesh
 from meshpar.train.trainer import Trainer
@@ -63,8 +63,8 @@ def save_side(rank: int, args, results):
     plain.mkdir(exist_ok=True)
     times = {"meshpar save": [], "plain torch.save": [], "meshpar load, same layout": []}
     for _ in range(args.rounds):
-        times["meshpar save"].append(timed(lambda: save_training(trainer)))
-        times["plain torch.save"].append(timed(lambda: torch.save(rank_tensors(trainer)[0],
+        times["meshpar save"].append(timed(trainer.save_checkpoint))
+        times["plain torch.save"].append(timed(lambda: torch.save(rank_tensors(trainer.parallel)[0],
                                                                   plain / f"rank-{rank}.pt")))
         times["meshpar load, same layout"].append(timed(lambda: load(trainer, args.dir, shared=True)))
     if rank == 0:
@@ -78,7 +78,7 @@ def load(trainer, directory: str, shared: bool) -> int:
     reader = CheckpointReader(latest_checkpoint(directory))
     if shared:
         reader.verify(trainer.mesh)
-    restore_training(trainer, reader)
+    restore_state(trainer.parallel, reader, "")
     return reader.hashed_bytes
 
 

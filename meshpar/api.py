@@ -13,6 +13,7 @@ next-token cross entropy over the global batch, as one device would compute it.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,7 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from meshpar import comm
-from meshpar.checkpoint import planned
+from meshpar.checkpoint.store import CheckpointReader
+from meshpar.checkpoint.training import restore_state, save_state
 from meshpar.config import Config, ParallelConfig, TrainConfig, communication_problems, zero_problems
 from meshpar.init import InitRule, Materialization, initializer
 from meshpar.mesh import MeshShape, ParallelMesh
@@ -236,7 +238,11 @@ class Parallelized:
         if self.asynchronous:
             raise ValueError("save() under schedule='async' is not supported: between two steps it holds a "
                              "batch's gradient half applied")
-        return planned.save(self, directory, keep, extra)
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"save(extra=...): the caller's data is kept as JSON, and this is not JSON: {err}") from None
+        return save_state(self, directory, keep, {"name": self.model_name, "api": True}, {"extra": extra})
 
     def load(self, path: str | os.PathLike) -> int:
         """Restore the newest complete checkpoint under `path`, saved by `save` in any
@@ -244,7 +250,11 @@ class Parallelized:
         saved with in `self.extra`. The RNG states come back in the layout that saved
         them; in another, each rank's generators are left as they are. Collective: every
         rank calls it (each checks its share of the files' sha256s)."""
-        return planned.load(self, path)
+        reader = CheckpointReader(path)
+        reader.verify(self.mesh)
+        saved, _ = restore_state(self, reader, "load() needs one that Parallelized.save wrote")
+        self.extra = saved.get("extra")
+        return self.steps_taken
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every parameter at full (single-device) shape, from every pipeline stage, named

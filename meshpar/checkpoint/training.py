@@ -1,12 +1,19 @@
-"""What a training run's checkpoint holds, and how a trainer saves and restores it.
+"""What a training checkpoint holds, and how a `Parallelized` - the trainer's model or
+the Python API's - saves and restores it, in any layout.
 
 Saved by every rank, once per distinct piece: each parameter's box (regions.py) and,
 under ZeRO 1-3, only its own flat range of it - as a parameter value and AdamW's two
 moments. Ranks holding a replica (over dp below ZeRO-1, over tp for unsharded weights,
 over cp for everything) write nothing of it. Rank 0 adds the counters every rank shares:
-the step, AdamW's step, the data loader's position, the loss scaler. Each rank adds its
-own RNG and error-feedback buffers, restored only into the same layout (elsewhere the
-RNG is reseeded from the step and the buffers start empty).
+the step, AdamW's step, the loss scaler, and the caller's own (the trainer's data
+position and seed; the API caller's `extra`). Each rank adds its own RNG and
+error-feedback buffers, restored only into the same layout (elsewhere the caller
+reseeds and the buffers start empty).
+
+A fused column parameter (q, k and v in one projection) holds on each tp rank its rows of
+each of its k parts, so its local tensor is no box of the full one. It is saved as k
+tensors, `name#0` .. `name#k-1`: part j alone, split over tp like any column weight - at
+tp = 1 too, where the plan still says it is fused, so every layout names it alike.
 """
 
 from __future__ import annotations
@@ -22,28 +29,30 @@ from torch import nn
 from meshpar.checkpoint.regions import Box, CheckpointError, first_holder
 from meshpar.checkpoint.store import LOCAL, CheckpointReader, write_checkpoint
 from meshpar.init import boxes_of
-from meshpar.parallel.dropout import dropout_seed
-from meshpar.parallel.sharding import model_names
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def layout_of(cfg) -> dict:
+def layout_of(parallelized) -> dict:
     """Everything that decides which rank holds which bytes (and its RNG stream)."""
-    par = cfg.parallel
-    return {"world_size": par.world_size, "pp": par.pp, "dp": par.dp, "cp": par.cp, "tp": par.tp,
-            "virtual_stages": par.virtual_stages, "pp_layers": par.pp_layers, "zero": par.zero,
-            "bucket_mb": par.bucket_mb, "sequence_parallel": par.sequence_parallel,
-            "grad_compression": par.grad_compression, "hierarchical_allreduce": par.hierarchical_allreduce,
-            "micro_batch_size": cfg.train.micro_batch_size}
+    mesh, dp, module = parallelized.mesh, parallelized.data_parallel, parallelized.module
+    stages = getattr(module, "stage_blocks", None)
+    return {"world_size": mesh.world_size, **{axis: mesh.size(axis) for axis in ("pp", "dp", "cp", "tp")},
+            "virtual_stages": parallelized.virtual_stages, "schedule": parallelized.schedule,
+            "stage_blocks": None if stages is None else {s: len(r) for s, r in stages.items()},
+            "zero": dp.stage, "bucket_bytes": dp.bucket_bytes, "sequence_parallel": parallelized.sequence_parallel,
+            "grad_compression": dp.reducer.compression, "hierarchical_allreduce": dp.reducer.hierarchical,
+            "microbatches": parallelized.microbatches}
 
 
 def model_meta(cfg) -> dict:
     return {"name": cfg.model.name, **dataclasses.asdict(cfg.model.resolve())}
 
 
-def _names(trainer) -> dict[int, str]:
-    return {id(p): name for name, p in model_names(trainer.model)}
+def _parts_of(parallelized) -> Callable[[nn.Parameter], list[Part]]:
+    """param -> its saved parts, under the whole model's names."""
+    names = {id(p): name for name, p in parallelized.named_parameters()}
+    return lambda p: saved_parts(names[id(p)], p, parallelized.mesh)
 
 
 @dataclass(frozen=True)
@@ -117,30 +126,28 @@ def restore_rng(local: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(local["rng/cuda"], device)
 
 
-def rank_tensors(trainer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def rank_tensors(parallelized) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """What this rank writes: its pieces (and their descriptions) and its own state."""
-    mesh, dp = trainer.mesh, trainer.data_parallel
-    names = _names(trainer)
-    tensors, pieces = optimizer_state_pieces(dp, trainer.optimizer, mesh, lambda p: saved_parts(names[id(p)], p, mesh))
-    tensors.update(rng_tensors(trainer.device))
-    reducer = dp.reducer
-    for kind, buffers in (("errors", reducer.errors), ("shard_errors", reducer.shard_errors)):
+    mesh, dp = parallelized.mesh, parallelized.data_parallel
+    tensors, pieces = optimizer_state_pieces(dp, parallelized.optimizer, mesh, _parts_of(parallelized))
+    tensors.update(rng_tensors(parallelized.device()))
+    for kind, buffers in (("errors", dp.reducer.errors), ("shard_errors", dp.reducer.shard_errors)):
         for key, value in buffers.items():
             tensors[f"{LOCAL}feedback/{kind}/{key}"] = value
     return tensors, pieces
 
 
-def save_training(trainer, before_publish=None) -> Path:
-    """Collective: write the trainer's state as checkpoint `trainer.step` under its save dir."""
-    tr = trainer.cfg.train
-    tensors, pieces = rank_tensors(trainer)
-    meta = {"model": model_meta(trainer.cfg), "layout": layout_of(trainer.cfg),
-            "train": {"step": trainer.step, "optimizer_step": trainer.step - trainer.skipped_steps,
-                      "skipped_steps": trainer.skipped_steps, "seed": tr.seed,
-                      "loader": trainer.loader.state_dict(),
-                      "loss_scaler": trainer.scaler.state_dict() if trainer.scaler else None}}
-    return write_checkpoint(tr.save_dir, trainer.step, trainer.mesh, tensors, pieces, meta, tr.keep_checkpoints,
-                            before_publish)
+def save_state(parallelized, directory: str | Path, keep: int, model: dict, train: dict,
+               before_publish: Callable[[], None] | None = None) -> Path:
+    """Collective: write `parallelized`'s state as checkpoint `step-<steps taken>` under
+    `directory`, the newest `keep` kept: `model` describes the model, `train` holds the
+    caller's own counters (JSON; rank 0's is written)."""
+    tensors, pieces = rank_tensors(parallelized)
+    step, skipped = parallelized.steps_taken, parallelized.skipped_steps
+    meta = {"model": model, "layout": layout_of(parallelized),
+            "train": {"step": step, "optimizer_step": step - skipped, "skipped_steps": skipped,
+                      "loss_scaler": parallelized.scaler.state_dict() if parallelized.scaler else None, **train}}
+    return write_checkpoint(directory, step, parallelized.mesh, tensors, pieces, meta, keep, before_publish)
 
 
 def read_local(reader, kind: str, parts: list[Part]) -> torch.Tensor:
@@ -163,33 +170,35 @@ def load_moments(dp, optimizer, reader, optimizer_step: int, parts_of: Callable[
         optimizer.state[piece.leaf] = state
 
 
-def load_parameters(trainer, reader) -> None:
-    """Every parameter from `reader` (a CheckpointReader or a Hugging Face directory's)."""
-    names, mesh = _names(trainer), trainer.mesh
-    trainer.data_parallel.load_params(lambda p: read_local(reader, "param", saved_parts(names[id(p)], p, mesh)))
+def load_parameters(parallelized, reader) -> None:
+    """Every parameter from `reader` (a CheckpointReader or a Hugging Face directory's),
+    each rank reading only its boxes."""
+    parts_of = _parts_of(parallelized)
+    parallelized.data_parallel.load_params(lambda p: read_local(reader, "param", parts_of(p)))
 
 
-def restore_training(trainer, reader: CheckpointReader) -> None:
-    """The whole state of the run that saved `reader`'s checkpoint, in this trainer's layout."""
-    load_parameters(trainer, reader)
+def restore_state(parallelized, reader: CheckpointReader, how_to_start: str) -> tuple[dict, bool]:
+    """Everything `save_state` wrote, into `parallelized`'s layout: returns the saved
+    counters (the caller's among them) and whether the layout is the one that saved them
+    (then each rank's RNG and error feedback came back too; else the caller reseeds).
+    A checkpoint of parameters only is refused, with `how_to_start` from it instead."""
     saved = reader.meta["train"]
     if saved is None:
         raise CheckpointError(f"{reader.path}: holds parameters only (no training state to resume); "
-                              f"start from it with --init-from instead")
-    names, mesh, dp = _names(trainer), trainer.mesh, trainer.data_parallel
-    load_moments(dp, trainer.optimizer, reader, saved["optimizer_step"], lambda p: saved_parts(names[id(p)], p, mesh))
-    trainer.step = saved["step"]
-    trainer.skipped_steps = saved["skipped_steps"]
-    trainer.loader.load_state_dict(saved["loader"])
-    if trainer.scaler and saved["loss_scaler"]:
-        trainer.scaler.load_state_dict(saved["loss_scaler"])
-    if reader.meta["layout"] == layout_of(trainer.cfg):
-        local = reader.local_state(mesh.rank)
-        restore_rng(local, trainer.device)
-        reducer = dp.reducer
+                              f"{how_to_start}")
+    load_parameters(parallelized, reader)
+    dp = parallelized.data_parallel
+    load_moments(dp, parallelized.optimizer, reader, saved["optimizer_step"], _parts_of(parallelized))
+    parallelized.steps_taken = saved["step"]
+    parallelized.skipped_steps = saved.get("skipped_steps", 0)
+    if parallelized.scaler and saved.get("loss_scaler"):  # fp16 resumes at its scale
+        parallelized.scaler.load_state_dict(saved["loss_scaler"])
+    same_layout = reader.meta["layout"] == layout_of(parallelized)
+    if same_layout:
+        local = reader.local_state(parallelized.mesh.rank)
+        restore_rng(local, parallelized.device())
         for key, value in local.items():
             if key.startswith("feedback/"):
                 _, kind, bucket = key.split("/")
-                getattr(reducer, kind)[int(bucket)] = value.to(trainer.device)
-    else:  # another layout: fresh dropout streams, a function of the step
-        torch.manual_seed(dropout_seed(trainer.cfg.train.seed, mesh, trainer.step))
+                getattr(dp.reducer, kind)[int(bucket)] = value.to(parallelized.device())
+    return saved, same_layout

@@ -176,6 +176,7 @@ class ShardedDataParallel:
             raise ValueError(f"ZeRO stage {stage}: choose one of {', '.join(map(str, STAGES))}")
         offload = set(offload) | ({"optimizer"} if "params" in offload else set())  # params implies it
         self.mesh, self.stage, self.overlap, self.offload = mesh, stage, overlap, tuple(sorted(offload))
+        self.bucket_bytes = bucket_bytes
         # A model built on the meta device gets its parameters' storage here, in the flat
         # buffers, and filled there: under ZeRO-3 only this rank's shard is ever drawn.
         self.materialize = materialize

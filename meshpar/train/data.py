@@ -102,7 +102,12 @@ def load_tokens(path: str | None) -> tuple[np.ndarray, np.ndarray]:
     if kind == "bin":
         tokens = np.memmap(files[0], dtype=np.uint16, mode="r")
     else:
-        tokens = np.frombuffer(b"".join(f.read_bytes() for f in files), dtype=np.uint8)
+        tokens = np.empty(sum(f.stat().st_size for f in files), dtype=np.uint8)  # read in place: no second copy
+        filled = 0
+        for f in files:
+            with open(f, "rb") as stream:
+                filled += stream.readinto(memoryview(tokens)[filled:])
+        tokens = tokens[:filled]
     tokens.flags.writeable = False
     split = _split_point(len(tokens))
     return tokens[:split], tokens[split:]

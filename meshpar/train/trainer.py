@@ -29,7 +29,7 @@ from meshpar.train.metrics import MetricsLog, Progress, format_bytes, peak_memor
 from meshpar.train.trace import Tracer
 from meshpar.train.faults import Faults
 from meshpar.checkpoint import CheckpointReader, latest_checkpoint, open_checkpoint
-from meshpar.checkpoint.training import load_parameters, restore_training, save_training
+from meshpar.checkpoint.training import load_parameters, model_meta, restore_state, save_state
 from meshpar.train.plot import plot_losses
 from meshpar.train.optim import lr_at
 
@@ -120,13 +120,16 @@ class Trainer:
         if self.resume_from is not None:
             reader = CheckpointReader(self.resume_from)
             reader.verify(self.mesh)
-            restore_training(self, reader)
+            saved, same_layout = restore_state(self.parallel, reader, "start from it with --init-from instead")
+            self.loader.load_state_dict(saved["loader"])
+            if not same_layout:  # fresh dropout streams, a function of the step
+                torch.manual_seed(dropout_seed(tr.seed, self.mesh, self.step))
             return f"resumed from {reader.path} (step {self.step})"
         if tr.init_from:
             reader = open_checkpoint(tr.init_from)
             if isinstance(reader, CheckpointReader):  # (a Hugging Face directory has no checksums)
                 reader.verify(self.mesh)
-            load_parameters(self, reader)
+            load_parameters(self.parallel, reader)
             return f"parameters from {tr.init_from}"
         return None
 
@@ -240,7 +243,10 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Collective: this step's checkpoint under --save-dir."""
-        return save_training(self, before_publish=lambda: self.faults.at("save", self.step))
+        tr = self.cfg.train
+        return save_state(self.parallel, tr.save_dir, tr.keep_checkpoints, model_meta(self.cfg),
+                          {"seed": tr.seed, "loader": self.loader.state_dict()},
+                          before_publish=lambda: self.faults.at("save", self.step))
 
     def run(self) -> TrainResult:
         tr = self.cfg.train
