@@ -39,7 +39,7 @@ def layout_of(parallelized) -> dict:
     stages = getattr(module, "stage_blocks", None)
     return {"world_size": mesh.world_size, **{axis: mesh.size(axis) for axis in ("pp", "dp", "cp", "tp")},
             "virtual_stages": parallelized.virtual_stages, "schedule": parallelized.schedule,
-            "stage_blocks": None if stages is None else {s: len(r) for s, r in stages.items()},
+            "stage_blocks": None if stages is None else [[s, len(r)] for s, r in sorted(stages.items())],  # JSON's
             "zero": dp.stage, "bucket_bytes": dp.bucket_bytes, "sequence_parallel": parallelized.sequence_parallel,
             "grad_compression": dp.reducer.compression, "hierarchical_allreduce": dp.reducer.hierarchical,
             "microbatches": parallelized.microbatches}
