@@ -35,11 +35,10 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 def layout_of(parallelized) -> dict:
     """Everything that decides which rank holds which bytes (and its RNG stream)."""
-    mesh, dp, module = parallelized.mesh, parallelized.data_parallel, parallelized.module
-    stages = getattr(module, "stage_blocks", None)
+    mesh, dp = parallelized.mesh, parallelized.data_parallel
     return {"world_size": mesh.world_size, **{axis: mesh.size(axis) for axis in ("pp", "dp", "cp", "tp")},
             "virtual_stages": parallelized.virtual_stages, "schedule": parallelized.schedule,
-            "stage_blocks": None if stages is None else [[s, len(r)] for s, r in sorted(stages.items())],  # JSON's
+            "stage_blocks": parallelized.split.stage_counts,
             "zero": dp.stage, "bucket_bytes": dp.bucket_bytes, "sequence_parallel": parallelized.sequence_parallel,
             "grad_compression": dp.reducer.compression, "hierarchical_allreduce": dp.reducer.hierarchical,
             "microbatches": parallelized.microbatches}

@@ -46,6 +46,7 @@ class ParallelModel:
     plan: Plan
     tensor_parallel: TensorParallelism
     num_stages: int = 1  # pipeline stages over all ranks
+    stage_counts: list[int] | None = None  # blocks per stage, every stage's (pp above 1)
 
     @property
     def pipelined(self) -> bool:
@@ -123,6 +124,7 @@ def split_model(model: nn.Module, mesh: ParallelMesh, plan: Plan | None = None, 
         p, r = mesh.size("pp"), mesh.index("pp")
         seq_shards = mesh.size("tp") if sequence_parallel else 1
         tie_the_ends(model, ends, mesh)
+        parallel.stage_counts = counts
         parallel.module = PipelineStages(model, plan.pipeline, {s: ranges[s] for s in range(r, num_stages, p)},
                                          num_stages, seq_shards)
     return parallel
