@@ -41,7 +41,9 @@ def pipeline_config(pp, schedule, micro_batch, virtual_stages=1, steps=STEPS, **
 SCHEDULES = [("naive", 1), ("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2)]
 
 
-@pytest.mark.parametrize("pp, micro_batch", [(2, 4), (4, 2)])
+# Quick: every schedule at pp 4 (pp 2 runs with dp and tp below, and in test_composition);
+# the pp 2 runs alone are slow.
+@pytest.mark.parametrize("pp, micro_batch", [pytest.param(2, 4, marks=pytest.mark.slow), (4, 2)])
 @pytest.mark.parametrize("schedule, virtual_stages", SCHEDULES)
 def test_schedules_equal_single_device(worlds, reference, pp, micro_batch, schedule, virtual_stages):
     cfg = pipeline_config(pp, schedule, micro_batch, virtual_stages)
@@ -49,8 +51,8 @@ def test_schedules_equal_single_device(worlds, reference, pp, micro_batch, sched
         assert_same_training(run, reference)
 
 
-# The quick suite runs five of these; `pytest -m slow` adds the other seven.
-QUICK = {("1f1b", "dp"), ("zb-h1", "dp"), ("gpipe", "tp"), ("interleaved-1f1b", "tp")}
+# The quick suite runs four of these; `pytest -m slow` adds the other eight.
+QUICK = {("1f1b", "dp"), ("zb-h1", "dp"), ("interleaved-1f1b", "tp")}
 
 
 def composition(name, v, layout, quick):
@@ -129,7 +131,8 @@ def delayed_update_reference(cfg) -> dict:
     return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.named_parameters()}}
 
 
-@pytest.mark.parametrize("world_size, layout", [(2, {"pp": 2}), (4, {"pp": 4}), (4, {"pp": 2, "dp": 2}),
+@pytest.mark.parametrize("world_size, layout", [(2, {"pp": 2}), pytest.param(4, {"pp": 4}, marks=pytest.mark.slow),
+                                                (4, {"pp": 2, "dp": 2}),
                                                 (2, {"pp": 2, "model": {"tie_embeddings": True}})])
 def test_async_equals_its_delayed_update_reference(worlds, world_size, layout):
     cfg = pipeline_config(layout["pp"], "async", 2 if layout["pp"] == 4 else 4,

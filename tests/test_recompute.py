@@ -40,7 +40,7 @@ def with_recompute(cfg, policy, every=1):
     return cfg
 
 
-@pytest.mark.parametrize("layout", [{"tp": 2, "sequence_parallel": True}, {"pp": 2},
+@pytest.mark.parametrize("layout", [{"tp": 2, "sequence_parallel": True}, pytest.param({"pp": 2}, marks=pytest.mark.slow),
                                     {"pp": 2, "schedule": "zb-h1"}])  # recomputed in I, linears split
 def test_recompute_with_tp_sp_and_pp(worlds, layout):
     def config(policy="none", every=1):

@@ -181,8 +181,8 @@ def assert_same_training(run: dict, ref: dict):
     (2, {"tp": 2}, "default"),
     (2, {"tp": 2, "sequence_parallel": True}, "gqa_padded"),
     (4, {"tp": 4}, "gqa_padded"),
-    (4, {"tp": 4, "sequence_parallel": True}, "default"),
-    (4, {"tp": 2, "dp": 2}, "default"),
+    pytest.param(4, {"tp": 4, "sequence_parallel": True}, "default", marks=pytest.mark.slow),  # tp2's SP, tp4's split
+    pytest.param(4, {"tp": 2, "dp": 2}, "default", marks=pytest.mark.slow),  # the SP case below, test_composition
     (4, {"tp": 2, "dp": 2, "sequence_parallel": True}, "gqa_padded"),
 ])
 def test_training_equals_single_device(worlds, references, world_size, layout, model):

@@ -53,7 +53,7 @@ def run_matrix(worlds, reference, dp: int, cases: list[tuple[int, int | None, tu
         assert_matches(last, reference, label + " (last rank)")
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, pytest.param(1, marks=pytest.mark.slow), 2, 3])  # ZeRO-1: the demo's golden run
 def test_zero_equals_single_device_dp2(worlds, reference, stage):
     # by default: plain, and accumulation with offload (the rest of the matrix is slow)
     cases = [(None, ()), (2, ("params",) if stage == 3 else ("optimizer",))]
@@ -170,7 +170,8 @@ def zero3_gathers(cfg, sixteen_bit: bool) -> dict:
                 "packings": packings}
 
 
-@pytest.mark.parametrize("precision, layout", [("bf16", {"dp": 2}), ("fp16", {"dp": 2, "tp": 2, "sequence_parallel": True})])
+@pytest.mark.parametrize("precision, layout", [("bf16", {"dp": 2}), pytest.param(
+    "fp16", {"dp": 2, "tp": 2, "sequence_parallel": True}, marks=pytest.mark.slow)])
 def test_zero3_gathers_linear_weights_in_16_bits_and_changes_no_bit(worlds, precision, layout):
     cfg = fast_config(steps=4, micro_batch_size=2)
     cfg.parallel.zero, cfg.train.precision = 3, precision
