@@ -92,6 +92,9 @@ class TrainConfig:
     device: str = "cpu"
     precision: str = "fp32"  # fp32, bf16 or fp16 compute; parameters, gradients and optimizer stay fp32
     compile: bool = False  # torch.compile each transformer block
+    # Host memory freed in a step goes back to the system (glibc: fixed malloc thresholds,
+    # train/host_memory.py): a lower peak resident set for a slower CPU step.
+    return_freed_memory: bool = False
     backend: str | None = None  # collectives: nccl or gloo; default nccl with cuda, gloo on cpu
     loss_scale_initial: float = 65536.0  # fp16 dynamic loss scaling
     loss_scale_growth_interval: int = 1000

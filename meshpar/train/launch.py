@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from meshpar.config import Config, ranks_per_node
 from meshpar.mesh import MeshShape, ParallelMesh
+from meshpar.train.host_memory import return_freed_memory
 from meshpar.train.metrics import format_bytes
 from meshpar.train.trainer import Trainer
 from meshpar.train.watchdog import Watchdog
@@ -76,6 +77,8 @@ def collective_backend(cfg: Config) -> str:
 def run_rank(cfg: Config) -> dict:
     """Train as the rank torchrun's environment variables describe; returns the summary."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.train.return_freed_memory:
+        return_freed_memory()
     set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
     backend = collective_backend(cfg)
     if cfg.train.device == "cuda":
@@ -115,6 +118,8 @@ def launch(cfg: Config) -> dict | None:
         return run_rank(cfg)
     world_size = cfg.parallel.world_size
     if world_size == 1:
+        if cfg.train.return_freed_memory:
+            return_freed_memory()
         device = torch.device(cfg.train.device)
         return Trainer(cfg, ParallelMesh.single(), device).run().summary
     mp.start_processes(_local_rank_main, args=(cfg, world_size, free_port()),
