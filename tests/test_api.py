@@ -2,6 +2,7 @@
 tp=2 x dp=2 with ZeRO-1 and on a 1F1B pipeline of 2 stages equal one device's; the
 examples run as one command each; every public name is documented and typed."""
 
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -114,6 +115,13 @@ def test_context_parallelism_needs_the_plans_attention_cores():
     mesh = meshpar.ParallelMesh(MeshShape(cp=2), 0)  # no process group: refused before any collective
     with pytest.raises(ValueError, match="context parallelism and selective recomputation need the plan's"):
         meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan())
+    from meshpar.model import build_model
+    from meshpar.model.config import model_config
+    from meshpar.parallel.llama_plan import llama_plan
+
+    cfg = model_config("tiny")
+    with pytest.raises(ValueError, match="the model must know where: the plan's `positions`"):
+        meshpar.parallelize(build_model(cfg, 0), mesh, dataclasses.replace(llama_plan(cfg), positions=None))
 
 
 def test_gpt2_on_tp2_dp2_zero1_equals_one_device(worlds, single):
@@ -604,8 +612,6 @@ def test_sequence_parallel_over_a_plan_halves_what_the_norms_keep(worlds):
 
 
 def test_sequence_parallel_over_a_plan_refuses_what_it_cannot_do():
-    import dataclasses
-
     mesh = meshpar.ParallelMesh.single()
     with pytest.raises(ValueError, match="sequence_parallel needs tp above 1"):
         meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan(), sequence_parallel=True)

@@ -103,6 +103,10 @@ def split_model(model: nn.Module, mesh: ParallelMesh, plan: Plan | None = None, 
     if (mesh.size("cp") > 1 or recompute == "selective") and not plan.attention:
         raise ValueError("context parallelism and selective recomputation need the plan's `attention`: the "
                          "modules whose attend(q, k, v) method is the causal attention core")
+    if mesh.size("cp") > 1 and not (plan.pipeline.block_args if num_stages > 1 else plan.positions):
+        raise ValueError("context parallelism gives each rank tokens from two places of the sequence, and the "
+                         "model must know where: the plan's `positions` (the keyword of the model's forward) "
+                         "or, in a pipeline, its `pipeline.block_args` (the blocks' arguments from positions)")
     if num_stages > 1:
         counts = _stage_counts(model, plan, num_stages, stage_layer_counts)
         ends = shared_by_the_ends(model, plan.pipeline)
