@@ -40,7 +40,8 @@ from meshpar.parallel.sharding import FUSED_ATTR, gather_full, model_names, shar
 from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
-from meshpar.pipeline.schedules import GENERATORS, add_communication, asynchronous, build_schedule
+from meshpar.pipeline.schedules import (GENERATORS, add_communication, async_min_microbatches, asynchronous,
+                                        build_schedule)
 from meshpar.train.optim import adamw
 from meshpar.train.step import StepResult, TrainingStep
 
@@ -392,6 +393,10 @@ def _check_options(mesh: ParallelMesh, zero: int, precision: str, sequence_paral
                 raise ValueError("schedule='async' is one stream over the whole run: give its length, steps=N")
             if precision == "fp16" or recompute not in ((), [], "none"):
                 raise ValueError("schedule='async' runs without fp16's loss scale and without recomputation")
+            if microbatches < async_min_microbatches(pp):
+                raise ValueError(f"schedule='async' at pp={pp} needs at least {async_min_microbatches(pp)} "
+                                 f"microbatches: with fewer, a batch's last backwards come after its gradient "
+                                 f"is applied")
     par = ParallelConfig(dp=mesh.size("dp"), tp=mesh.size("tp"), pp=mesh.size("pp"), cp=mesh.size("cp"),
                          zero=zero, schedule=schedule or "1f1b", offload=list(offload),
                          grad_compression=grad_compression, hierarchical_allreduce=hierarchical_allreduce,

@@ -21,7 +21,7 @@ from meshpar.parallel.precision import PRECISIONS
 from meshpar.parallel.recompute import POLICIES
 from meshpar.parallel.llama_plan import tensor_parallel_problems
 from meshpar.parallel.zero import OFFLOADS, STAGES
-from meshpar.pipeline.schedules import GENERATORS
+from meshpar.pipeline.schedules import GENERATORS, async_min_microbatches
 from meshpar.pipeline.split import split_problems
 
 
@@ -371,6 +371,14 @@ def validate(cfg: Config, env: dict[str, str] | None = None, dry_run: bool = Fal
         problems.append(f"unknown schedule {par.schedule!r}; choose one of {', '.join(GENERATORS)}")
     elif par.schedule == "async" and par.pp == 1:
         problems.append("--schedule async pipelines across ranks; it needs --pp above 1")
+    elif (par.schedule == "async" and par.pp > 1 and _batch_splits(tr, par.dp)
+          and tr.num_microbatches(par.dp) < async_min_microbatches(par.pp)):
+        fewest = async_min_microbatches(par.pp)
+        problems.append(f"--schedule async at --pp {par.pp} needs at least {fewest} micro-batches per step "
+                        f"(it has {tr.num_microbatches(par.dp)}): with fewer, the first ranks' warm-up runs "
+                        f"the next step's forwards first and a batch's last backwards come after its "
+                        f"gradient is applied; use a smaller --micro-batch-size or a larger "
+                        f"--global-batch-size")
     elif par.virtual_stages > 1 and par.schedule != "interleaved-1f1b":
         problems.append(f"--virtual-stages {par.virtual_stages} needs --schedule interleaved-1f1b "
                         f"({par.schedule} runs one stage per rank)")

@@ -132,11 +132,14 @@ def delayed_update_reference(cfg) -> dict:
 
 
 @pytest.mark.parametrize("world_size, layout", [(2, {"pp": 2}), pytest.param(4, {"pp": 4}, marks=pytest.mark.slow),
+                                                (4, {"pp": 4, "fewest": True}),  # 3 micro-batches: p - 1
                                                 (4, {"pp": 2, "dp": 2}),
                                                 (2, {"pp": 2, "model": {"tie_embeddings": True}})])
 def test_async_equals_its_delayed_update_reference(worlds, world_size, layout):
     cfg = pipeline_config(layout["pp"], "async", 2 if layout["pp"] == 4 else 4,
                           dp=layout.get("dp", 1), model=layout.get("model"))
+    if layout.get("fewest"):
+        cfg.train.global_batch_size, cfg.train.micro_batch_size = 12, 4
     reference = delayed_update_reference(cfg)
     synchronous = train_and_report(fast_config(steps=STEPS))
     for run in worlds(world_size).run(train_and_report, cfg):
@@ -146,6 +149,19 @@ def test_async_equals_its_delayed_update_reference(worlds, world_size, layout):
             assert diff.norm() <= REL * value.norm(), name
     # and it is not the synchronous run: step 2 already sees stale weights
     assert abs(reference["losses"][1] - synchronous["losses"][1]) > 1e-3
+
+
+def test_async_with_fewer_than_p_minus_1_microbatches_is_refused():
+    """With fewer micro-batches per step than pp - 1, the first ranks' warm-up would push a
+    batch's last backwards past the step that applies its gradient (issue: pp4 at 1 and 2
+    micro-batches drifted 1e-2 and 7e-4 from pp2). Refused before any rank starts; the
+    runtime also refuses to apply an incomplete gradient."""
+    from meshpar.config import validate
+
+    cfg = pipeline_config(4, "async", 8)  # 2 micro-batches of 8
+    assert any("--schedule async at --pp 4 needs at least 3 micro-batches per step (it has 2)" in p
+               for p in validate(cfg))
+    assert not validate(pipeline_config(4, "async", 4))  # 4 micro-batches
 
 
 TIED = {"tie_embeddings": True}

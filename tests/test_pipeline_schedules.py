@@ -147,3 +147,14 @@ def test_stages_are_balanced_by_the_blocks_matrices_the_last_paying_for_the_outp
     assert sum(counts) == 8 and counts[1] < counts[0]  # the output layer weighs on the last stage
     assert max(sum(costs[:counts[0]]), sum(costs[counts[0]:]) + last) == min(
         max(sum(costs[:k]), sum(costs[k:]) + last) for k in range(1, 8))  # the best cut
+
+
+def test_the_async_stream_completes_each_batch_within_the_next_step_from_p_minus_1_microbatches():
+    """Cut at each step's first forward, the async stream finishes batch t's backwards
+    within step t + 1 on every rank exactly when there are at least p - 1 micro-batches
+    per step (the issue's failures, pp4 at 1-2 and pp8 at 1-4, among the rest)."""
+    from meshpar.pipeline.schedules import async_min_microbatches, async_steps_complete
+
+    for p in range(2, 9):
+        assert [m for m in range(1, 2 * p + 1) if async_steps_complete(p, m)] == list(range(max(1, p - 1), 2 * p + 1))
+        assert async_min_microbatches(p) == max(1, p - 1)

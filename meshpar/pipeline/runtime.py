@@ -15,6 +15,7 @@ batch started (`begin_version`), while the optimizer updates the parameters.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from contextlib import nullcontext
 import weakref
 from typing import Callable
@@ -65,6 +66,7 @@ class PipelineRuntime:
         self.recv_wait_s = 0.0
         self.state = _State()
         self.versions: dict[int, dict[str, torch.Tensor]] = {}  # async: batch -> weights
+        self.backwards_done: Counter[int] = Counter()  # async: batch -> its backwards run on this rank
         self.compute_context = nullcontext  # e.g. autocast for 16-bit compute; forwards only
         # The forwards' saved-tensor hooks, `hooks(pack=None, unpack=None)` (weight_casts.py):
         # weight copies recast or kept; a measurement's pack/unpack for the rest.
@@ -138,6 +140,11 @@ class PipelineRuntime:
         """Hand batch `batch`'s accumulated gradients to the parameters' .grad (the data
         parallelism adopts them for the usual reduction and optimizer step) and drop that
         weight version."""
+        expected = sum(a.kind == "B" and a.microbatch // self.microbatches_per_step == batch for a in self.actions)
+        done = self.backwards_done.pop(batch, 0)
+        if done != expected:  # async_steps_complete refuses such layouts before any rank starts
+            raise RuntimeError(f"batch {batch}'s gradient is incomplete on this rank: {done} of its {expected} "
+                               f"backwards ran before it was applied")
         version = self.versions.pop(batch)
         for name, p in self.chunks.named_parameters():
             p.grad = version[name].grad
@@ -186,6 +193,8 @@ class PipelineRuntime:
         elif a.kind == "B":
             self._backward(key, inputs_only=False)
             self._release(key)
+            if self.versions:  # async: count each batch's backwards, applied only once all ran
+                self.backwards_done[a.microbatch // self.microbatches_per_step] += 1
         elif a.kind == "I":
             self._backward(key, inputs_only=True)
         elif a.kind == "W":

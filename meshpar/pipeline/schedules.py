@@ -106,6 +106,29 @@ def asynchronous(p: int, v: int, m: int, num_steps: int = 2) -> Schedule:
     return Schedule("async", p, p, m * num_steps, stream.actions)
 
 
+def async_steps_complete(p: int, m: int) -> bool:
+    """Whether the async stream of p ranks, cut into steps of m micro-batches at each
+    step's first forward (as the runtime cuts it), lets every rank finish each batch's
+    backwards within the next step, at whose end its gradient is applied. With few
+    micro-batches an early rank's warm-up runs a later step's forwards first and pushes
+    a batch's last backwards past that point (p=4 with m=2: rank 0's last backward of
+    batch 0 runs after step 1 ended). Steady from the second batch on: four steps tell."""
+    steps = 4
+    for actions in asynchronous(p, 1, m, steps).actions:
+        starts = [0] + [next((i for i, a in enumerate(actions) if a.kind == "F" and a.microbatch == t * m),
+                             len(actions)) for t in range(1, steps)] + [len(actions)]
+        for batch in range(steps - 1):
+            done_by = starts[batch + 2]  # the end of step batch + 1
+            if any(a.kind == "B" and a.microbatch // m == batch for a in actions[done_by:]):
+                return False
+    return True
+
+
+def async_min_microbatches(p: int) -> int:
+    """The fewest micro-batches per step with which the async schedule runs on p ranks."""
+    return next(m for m in range(1, 4 * p) if async_steps_complete(p, m))
+
+
 GENERATORS = {
     "naive": naive,
     "gpipe": gpipe,
