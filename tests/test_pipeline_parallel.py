@@ -151,6 +151,24 @@ def test_async_equals_its_delayed_update_reference(worlds, world_size, layout):
     assert abs(reference["losses"][1] - synchronous["losses"][1]) > 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_async_at_every_depth_from_its_fewest_microbatches_equals_the_delayed_update(worlds):
+    """pp 2..8 at p - 1, p and 2p micro-batches of one row each (8 steps): every run equals
+    the single-device delayed-update rule, which does not depend on the depth."""
+    for p in range(2, 9):
+        for m in sorted({max(1, p - 1), p, 2 * p}):
+            cfg = pipeline_config(p, "async", 1, steps=8)
+            cfg.train.global_batch_size = m
+            reference = delayed_update_reference(cfg)
+            for rank, run in enumerate(worlds(p).run(train_and_report, cfg)):
+                torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]),
+                                           rtol=REL, atol=0, msg=lambda msg: f"pp{p} m{m} rank {rank}: {msg}")
+                for name, value in reference["params"].items():
+                    diff = run["params"][name] - value
+                    assert diff.norm() <= REL * value.norm(), f"pp{p} m{m} rank {rank} {name}"
+
+
 def test_async_with_fewer_than_p_minus_1_microbatches_is_refused():
     """With fewer micro-batches per step than pp - 1, the first ranks' warm-up would push a
     batch's last backwards past the step that applies its gradient (issue: pp4 at 1 and 2
