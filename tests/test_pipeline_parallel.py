@@ -155,7 +155,10 @@ def test_async_equals_its_delayed_update_reference(worlds, world_size, layout):
 @pytest.mark.timeout(1800)
 def test_async_at_every_depth_from_its_fewest_microbatches_equals_the_delayed_update(worlds):
     """pp 2..8 at p - 1, p and 2p micro-batches of one row each (8 steps): every run equals
-    the single-device delayed-update rule, which does not depend on the depth."""
+    the single-device delayed-update rule, which does not depend on the depth - losses
+    within 1e-5, parameters within 1e-4 (summed over up to 16 one-row micro-batches, the
+    gradients round differently from one device's whole batch: 1.4e-5 at pp5 with 10; a
+    gradient applied with a backward missing moved the losses by 7e-4 to 3e-2 after 8 steps)."""
     for p in range(2, 9):
         for m in sorted({max(1, p - 1), p, 2 * p}):
             cfg = pipeline_config(p, "async", 1, steps=8)
@@ -166,7 +169,7 @@ def test_async_at_every_depth_from_its_fewest_microbatches_equals_the_delayed_up
                                            rtol=REL, atol=0, msg=lambda msg: f"pp{p} m{m} rank {rank}: {msg}")
                 for name, value in reference["params"].items():
                     diff = run["params"][name] - value
-                    assert diff.norm() <= REL * value.norm(), f"pp{p} m{m} rank {rank} {name}"
+                    assert diff.norm() <= 10 * REL * value.norm(), f"pp{p} m{m} rank {rank} {name}"
 
 
 def test_async_with_fewer_than_p_minus_1_microbatches_is_refused():
