@@ -52,8 +52,8 @@ class Trainer:
         # The model is built on the meta device (shapes only) and goes through the one
         # composition path (meshpar.parallelize) by its plan: sliced for this rank, then
         # data parallelism allocates this rank's share (under ZeRO-3 its shard) and fills it
-        # with the reference initialization's values - overwritten, when a checkpoint
-        # loads, at the cost of drawing them (only the API's own checkpoints load in place).
+        # with the reference initialization's values - drawn even when a checkpoint then
+        # overwrites them (_load_checkpoint), which costs time, not memory.
         self.parallel = parallelize(
             build_model(self.model_cfg, tr.seed, "meta"), mesh, llama_plan(self.model_cfg), zero=par.zero,
             microbatches=self.num_microbatches, schedule=par.schedule, virtual_stages=par.virtual_stages,
