@@ -35,8 +35,8 @@ from meshpar.parallel.compile import allow_split_backward, recast_weight_copies
 from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
-from meshpar.parallel.plan import Plan, gather_fused
-from meshpar.parallel.sharding import FUSED_ATTR, gather_full, model_names, shard_spec
+from meshpar.parallel.plan import Plan
+from meshpar.parallel.sharding import model_names
 from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
@@ -260,16 +260,8 @@ class Parallelized:
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every parameter at full (single-device) shape, from every pipeline stage, named
         as the whole model names it. Collective over tp, dp and pp."""
-        out = {}
         with self.data_parallel.gathered():
-            for name, p in self.named_parameters():
-                full = gather_full(p, shard_spec(p), self.mesh)
-                parts = getattr(p, FUSED_ATTR, 1)
-                out[name] = gather_fused(full, parts, self.mesh.size("tp")) if parts > 1 else full
-        if self.mesh.size("pp") > 1:
-            for part in comm.all_gather_object(self.mesh, out, tag="gather_full", axis="pp"):
-                out.update(part)
-        return out
+            return self.split.full_state()
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int = 0, microbatches: int = 1,

@@ -365,10 +365,3 @@ def _split_sequence(model: nn.Module, plan: Plan, mesh: ParallelMesh) -> list[nn
 
 def _which(name: str, patterns: dict[str, int]) -> str:
     return next(p for p in patterns if fnmatch.fnmatchcase(name, p))
-
-
-def gather_fused(full_chunks: torch.Tensor, parts: int, tp: int) -> torch.Tensor:
-    """Undo a fused column split: the ranks' locals, concatenated in rank order, back into
-    [part 0 of every rank, part 1 of every rank, ...]."""
-    per_rank = full_chunks.chunk(tp)
-    return torch.cat([rank_local.chunk(parts)[k] for k in range(parts) for rank_local in per_rank])

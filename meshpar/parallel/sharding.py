@@ -79,11 +79,21 @@ def gather_full(local: torch.Tensor, spec: ShardSpec | None, mesh: ParallelMesh)
     return full.movedim(0, spec.dim).contiguous()
 
 
+def gather_fused(full_chunks: torch.Tensor, parts: int, tp: int) -> torch.Tensor:
+    """Undo a fused column split: the ranks' locals, concatenated in rank order, back into
+    [part 0 of every rank, part 1 of every rank, ...]."""
+    per_rank = full_chunks.chunk(tp)
+    return torch.cat([rank_local.chunk(parts)[k] for k in range(parts) for rank_local in per_rank])
+
+
 def full_state(model: nn.Module, mesh: ParallelMesh, grads: bool = False) -> dict[str, torch.Tensor]:
-    """Every parameter (or its gradient) at full shape, on every rank of the shard axes."""
+    """Every parameter (or its gradient) at full shape, on every rank of the shard axes,
+    named as the whole model names it; a fused parameter's parts put back in order."""
     out = {}
     for name, param in model_names(model):
         tensor = param.grad if grads else param
         if tensor is not None:
-            out[name] = gather_full(tensor, shard_spec(param), mesh)
+            full = gather_full(tensor, shard_spec(param), mesh)
+            parts = getattr(param, FUSED_ATTR, 1)
+            out[name] = gather_fused(full, parts, mesh.size("tp")) if parts > 1 else full
     return out

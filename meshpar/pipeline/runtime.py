@@ -26,6 +26,7 @@ from torch.func import functional_call
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.pipeline.actions import Action, Schedule
+from meshpar.pipeline.schedules import step_start
 from meshpar.parallel.weight_casts import keep_saved
 from meshpar.pipeline.stages import PipelineStages
 from meshpar.pipeline.weight_grads import DeferredWeightGrads
@@ -67,6 +68,7 @@ class PipelineRuntime:
         self.state = _State()
         self.versions: dict[int, dict[str, torch.Tensor]] = {}  # async: batch -> weights
         self.backwards_done: Counter[int] = Counter()  # async: batch -> its backwards run on this rank
+        self._backwards_of: Counter[int] | None = None  # async: batch -> its backwards in this rank's stream
         self.compute_context = nullcontext  # e.g. autocast for 16-bit compute; forwards only
         # The forwards' saved-tensor hooks, `hooks(pack=None, unpack=None)` (weight_casts.py):
         # weight copies recast or kept; a measurement's pack/unpack for the rest.
@@ -120,16 +122,7 @@ class PipelineRuntime:
         """This rank's actions of step `step`: from the forward of the step's first
         micro-batch (and its receive) up to the next step's."""
         m = self.microbatches_per_step
-
-        def start(t: int) -> int:
-            if t == 0:
-                return 0
-            for i, a in enumerate(self.actions):
-                if a.kind in ("rF", "F") and a.microbatch == t * m:
-                    return i
-            return len(self.actions)
-
-        return self.actions[start(step):start(step + 1)]
+        return self.actions[step_start(self.actions, step, m):step_start(self.actions, step + 1, m)]
 
     def begin_version(self, batch: int):
         """Snapshot the parameters as the weights batch `batch` will use throughout."""
@@ -140,8 +133,10 @@ class PipelineRuntime:
         """Hand batch `batch`'s accumulated gradients to the parameters' .grad (the data
         parallelism adopts them for the usual reduction and optimizer step) and drop that
         weight version."""
-        expected = sum(a.kind == "B" and a.microbatch // self.microbatches_per_step == batch for a in self.actions)
-        done = self.backwards_done.pop(batch, 0)
+        if self._backwards_of is None:  # counted once: the stream spans the whole run
+            self._backwards_of = Counter(a.microbatch // self.microbatches_per_step
+                                         for a in self.actions if a.kind == "B")
+        expected, done = self._backwards_of[batch], self.backwards_done.pop(batch, 0)
         if done != expected:  # async_steps_complete refuses such layouts before any rank starts
             raise RuntimeError(f"batch {batch}'s gradient is incomplete on this rank: {done} of its {expected} "
                                f"backwards ran before it was applied")

@@ -106,17 +106,25 @@ def asynchronous(p: int, v: int, m: int, num_steps: int = 2) -> Schedule:
     return Schedule("async", p, p, m * num_steps, stream.actions)
 
 
+def step_start(actions: tuple[Action, ...], step: int, m: int) -> int:
+    """Where step `step` begins in a rank's async stream of m micro-batches per step: at
+    the forward of its first micro-batch (or that forward's receive); the end if none."""
+    if step == 0:
+        return 0
+    return next((i for i, a in enumerate(actions) if a.kind in ("rF", "F") and a.microbatch == step * m),
+                len(actions))
+
+
 def async_steps_complete(p: int, m: int) -> bool:
     """Whether the async stream of p ranks, cut into steps of m micro-batches at each
-    step's first forward (as the runtime cuts it), lets every rank finish each batch's
+    step's first forward (`step_start`, as the runtime cuts it), lets every rank finish each batch's
     backwards within the next step, at whose end its gradient is applied. With few
     micro-batches an early rank's warm-up runs a later step's forwards first and pushes
     a batch's last backwards past that point (p=4 with m=2: rank 0's last backward of
     batch 0 runs after step 1 ended). Steady from the second batch on: four steps tell."""
     steps = 4
     for actions in asynchronous(p, 1, m, steps).actions:
-        starts = [0] + [next((i for i, a in enumerate(actions) if a.kind == "F" and a.microbatch == t * m),
-                             len(actions)) for t in range(1, steps)] + [len(actions)]
+        starts = [step_start(actions, t, m) for t in range(steps)] + [len(actions)]
         for batch in range(steps - 1):
             done_by = starts[batch + 2]  # the end of step batch + 1
             if any(a.kind == "B" and a.microbatch // m == batch for a in actions[done_by:]):

@@ -88,7 +88,7 @@ class Trainer:
                 self.compile_note = " (caches off: the zero-bubble split)"
             if self.pipeline.weight_grads is not None:  # meshpar's blocks read their weights on the input's path only
                 self.data_parallel.free_after_input_grad = True
-        self.asynchronous = par.schedule == "async" and self.pipeline is not None
+        self.asynchronous = self.parallel.asynchronous
         self.peak_saved_bytes = 0  # activations held for backward (the pipeline counts its own)
         self.flops_per_token = from_meshpar(self.model_cfg, tr.seq_len).flops_per_token()
         self.peak_flops = device_peak_flops(device)  # None on a CPU: no MFU
