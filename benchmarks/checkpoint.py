@@ -30,15 +30,15 @@ import torch.distributed as dist
 from common import run_on_local_ranks
 from meshpar.checkpoint import CheckpointReader, latest_checkpoint
 from meshpar.checkpoint.training import rank_tensors, restore_state
-from meshpar.config import Config, ModelSection, ParallelConfig, TrainConfig, check
+from meshpar.config import Config, ModelSection, check
 from meshpar.train.launch import build_mesh
 from meshpar.train.trainer import Trainer
 
 
 def config(args, save_dir: str, **parallel) -> Config:
-    return check(Config(model=ModelSection(args.model), parallel=ParallelConfig(**parallel),
-                        train=TrainConfig(global_batch_size=16, micro_batch_size=2, seq_len=128, steps=10,
-                                          eval_every=0, progress=False, save_dir=save_dir)))
+    return check(Config(model=ModelSection(args.model)).update(
+        **parallel, global_batch_size=16, micro_batch_size=2, seq_len=128, steps=10, eval_every=0, progress=False,
+        save_dir=save_dir))
 
 
 def slowest(seconds: float) -> float:

@@ -45,7 +45,7 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 
-from meshpar.config import Config, ModelSection, ParallelConfig, TrainConfig, check
+from meshpar.config import Config, ModelSection, check
 from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
 from meshpar.parallel.precision import autocast
@@ -67,12 +67,10 @@ TOY = {"vocab_size": 1024, "hidden_size": 128, "num_layers": 2, "num_heads": 4, 
 def config(args, compile_blocks: bool) -> Config:
     gpu = args.device == "cuda"
     return check(Config(
-        model=ModelSection(args.model or ("llama-1.4b" if gpu else "tiny"), {} if gpu or args.model else TOY),
-        parallel=ParallelConfig(),
-        train=TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, seq_len=args.seq_len,
-                          steps=args.warmup + args.steps, warmup_steps=args.warmup + args.steps,
-                          lr=3e-4, device=args.device, precision=args.precision, compile=compile_blocks,
-                          eval_every=0, progress=False)))
+        model=ModelSection(args.model or ("llama-1.4b" if gpu else "tiny"), {} if gpu or args.model else TOY)).update(
+        global_batch_size=args.batch, micro_batch_size=args.batch, seq_len=args.seq_len,
+        steps=args.warmup + args.steps, warmup_steps=args.warmup + args.steps, lr=3e-4, device=args.device,
+        precision=args.precision, compile=compile_blocks, eval_every=0, progress=False))
 
 
 def synchronize(device: torch.device):
@@ -82,23 +80,22 @@ def synchronize(device: torch.device):
 
 def plain_steps(cfg: Config, device: torch.device, compiled: bool, count: int):
     """The plain PyTorch loop; yields (step time, loss) per step."""
-    tr = cfg.train
-    model = build_model(cfg.model.resolve(), tr.seed, device)
+    model = build_model(cfg.model.resolve(), cfg.run.seed, device)
     params = list(model.parameters())
-    optimizer = build_optimizer(model, tr)  # meshpar's groups: weight decay on matrices only
+    optimizer = build_optimizer(model, cfg.optimizer, lr_at(0, cfg))  # meshpar's groups: weight decay on matrices only
     forward = torch.compile(model) if compiled else model
-    loader = BatchLoader(load_tokens(tr.data)[0], tr.seq_len, tr.global_batch_size, 0, 1, tr.seed)
+    loader = BatchLoader(load_tokens(cfg.data.data)[0], cfg.data.seq_len, cfg.data.global_batch_size, 0, 1, cfg.run.seed)
     for step in range(count):
         x, y = (t.to(device) for t in loader.next_batch())
         synchronize(device)
         start = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tr)
-        with autocast(tr.precision, device):
+            group["lr"] = lr_at(step, cfg)
+        with autocast(cfg.precision.precision, device):
             logits = forward(x)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         value = loss.item()  # synchronises, as meshpar's step does

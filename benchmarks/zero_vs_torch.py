@@ -24,12 +24,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from meshpar.config import TrainConfig
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model, model_config
 from meshpar.parallel.zero import ShardedDataParallel, units_of
 from meshpar.train.data import BatchLoader, load_tokens
-from meshpar.train.optim import adamw
+from meshpar.train.optim import OptimizerOptions, adamw
 from common import loopback_bytes, run_on_local_ranks
 
 LR = 3e-4
@@ -65,7 +64,7 @@ def rank_main(rank: int, args, results):
     loader = BatchLoader(load_tokens(None)[0], args.seq_len, args.global_batch_size, rank, args.dp, seed=0)
     batches = [loader.next_batch() for _ in range(args.steps)]
     global_tokens = args.global_batch_size * args.seq_len
-    train_cfg = TrainConfig(lr=LR, weight_decay=0.0)
+    train_cfg = OptimizerOptions(lr=LR, weight_decay=0.0)
 
     steps = {}
     for stage in (0, 3):

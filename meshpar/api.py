@@ -13,12 +13,13 @@ next-token cross entropy over the global batch, as one device would compute it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -27,22 +28,28 @@ from torch import nn
 from meshpar import comm
 from meshpar.checkpoint.store import CheckpointReader
 from meshpar.checkpoint.training import restore_state, save_state
-from meshpar.config import Config, ParallelConfig, TrainConfig, communication_problems, zero_problems
+from meshpar.config import SECTIONS, Config, validate
 from meshpar.init import InitRule, Materialization, initializer
-from meshpar.mesh import MeshShape, ParallelMesh
+from meshpar.mesh import MeshOptions, MeshShape, ParallelMesh
+from meshpar.options import options_of
 from meshpar.parallel.apply import ParallelModel, split_model
-from meshpar.parallel.compile import allow_split_backward, recast_weight_copies
+from meshpar.parallel.compile import CompileOptions, allow_split_backward, recast_weight_copies
+from meshpar.parallel.context import ContextOptions
 from meshpar.parallel.dropout import dropout_seed
-from meshpar.parallel.grad_reduce import GradReducer
-from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, LossScaleConfig, autocast
+from meshpar.parallel.grad_reduce import GradReducer, ReduceOptions
+from meshpar.parallel.precision import PRECISIONS, DynamicLossScaler, PrecisionOptions, autocast
 from meshpar.parallel.plan import Plan
+from meshpar.parallel.recompute import RecomputeOptions
 from meshpar.parallel.sharding import model_names
+from meshpar.parallel.tensor import TensorOptions
 from meshpar.parallel.weight_casts import recasting, saved_tensor_hooks
-from meshpar.parallel.zero import ShardedDataParallel
+from meshpar.parallel.zero import ShardedDataParallel, ZeroOptions
+from meshpar.pipeline.options import PipelineOptions
 from meshpar.pipeline.runtime import PipelineRuntime
-from meshpar.pipeline.schedules import (GENERATORS, add_communication, async_min_microbatches, asynchronous,
-                                        build_schedule)
-from meshpar.train.optim import adamw
+from meshpar.pipeline.schedules import add_communication, asynchronous, build_schedule
+from meshpar.train.data import DataOptions
+from meshpar.train.launch import RunOptions
+from meshpar.train.optim import OptimizerOptions, adamw
 from meshpar.train.step import StepResult, TrainingStep
 
 
@@ -264,45 +271,43 @@ class Parallelized:
             return self.split.full_state()
 
 
-def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int = 0, microbatches: int = 1,
-                schedule: str = "1f1b", virtual_stages: int = 1, stage_layer_counts: list[int] | None = None,
-                lr: float = 3e-4, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                max_grad_norm: float = 1.0, compile: bool | list[str] | tuple[str, ...] = (),
-                recompute: str | list[str] | tuple[str, ...] = (), recompute_every: int = 1,
-                precision: str = "fp32", loss_scale: LossScaleConfig | None = None, sequence_parallel: bool = False,
-                cp_impl: str = "ring", bucket_mb: float = 25.0, overlap: bool = True,
-                offload: list[str] | tuple[str, ...] = (), grad_compression: str = "none",
-                error_feedback: bool = True, hierarchical_allreduce: bool = False, steps: int | None = None,
-                init: Callable[[str], InitRule] | None = None, seed: int = 0, load: str | os.PathLike | None = None,
-                device: torch.device | str | None = None) -> Parallelized:
-    """Split `model` (built the same, from the same seed, on every rank) over `mesh` by
-    `plan` - the one composition path, `meshpar train`'s too: tensor parallelism over tp,
-    context parallelism over cp (the plan's `attention` cores; `cp_impl` ring or
-    all-to-all), a pipeline of `schedule` with `microbatches` micro-batches per step over
-    pp (the plan's `pipeline` part; `virtual_stages` chunks per rank under
-    interleaved-1f1b; `stage_layer_counts` blocks per stage, default balanced by their
-    weights), ZeRO stage `zero` over dp, and an AdamW with these settings (matrices
-    decayed, vectors not). schedule='async' (PipeDream-2BW: each step's update applies
-    the previous batch's gradient) is one stream over the whole run: give its `steps`.
+# The sections whose options `parallelize` takes: what it builds. The rest of a run's
+# configuration (the mesh, data, schedule of the learning rate, checkpoints) is the caller's.
+API_SECTIONS = ("tensor", "context", "pipeline", "recompute", "compile", "zero", "reduce", "precision", "optimizer")
+OptionSection = (TensorOptions | ContextOptions | PipelineOptions | RecomputeOptions | CompileOptions | ZeroOptions
+                 | ReduceOptions | PrecisionOptions | OptimizerOptions)
 
-    `compile`: module-name patterns (fnmatch, as the plan's; the outermost module
-    matched), or True for the blocks, whose forwards are torch.compiled one module each;
-    collectives inside them stay graph breaks. `recompute`: patterns of modules
-    recomputed in backward (activation checkpointing): each keeps only its inputs through
-    forward and runs again in backward, e.g. ["h.*"] for whole blocks or ["h.*.attn"] for
-    the attention alone; or "full" (every `recompute_every`-th block) or "selective" (the
+
+def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *sections: OptionSection, microbatches: int = 1,
+                steps: int | None = None, init: Callable[[str], InitRule] | None = None, seed: int = 0,
+                load: str | os.PathLike | None = None, device: torch.device | str | None = None,
+                **options: Any) -> Parallelized:
+    """Split `model` (built the same, from the same seed, on every rank) over `mesh` by
+    `plan` - the one composition path, `meshpar train`'s too - with `microbatches`
+    micro-batches per step, and build its optimizer and training step.
+
+    The options are `meshpar train`'s, by the flag's name without dashes (`zero=1`,
+    `grad_compression="bf16"`, `pp_layers=[3, 3, 2]`; docs/api.md lists them), or whole
+    sections passed positionally (`meshpar.ZeroOptions(stage=3, offload=["optimizer"])`),
+    and checked by the same rules with the same messages, naming options by their flags.
+    What they mean over a user's model: tensor parallelism over tp (`sequence_parallel`:
+    the plan's blocks run on 1/tp of the sequence between their column and row layers,
+    see meshpar/parallel/plan.py), context parallelism over cp (the plan's `attention`
+    cores; `cp_impl`), a pipeline of `schedule` over pp (the plan's `pipeline` part;
+    `virtual_stages` chunks per rank under interleaved-1f1b; `pp_layers` blocks per
+    stage, default balanced by their weights), ZeRO stage `zero` over dp with `offload`,
+    the dp reduction (`bucket_mb`, `overlap`, `grad_compression`, `error_feedback`,
+    `hierarchical_allreduce`), `precision` (fp32, or bf16/fp16 compute under autocast
+    with fp32 weights, gradients and optimizer; fp16 scales the loss dynamically,
+    `.scaler`, and skips a step whose gradients overflow on any rank), and AdamW (`lr`,
+    `weight_decay`, `beta1`, `beta2`; matrices decayed, vectors not) with clipping at
+    `max_grad_norm`. schedule='async' (PipeDream-2BW: each step's update applies the
+    previous batch's gradient) is one stream over the whole run: give its `steps`.
+    Beyond the command line: `compile` takes module-name patterns (fnmatch, as the plan's;
+    the outermost module matched) as well as True for the blocks; `recompute` takes
+    patterns of modules recomputed whole (["h.*"] for blocks, ["h.*.attn"] for attention
+    alone) as well as "full" (every `recompute_every`-th block) or "selective" (the
     plan's attention cores); outside compiled code.
-    `precision`: fp32, or bf16/fp16 compute under autocast with the weights, gradients
-    and optimizer in fp32; fp16 scales the loss dynamically (`loss_scale`, `.scaler`) and
-    skips a step whose gradients overflow on any rank.
-    `sequence_parallel`: Megatron's sequence parallelism over the plan's blocks (tp
-    above 1): between their column and row layers the blocks run on 1/tp of the
-    sequence (see meshpar/parallel/plan.py for what a block must satisfy).
-    The dp reduction: gradients in buckets of `bucket_mb` MiB, each launched from backward
-    as soon as it is complete (`overlap`), on the wire as `grad_compression` (none, bf16,
-    fp16, int8 with `error_feedback`), or through a `hierarchical_allreduce` (inside
-    nodes, then across); `offload` moves "optimizer" states (and under ZeRO-3 "params"
-    shards) to host memory.
 
     A weight two modules share (a tied embedding and output layer) stays shared: split
     alike over tp, and held by both the first and the last pipeline stage, whose
@@ -326,77 +331,71 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *, zero: int =
     on `device` (default: the current CUDA device if there is one, else the CPU) and fills
     only its own share, after the split; `init` draws each parameter tile by tile
     (meshpar/init.py), so every layout - one device included - starts from the same values."""
-    pp, num_stages = mesh.size("pp"), mesh.size("pp") * virtual_stages
-    _check_options(mesh, zero, precision, sequence_parallel, schedule if pp > 1 else None, virtual_stages,
-                   microbatches, offload, grad_compression, hierarchical_allreduce, recompute, steps)
+    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+    cfg = _options(mesh, sections, options, microbatches, steps, seed, torch.device(device).type)
     on_meta = _check_materialization(model, init, load)
-    model_name = type(model).__name__
-    split = split_model(model, mesh, plan, sequence_parallel=sequence_parallel, num_stages=num_stages,
-                        stage_layer_counts=stage_layer_counts, cp_impl=cp_impl, compile=compile,
-                        recompute=recompute, recompute_every=recompute_every)
-    compiled = bool(compile)
-    recast = recasting(precision, zero, schedule if pp > 1 else None)
+    pp, pipe, precision, zero = mesh.size("pp"), cfg.pipeline, cfg.precision.precision, cfg.zero.stage
+    schedule = pipe.schedule if pp > 1 else None
+    split = split_model(model, mesh, plan, sequence_parallel=cfg.tensor.sequence_parallel,
+                        num_stages=pp * pipe.virtual_stages, stage_layer_counts=pipe.pp_layers,
+                        cp_impl=cfg.context.cp_impl, compile=cfg.compile.compile, recompute=cfg.recompute.recompute,
+                        recompute_every=cfg.recompute.recompute_every)
+    compiled = bool(cfg.compile.compile)
+    recast = recasting(precision, zero, schedule)
     if compiled and recast:
         recast_weight_copies()  # the saved-tensor hooks cannot see inside a compiled graph
-    if compiled and pp > 1 and schedule != "async" and build_schedule(
-            schedule, pp, virtual_stages, microbatches).splits_backward:
+    if compiled and schedule not in (None, "async") and build_schedule(
+            schedule, pp, pipe.virtual_stages, microbatches).splits_backward:
         allow_split_backward()
     materialize = None
     if on_meta:  # with the split done, ZeRO allocates this rank's share (under stage 3 its shard)
-        device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
         materialize = Materialization(device, mesh, None if load else initializer(init, seed))
+    reduce = cfg.reduce
     data_parallel = ShardedDataParallel(
-        split.module, mesh, zero, int(bucket_mb * 2**20), overlap=overlap, offload=tuple(offload),
-        microbatches=microbatches, grad_sync=split.sync_grads,
-        reducer=GradReducer(mesh, grad_compression, error_feedback, hierarchical_allreduce),
+        split.module, mesh, zero, int(reduce.bucket_mb * 2**20), overlap=reduce.overlap,
+        offload=tuple(cfg.zero.offload), microbatches=microbatches, grad_sync=split.sync_grads,
+        reducer=GradReducer(mesh, reduce.grad_compression, reduce.error_feedback, reduce.hierarchical_allreduce),
         compute_dtype=PRECISIONS[precision], materialize=materialize)
-    settings = TrainConfig(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
-    optimizer = adamw(*data_parallel.optimizer_params(), settings)
-    scaler = DynamicLossScaler(loss_scale or LossScaleConfig()) if precision == "fp16" else None
+    optimizer = adamw(*data_parallel.optimizer_params(), cfg.optimizer)
+    scaler = DynamicLossScaler(cfg.precision) if precision == "fp16" else None
     torch.manual_seed(dropout_seed(torch.initial_seed(), mesh) % 2**64)
-    parallelized = Parallelized(split, optimizer, data_parallel, microbatches, max_grad_norm, schedule,
-                                virtual_stages, model_name, precision, scaler, sequence_parallel,
-                                recast=recast, compiled=compiled, steps=steps)
+    parallelized = Parallelized(split, optimizer, data_parallel, microbatches, cfg.optimizer.max_grad_norm,
+                                pipe.schedule, pipe.virtual_stages, type(model).__name__, precision, scaler,
+                                cfg.tensor.sequence_parallel, recast=recast, compiled=compiled, steps=steps)
     if load is not None:
         parallelized.load(load)
     return parallelized
 
 
-def _check_options(mesh: ParallelMesh, zero: int, precision: str, sequence_parallel: bool, schedule: str | None,
-                   virtual_stages: int, microbatches: int, offload, grad_compression: str,
-                   hierarchical_allreduce: bool, recompute, steps: int | None) -> None:
-    """ValueError, before anything changes, for options that cannot go together."""
-    if zero not in (0, 1, 2, 3):
-        raise ValueError(f"zero={zero}: choose 0, 1, 2 or 3")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if sequence_parallel and mesh.size("tp") == 1:
-        raise ValueError("sequence_parallel needs tp above 1 (it shards the sequence over the tp ranks)")
-    if schedule is not None:
-        pp = mesh.size("pp")
-        if schedule not in GENERATORS:
-            raise ValueError(f"schedule {schedule!r}: choose one of {', '.join(GENERATORS)}")
-        if virtual_stages < 1 or (virtual_stages > 1 and schedule != "interleaved-1f1b"):
-            raise ValueError(f"virtual_stages={virtual_stages}: above 1 only with schedule='interleaved-1f1b'")
-        if schedule == "interleaved-1f1b" and microbatches % pp:
-            raise ValueError(f"interleaved-1f1b needs microbatches ({microbatches}) to be a multiple of pp ({pp})")
-        if schedule == "async":
-            if steps is None or steps < 1:
-                raise ValueError("schedule='async' is one stream over the whole run: give its length, steps=N")
-            if precision == "fp16" or recompute not in ((), [], "none"):
-                raise ValueError("schedule='async' runs without fp16's loss scale and without recomputation")
-            if microbatches < async_min_microbatches(pp):
-                raise ValueError(f"schedule='async' at pp={pp} needs at least {async_min_microbatches(pp)} "
-                                 f"microbatches: with fewer, a batch's last backwards come after its gradient "
-                                 f"is applied")
-    par = ParallelConfig(dp=mesh.size("dp"), tp=mesh.size("tp"), pp=mesh.size("pp"), cp=mesh.size("cp"),
-                         zero=zero, schedule=schedule or "1f1b", offload=list(offload),
-                         grad_compression=grad_compression, hierarchical_allreduce=hierarchical_allreduce,
-                         ranks_per_node=mesh.ranks_per_node or mesh.world_size)
-    problems = zero_problems(Config(parallel=par)) + communication_problems(
-        Config(parallel=par, train=TrainConfig(precision=precision)), {})
+def _options(mesh: ParallelMesh, sections: tuple, options: dict, microbatches: int, steps: int | None, seed: int,
+             device_type: str) -> Config:
+    """The configuration `parallelize` was given, checked by the rules `meshpar train`'s
+    is checked by; ValueError, before anything changes, with every problem."""
+    by_keyword = {o.keyword: o for name in API_SECTIONS for o in options_of(name, SECTIONS[name])}
+    cfg = Config(model=None, mesh=MeshOptions(dp=mesh.size("dp"), tp=mesh.size("tp"), pp=mesh.size("pp"),
+                                              cp=mesh.size("cp"), ranks_per_node=mesh.ranks_per_node or None),
+                 # the micro-batch count, as one row per micro-batch of each dp rank's rows
+                 data=DataOptions(global_batch_size=microbatches * mesh.size("dp"), micro_batch_size=1),
+                 run=RunOptions(steps=steps or 1, seed=seed, device=device_type), env={})
+    for section in sections:
+        name = next((n for n in API_SECTIONS if isinstance(section, SECTIONS[n])), None)
+        if name is None:
+            raise TypeError(f"parallelize() takes option sections of {', '.join(SECTIONS[n].__name__ for n in API_SECTIONS)}; "
+                            f"got {type(section).__name__}")
+        setattr(cfg, name, dataclasses.replace(section))
+    for keyword, value in options.items():
+        if keyword not in by_keyword:
+            raise TypeError(f"parallelize() has no option {keyword!r}; its options: {', '.join(by_keyword)}")
+        opt = by_keyword[keyword]
+        setattr(getattr(cfg, opt.section), opt.name, list(value) if isinstance(value, tuple) else value)
+    problems = validate(cfg, sections=API_SECTIONS)
+    if microbatches < 1:
+        problems.append(f"microbatches={microbatches} must be at least 1")
+    if cfg.pipeline.schedule == "async" and mesh.size("pp") > 1 and (steps is None or steps < 1):
+        problems.append("schedule='async' is one stream over the whole run: give its length, steps=N")
     if problems:
         raise ValueError("; ".join(problems))
+    return cfg
 
 
 def _check_materialization(model: nn.Module, init, load) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 
+from meshpar.options import Section, options_of
+
 
 def render() -> str:
     import meshpar
@@ -18,12 +20,25 @@ def render() -> str:
         signature = "" if inspect.isclass(obj) and not _init(obj) else str(inspect.signature(_init(obj) or obj))
         signature = signature.replace("(self, ", "(").replace("(self)", "()")
         lines += [f"## `{name}{signature}`", "", f"*{kind}*, `{obj.__module__}`", "", inspect.getdoc(obj) or "", ""]
+        if inspect.isclass(obj) and issubclass(obj, Section):
+            lines += _option_table(obj)
         if inspect.isclass(obj):
             for method_name, method in vars(obj).items():
                 if inspect.isfunction(method) and not method_name.startswith("_"):
                     sig = str(inspect.signature(method)).replace("(self, ", "(").replace("(self)", "()")
                     lines += [f"### `{name}.{method_name}{sig}`", "", inspect.getdoc(method) or "", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _option_table(cls) -> list[str]:
+    """An options section's fields: the keyword `parallelize` takes, the flag, the
+    default and the meaning, all from the `option(...)` declarations."""
+    rows = ["| field | `parallelize` keyword | flag | default | meaning |", "|---|---|---|---|---|"]
+    for opt in options_of("", cls):
+        valid = opt.valid_values()
+        meaning = opt.help + (f"; one of {', '.join(map(str, valid))}" if valid else "")
+        rows.append(f"| `{opt.name}` | `{opt.keyword}` | `{opt.flag}` | `{opt.default!r}` | {meaning.replace('|', '/')} |")
+    return rows + [""]
 
 
 def _init(cls):

@@ -5,100 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meshpar.config import Config, ConfigError, check, load_toml
+from meshpar.config import SECTIONS, Config, ConfigError, all_options, check, load_toml
 from meshpar.model.config import PRESETS
+from meshpar.options import options_of
 from meshpar.pipeline.schedules import GENERATORS
-
-def layer_counts(text: str) -> list[int]:
-    """'3,3,2' -> [3, 3, 2]."""
-    try:
-        return [int(n) for n in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer counts like 3,3,2") from None
-
-
-def offload_list(text: str) -> list[str]:
-    """'optimizer,params' -> ['optimizer', 'params'] (params implies optimizer)."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    return sorted(set(items) | ({"optimizer"} if "params" in items else set()))
-
-
-# flag -> (section, field, type, help)
-TRAIN_FLAGS = {
-    "--dp": ("parallel", "dp", int, "data-parallel degree"),
-    "--tp": ("parallel", "tp", int, "tensor-parallel degree"),
-    "--pp": ("parallel", "pp", int, "pipeline-parallel degree"),
-    "--cp": ("parallel", "cp", int, "context-parallel degree"),
-    "--cp-impl": ("parallel", "cp_impl", str, "context-parallel attention: ring (K/V passed around the cp "
-                                              "ranks) or all-to-all (Ulysses; heads divisible by cp) (ring)"),
-    "--schedule": ("parallel", "schedule", str, "pipeline schedule: naive, gpipe, 1f1b, interleaved-1f1b, "
-                                                 "zb-h1 (default 1f1b)"),
-    "--virtual-stages": ("parallel", "virtual_stages", int, "pipeline chunks per rank, for interleaved-1f1b (1)"),
-    "--pp-layers": ("parallel", "pp_layers", layer_counts,
-                    "layers per pipeline stage, e.g. 3,3,2 (default: balanced by cost)"),
-    "--recompute": ("parallel", "recompute", str, "activation recomputation: none, full or selective (none)"),
-    "--recompute-every": ("parallel", "recompute_every", int, "with --recompute full: every N-th layer only (1)"),
-    "--bucket-mb": ("parallel", "bucket_mb", float, "gradient bucket size in MiB (default 25)"),
-    "--zero": ("parallel", "zero", int, "ZeRO stage over dp: 0 replicated, 1 optimizer states sharded, "
-                                        "2 and gradients, 3 and parameters (default 0)"),
-    "--offload": ("parallel", "offload", offload_list, "keep in host memory: optimizer (states, master "
-                                                       "weights and the step), params (ZeRO-3 shards; "
-                                                       "implies optimizer); comma-separated"),
-    "--grad-compression": ("parallel", "grad_compression", str,
-                           "dp gradients on the wire: none (fp32), bf16, fp16, or int8 with a scale per "
-                           "1024 elements and error feedback (none)"),
-    "--ranks-per-node": ("parallel", "ranks_per_node", int, "ranks per node, for placement and the "
-                                                            "hierarchical all-reduce (default: torchrun's "
-                                                            "LOCAL_WORLD_SIZE, else all ranks)"),
-    "--global-batch-size": ("train", "global_batch_size", int, "sequences per optimizer step (default 32)"),
-    "--micro-batch-size": ("train", "micro_batch_size", int,
-                           "sequences per forward on one dp rank (default: the whole per-rank batch)"),
-    "--seq-len": ("train", "seq_len", int, "tokens per sequence (default 128)"),
-    "--steps": ("train", "steps", int, "optimizer steps (default 200)"),
-    "--lr": ("train", "lr", float, "peak learning rate (default 3e-3)"),
-    "--warmup-steps": ("train", "warmup_steps", int, "linear warmup steps before cosine decay (default 20)"),
-    "--lr-scale-from": ("train", "lr_scale_from", int,
-                        "scale lr linearly by global-batch-size / this reference batch"),
-    "--weight-decay": ("train", "weight_decay", float, "AdamW weight decay (default 0.1)"),
-    "--max-grad-norm": ("train", "max_grad_norm", float, "clip the global gradient norm (0: off; default 1.0)"),
-    "--seed": ("train", "seed", int, "seed of the weights and the data order (default 0)"),
-    "--eval-every": ("train", "eval_every", int, "evaluate every N steps (0: only at the end; default 50)"),
-    "--eval-batches": ("train", "eval_batches", int, "global batches per evaluation (default 4)"),
-    "--data": ("train", "data", str, "text file, folder of text files, or .bin of uint16 tokens "
-                                     "(default: the Python standard library's sources)"),
-    "--metrics-file": ("train", "metrics_file", str, "write JSON lines of metrics here"),
-    "--tensorboard": ("train", "tensorboard_dir", str, "write the same metrics as TensorBoard scalars under "
-                                                       "DIR (train/*, val/loss; needs the tensorboard package)"),
-    "--device": ("train", "device", str, "cpu or cuda (default cpu)"),
-    "--backend": ("train", "backend", str, "collectives: nccl (one rank per GPU) or gloo (CPUs; with --device "
-                                           "cuda, ranks may share a GPU, for tests); default nccl with cuda, "
-                                           "gloo on cpu"),
-    "--trace": ("train", "trace_dir", str, "write a Chrome/Perfetto trace per rank (DIR/rankN.json) of steps "
-                                           "2-4: compute, pipeline actions, sends, receives, collectives"),
-    "--comm-timeout": ("train", "comm_timeout", float,
-                       "seconds a rank may wait in one collective before it prints where it is stuck "
-                       "(mesh coordinates, operation, group, last 20 collectives) and the run exits (300)"),
-    "--check-consistency-every": ("train", "check_consistency_every", int,
-                                  "every N steps, check that replicated parameters are identical on every "
-                                  "rank (by checksum) and name the first that is not (default 0: never)"),
-    "--save-dir": ("train", "save_dir", str, "write sharded checkpoints here (DIR/step-N, atomic); one is "
-                                            "always written at the end and when stopping early"),
-    "--save-every": ("train", "save_every", int, "steps between checkpoints (default 0: only at the end)"),
-    "--keep-checkpoints": ("train", "keep_checkpoints", int, "keep the newest K complete checkpoints (3)"),
-    "--init-from": ("train", "init_from", str, "start from the parameters of a checkpoint or a Hugging Face "
-                                               "Llama directory (its model shape when --model is not given)"),
-    "--stop-after-step": ("train", "stop_after_step", int, "save and exit cleanly after step N "
-                                                           "(continue later with --resume)"),
-    "--stop-after-minutes": ("train", "stop_after_minutes", float,
-                             "save and exit cleanly after the first step that ends past M minutes"),
-    "--precision": ("train", "precision", str, "fp32, bf16 or fp16 compute; fp32 master weights (fp32)"),
-    "--loss-scale-initial": ("train", "loss_scale_initial", float, "fp16: initial loss scale (65536)"),
-    "--loss-scale-growth-interval": ("train", "loss_scale_growth_interval", int,
-                                     "fp16: clean steps before the scale doubles (1000)"),
-    "--loss-scale-backoff": ("train", "loss_scale_backoff", float, "fp16: factor on overflow (0.5)"),
-    "--loss-scale-hysteresis": ("train", "loss_scale_hysteresis", int,
-                                "fp16: consecutive overflows before the scale shrinks (2)"),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,31 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a model. With a product of degrees above 1 "
                                             "and no torchrun, meshpar starts the local ranks itself.")
     train.add_argument("--model", help=f"model preset: {', '.join(PRESETS)} (default tiny)")
-    train.add_argument("--config", help="TOML file with [model], [parallel] and [train] tables; "
-                                        "flags override it")
-    for flag, (_section, _field, kind, text) in TRAIN_FLAGS.items():
-        train.add_argument(flag, type=kind, help=text)
-    train.add_argument("--sequence-parallel", action="store_true",
-                       help="with --tp: shard norms and the residual stream along the sequence")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the newest complete checkpoint in --save-dir, in any layout "
-                            "(from scratch when there is none, as on a job's first start)")
-    train.add_argument("--dry-run", action="store_true",
-                       help="build each pipeline stage on the meta device, print per-rank parameters, memory "
-                            "estimates and the pipeline schedule, and exit without training (any model size)")
-    train.add_argument("--compile", action="store_true",
-                       help="torch.compile each transformer block (the first steps pay for compiling)")
-    train.add_argument("--return-freed-memory", action="store_true",
-                       help="give host memory freed in a step back to the system at once (glibc): 8%% less "
-                            "peak resident memory for a 292M model's rank, 12%% slower steps on CPU")
-    train.add_argument("--no-overlap", action="store_true",
-                       help="reduce gradients after backward instead of from its hooks (for comparison)")
-    train.add_argument("--no-error-feedback", action="store_true",
-                       help="with --grad-compression int8: drop each step's quantization error (for comparison)")
-    train.add_argument("--hierarchical-allreduce", action="store_true",
-                       help="ZeRO-0 all-reduce in three steps: reduce-scatter inside each node, all-reduce "
-                            "across nodes, all-gather inside the node")
+    train.add_argument("--config", help="TOML file with a [model] table and one per section below (their "
+                                        "keys the fields' names: [zero] stage = 1); flags override it")
+    for name, cls in SECTIONS.items():
+        group = train.add_argument_group(name, cls.__doc__)
+        for opt in options_of(name, cls):
+            opt.add_to(group)
 
     sim = commands.add_parser("simulate", help="simulate a pipeline schedule: timeline and bubble",
                               description="Generate, validate and simulate a pipeline schedule; no "
@@ -249,26 +140,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg = load_toml(args.config) if args.config else Config()
     if args.model is not None:
         cfg.model.name = args.model
-    for flag, (section, field, _kind, _text) in TRAIN_FLAGS.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    for opt in all_options():
+        value = getattr(args, opt.keyword)
         if value is not None:
-            setattr(getattr(cfg, section), field, value)
-    if args.sequence_parallel:
-        cfg.parallel.sequence_parallel = True
-    if args.no_progress:
-        cfg.train.progress = False
-    if args.resume:
-        cfg.train.resume = True
-    if args.compile:
-        cfg.train.compile = True
-    if args.return_freed_memory:
-        cfg.train.return_freed_memory = True
-    if args.no_overlap:
-        cfg.parallel.overlap = False
-    if args.no_error_feedback:
-        cfg.parallel.error_feedback = False
-    if args.hierarchical_allreduce:
-        cfg.parallel.hierarchical_allreduce = True
+            setattr(getattr(cfg, opt.section), opt.name, value)
     return cfg
 
 
@@ -291,13 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         from meshpar.planner.report import plan_command
         return plan_command(args)
     try:
-        cfg = check(config_from_args(args), dry_run=args.dry_run)
+        cfg = check(config_from_args(args))
     except ConfigError as err:
         print("meshpar: the configuration has problems:", file=sys.stderr)
         for problem in err.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
-    if args.dry_run:
+    if cfg.run.dry_run:
         from meshpar.train.dry_run import dry_run
         print(dry_run(cfg))
         return 0

@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from meshpar.comm import Ledger
+from meshpar.options import Section, option
+
+if TYPE_CHECKING:
+    from meshpar.config import Config
 
 AXES = ("pp", "dp", "cp", "tp")  # slowest to fastest in the rank order
 DERIVED = ("dp_intra", "dp_inter", "pp_ends")  # groups made from the axes' slices
@@ -92,6 +98,60 @@ class MeshShape:
             coords = dict(zip(others, fixed))
             groups.append([self.rank(**coords, **{axis: i}) for i in range(self.size(axis))])
         return groups
+
+
+@dataclass
+class MeshOptions(Section):
+    """The mesh: each axis's degree, and how many ranks share a node."""
+
+    dp: int = option(1, "data-parallel degree", at_least=1)
+    tp: int = option(1, "tensor-parallel degree", at_least=1)
+    pp: int = option(1, "pipeline-parallel degree", at_least=1)
+    cp: int = option(1, "context-parallel degree", at_least=1)
+    ranks_per_node: int | None = option(None, "ranks per node, for placement and the hierarchical all-reduce "
+                                              "(default: torchrun's LOCAL_WORLD_SIZE, else every rank)",
+                                        at_least=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def valid(self) -> bool:
+        return min(self.dp, self.tp, self.pp, self.cp) >= 1
+
+    @property
+    def shape(self) -> MeshShape:
+        return MeshShape(pp=self.pp, dp=self.dp, cp=self.cp, tp=self.tp)
+
+    def node_size(self, env=None) -> int:
+        """As configured, else torchrun's LOCAL_WORLD_SIZE, else the world."""
+        env = os.environ if env is None else env
+        if self.ranks_per_node is not None:
+            return self.ranks_per_node
+        if "LOCAL_WORLD_SIZE" in env and "RANK" in env:
+            return int(env["LOCAL_WORLD_SIZE"])
+        return self.world_size
+
+    def problems(self, cfg: Config) -> list[str]:
+        if not self.valid:
+            return []
+        env = cfg.environ()
+        problems = []
+        if "WORLD_SIZE" in env and "RANK" in env and int(env["WORLD_SIZE"]) != self.world_size:
+            problems.append(f"torchrun started {env['WORLD_SIZE']} ranks but dp*tp*pp*cp = "
+                            f"{self.world_size}; make the degrees multiply to the world size")
+        k = self.node_size(env)
+        if k < 1:  # said by the option's own check
+            return problems
+        if self.world_size % k:
+            divisors = ", ".join(str(d) for d in range(1, self.world_size + 1) if self.world_size % d == 0)
+            return problems + [f"--ranks-per-node {k} must divide the world size {self.world_size}; "
+                               f"use one of {divisors}"]
+        if k % self.tp:
+            problems.append(f"--tp {self.tp} does not fit in a node of {k} ranks: tensor parallelism exchanges "
+                            f"activations twice per layer and stays inside a node; use a tp dividing {k}")
+        return problems
 
 
 @dataclass

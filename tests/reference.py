@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-from meshpar.config import Config, ModelSection, ParallelConfig, TrainConfig, check
+from meshpar.config import Config, ModelSection, check
 from meshpar.train.launch import build_mesh
 from meshpar.train.trainer import Trainer
 
@@ -17,13 +17,10 @@ from meshpar.train.trainer import Trainer
 def fast_config(dp: int = 1, steps: int = 20, tp: int = 1, sequence_parallel: bool = False,
                 model: dict | None = None, **train) -> Config:
     """The tiny model on short sequences: a 20-step run takes about a second per rank."""
-    cfg = Config(model=ModelSection("tiny", dict(model or {})),
-                 parallel=ParallelConfig(dp=dp, tp=tp, sequence_parallel=sequence_parallel),
-                 train=TrainConfig(global_batch_size=16, seq_len=64, steps=steps, warmup_steps=5,
-                                   eval_every=0, eval_batches=1, progress=False))
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
-    return cfg
+    cfg = Config(model=ModelSection("tiny", dict(model or {}))).update(
+        dp=dp, tp=tp, sequence_parallel=sequence_parallel, global_batch_size=16, seq_len=64, steps=steps,
+        warmup_steps=5, eval_every=0, eval_batches=1, progress=False)
+    return cfg.update(**train)
 
 
 @contextmanager

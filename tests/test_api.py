@@ -253,7 +253,7 @@ def test_fp16_skips_an_overflowing_step_and_a_checkpoint_keeps_the_scale(tmp_pat
 
 
 def test_an_unknown_precision_is_refused():
-    with pytest.raises(ValueError, match="precision='fp8': choose one of fp32, bf16, fp16"):
+    with pytest.raises(ValueError, match="--precision 'fp8': choose one of fp32, bf16, fp16"):
         meshpar.parallelize(GPT2(seed=0), meshpar.ParallelMesh.single(), gpt2_plan(), precision="fp8")
 
 
@@ -316,10 +316,10 @@ def test_tied_weights_the_plan_cannot_keep_tied_are_refused(shape, plan_change, 
 
 @pytest.mark.parametrize("options, match", [
     ({"schedule": "async"}, "schedule='async' is one stream over the whole run: give its length, steps=N"),
-    ({"schedule": "1F1B"}, "schedule '1F1B': choose one of naive, gpipe, 1f1b, interleaved-1f1b, zb-h1, async"),
-    ({"virtual_stages": 2}, "virtual_stages=2: above 1 only with schedule='interleaved-1f1b'"),
+    ({"schedule": "1F1B"}, "--schedule '1F1B': choose one of naive, gpipe, 1f1b, interleaved-1f1b, zb-h1, async"),
+    ({"virtual_stages": 2}, "--virtual-stages 2 needs --schedule interleaved-1f1b"),
     ({"schedule": "interleaved-1f1b", "virtual_stages": 2, "microbatches": 3},
-     "needs microbatches \\(3\\) to be a multiple of pp \\(2\\)"),
+     "needs the micro-batches per step \\(3\\) to be a multiple of --pp=2"),
     ({"schedule": "interleaved-1f1b", "virtual_stages": 4, "microbatches": 2}, "4 blocks cannot fill 8 pipeline"),
 ])
 def test_pipeline_options_that_cannot_run_are_refused(options, match):

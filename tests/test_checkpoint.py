@@ -33,7 +33,7 @@ def resume_and_resave(cfg, resave_dir: str) -> dict:
     """Load cfg's checkpoint (--resume), write it straight back to `resave_dir` from this
     layout, then train on; the losses and final parameters."""
     with trainer_on_this_rank(cfg) as trainer:
-        cfg.train.save_dir = resave_dir
+        cfg.checkpoint.save_dir = resave_dir
         trainer.save_checkpoint()
         result = trainer.run()
         return {"losses": [s["loss"] for s in result.steps], "params": result.parallel.full_state(),
@@ -43,7 +43,7 @@ def resume_and_resave(cfg, resave_dir: str) -> dict:
 def saved_layout(**kw):
     cfg = layout_config(2, 2, 2, 1, zero=1, steps=STEPS)
     for key, value in kw.items():
-        setattr(cfg.train, key, value)
+        cfg.update(**{key: value})
     return cfg
 
 
@@ -75,7 +75,7 @@ TARGETS = {  # (dp, tp, pp, cp, zero)
 
 def target_config(dp, tp, pp, cp, zero, save_dir):
     cfg = layout_config(dp, tp, pp, cp, zero=zero, steps=STEPS)
-    cfg.train.save_dir, cfg.train.resume = str(save_dir), True
+    cfg.checkpoint.save_dir, cfg.checkpoint.resume = str(save_dir), True
     return cfg
 
 
@@ -92,7 +92,7 @@ def test_saved_at_dp2_tp2_pp2_loads_in_any_layout_and_trains_on(worlds, tmp_path
         shutil.copytree(tmp_path / "saved", own)
         cfg = target_config(*layout, own)
         resave = str(tmp_path / f"{label.split()[0]}-resaved")
-        report = (world.run(resume_and_resave, cfg, resave)[0] if cfg.parallel.world_size > 1
+        report = (world.run(resume_and_resave, cfg, resave)[0] if cfg.mesh.world_size > 1
                   else resume_and_resave(cfg, resave))
         assert report["started_from"].startswith("resumed from"), label
         assert_same_state(checkpoint, Path(resave) / checkpoint.name)  # (it also saved its step 6 there)
@@ -114,9 +114,9 @@ EXACT_VARIANTS = {  # what else is part of a run's state, restored in the same l
 def tied_config(dp, tp, pp, zero, save_dir=None, **train):
     cfg = layout_config(dp, tp, pp, 1, zero=zero, steps=STEPS)
     cfg.model.overrides["tie_embeddings"] = True
-    cfg.train.save_dir = str(save_dir) if save_dir else None
+    cfg.checkpoint.save_dir = str(save_dir) if save_dir else None
     for key, value in train.items():
-        setattr(cfg.train, key, value)
+        cfg.update(**{key: value})
     return cfg
 
 
@@ -247,7 +247,7 @@ def verify_here(path: Path, world_size: int):
 def test_each_file_is_hashed_by_one_rank_and_corruption_stops_every_rank(worlds, tmp_path):
     world = worlds(4)
     cfg = layout_config(2, 2, 1, 1, zero=1, steps=2)
-    cfg.train.save_dir = str(tmp_path / "ck")
+    cfg.checkpoint.save_dir = str(tmp_path / "ck")
     world.run(train, cfg)
     checkpoint = latest_checkpoint(tmp_path / "ck")
     files = CheckpointReader(checkpoint).meta["files"]
@@ -269,7 +269,7 @@ def test_flags_are_checked_before_any_process_group(small_checkpoint, tmp_path):
     assert any("--save-every needs --save-dir" in p for p in validate(fast_config(save_every=2)))
     assert any("--resume needs --save-dir" in p for p in validate(fast_config(resume=True)))
     cfg = fast_config(dp=1, save_dir=str(tmp_path))
-    cfg.parallel.pp, cfg.parallel.schedule, cfg.train.micro_batch_size = 2, "async", 8
+    cfg.mesh.pp, cfg.pipeline.schedule, cfg.data.micro_batch_size = 2, "async", 8
     assert any("--save-dir with --schedule async is not supported" in p for p in validate(cfg))
     other = fast_config(save_dir=str(small_checkpoint), resume=True, model={"hidden_size": 128})
     assert any("holds another model" in p and "hidden_size 128 (checkpoint 64)" in p for p in validate(other))
@@ -394,7 +394,7 @@ KILL_STEPS, KILL_EVERY = 12, 4
 def kill_test_config(save_dir):
     cfg = fast_config(dp=2, tp=2, steps=KILL_STEPS, model={"dropout": 0.1}, save_dir=str(save_dir),
                       save_every=KILL_EVERY, eval_batches=1)
-    cfg.parallel.zero = 1
+    cfg.zero.stage = 1
     return cfg
 
 
@@ -402,14 +402,14 @@ def torchrun(save_dir: Path, fault: str, tmp_path: Path) -> tuple[str, float]:
     """The kill test's run as a user would start it: torchrun, 4 ranks, one restart allowed."""
     (tmp_path / "model.toml").write_text('[model]\nname = "tiny"\ndropout = 0.1\n')
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-               "--max-restarts", "1", "-m", "meshpar", "train", "--config", str(tmp_path / "model.toml"),
+               "--max-restarts", "1", str(REPO / "tests" / "kill_one_rank.py"), fault, "train", "--config", str(tmp_path / "model.toml"),
                "--dp", "2", "--tp", "2", "--zero", "1", "--steps", str(KILL_STEPS), "--global-batch-size", "16",
                "--seq-len", "64", "--warmup-steps", "5", "--eval-every", "0", "--eval-batches", "1",
                "--save-dir", str(save_dir), "--save-every", str(KILL_EVERY), "--resume", "--no-progress",
                "--metrics-file", str(save_dir / "metrics.jsonl")]
     start = time.monotonic()
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
-                         env={**os.environ, "MESHPAR_FAULT": fault, "PYTHONPATH": str(REPO)})
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr, time.monotonic() - start
 
@@ -423,14 +423,14 @@ def test_a_killed_rank_restarts_under_torchrun_and_ends_bit_identical(worlds, tm
     worlds(4).run(train, kill_test_config(tmp_path / "whole"))
     whole = latest_checkpoint(tmp_path / "whole")
 
-    output, seconds = torchrun(tmp_path / "killed", "kill:2:step:6", tmp_path)
+    output, seconds = torchrun(tmp_path / "killed", "2:step:6", tmp_path)
     assert "failed (exitcode: -9) local_rank: 2" in output
     assert f"resumed from {tmp_path / 'killed' / 'step-00000004'}" in output
     assert_same_state(whole, latest_checkpoint(tmp_path / "killed"))
     records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, KILL_STEPS + 1))
 
-    output, _ = torchrun(tmp_path / "killed-saving", "kill:1:save:8", tmp_path)
+    output, _ = torchrun(tmp_path / "killed-saving", "1:save:8", tmp_path)
     assert "failed (exitcode: -9) local_rank: 1" in output
     assert f"resumed from {tmp_path / 'killed-saving' / 'step-00000004'}" in output  # 8 was never published
     assert_same_state(whole, latest_checkpoint(tmp_path / "killed-saving"))

@@ -12,9 +12,9 @@ from reference import fast_config, train_and_report
 
 def comm_config(dp: int, steps: int = 3, zero: int = 0, compression: str = "none", **parallel):
     cfg = fast_config(dp=dp, steps=steps)
-    cfg.parallel.zero, cfg.parallel.grad_compression = zero, compression
+    cfg.zero.stage, cfg.reduce.grad_compression = zero, compression
     for key, value in parallel.items():
-        setattr(cfg.parallel, key, value)
+        cfg.update(**{key: value})
     return cfg
 
 
@@ -114,7 +114,7 @@ def test_compression_composes_with_tp_pp_and_accumulation(worlds):
     """bf16 on dp 2 x tp 2 with SP; int8 on dp 2 x pp 2 (1F1B, ZeRO-1, two micro-batches)."""
     tp = comm_config(2, steps=4, compression="bf16", tp=2, sequence_parallel=True)
     pp = comm_config(2, steps=4, zero=1, compression="int8", pp=2)
-    pp.train.micro_batch_size = 4
+    pp.data.micro_batch_size = 4
     plain = [comm_config(2, steps=4, tp=2, sequence_parallel=True), comm_config(2, steps=4, zero=1, pp=2)]
     plain[1].train.micro_batch_size = 4
     runs = worlds(4).run(train_each, [tp, pp, *plain])[0]
@@ -139,7 +139,7 @@ def two_nodes(worlds):
                comm_config(8, ranks_per_node=4, hierarchical_allreduce=True),
                comm_config(8, ranks_per_node=4, hierarchical_allreduce=True, compression="bf16")]
     demo = fast_config(dp=2, steps=2, micro_batch_size=4)
-    demo.parallel.tp, demo.parallel.pp, demo.parallel.ranks_per_node = 2, 2, 4
+    demo.mesh.tp, demo.mesh.pp, demo.mesh.ranks_per_node = 2, 2, 4
     return worlds(8).run(train_each, configs + [demo])
 
 
@@ -194,8 +194,8 @@ def test_placement_keeps_tp_inside_a_node(two_nodes):
 def test_invalid_communication_settings_are_refused_with_the_reason(parallel, train, message):
     cfg = fast_config()
     for key, value in parallel.items():
-        setattr(cfg.parallel, key, value)
+        cfg.update(**{key: value})
     for key, value in train.items():
-        setattr(cfg.train, key, value)
+        cfg.update(**{key: value})
     problems = validate(cfg, env={})
     assert any(message in p for p in problems), problems

@@ -23,13 +23,12 @@ GOLDEN = Path(__file__).parent / "golden" / "demo_losses.json"
 def layout_config(dp: int, tp: int, pp: int, cp: int, zero: int = 0, schedule: str = "1f1b",
                   recompute: str = "none", steps: int = STEPS):
     cfg = fast_config(steps=steps, seq_len=64, max_grad_norm=MAX_GRAD_NORM)
-    par = cfg.parallel
-    par.dp, par.tp, par.pp, par.cp, par.zero, par.recompute = dp, tp, pp, cp, zero, recompute
+    cfg.mesh.dp, cfg.mesh.tp, cfg.mesh.pp, cfg.mesh.cp, cfg.zero.stage, cfg.recompute.recompute = dp, tp, pp, cp, zero, recompute
     if pp > 1:
-        par.schedule = schedule
-        par.virtual_stages = 2 if schedule == "interleaved-1f1b" else 1
-        per_rank = cfg.train.global_batch_size // dp
-        cfg.train.micro_batch_size = max(1, per_rank // (2 * pp))  # about 2 x pp micro-batches
+        cfg.pipeline.schedule = schedule
+        cfg.pipeline.virtual_stages = 2 if schedule == "interleaved-1f1b" else 1
+        per_rank = cfg.data.global_batch_size // dp
+        cfg.data.micro_batch_size = max(1, per_rank // (2 * pp))  # about 2 x pp micro-batches
     return cfg
 
 
@@ -140,8 +139,8 @@ def demo_config(steps: int):
 
     argv = Path(__file__).parent.parent.joinpath("Makefile").read_text().split("meshpar train", 1)[1].split("\n")[0]
     cfg = config_from_args(build_parser().parse_args(["train", *argv.split()]))
-    cfg.train.steps, cfg.train.metrics_file, cfg.train.progress = steps, None, False
-    cfg.train.eval_every = 0
+    cfg.run.steps, cfg.observe.metrics_file, cfg.run.progress = steps, None, False
+    cfg.run.eval_every = 0
     return check(cfg)
 
 
@@ -163,7 +162,7 @@ def test_demo_layout_reproduces_its_golden_losses(worlds):
     golden = json.loads(GOLDEN.read_text())
     steps = 12
     cfg = demo_config(steps)
-    assert cfg.parallel.world_size == 8
+    assert cfg.mesh.world_size == 8
     assert_golden(worlds(8).run(train_and_report, cfg)[0]["losses"], golden["losses"][:steps])
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from meshpar.cli import main
 from meshpar.config import Config, ConfigError, load_toml, validate
@@ -24,7 +25,7 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     (["--dp", "0"], "--dp=0 must be at least 1"),
     (["--tp", "3"], "--tp=3 does not divide num_heads=8; use one of 1, 2, 4, 8"),
     (["--sequence-parallel"], "--sequence-parallel needs --tp above 1"),
-    (["--pp", "2", "--schedule", "pipedream"], "unknown schedule 'pipedream'; choose one of naive, gpipe, 1f1b"),
+    (["--pp", "2", "--schedule", "pipedream"], "--schedule 'pipedream': choose one of naive, gpipe, 1f1b"),
     (["--pp", "4", "--schedule", "interleaved-1f1b", "--virtual-stages", "2", "--micro-batch-size", "16"],
      "interleaved-1f1b needs the micro-batches per step (2) to be a multiple of --pp=4"),
     (["--pp", "4", "--virtual-stages", "2"], "--virtual-stages 2 needs --schedule interleaved-1f1b"),
@@ -39,7 +40,7 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     (["--seq-len", "300"], "--seq-len=300 exceeds the model's max_seq_len=256"),
     (["--steps", "0"], "--steps=0 must be at least 1"),
     (["--lr", "-1"], "--lr=-1.0 must be positive"),
-    (["--device", "tpu"], "--device='tpu'; choose cpu or cuda"),
+    (["--device", "tpu"], "--device 'tpu': choose one of cpu, cuda"),
     (["--model", "llama3-70b"], "too large to train on a CPU"),
 ])
 def test_bad_input_exits_2_with_the_reason(capsys, argv, message):
@@ -72,28 +73,29 @@ def test_every_problem_is_reported_at_once(capsys):
 
 def test_torchrun_world_size_must_match_the_degrees():
     cfg = Config()
-    cfg.parallel.dp = 2
+    cfg.mesh.dp = 2
     problems = validate(cfg, env={"RANK": "0", "WORLD_SIZE": "4"})
     assert any("torchrun started 4 ranks but dp*tp*pp*cp = 2" in p for p in problems)
 
 
 def test_toml_config_and_flag_override(tmp_path, capsys):
     path = tmp_path / "run.toml"
-    path.write_text('[model]\nname = "tiny"\nnum_layers = 2\n[parallel]\ndp = 2\n'
-                    '[train]\nsteps = 7\nseq_len = 32\n')
+    path.write_text('[model]\nname = "tiny"\nnum_layers = 2\n[mesh]\ndp = 2\n[zero]\nstage = 1\n'
+                    '[run]\nsteps = 7\n[data]\nseq_len = 32\n')
     cfg = load_toml(path)
-    assert (cfg.model.resolve().num_layers, cfg.parallel.dp, cfg.train.steps) == (2, 2, 7)
+    assert (cfg.model.resolve().num_layers, cfg.mesh.dp, cfg.zero.stage, cfg.run.steps) == (2, 2, 1, 7)
     assert validate(cfg) == []
 
-    path.write_text('[train]\nstepz = 3\n[paralel]\n')
+    path.write_text('[run]\nstepz = 3\n[paralel]\n[parallel]\nzero = 1\n')
     with pytest.raises(ConfigError) as err:
         load_toml(path)
-    assert "unknown key 'stepz' in [train]" in str(err.value)
+    assert "unknown key 'stepz' in [run]; valid keys: steps, seed" in str(err.value)
     assert "unknown table [paralel]" in str(err.value)
+    assert "unknown table [parallel]" in str(err.value) and "(zero is now [zero] stage)" in str(err.value)
 
-    path.write_text('[train]\nsteps = "ten"\n')
+    path.write_text('[run]\nsteps = "ten"\n')
     code, err = run_cli(capsys, "--config", str(path))
-    assert code == 2 and "train.steps='ten' must be of type int" in err
+    assert code == 2 and "run.steps='ten' must be of type int" in err
 
 
 def test_cli_trains_on_two_local_ranks_and_writes_metrics(tmp_path):
@@ -128,7 +130,7 @@ def test_bad_input_from_the_shell_has_no_traceback():
 
 def test_backend_choices_are_checked_before_any_process_starts():
     cfg = fast_config(backend="mpi")
-    assert "--backend='mpi'; choose nccl or gloo" in validate(cfg)
+    assert "--backend 'mpi': choose one of nccl, gloo" in validate(cfg)
     cfg = fast_config(backend="nccl")
     assert "--backend nccl needs --device cuda; on CPUs use gloo" in validate(cfg)
     assert validate(fast_config(backend="gloo", compile=True)) == []
@@ -138,9 +140,9 @@ def test_compile_and_backend_flags_reach_the_config():
     from meshpar.cli import build_parser, config_from_args
 
     cfg = config_from_args(build_parser().parse_args(["train", "--compile", "--backend", "gloo"]))
-    assert cfg.train.compile and cfg.train.backend == "gloo"
+    assert cfg.compile.compile and cfg.run.backend == "gloo"
     cfg = config_from_args(build_parser().parse_args(["train"]))
-    assert not cfg.train.compile and cfg.train.backend is None
+    assert not cfg.compile.compile and cfg.run.backend is None
 
 
 def test_compile_without_a_cpp_compiler_is_refused_before_starting(monkeypatch):
@@ -149,3 +151,62 @@ def test_compile_without_a_cpp_compiler_is_refused_before_starting(monkeypatch):
     assert validate(cfg) == []
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert any("--compile on CPUs needs a C++ compiler" in p for p in validate(cfg))
+
+
+def test_every_option_is_written_once_and_the_parser_agrees():
+    """Flags, help, defaults, valid values and TOML keys all come from the options'
+    dataclasses: the parser offers exactly those flags, each with its option's help, and
+    leaves the default to the dataclass."""
+    import argparse
+
+    from meshpar.cli import build_parser
+    from meshpar.config import SECTIONS, all_options
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    actions = {a.dest: a for a in train._actions}
+    options = all_options()
+    assert len({o.flag for o in options}) == len(options) and len({o.keyword for o in options}) == len(options)
+    offered = {flag for a in train._actions for flag in a.option_strings}
+    expected = {o.flag for o in options} | {"--no-" + o.flag[2:] for o in options if o.is_bool}
+    assert offered == expected | {"-h", "--help", "--model", "--config"}
+    defaults = Config()
+    for o in options:
+        action = actions[o.keyword]
+        assert o.flag in action.option_strings and action.default is None, o.flag
+        assert len(o.help) > 10 and o.help.replace("%", "%%") in action.help, o.flag
+        assert isinstance(action, argparse.BooleanOptionalAction) == o.is_bool, o.flag
+        assert getattr(getattr(defaults, o.section), o.name) == o.default, o.flag
+        assert o.type_problem(o.default) == [] and o.value_problems(o.default) == [], o.flag
+        for value in o.valid_values() or ():
+            assert o.value_problems(value) == [], (o.flag, value)
+        if o.valid_values():
+            assert o.value_problems("nonsense") == [
+                f"{o.flag} 'nonsense': choose one of {', '.join(map(str, o.valid_values()))}"]
+    for name, cls in SECTIONS.items():
+        assert cls.__doc__ and getattr(defaults, name).__class__ is cls
+
+
+@pytest.mark.parametrize("options", [
+    {"zero": 5}, {"offload": ["params"]}, {"zero": 3, "grad_compression": "int8"},
+    {"grad_compression": "int8", "precision": "fp16"}, {"hierarchical_allreduce": True, "zero": 1},
+    {"schedule": "async", "zero": 1}, {"schedule": "async", "precision": "fp16", "recompute": "full"},
+    {"virtual_stages": 2}, {"schedule": "interleaved-1f1b", "virtual_stages": 2, "micro_batch_size": 2},
+    {"recompute_every": 2}, {"precision": "fp8"}, {"cp_impl": "ulysses"}, {"bucket_mb": 0},
+    {"loss_scale_backoff": 2.0}, {"beta2": 1.0}, {"lr": "fast"},
+])
+def test_the_api_refuses_what_the_command_line_refuses_in_the_same_words(options):
+    import meshpar
+    from meshpar.api import API_SECTIONS
+    from meshpar.mesh import MeshShape
+
+    cfg = fast_config(dp=2).update(pp=2, global_batch_size=12, **options)
+    problems = validate(cfg, sections=API_SECTIONS)
+    assert problems
+    microbatches = cfg.microbatches() or 1
+    api_options = {k: v for k, v in options.items() if k != "micro_batch_size"}
+    with pytest.raises(ValueError) as err:
+        meshpar.parallelize(torch.nn.Linear(2, 2), meshpar.ParallelMesh(MeshShape(pp=2, dp=2), 0), meshpar.Plan(),
+                            microbatches=microbatches, steps=10, **api_options)
+    assert str(err.value) == "; ".join(problems)
+    # and the command line says so too, with exit code 2, among its other checks
+    assert all(p in validate(cfg) for p in problems)

@@ -66,9 +66,9 @@ def test_ring_blocks_on_one_rank(monkeypatch, flash):
 
 def cp_config(cp: int, impl: str = "ring", steps: int = 10, **parallel):
     cfg = fast_config(steps=steps, seq_len=48)  # 48 = 2 x cp x 6 (cp 4) or x 12 (cp 2)
-    cfg.parallel.cp, cfg.parallel.cp_impl = cp, impl
+    cfg.mesh.cp, cfg.context.cp_impl = cp, impl
     for key, value in parallel.items():
-        setattr(cfg.parallel, key, value)
+        cfg.update(**{key: value})
     return cfg
 
 
@@ -144,13 +144,13 @@ def test_gradients_sum_over_cp_where_the_bytes_are_fewest(worlds, reference):
 def test_ring_kv_traffic_per_layer(worlds):
     cp, steps = 4, 2
     cfg = cp_config(cp)
-    cfg.train.steps = steps
+    cfg.run.steps = steps
     model = cfg.model.resolve()
     for run in worlds(cp).run(train_and_report, cfg):
         # per layer and pass: K and V of this rank's tokens, sent cp - 1 times, i.e.
         # (cp-1)/cp of the full K and V tensors (fp32); forward, and again in backward
-        batch = cfg.train.global_batch_size
-        full_kv = 2 * batch * cfg.train.seq_len * model.num_kv_heads * model.head_dim * 4
+        batch = cfg.data.global_batch_size
+        full_kv = 2 * batch * cfg.data.seq_len * model.num_kv_heads * model.head_dim * 4
         passes = steps * 2 + 1  # forward and backward per step, forward of the final evaluation
         sent = run["ledger"][("cp", "send", "ring_kv")].bytes
         assert sent == passes * model.num_layers * (cp - 1) / cp * full_kv
@@ -194,5 +194,5 @@ def test_causal_work_is_balanced(cp):
 def test_context_parallel_config_errors(change, message):
     cfg = fast_config()
     for key, value in change.items():
-        setattr(cfg.train if key == "seq_len" else cfg.parallel, key, value)
+        cfg.update(**{key: value})
     assert any(message in p for p in validate(cfg)), validate(cfg)

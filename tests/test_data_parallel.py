@@ -55,7 +55,7 @@ def test_dp_with_accumulation_equals_single_device(worlds, reference):
 def test_ledger_counts_the_gradient_all_reduce(worlds):
     steps, bucket_mb = 3, 0.25
     cfg = fast_config(dp=4, steps=steps)
-    cfg.parallel.bucket_mb = bucket_mb
+    cfg.reduce.bucket_mb = bucket_mb
     runs = worlds(4).run(train_and_report, cfg)
     num_params = cfg.model.resolve().num_params()
     grad_bytes = 4 * num_params  # fp32 gradients, reduced once per step
@@ -76,7 +76,7 @@ def run_buckets(cfg) -> int:
     from meshpar.model import build_model
     from meshpar.parallel.zero import units_of
 
-    limit = cfg.parallel.bucket_mb * 2**20
+    limit = cfg.reduce.bucket_mb * 2**20
     count, filled = 0, 0
     for unit in reversed(units_of(build_model(cfg.model.resolve(), 0))):
         filled += sum(p.numel() for p in unit.parameters()) * 4
@@ -102,7 +102,7 @@ def test_one_rank_keeps_autograd_gradients_and_equals_the_buckets(reference):
     # Nothing to reduce on one rank: no bucket copy, no gradient buffer through the forward.
     # ZeRO-1 on one rank keeps the buckets (its gradients are the bucket's slots).
     cfg = fast_config(dp=1)
-    cfg.parallel.zero = 1
+    cfg.zero.stage = 1
     bucketed = train_and_report(cfg)
     assert bucketed["losses"] == reference["losses"]
     for name, value in reference["params"].items():

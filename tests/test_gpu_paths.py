@@ -50,7 +50,7 @@ def test_compiled_blocks_train_like_eager():
         torch._dynamo.reset()
         counters.clear()
         cfg = fast_config(steps=4, compile=True)
-        cfg.parallel.recompute = recompute
+        cfg.recompute.recompute = recompute
         assert_matches(train_and_report(cfg), eager, f"compiled, recompute {recompute}")
         # All 8 blocks share their graphs (training and evaluation): no compilation per
         # layer, which would hit dynamo's recompile limit and fall back to eager.
@@ -61,7 +61,7 @@ def compiled_and_eager_runs(cases: list[dict]) -> list[tuple[dict, dict]]:
     runs = []
     for case in cases:
         compiled, eager = layout_config(**case), layout_config(**case)
-        compiled.train.compile = True
+        compiled.compile.compile = True
         runs.append((train_and_report(compiled), train_and_report(eager)))
     return runs
 

@@ -26,7 +26,7 @@ def nan_on_one_rank(cfg, bad_rank: int, bad_step: int) -> str:
             param = dict(trainer.model.named_parameters())["layers.1.mlp.w_down.weight"]
             param.register_hook(lambda g: g * float("nan") if trainer.step + 1 == bad_step else g)
         try:
-            for _ in range(cfg.train.steps):
+            for _ in range(cfg.run.steps):
                 trainer.train_step()
         except DivergenceError as err:
             return str(err)
@@ -35,7 +35,7 @@ def nan_on_one_rank(cfg, bad_rank: int, bad_step: int) -> str:
 
 def test_a_nan_gradient_stops_every_rank_naming_step_rank_and_parameter(worlds):
     cfg = fast_config(dp=2, steps=4)
-    cfg.parallel.zero = 1
+    cfg.zero.stage = 1
     messages = worlds(2).run(nan_on_one_rank, cfg, 1, 3)
     assert messages[0] == messages[1]
     assert "step 3" in messages[0] and "rank 1" in messages[0] and "layers.1.mlp.w_down.weight" in messages[0]
@@ -77,9 +77,9 @@ def test_consistency_check_names_the_drifted_parameter(worlds, layout, name, axi
     layout = dict(layout)
     pp = layout.pop("pp", 1)
     cfg = fast_config(steps=1, **layout)
-    cfg.parallel.pp = pp
+    cfg.mesh.pp = pp
     if pp > 1:
-        cfg.train.micro_batch_size = 4
+        cfg.data.micro_batch_size = 4
     messages = worlds(4).run(drift_on_one_rank, cfg, name)
     assert all(m == messages[0] for m in messages)
     assert f"parameter {name} differs across {axis}" in messages[0]

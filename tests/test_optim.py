@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from meshpar.config import TrainConfig
+from meshpar.config import Config
 from meshpar.mesh import ParallelMesh
 from meshpar.train.optim import clip_grads, lr_at, peak_lr
 
 
 def test_warmup_then_cosine_to_the_floor():
-    cfg = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    cfg = Config().update(lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-4)
     assert lr_at(9, cfg) == pytest.approx(1e-3)
     assert lr_at(10, cfg) == pytest.approx(1e-3)
@@ -23,9 +23,9 @@ def test_warmup_then_cosine_to_the_floor():
 
 
 def test_linear_lr_scaling_with_batch():
-    cfg = TrainConfig(lr=1e-3, global_batch_size=256, lr_scale_from=64)
+    cfg = Config().update(lr=1e-3, global_batch_size=256, lr_scale_from=64)
     assert peak_lr(cfg) == pytest.approx(4e-3)
-    assert peak_lr(TrainConfig(lr=1e-3)) == 1e-3
+    assert peak_lr(Config().update(lr=1e-3)) == 1e-3
 
 
 def test_clipping_scales_to_max_norm():

@@ -32,9 +32,9 @@ def assert_same_training(run: dict, ref: dict):
 
 def pipeline_config(pp, schedule, micro_batch, virtual_stages=1, steps=STEPS, **layout):
     cfg = fast_config(steps=steps, micro_batch_size=micro_batch, **layout)
-    cfg.parallel.pp = pp
-    cfg.parallel.schedule = schedule
-    cfg.parallel.virtual_stages = virtual_stages
+    cfg.mesh.pp = pp
+    cfg.pipeline.schedule = schedule
+    cfg.pipeline.virtual_stages = virtual_stages
     return cfg
 
 
@@ -107,26 +107,25 @@ def delayed_update_reference(cfg) -> dict:
     from meshpar.train.data import BatchLoader, load_tokens
     from meshpar.train.optim import build_optimizer, clip_grads, lr_at
 
-    tr = cfg.train
-    model = build_model(cfg.model.resolve(), tr.seed)
+    model = build_model(cfg.model.resolve(), cfg.run.seed)
     params = list(model.parameters())
-    optimizer = build_optimizer(model, tr)
-    loader = BatchLoader(load_tokens(tr.data)[0], tr.seq_len, tr.global_batch_size, 0, 1, tr.seed)
+    optimizer = build_optimizer(model, cfg.optimizer, lr_at(0, cfg))
+    loader = BatchLoader(load_tokens(cfg.data.data)[0], cfg.data.seq_len, cfg.data.global_batch_size, 0, 1, cfg.run.seed)
     mesh = ParallelMesh.single()
     losses, pending = [], []
-    for t in range(tr.steps):
+    for t in range(cfg.run.steps):
         x, y = loader.next_batch()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
         grads = torch.autograd.grad(loss, params)
         losses.append(loss.item())
         pending.append((t, grads))
-        while pending and (pending[0][0] < t or t == tr.steps - 1):
+        while pending and (pending[0][0] < t or t == cfg.run.steps - 1):
             step, grads = pending.pop(0)
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, tr)
-            clip_grads(params, tr.max_grad_norm, mesh)
+                group["lr"] = lr_at(step, cfg)
+            clip_grads(params, cfg.optimizer.max_grad_norm, mesh)
             optimizer.step()
     return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.named_parameters()}}
 
@@ -139,7 +138,7 @@ def test_async_equals_its_delayed_update_reference(worlds, world_size, layout):
     cfg = pipeline_config(layout["pp"], "async", 2 if layout["pp"] == 4 else 4,
                           dp=layout.get("dp", 1), model=layout.get("model"))
     if layout.get("fewest"):
-        cfg.train.global_batch_size, cfg.train.micro_batch_size = 12, 4
+        cfg.data.global_batch_size, cfg.data.micro_batch_size = 12, 4
     reference = delayed_update_reference(cfg)
     synchronous = train_and_report(fast_config(steps=STEPS))
     for run in worlds(world_size).run(train_and_report, cfg):
@@ -162,7 +161,7 @@ def test_async_at_every_depth_from_its_fewest_microbatches_equals_the_delayed_up
     for p in range(2, 9):
         for m in sorted({max(1, p - 1), p, 2 * p}):
             cfg = pipeline_config(p, "async", 1, steps=8)
-            cfg.train.global_batch_size = m
+            cfg.data.global_batch_size = m
             reference = delayed_update_reference(cfg)
             for rank, run in enumerate(worlds(p).run(train_and_report, cfg)):
                 torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]),
@@ -200,12 +199,12 @@ def test_tied_embeddings_across_stages_equal_one_device(worlds, pp, schedule, vi
     bytes each keeps of it - so that both stay equal to the one device's."""
     reference = train_and_report(fast_config(steps=STEPS, model=TIED))
     cfg = pipeline_config(pp, schedule, 2, virtual_stages, model=TIED, **layout)
-    cfg.parallel.zero = zero
+    cfg.zero.stage = zero
     vocab, hidden = cfg.model.resolve().vocab_size, cfg.model.resolve().hidden_size
-    shared_bytes = vocab * hidden // cfg.parallel.tp * 4 // (cfg.parallel.dp if zero else 1)
-    for rank, run in enumerate(worlds(cfg.parallel.world_size).run(train_and_report, cfg)):
+    shared_bytes = vocab * hidden // cfg.mesh.tp * 4 // (cfg.mesh.dp if zero else 1)
+    for rank, run in enumerate(worlds(cfg.mesh.world_size).run(train_and_report, cfg)):
         assert_same_training(run, reference)
-        stage = rank // (cfg.parallel.world_size // pp)
+        stage = rank // (cfg.mesh.world_size // pp)
         tied = run["ledger"].get(("pp_ends", "all_reduce", "tied_grads"))
         if stage in (0, pp - 1):
             assert (tied.calls, tied.bytes) == (STEPS, STEPS * shared_bytes), f"rank {rank}"
@@ -225,7 +224,7 @@ def test_dropout_streams_are_shared_by_a_stage_and_differ_between_stages(worlds)
     # masks in different layers, two dp replicas to different samples.
     cfg = pipeline_config(2, "1f1b", 4, tp=2, model={"dropout": 0.1}, steps=1)
     tp2_pp2 = worlds(4).run(dropout_stream, cfg)
-    cfg.parallel.tp, cfg.parallel.dp = 1, 2
+    cfg.mesh.tp, cfg.mesh.dp = 1, 2
     dp2_pp2 = worlds(4).run(dropout_stream, cfg)
     for streams in (tp2_pp2, dp2_pp2):
         for (dp_a, tp_a, pp_a, a), (dp_b, tp_b, pp_b, b) in itertools.combinations(streams, 2):

@@ -55,7 +55,7 @@ def state_runs(dp: int) -> list[dict]:
     runs = []
     for zero in range(4):
         cfg = fast_config(dp=dp, steps=1)
-        cfg.parallel.zero = zero
+        cfg.zero.stage = zero
         runs.append(train_and_report(cfg)["summary"]["model_state_bytes_per_rank"][0])
     return runs
 
@@ -80,9 +80,9 @@ def test_a_tied_embedding_split_over_stages_is_counted_on_both_ends(worlds):
     import dataclasses
 
     cfg = fast_config(steps=1, model={"tie_embeddings": True}, micro_batch_size=4)
-    cfg.parallel.pp = 2
+    cfg.mesh.pp = 2
     measured = worlds(2).run(state_per_rank, cfg)[0]
-    spec = dataclasses.replace(PRESETS["tiny"], tie_embeddings=True, seq_len=cfg.train.seq_len)
+    spec = dataclasses.replace(PRESETS["tiny"], tie_embeddings=True, seq_len=cfg.data.seq_len)
     predicted = memory_bytes(spec, layout(pp=2, schedule="1f1b", mbs=4), 16)
     assert predicted["params"] == max(rank["params"] for rank in measured)
     assert measured[1]["params"] - measured[0]["params"] == 4 * spec.hidden  # the last stage's norm gain
@@ -140,9 +140,9 @@ def activation_runs(cases: list) -> list[list[int]]:
     for name, dp, tp, pp, sp, recompute, schedule, mbs, precision in cases:
         cfg = fast_config(dp=dp, steps=1, tp=tp, sequence_parallel=sp, micro_batch_size=mbs, precision=precision)
         cfg.model.name = name
-        cfg.parallel.pp, cfg.parallel.recompute = pp, recompute
+        cfg.mesh.pp, cfg.recompute.recompute = pp, recompute
         if pp > 1:
-            cfg.parallel.schedule = schedule
+            cfg.pipeline.schedule = schedule
         out.append(train_and_report(cfg)["summary"]["activation_bytes_per_rank"])
     return out
 

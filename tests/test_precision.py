@@ -10,7 +10,7 @@ import weakref
 
 from meshpar.model import build_model, model_config
 from meshpar.model.loss import cross_entropy_sum
-from meshpar.parallel.precision import DynamicLossScaler, LossScaleConfig, autocast
+from meshpar.parallel.precision import DynamicLossScaler, PrecisionOptions, autocast
 from meshpar.parallel.weight_casts import RecastWeights
 from meshpar.train.activations import count_saved_bytes
 from reference import fast_config, train_and_report, trainer_on_this_rank
@@ -26,7 +26,8 @@ def test_bf16_tracks_fp32():
 
 
 def test_scaler_hysteresis_backoff_and_growth():
-    scaler = DynamicLossScaler(LossScaleConfig(initial_scale=1024, hysteresis=2, growth_interval=3))
+    scaler = DynamicLossScaler(PrecisionOptions(loss_scale_initial=1024, loss_scale_hysteresis=2,
+                                                loss_scale_growth_interval=3))
     scaler.update(overflow=True)
     assert scaler.scale == 1024  # one overflow is tolerated
     scaler.update(overflow=True)
@@ -40,7 +41,7 @@ def overflow_on_one_rank(cfg, bad_step: int, bad_rank: int):
     """Train; before step `bad_step` rank `bad_rank` turns one gradient into Inf."""
     with trainer_on_this_rank(cfg) as trainer:
         records, before, after = [], None, None
-        for step in range(1, cfg.train.steps + 1):
+        for step in range(1, cfg.run.steps + 1):
             handle = None
             if step == bad_step:
                 before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -104,7 +105,7 @@ def test_16_bit_compute_with_tp_and_pp(worlds, precision, layout):
     def config(**parallel):
         cfg = fast_config(steps=5, precision=precision, micro_batch_size=4,
                           tp=parallel.get("tp", 1), sequence_parallel=parallel.get("sequence_parallel", False))
-        cfg.parallel.pp = parallel.get("pp", 1)
+        cfg.mesh.pp = parallel.get("pp", 1)
         return cfg
 
     reference = train_and_report(config())
@@ -156,8 +157,8 @@ def test_16_bit_weight_copies_are_cast_again_not_kept(worlds, layout, compiled):
     blocks too, through their partitioner (meshpar/parallel/compile.py)."""
     cfg = fast_config(dp=2 if layout == "zero3" else 1, steps=3, precision="bf16", micro_batch_size=4,
                       compile=compiled)
-    cfg.parallel.pp = 2 if layout == "pp2" else 1
-    cfg.parallel.zero = 3 if layout == "zero3" else 0
+    cfg.mesh.pp = 2 if layout == "pp2" else 1
+    cfg.zero.stage = 3 if layout == "zero3" else 0
     for rank, (recast, kept) in enumerate(worlds(2).run(train_with_and_without_recasting, cfg)):
         losses, saved, in_flight, weights = recast
         assert losses == kept[0], rank

@@ -36,7 +36,7 @@ def test_recompute_changes_no_number(policy, every, dropout):
 
 
 def with_recompute(cfg, policy, every=1):
-    cfg.parallel.recompute, cfg.parallel.recompute_every = policy, every
+    cfg.recompute.recompute, cfg.recompute.recompute_every = policy, every
     return cfg
 
 
@@ -46,8 +46,8 @@ def test_recompute_with_tp_sp_and_pp(worlds, layout):
     def config(policy="none", every=1):
         cfg = fast_config(steps=5, micro_batch_size=4, tp=layout.get("tp", 1),
                           sequence_parallel=layout.get("sequence_parallel", False))
-        cfg.parallel.pp = layout.get("pp", 1)
-        cfg.parallel.schedule = layout.get("schedule", cfg.parallel.schedule)
+        cfg.mesh.pp = layout.get("pp", 1)
+        cfg.pipeline.schedule = layout.get("schedule", cfg.pipeline.schedule)
         return with_recompute(cfg, policy, every)
 
     baseline = worlds(2).run(train_and_report, config())

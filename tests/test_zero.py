@@ -19,9 +19,9 @@ def reference():
 
 def zero_config(dp: int, stage: int, micro_batch_size: int | None = None, offload: tuple = (), **parallel):
     cfg = fast_config(dp=dp, micro_batch_size=micro_batch_size)
-    cfg.parallel.zero, cfg.parallel.offload = stage, list(offload)
+    cfg.zero.stage, cfg.zero.offload = stage, list(offload)
     for key, value in parallel.items():
-        setattr(cfg.parallel, key, value)
+        cfg.update(**{key: value})
     return cfg
 
 
@@ -77,7 +77,7 @@ def test_zero3_activations_leave_out_the_gathered_weights(worlds):
     counted those buckets once, 0.5-4% more and different on each rank)."""
     configs = [zero_config(2, stage) for stage in (0, 3)]
     for cfg in configs:
-        cfg.train.steps = 2
+        cfg.run.steps = 2
     for zero0, zero3 in worlds(2).run(train_each, configs):
         assert zero3["summary"]["activation_bytes_per_rank"] == zero0["summary"]["activation_bytes_per_rank"]
 
@@ -104,7 +104,7 @@ def test_model_state_bytes_follow_the_zero_formulas(worlds):
     configs = [zero_config(n, stage) for stage in range(4)]
     configs += [zero_config(n, 1, offload=("optimizer",)), zero_config(n, 3, offload=("params",))]
     for cfg in configs:
-        cfg.train.steps = 2
+        cfg.run.steps = 2
     results = worlds(n).run(train_each, configs)
     psi = configs[0].model.resolve().num_params()
     fp32 = 4
@@ -138,7 +138,7 @@ def test_ledger_volume_per_step(worlds):
     n, steps = 4, 3
     configs = [zero_config(n, stage) for stage in range(4)]
     for cfg in configs:
-        cfg.train.steps = steps
+        cfg.run.steps = steps
     results = worlds(n).run(train_each, configs)
     grad_bytes = 4 * configs[0].model.resolve().num_params()
     ring = (n - 1) / n
@@ -174,10 +174,10 @@ def zero3_gathers(cfg, sixteen_bit: bool) -> dict:
     "fp16", {"dp": 2, "tp": 2, "sequence_parallel": True}, marks=pytest.mark.slow)])
 def test_zero3_gathers_linear_weights_in_16_bits_and_changes_no_bit(worlds, precision, layout):
     cfg = fast_config(steps=4, micro_batch_size=2)
-    cfg.parallel.zero, cfg.train.precision = 3, precision
+    cfg.zero.stage, cfg.precision.precision = 3, precision
     for key, value in layout.items():
-        setattr(cfg.parallel, key, value)
-    n, world = layout["dp"], cfg.parallel.world_size
+        cfg.update(**{key: value})
+    n, world = layout["dp"], cfg.mesh.world_size
     half, full = (worlds(world).run(zero3_gathers, cfg, sixteen)[0] for sixteen in (True, False))
     # Linear layers compute from the 16-bit rounding autocast would have made; the rest exact.
     assert half["losses"] == full["losses"]
@@ -244,13 +244,13 @@ def test_zero3_frees_a_unit_before_its_weight_pass(worlds):
     layer gathered until its W, and a forward in between found it gathered: fewer
     forward gathers, more memory. The same bits either way."""
     cfg = zero_config(2, 3, micro_batch_size=2, pp=2, schedule="zb-h1")
-    cfg.train.steps = 3
+    cfg.run.steps = 3
     runs = zip(*(worlds(4).run(gathered_at_each_weight_pass, cfg, early) for early in (True, False)))
     saved_by_waiting = []
     for rank, (early, late) in enumerate(runs):
         assert early["gathered"] and set(early["gathered"]) == {0}, (rank, early["gathered"])
         assert max(late["gathered"]) == late["with_split_weights"] > 0, (rank, late["gathered"])
-        per_step = cfg.train.steps * early["microbatches"] * early["buckets"]
+        per_step = cfg.run.steps * early["microbatches"] * early["buckets"]
         assert early["gathers"]["params_forward"] == early["gathers"]["params_backward"] == per_step, early
         assert late["gathers"]["params_backward"] == per_step >= late["gathers"]["params_forward"]
         saved_by_waiting.append(per_step - late["gathers"]["params_forward"])
@@ -284,7 +284,7 @@ def test_reductions_launch_during_backward(worlds, stage):
 def test_zero_with_fp16_matches_replicated_fp16(worlds):
     configs = [zero_config(2, stage) for stage in (0, 2, 3)]
     for cfg in configs:
-        cfg.train.precision, cfg.train.steps = "fp16", 6
+        cfg.precision.precision, cfg.run.steps = "fp16", 6
     results = worlds(2).run(train_each, configs)[0]
     for stage, run in zip((2, 3), results[1:]):
         torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(results[0]["losses"]), rtol=1e-4, atol=0,
@@ -300,7 +300,7 @@ def test_zero_with_fp16_matches_replicated_fp16(worlds):
 def test_zero_config_errors_name_the_choices(change, message):
     cfg = fast_config(dp=2)
     for key, value in change.items():
-        setattr(cfg.parallel, key, value)
+        cfg.update(**{key: value})
     problems = validate(cfg)
     assert any(message in p for p in problems), problems
 
@@ -334,6 +334,6 @@ def test_at_most_two_gradient_reductions_run_at_once(worlds, stage):
     from meshpar.parallel.zero import MAX_IN_FLIGHT
 
     cfg = fast_config(dp=2, steps=2)
-    cfg.parallel.zero, cfg.parallel.bucket_mb = stage, 0.01  # stage 2: many small buckets
+    cfg.zero.stage, cfg.reduce.bucket_mb = stage, 0.01  # stage 2: many small buckets
     assert MAX_IN_FLIGHT == 2
     assert max(worlds(2).run(reductions_in_flight, cfg)) <= MAX_IN_FLIGHT

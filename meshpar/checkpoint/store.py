@@ -81,10 +81,9 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def write_checkpoint(root: str | os.PathLike, step: int, mesh: ParallelMesh, tensors: dict[str, torch.Tensor],
-                     pieces: list[dict], meta: dict, keep: int, before_publish=None) -> Path:
+                     pieces: list[dict], meta: dict, keep: int) -> Path:
     """Collective over every rank: write this rank's `tensors` (described by `pieces`)
-    and, from rank 0, `meta`; publish the directory once every file is on disk.
-    `before_publish()` runs on each rank after its file is written (fault injection)."""
+    and, from rank 0, `meta`; publish the directory once every file is on disk."""
     root = Path(root)
     final, tmp = root / step_dir_name(step), root / f".{step_dir_name(step)}.tmp"
     if mesh.rank == 0:
@@ -97,8 +96,6 @@ def write_checkpoint(root: str | os.PathLike, step: int, mesh: ParallelMesh, ten
     header = {"format": FORMAT, "rank": str(mesh.rank), "pieces": json.dumps(pieces)}
     data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=header)
     _write_durably(tmp / name, data)
-    if before_publish is not None:
-        before_publish()
     files = comm.all_gather_object(mesh, (name, len(data), hashlib.sha256(data).hexdigest()), tag="checkpoint")
     if mesh.rank == 0:
         meta = {"format": FORMAT, "version": VERSION, "step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

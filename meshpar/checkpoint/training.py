@@ -136,8 +136,7 @@ def rank_tensors(parallelized) -> tuple[dict[str, torch.Tensor], list[dict]]:
     return tensors, pieces
 
 
-def save_state(parallelized, directory: str | Path, keep: int, model: dict, train: dict,
-               before_publish: Callable[[], None] | None = None) -> Path:
+def save_state(parallelized, directory: str | Path, keep: int, model: dict, train: dict) -> Path:
     """Collective: write `parallelized`'s state as checkpoint `step-<steps taken>` under
     `directory`, the newest `keep` kept: `model` describes the model, `train` holds the
     caller's own counters (JSON; rank 0's is written)."""
@@ -146,7 +145,7 @@ def save_state(parallelized, directory: str | Path, keep: int, model: dict, trai
     meta = {"model": model, "layout": layout_of(parallelized),
             "train": {"step": step, "optimizer_step": step - skipped, "skipped_steps": skipped,
                       "loss_scaler": parallelized.scaler.state_dict() if parallelized.scaler else None, **train}}
-    return write_checkpoint(directory, step, parallelized.mesh, tensors, pieces, meta, keep, before_publish)
+    return write_checkpoint(directory, step, parallelized.mesh, tensors, pieces, meta, keep)
 
 
 def read_local(reader, kind: str, parts: list[Part]) -> torch.Tensor:

@@ -11,10 +11,43 @@ breaks, so the compiled pieces are the compute between them.
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils.checkpoint import CheckpointPolicy
+
+from meshpar.options import Section, option
+
+if TYPE_CHECKING:
+    from meshpar.config import Config
+
+
+@dataclass
+class CompileOptions(Section):
+    """torch.compile of the model's blocks."""
+
+    compile: bool | list[str] = option(False, "torch.compile each transformer block (the first steps pay for "
+                                              "compiling); from Python also module-name patterns")
+
+    def problems(self, cfg: Config) -> list[str]:
+        """What the code generator needs, there before it fails mid-run."""
+        if not self.compile:
+            return []
+        device, env = cfg.run.device, cfg.environ()
+        if device == "cpu":
+            compilers = [env["CXX"]] if env.get("CXX") else ["g++", "clang++"]
+            if not any(shutil.which(c) for c in compilers):
+                return [f"--compile on CPUs needs a C++ compiler for the generated kernels "
+                        f"({' or '.join(compilers)} on PATH, or $CXX); install one or drop --compile"]
+        elif device == "cuda" and importlib.util.find_spec("triton") is None:
+            return ["--compile on GPUs needs triton for the generated kernels (PyTorch's CUDA wheels bring it); "
+                    "install it or drop --compile"]
+        return []
 
 
 def apply_compile(layers: list[nn.Module]) -> None:

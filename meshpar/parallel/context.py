@@ -21,12 +21,18 @@ all-to-all  (Ulysses) One all-to-all turns sequence-sharded q, k, v into head-sh
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
+from meshpar.options import Section, option
+
+if TYPE_CHECKING:
+    from meshpar.config import Config
 
 IMPLEMENTATIONS = ("ring", "all-to-all")
 
@@ -272,8 +278,6 @@ def context_parallel_problems(num_heads: int, num_kv_heads: int, seq_len: int, c
     if cp == 1:
         return []
     found = []
-    if impl not in IMPLEMENTATIONS:
-        found.append(f"unknown --cp-impl {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
     if seq_len % (2 * cp):
         found.append(f"--seq-len {seq_len} must be divisible by 2 x cp = {2 * cp} (causal load "
                      f"balancing cuts the sequence into 2 x cp chunks)")
@@ -284,3 +288,18 @@ def context_parallel_problems(num_heads: int, num_kv_heads: int, seq_len: int, c
         found.append(f"--cp-impl all-to-all needs the attention heads per tp rank ({num_heads // max(tp, 1)}) "
                      f"divisible by --cp {cp}; use --cp-impl ring")
     return found
+
+
+@dataclass
+class ContextOptions(Section):
+    """Context parallelism over cp (its degree is the mesh's)."""
+
+    cp_impl: str = option("ring", "the attention across cp ranks: ring (K/V passed around the ranks) or "
+                                  "all-to-all (Ulysses; heads per tp rank divisible by cp)", choices=IMPLEMENTATIONS)
+
+    def problems(self, cfg: Config) -> list[str]:
+        model = cfg.model_config()
+        if model is None or cfg.mesh.cp <= 1 or cfg.mesh.tp < 1:
+            return []
+        return context_parallel_problems(model.num_heads, model.num_kv_heads, cfg.data.seq_len, cfg.mesh.cp,
+                                         cfg.mesh.tp, cfg.tensor.sequence_parallel, self.cp_impl)

@@ -28,14 +28,72 @@ the node. A rank then sends 2(M-1)/M * B/k bytes across nodes instead of the fla
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
+from meshpar.options import Section, option
+
+if TYPE_CHECKING:
+    from meshpar.config import Config
 
 COMPRESSIONS = ("none", "bf16", "fp16", "int8")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 INT8_CHUNK = 1024  # elements per quantization scale: 4 bytes of scale per 1024 of data
+
+
+@dataclass
+class ReduceOptions(Section):
+    """The dp reduction of gradients: buckets, overlap with backward, the wire format."""
+
+    bucket_mb: float = option(25.0, "gradient bucket size in MiB", positive=True)
+    overlap: bool = option(True, "launch each bucket's dp reduction from backward as soon as it is complete "
+                                 "(--no-overlap: after backward, for comparison)")
+    grad_compression: str = option("none", "dp gradients on the wire: none (fp32), bf16, fp16, or int8 with a "
+                                           "scale per 1024 elements and error feedback", choices=COMPRESSIONS)
+    error_feedback: bool = option(True, "with --grad-compression int8: carry each step's quantization error "
+                                        "into the next (--no-error-feedback drops it, for comparison)")
+    hierarchical_allreduce: bool = option(False, "ZeRO-0 all-reduce in three steps: reduce-scatter inside each "
+                                                 "node, all-reduce across nodes, all-gather inside the node")
+
+    def problems(self, cfg: Config) -> list[str]:
+        problems = []
+        if self.grad_compression == "int8":
+            if cfg.zero.stage == 3:
+                problems.append("--grad-compression int8 works with --zero 0-2: its error feedback keeps a full "
+                                "fp32 gradient per rank, which ZeRO-3 exists to avoid; use bf16 or fp16 with "
+                                "ZeRO-3")
+            if cfg.precision.precision == "fp16":
+                problems.append("--grad-compression int8 with --precision fp16 is not supported: the error "
+                                "carried between steps would be in units of a loss scale that may have changed; "
+                                "use bf16")
+            if self.hierarchical_allreduce:
+                problems.append("--hierarchical-allreduce runs in fp32 or 16 bits; use --grad-compression none, "
+                                "bf16 or fp16 with it")
+        if self.hierarchical_allreduce:
+            problems += self._hierarchy_problems(cfg)
+        return problems
+
+    def _hierarchy_problems(self, cfg) -> list[str]:
+        mesh = cfg.mesh
+        if cfg.zero.stage != 0:
+            return [f"--hierarchical-allreduce replaces ZeRO-0's all-reduce; --zero {cfg.zero.stage} "
+                    f"reduce-scatters gradients instead; use --zero 0"]
+        k = mesh.node_size(cfg.environ())
+        if not mesh.valid or k < 1 or mesh.world_size % k:
+            return []  # the mesh's own problems
+        try:
+            per_node, nodes = mesh.shape.node_split("dp", k)
+        except ValueError as err:
+            return [f"--hierarchical-allreduce needs the same number of dp ranks on each node: {err}"]
+        if per_node == 1 or nodes == 1:
+            return [f"--hierarchical-allreduce needs dp to span nodes with several ranks on each; here "
+                    f"dp={mesh.dp} has {per_node} rank(s) on each of {nodes} node(s) of {k} ranks "
+                    f"(set --ranks-per-node)"]
+        return []
 
 
 class Pending:

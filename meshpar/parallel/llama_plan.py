@@ -31,7 +31,7 @@ from meshpar.parallel.plan import PipelinePlan, Plan
 def tensor_parallel_problems(cfg: ModelConfig, tp: int, sequence_parallel: bool, seq_len: int) -> list[str]:
     """Why this model cannot be split `tp` ways (empty if it can)."""
     if tp == 1:
-        return ["--sequence-parallel needs --tp above 1"] if sequence_parallel else []
+        return []
     divisors = [d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0]
     found = []
     if cfg.num_heads % tp:

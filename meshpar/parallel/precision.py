@@ -4,19 +4,25 @@ Parameters, gradients, their reduction and the optimizer stay in fp32 (the maste
 weights); `torch.autocast` runs the matmuls in bf16 or fp16. fp16's narrow range needs
 dynamic loss scaling (Micikevicius et al. 2018): the loss is multiplied by a scale before
 backward and the gradients divided by it after; an Inf or NaN in any gradient on any rank
-skips the step on every rank. After `hysteresis` consecutive overflows the scale is
-multiplied by `backoff_factor`; after `growth_interval` clean steps, by `growth_factor`.
+skips the step on every rank. After `loss_scale_hysteresis` consecutive overflows the
+scale is multiplied by `loss_scale_backoff`; after `loss_scale_growth_interval` clean
+steps, doubled.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
+from meshpar.options import Section, option
+
+if TYPE_CHECKING:
+    from meshpar.config import Config
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,20 +36,30 @@ def autocast(precision: str, device: torch.device, cache: bool = True):
 
 
 @dataclass
-class LossScaleConfig:
-    initial_scale: float = 2.0 ** 16
-    growth_factor: float = 2.0
-    backoff_factor: float = 0.5
-    growth_interval: int = 1000  # clean steps before the scale grows
-    hysteresis: int = 2  # consecutive overflows before the scale shrinks
+class PrecisionOptions(Section):
+    """Mixed precision: the compute's dtype, and fp16's dynamic loss scale."""
+
+    precision: str = option("fp32", "the compute: fp32, or bf16/fp16 under autocast with fp32 master weights, "
+                                    "gradients and optimizer", choices=PRECISIONS)
+    loss_scale_initial: float = option(65536.0, "fp16: initial loss scale", positive=True)
+    loss_scale_growth_interval: int = option(1000, "fp16: clean steps before the scale doubles", at_least=1)
+    loss_scale_backoff: float = option(0.5, "fp16: factor on the scale after overflows, in (0, 1)", positive=True)
+    loss_scale_hysteresis: int = option(2, "fp16: consecutive overflows before the scale shrinks", at_least=1)
+
+    def problems(self, cfg: Config) -> list[str]:
+        if self.loss_scale_backoff >= 1:
+            return [f"--loss-scale-backoff={self.loss_scale_backoff} must be below 1 (it shrinks the scale)"]
+        return []
 
 
 class DynamicLossScaler:
-    def __init__(self, cfg: LossScaleConfig):
+    GROWTH = 2.0
+
+    def __init__(self, cfg: PrecisionOptions):
         self.cfg = cfg
-        self.scale = cfg.initial_scale
+        self.scale = cfg.loss_scale_initial
         self.clean_steps = 0
-        self.overflows_left = cfg.hysteresis
+        self.overflows_left = cfg.loss_scale_hysteresis
 
     def unscale_and_check(self, grads: list[torch.Tensor], mesh: ParallelMesh) -> bool:
         """Divide the gradients (this rank's, or its shards of them) by the scale; True if
@@ -67,13 +83,13 @@ class DynamicLossScaler:
             self.clean_steps = 0
             self.overflows_left -= 1
             if self.overflows_left <= 0:
-                self.scale *= self.cfg.backoff_factor
-                self.overflows_left = self.cfg.hysteresis
+                self.scale *= self.cfg.loss_scale_backoff
+                self.overflows_left = self.cfg.loss_scale_hysteresis
         else:
             self.clean_steps += 1
-            self.overflows_left = self.cfg.hysteresis
-            if self.clean_steps % self.cfg.growth_interval == 0:
-                self.scale *= self.cfg.growth_factor
+            self.overflows_left = self.cfg.loss_scale_hysteresis
+            if self.clean_steps % self.cfg.loss_scale_growth_interval == 0:
+                self.scale *= self.GROWTH
 
     def state_dict(self) -> dict:
         return {"scale": self.scale, "clean_steps": self.clean_steps, "overflows_left": self.overflows_left}

@@ -19,11 +19,32 @@ module's own (an instance attribute), so parameter names stay those of the refer
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from meshpar.options import Section, option
+
+if TYPE_CHECKING:
+    from meshpar.config import Config
+
 POLICIES = ("none", "full", "selective")
+
+
+@dataclass
+class RecomputeOptions(Section):
+    """Activation recomputation: what backward runs again instead of keeping."""
+
+    recompute: str | list[str] = option("none", "none; full (whole blocks); selective (the attention cores); "
+                                                "from Python also module-name patterns", choices=POLICIES)
+    recompute_every: int = option(1, "with --recompute full: every N-th block only", at_least=1)
+
+    def problems(self, cfg: Config) -> list[str]:
+        if self.recompute_every > 1 and self.recompute != "full":
+            return ["--recompute-every applies to --recompute full"]
+        return []
 
 
 def _checkpointed(fn):

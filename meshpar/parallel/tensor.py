@@ -15,7 +15,8 @@ sequence is dim 1.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,11 @@ from torch import nn
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.model.loss import fused, row_blocks, shifted_sum_exp
+from meshpar.options import Section, option
 from meshpar.parallel.sharding import FUSED_ATTR, SPEC_ATTR, ShardSpec
+
+if TYPE_CHECKING:
+    from meshpar.config import Config
 
 SEQ_DIM = 1
 
@@ -371,3 +376,21 @@ def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tens
                                  num_valid_local: int, mesh: ParallelMesh) -> torch.Tensor:
     """Per-token losses (same shape as `targets`), identical on every tp rank."""
     return _VocabParallelCrossEntropy.apply(logits_local, targets, vocab_start, num_valid_local, mesh)
+
+
+@dataclass
+class TensorOptions(Section):
+    """Tensor parallelism over tp (its degree is the mesh's)."""
+
+    sequence_parallel: bool = option(False, "with --tp: shard norms and the residual stream along the sequence "
+                                            "(Megatron's sequence parallelism)")
+
+    def problems(self, cfg: Config) -> list[str]:
+        tp = cfg.mesh.tp
+        if self.sequence_parallel and tp == 1:
+            return ["--sequence-parallel needs --tp above 1 (it shards the sequence over the tp ranks)"]
+        model = cfg.model_config()
+        if model is None or tp < 1:
+            return []
+        from meshpar.parallel.llama_plan import tensor_parallel_problems
+        return tensor_parallel_problems(model, tp, self.sequence_parallel, cfg.data.seq_len)

@@ -63,7 +63,7 @@ from collections import Counter
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
@@ -72,13 +72,37 @@ from meshpar import comm
 from meshpar.init import Materialization, adopt_storage, fill_flat
 from meshpar.init import materialize as materialize_rest
 from meshpar.mesh import ParallelMesh
+from meshpar.options import Section, comma_list, option
 from meshpar.parallel.grad_reduce import GradReducer
 from meshpar.parallel.param_gather import SixteenBitGather, read_only_by_matmuls
 from meshpar.parallel.sharding import model_names, tied_across_stages
 
+if TYPE_CHECKING:
+    from meshpar.config import Config
+
 STAGES = (0, 1, 2, 3)
 MAX_IN_FLIGHT = 2  # stages 2-3: gradient reductions running at once (full buffers alive)
 OFFLOADS = ("optimizer", "params")
+
+
+@dataclass
+class ZeroOptions(Section):
+    """ZeRO over dp: which of the training state is sharded, and what lives in host memory."""
+
+    stage: int = option(0, "ZeRO stage: 0 replicated, 1 optimizer states sharded, 2 and gradients, 3 and "
+                           "parameters", flag="--zero", choices=STAGES)
+    offload: list[str] = option([], "keep in host memory: optimizer (states, master weights and the step), "
+                                    "params (ZeRO-3 shards; implies optimizer); comma-separated",
+                                parse=comma_list(str, "names"))
+
+    def problems(self, cfg: Config) -> list[str]:
+        problems = []
+        unknown = [o for o in self.offload if o not in OFFLOADS]
+        if unknown:
+            problems.append(f"--offload {','.join(unknown)}: choose from {', '.join(OFFLOADS)}")
+        if "params" in self.offload and self.stage != 3:
+            problems.append("--offload params keeps parameter shards in host memory: it needs --zero 3")
+        return problems
 
 
 def units_of(module: nn.Module) -> list[nn.Module]:

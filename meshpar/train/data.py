@@ -14,10 +14,17 @@ from __future__ import annotations
 import functools
 import os
 import sysconfig
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from meshpar.options import Section, option
+
+if TYPE_CHECKING:
+    from meshpar.config import Config
 
 VAL_FRACTION = 0.05
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".csv", ".html", ".c", ".h"}
@@ -26,6 +33,57 @@ _SKIPPED_STDLIB_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", 
 
 class DataError(ValueError):
     """A data source that cannot be used, with the reason."""
+
+
+@dataclass
+class DataOptions(Section):
+    """What the model reads, and in what batches."""
+
+    data: str | None = option(None, "text file, folder of text files, or .bin of uint16 tokens "
+                                    "(default: the Python standard library's sources)")
+    global_batch_size: int = option(32, "sequences per optimizer step, over all dp ranks", at_least=1)
+    micro_batch_size: int | None = option(None, "sequences per forward on one dp rank (default: the whole "
+                                                "per-rank batch, no accumulation)", at_least=1)
+    seq_len: int = option(128, "tokens per sequence", at_least=1)
+
+    def microbatches(self, dp: int) -> int | None:
+        """Micro-batches per step on each dp rank; None when the batch does not split
+        (another message says why)."""
+        if dp < 1 or self.global_batch_size < 1 or self.global_batch_size % dp:
+            return None
+        per_rank = self.global_batch_size // dp
+        micro = self.micro_batch_size or per_rank
+        return per_rank // micro if micro >= 1 and per_rank % micro == 0 else None
+
+    def problems(self, cfg: Config) -> list[str]:
+        dp, batch, problems = cfg.mesh.dp, self.global_batch_size, []
+        if dp >= 1 and batch >= 1:
+            if batch % dp:
+                problems.append(f"--dp={dp} does not divide --global-batch-size={batch}; "
+                                f"use a dp in {_divisors(batch)}")
+            elif self.micro_batch_size is not None and self.micro_batch_size >= 1 and (batch // dp) % self.micro_batch_size:
+                problems.append(f"--micro-batch-size={self.micro_batch_size} must divide the per-rank batch "
+                                f"{batch}/{dp}={batch // dp}; use one of {_divisors(batch // dp)}")
+        model = cfg.model_config()
+        if model is not None and self.seq_len > model.max_seq_len:
+            problems.append(f"--seq-len={self.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
+        if self.seq_len >= 1:
+            problems += self._source_problems(model.vocab_size if model else None)
+        return problems
+
+    def _source_problems(self, vocab_size: int | None) -> list[str]:
+        try:
+            train_tokens, val_tokens = corpus_split_sizes(self.data, vocab_size)
+        except DataError as err:
+            return [str(err)]
+        source = self.data or "the default corpus"
+        return [f"--seq-len={self.seq_len} is longer than {source} allows: its {split} split has {n} tokens "
+                f"and needs at least seq_len+1 = {self.seq_len + 1}"
+                for split, n in (("training", train_tokens), ("validation", val_tokens)) if n < self.seq_len + 1]
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
 def default_corpus_files() -> list[Path]:

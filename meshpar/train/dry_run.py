@@ -26,41 +26,41 @@ from meshpar.train.metrics import format_bytes
 
 
 def dry_run(cfg: Config) -> str:
-    par, tr = cfg.parallel, cfg.train
+
     model_cfg = cfg.model.resolve()
-    shape = MeshShape(pp=par.pp, dp=par.dp, cp=par.cp, tp=par.tp)
-    m = tr.num_microbatches(par.dp)
-    mbs = tr.global_batch_size // par.dp // m
-    dtypes = Dtypes.for_precision(tr.precision)
-    layout = Layout(par.dp, par.tp, par.pp, par.cp, par.zero, par.schedule if par.pp > 1 else "none",
-                    par.virtual_stages, mbs, par.sequence_parallel, par.recompute,
-                    "optimizer" if par.offload else "none")
-    spec = from_meshpar(model_cfg, tr.seq_len)
+    shape = MeshShape(pp=cfg.mesh.pp, dp=cfg.mesh.dp, cp=cfg.mesh.cp, tp=cfg.mesh.tp)
+    m = cfg.microbatches()
+    mbs = cfg.data.global_batch_size // cfg.mesh.dp // m
+    dtypes = Dtypes.for_precision(cfg.precision.precision)
+    layout = Layout(cfg.mesh.dp, cfg.mesh.tp, cfg.mesh.pp, cfg.mesh.cp, cfg.zero.stage, cfg.pipeline.schedule if cfg.mesh.pp > 1 else "none",
+                    cfg.pipeline.virtual_stages, mbs, cfg.tensor.sequence_parallel, cfg.recompute.recompute,
+                    "optimizer" if cfg.zero.offload else "none")
+    spec = from_meshpar(model_cfg, cfg.data.seq_len)
     per_layer = layer_activation_bytes(spec, layout, dtypes)
     head, copies = head_activation_bytes(spec, layout, dtypes), weight_copy_bytes(spec, layout, dtypes)
-    schedule = build_schedule(par.schedule, par.pp, par.virtual_stages, m) if par.pp > 1 else None
+    schedule = build_schedule(cfg.pipeline.schedule, cfg.mesh.pp, cfg.pipeline.virtual_stages, m) if cfg.mesh.pp > 1 else None
     inflight = simulate(schedule, Costs(1.0, 1.0, 1.0)).peak_inflight_microbatches if schedule else [1]
     lines = [f"dry run: {cfg.model.name} ({model_cfg.num_params():,} parameters), {shape.world_size} ranks "
-             f"(pp={par.pp} x dp={par.dp} x cp={par.cp} x tp={par.tp}), ZeRO-{par.zero}, {tr.precision}, "
-             f"{m} micro-batch(es) of {mbs} x {tr.seq_len} tokens per dp rank",
+             f"(pp={cfg.mesh.pp} x dp={cfg.mesh.dp} x cp={cfg.mesh.cp} x tp={cfg.mesh.tp}), ZeRO-{cfg.zero.stage}, {cfg.precision.precision}, "
+             f"{m} micro-batch(es) of {mbs} x {cfg.data.seq_len} tokens per dp rank",
              f"{'stage':>5}  {'ranks':<16} {'layers':>6} {'parameters':>14} {'model state':>12} "
              f"{'activations':>12} {'total':>12}"]
     total_params = 0
     apart = gradients_follow_activations(layout, m)
-    for stage in range(par.pp):
+    for stage in range(cfg.mesh.pp):
         mesh = ParallelMesh(shape, shape.rank(pp=stage))  # no process groups: parallelize only slices
         with torch.device("meta"):
-            model = build_model(model_cfg, tr.seed, "meta")
-        parallel = split_model(model, mesh, sequence_parallel=par.sequence_parallel,
-                               num_stages=par.pp * par.virtual_stages, stage_layer_counts=par.pp_layers,
-                               recompute=par.recompute, recompute_every=par.recompute_every, cp_impl=par.cp_impl)
+            model = build_model(model_cfg, cfg.run.seed, "meta")
+        parallel = split_model(model, mesh, sequence_parallel=cfg.tensor.sequence_parallel,
+                               num_stages=cfg.mesh.pp * cfg.pipeline.virtual_stages, stage_layer_counts=cfg.pipeline.pp_layers,
+                               recompute=cfg.recompute.recompute, recompute_every=cfg.recompute.recompute_every, cp_impl=cfg.context.cp_impl)
         params = sum(p.numel() for p in parallel.module.parameters())
         total_params += params
         layers = sum(isinstance(m, TransformerBlock) for m in parallel.module.modules())
-        param_bytes, grad_bytes, optimizer_bytes = state_bytes(params, par.dp, par.zero, bool(par.offload), dtypes)
+        param_bytes, grad_bytes, optimizer_bytes = state_bytes(params, cfg.mesh.dp, cfg.zero.stage, bool(cfg.zero.offload), dtypes)
         state = param_bytes + grad_bytes + optimizer_bytes
-        activations = inflight[stage] * layers / par.virtual_stages * per_layer + copies
-        if stage == par.pp - 1:  # the output layer and the loss
+        activations = inflight[stage] * layers / cfg.pipeline.virtual_stages * per_layer + copies
+        if stage == cfg.mesh.pp - 1:  # the output layer and the loss
             activations += inflight[stage] * head
         held = state + activations
         if apart:
@@ -70,10 +70,10 @@ def dry_run(cfg: Config) -> str:
         lines.append(f"{stage:>5}  {span:<16} {layers:>6} {params:>14,} {format_bytes(state):>12} "
                      f"{format_bytes(activations):>12} {format_bytes(held + WORKSPACE_BYTES):>12}")
     lines.append(f"every rank of a stage holds its parameters; over all stages {total_params:,} per tp x cp x dp "
-                 f"slice (x{par.tp} tp shards = {total_params * par.tp:,} with replicated norms counted per shard"
+                 f"slice (x{cfg.mesh.tp} tp shards = {total_params * cfg.mesh.tp:,} with replicated norms counted per shard"
                  + ("; the tied embedding counted on the first and the last stage" if model_cfg.tie_embeddings
-                    and par.pp > 1 else "") + "). "
-                 f"Model state as the trainer keeps it (fp32 parameters, gradients, AdamW moments; ZeRO-{par.zero}); "
+                    and cfg.mesh.pp > 1 else "") + "). "
+                 f"Model state as the trainer keeps it (fp32 parameters, gradients, AdamW moments; ZeRO-{cfg.zero.stage}); "
                  f"activations from the planner's per-layer bytes ({format_bytes(per_layer)}) x layers x the "
                  f"schedule's peak in-flight micro-batches, plus the output layer and loss ({format_bytes(head)})"
                  + (f" and autocast's 16-bit weight copies ({format_bytes(copies)})" if copies else "")
@@ -81,7 +81,7 @@ def dry_run(cfg: Config) -> str:
                     "the total holds the larger of the two)" if apart else "")
                  + f"; total adds {format_bytes(WORKSPACE_BYTES)} of workspace.")
     if schedule is not None:
-        lines.append(f"\npipeline schedule {schedule.name}, {par.pp} stages x {m} micro-batches "
+        lines.append(f"\npipeline schedule {schedule.name}, {cfg.mesh.pp} stages x {m} micro-batches "
                      f"(peak in flight per rank {inflight}):")
         lines += [f"  rank {r}: {text}" for r, text in enumerate(schedule.text())]
     return "\n".join(lines)

@@ -2,11 +2,43 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from tqdm import tqdm
+
+from meshpar.options import Section, option
+
+if TYPE_CHECKING:
+    from meshpar.config import Config
+
+
+@dataclass
+class ObserveOptions(Section):
+    """What a run records of itself, and how it watches for ranks that hang or drift apart."""
+
+    metrics_file: str | None = option(None, "write JSON lines of metrics here")
+    tensorboard_dir: str | None = option(None, "write the same metrics as TensorBoard scalars under DIR "
+                                               "(train/*, val/loss; needs the tensorboard package)",
+                                         flag="--tensorboard")
+    trace_dir: str | None = option(None, "write a Chrome/Perfetto trace per rank (DIR/rankN.json) of steps 2-4: "
+                                         "compute, pipeline actions, sends, receives, collectives", flag="--trace")
+    comm_timeout: float = option(300.0, "seconds a rank may wait in one collective before it prints where it is "
+                                        "stuck (mesh coordinates, operation, group, last 20 collectives) and the "
+                                        "run exits", positive=True)
+    check_consistency_every: int = option(0, "every N steps, check that replicated parameters are identical on "
+                                             "every rank (by checksum) and name the first that is not (0: never)",
+                                          at_least=0)
+
+    def problems(self, cfg: Config) -> list[str]:
+        if self.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+            return ["--tensorboard needs the tensorboard package: pip install tensorboard (or "
+                    "meshpar[tensorboard]), or use --metrics-file and meshpar plot"]
+        return []
 
 
 # TensorBoard tags of a step record's figures (those present are written).

@@ -4,55 +4,87 @@ gradient clipping by the global norm over every rank and shard."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from meshpar import comm
-from meshpar.config import TrainConfig
 from meshpar.mesh import ParallelMesh
+from meshpar.options import Section, option
 from meshpar.parallel.sharding import is_tied_copy, shard_spec
 from meshpar.train.checks import check_finite
 
 if TYPE_CHECKING:
+    from meshpar.config import Config
     from meshpar.parallel.zero import ShardedDataParallel
 
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+@dataclass
+class OptimizerOptions(Section):
+    """AdamW (weight decay on matrices, not on vectors) and clipping by the global norm."""
+
+    lr: float = option(3e-3, "peak learning rate", positive=True)
+    weight_decay: float = option(0.1, "AdamW weight decay", at_least=0)
+    beta1: float = option(0.9, "AdamW's first-moment decay, in [0, 1)", at_least=0)
+    beta2: float = option(0.95, "AdamW's second-moment decay, in [0, 1)", at_least=0)
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0: off)", at_least=0)
+
+    def problems(self, cfg: Config) -> list[str]:
+        return [f"--{name}={value} must be below 1" for name, value in (("beta1", self.beta1), ("beta2", self.beta2))
+                if value >= 1]
+
+
+@dataclass
+class LrScheduleOptions(Section):
+    """The learning rate over the run: linear warmup, then cosine decay to a floor."""
+
+    warmup_steps: int = option(20, "linear warmup steps before the cosine decay", at_least=0)
+    min_lr_ratio: float = option(0.1, "the cosine decays to lr x this, in [0, 1]", at_least=0)
+    lr_scale_from: int | None = option(None, "scale lr linearly by global-batch-size / this reference batch",
+                                       at_least=1)
+
+    def problems(self, cfg: Config) -> list[str]:
+        return [f"--min-lr-ratio={self.min_lr_ratio} must be at most 1"] if self.min_lr_ratio > 1 else []
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerOptions, lr: float | None = None) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on norm gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return adamw([p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2], cfg)
+    return adamw([p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2], cfg, lr)
 
 
-def adamw(decayed: list[torch.Tensor], undecayed: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
+def adamw(decayed: list[torch.Tensor], undecayed: list[torch.Tensor], cfg: OptimizerOptions,
+          lr: float | None = None) -> torch.optim.AdamW:
     """The fused kernel, on GPUs and CPUs alike: one pass over each parameter, no
     temporaries the size of the model (the foreach kernel's sqrt of the second moments
-    was one: 60 MiB more at the peak of a 290M-parameter model's tp4 x pp2 rank)."""
+    was one: 60 MiB more at the peak of a 290M-parameter model's tp4 x pp2 rank).
+    `lr`: the starting learning rate, default `cfg.lr`."""
     groups = [{"params": decayed, "weight_decay": cfg.weight_decay},
               {"params": undecayed, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=peak_lr(cfg),
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr if lr is None else lr,
                              betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def peak_lr(cfg: TrainConfig) -> float:
+def peak_lr(cfg: Config) -> float:
     """The configured lr, linearly scaled with the global batch if `lr_scale_from` is set
     (Goyal et al. 2017: lr proportional to batch size, from a reference batch B0)."""
-    if cfg.lr_scale_from:
-        return cfg.lr * cfg.global_batch_size / cfg.lr_scale_from
-    return cfg.lr
+    if cfg.lr_schedule.lr_scale_from:
+        return cfg.optimizer.lr * cfg.data.global_batch_size / cfg.lr_schedule.lr_scale_from
+    return cfg.optimizer.lr
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup over `warmup_steps`, then cosine decay to min_lr_ratio * peak by the
     last step. `step` counts from 0."""
-    peak = peak_lr(cfg)
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, cfg.steps - cfg.warmup_steps - 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    floor = peak * cfg.min_lr_ratio
+    peak, schedule = peak_lr(cfg), cfg.lr_schedule
+    if step < schedule.warmup_steps:
+        return peak * (step + 1) / schedule.warmup_steps
+    decay_steps = max(1, cfg.run.steps - schedule.warmup_steps - 1)
+    progress = min(1.0, (step - schedule.warmup_steps) / decay_steps)
+    floor = peak * schedule.min_lr_ratio
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

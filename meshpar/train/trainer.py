@@ -11,14 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from meshpar import comm
-from meshpar.api import Parallelized, parallelize
+from meshpar.api import API_SECTIONS, Parallelized, parallelize
 from meshpar.config import Config
 from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
 from meshpar.model.llama import init_rule
 from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.llama_plan import llama_plan
-from meshpar.parallel.precision import LossScaleConfig
 from meshpar.parallel.sharding import model_names
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.train.checks import check_replicas
@@ -27,7 +26,6 @@ from meshpar.planner.hardware import device_peak_flops
 from meshpar.planner.model import from_meshpar
 from meshpar.train.metrics import MetricsLog, Progress, format_bytes, peak_memory
 from meshpar.train.trace import Tracer
-from meshpar.train.faults import Faults
 from meshpar.checkpoint import CheckpointReader, latest_checkpoint, open_checkpoint
 from meshpar.checkpoint.training import load_parameters, model_meta, restore_state, save_state
 from meshpar.train.plot import plot_losses
@@ -45,54 +43,45 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: Config, mesh: ParallelMesh, device: torch.device):
         self.cfg, self.mesh, self.device = cfg, mesh, device
-        tr, par = cfg.train, cfg.parallel
+        data, run = cfg.data, cfg.run
         self.model_cfg = cfg.model.resolve()
         dp = mesh.size("dp")
-        self.num_microbatches = tr.num_microbatches(dp)
+        self.num_microbatches = cfg.microbatches()
         # The model is built on the meta device (shapes only) and goes through the one
         # composition path (meshpar.parallelize) by its plan: sliced for this rank, then
         # data parallelism allocates this rank's share (under ZeRO-3 its shard) and fills it
         # with the reference initialization's values - drawn even when a checkpoint then
         # overwrites them (_load_checkpoint), which costs time, not memory.
         self.parallel = parallelize(
-            build_model(self.model_cfg, tr.seed, "meta"), mesh, llama_plan(self.model_cfg), zero=par.zero,
-            microbatches=self.num_microbatches, schedule=par.schedule, virtual_stages=par.virtual_stages,
-            stage_layer_counts=par.pp_layers, lr=tr.lr, weight_decay=tr.weight_decay, betas=(tr.beta1, tr.beta2),
-            max_grad_norm=tr.max_grad_norm, compile=tr.compile, recompute=par.recompute,
-            recompute_every=par.recompute_every, precision=tr.precision, loss_scale=LossScaleConfig(
-                initial_scale=tr.loss_scale_initial, backoff_factor=tr.loss_scale_backoff,
-                growth_interval=tr.loss_scale_growth_interval, hysteresis=tr.loss_scale_hysteresis),
-            sequence_parallel=par.sequence_parallel, cp_impl=par.cp_impl, bucket_mb=par.bucket_mb,
-            overlap=par.overlap, offload=par.offload, grad_compression=par.grad_compression,
-            error_feedback=par.error_feedback, hierarchical_allreduce=par.hierarchical_allreduce, steps=tr.steps,
-            init=functools.partial(init_rule, self.model_cfg), seed=tr.seed, device=device)
+            build_model(self.model_cfg, cfg.run.seed, "meta"), mesh, llama_plan(self.model_cfg),
+            *(getattr(cfg, name) for name in API_SECTIONS), microbatches=self.num_microbatches,
+            steps=cfg.run.steps, init=functools.partial(init_rule, self.model_cfg), seed=cfg.run.seed, device=device)
         self.model = self.parallel.module
         self.data_parallel, self.optimizer = self.parallel.data_parallel, self.parallel.optimizer
         self.scaler, self.compute = self.parallel.scaler, self.parallel.compute
-        self.resume_from = latest_checkpoint(tr.save_dir) if tr.resume and tr.save_dir else None
-        torch.manual_seed(dropout_seed(tr.seed, mesh))  # dropout's masks
-        train_tokens, val_tokens = load_tokens(tr.data)
-        self.loader = BatchLoader(train_tokens, tr.seq_len, tr.global_batch_size, mesh.index("dp"), dp, tr.seed)
+        self.resume_from = latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume and cfg.checkpoint.save_dir else None
+        torch.manual_seed(dropout_seed(cfg.run.seed, mesh))  # dropout's masks
+        train_tokens, val_tokens = load_tokens(cfg.data.data)
+        self.loader = BatchLoader(train_tokens, cfg.data.seq_len, cfg.data.global_batch_size, mesh.index("dp"), dp, cfg.run.seed)
         self.val_tokens = val_tokens
-        self.positions = self.parallel.split.local_positions(tr.seq_len, device)  # None without cp
+        self.positions = self.parallel.split.local_positions(cfg.data.seq_len, device)  # None without cp
         self.parallel.use_positions(self.positions)
-        self.tokens_per_step = tr.global_batch_size * tr.seq_len
+        self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
         self.is_logger = mesh.rank == 0
         self.pipeline = None
         self.compile_note = ""
         if self.parallel.split.pipelined:
-            micro_batch = tr.global_batch_size // dp // self.num_microbatches
-            self.pipeline = self.parallel.build_pipeline((micro_batch, tr.seq_len // mesh.size("cp")), device)
+            micro_batch = cfg.data.global_batch_size // dp // self.num_microbatches
+            self.pipeline = self.parallel.build_pipeline((micro_batch, cfg.data.seq_len // mesh.size("cp")), device)
             self.schedule = self.pipeline.schedule
-            if tr.compile and self.schedule.splits_backward:
+            if cfg.compile.compile and self.schedule.splits_backward:
                 self.compile_note = " (caches off: the zero-bubble split)"
             if self.pipeline.weight_grads is not None:  # meshpar's blocks read their weights on the input's path only
                 self.data_parallel.free_after_input_grad = True
         self.asynchronous = self.parallel.asynchronous
         self.peak_saved_bytes = 0  # activations held for backward (the pipeline counts its own)
-        self.flops_per_token = from_meshpar(self.model_cfg, tr.seq_len).flops_per_token()
+        self.flops_per_token = from_meshpar(self.model_cfg, cfg.data.seq_len).flops_per_token()
         self.peak_flops = device_peak_flops(device)  # None on a CPU: no MFU
-        self.faults = Faults(mesh.rank)
         self.started_from = self._load_checkpoint()
         self.first_step = self.step  # of this process: 0 unless resumed
 
@@ -117,21 +106,21 @@ class Trainer:
     def _load_checkpoint(self) -> str | None:
         """--resume: the newest complete checkpoint in --save-dir, whole; else --init-from:
         parameters only. Returns what was loaded (None: the seeded initialisation)."""
-        tr = self.cfg.train
+        cfg = self.cfg
         if self.resume_from is not None:
             reader = CheckpointReader(self.resume_from)
             reader.verify(self.mesh)
             saved, same_layout = restore_state(self.parallel, reader, "start from it with --init-from instead")
             self.loader.load_state_dict(saved["loader"])
             if not same_layout:  # fresh dropout streams, a function of the step
-                torch.manual_seed(dropout_seed(tr.seed, self.mesh, self.step))
+                torch.manual_seed(dropout_seed(cfg.run.seed, self.mesh, self.step))
             return f"resumed from {reader.path} (step {self.step})"
-        if tr.init_from:
-            reader = open_checkpoint(tr.init_from)
+        if cfg.checkpoint.init_from:
+            reader = open_checkpoint(cfg.checkpoint.init_from)
             if isinstance(reader, CheckpointReader):  # (a Hugging Face directory has no checksums)
                 reader.verify(self.mesh)
             load_parameters(self.parallel, reader)
-            return f"parameters from {tr.init_from}"
+            return f"parameters from {cfg.checkpoint.init_from}"
         return None
 
     def _microbatches(self, loader: BatchLoader) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -144,7 +133,7 @@ class Trainer:
                 [y.to(self.device) for y in targets.chunk(self.num_microbatches)])
 
     def _set_lr(self, step: int) -> float:
-        lr = lr_at(step, self.cfg.train)
+        lr = lr_at(step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -204,18 +193,18 @@ class Trainer:
 
     def check_consistency(self):
         """Replicated parameters identical on every rank (DivergenceError if not)."""
-        check_replicas(self.model, self.mesh, self.step, params_sharded_over_dp=self.cfg.parallel.zero == 3)
+        check_replicas(self.model, self.mesh, self.step, params_sharded_over_dp=self.cfg.zero.stage == 3)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-token loss over the first eval_batches global batches of validation."""
-        tr = self.cfg.train
-        loader = BatchLoader(self.val_tokens, tr.seq_len, tr.global_batch_size,
-                             self.mesh.index("dp"), self.mesh.size("dp"), tr.seed, shuffle=False)
-        total_tokens = tr.eval_batches * self.tokens_per_step
+        cfg = self.cfg
+        loader = BatchLoader(self.val_tokens, cfg.data.seq_len, cfg.data.global_batch_size,
+                             self.mesh.index("dp"), self.mesh.size("dp"), cfg.run.seed, shuffle=False)
+        total_tokens = cfg.run.eval_batches * self.tokens_per_step
         loss_sum = torch.zeros((), device=self.device)
         self.model.eval()
-        for _ in range(tr.eval_batches):
+        for _ in range(cfg.run.eval_batches):
             xs, ys = self._microbatches(loader)
             if self.pipeline:
                 loss_sum += self.pipeline.forward_only(xs, ys, total_tokens)
@@ -232,66 +221,64 @@ class Trainer:
 
     def _stop_requested(self, started: float) -> str | None:
         """Why the run stops early after this step (the same answer on every rank), or None."""
-        tr = self.cfg.train
-        if tr.stop_after_step is not None and self.step >= tr.stop_after_step and self.step < tr.steps:
-            return f"--stop-after-step {tr.stop_after_step}"
-        if tr.stop_after_minutes is not None and self.step < tr.steps:
-            late = torch.tensor(float(time.monotonic() - started > 60 * tr.stop_after_minutes), device=self.device)
+        cfg = self.cfg
+        if cfg.checkpoint.stop_after_step is not None and self.step >= cfg.checkpoint.stop_after_step and self.step < cfg.run.steps:
+            return f"--stop-after-step {cfg.checkpoint.stop_after_step}"
+        if cfg.checkpoint.stop_after_minutes is not None and self.step < cfg.run.steps:
+            late = torch.tensor(float(time.monotonic() - started > 60 * cfg.checkpoint.stop_after_minutes), device=self.device)
             comm.all_reduce(self.mesh, "world", late, tag="stop", op="max")  # rank clocks differ
             if late.item():
-                return f"--stop-after-minutes {tr.stop_after_minutes:g}"
+                return f"--stop-after-minutes {cfg.checkpoint.stop_after_minutes:g}"
         return None
 
     def save_checkpoint(self) -> Path:
         """Collective: this step's checkpoint under --save-dir."""
-        tr = self.cfg.train
-        return save_state(self.parallel, tr.save_dir, tr.keep_checkpoints, model_meta(self.cfg),
-                          {"seed": tr.seed, "loader": self.loader.state_dict()},
-                          before_publish=lambda: self.faults.at("save", self.step))
+        cfg = self.cfg
+        return save_state(self.parallel, cfg.checkpoint.save_dir, cfg.checkpoint.keep_checkpoints, model_meta(self.cfg),
+                          {"seed": cfg.run.seed, "loader": self.loader.state_dict()})
 
     def run(self) -> TrainResult:
-        tr = self.cfg.train
+        cfg = self.cfg
         started = time.monotonic()
-        log = MetricsLog(tr.metrics_file, self.is_logger, continue_after=self.step if self.started_from else None,
-                         tensorboard_dir=tr.tensorboard_dir)
-        if self.is_logger and tr.progress:
+        log = MetricsLog(cfg.observe.metrics_file, self.is_logger, continue_after=self.step if self.started_from else None,
+                         tensorboard_dir=cfg.observe.tensorboard_dir)
+        if self.is_logger and cfg.run.progress:
             print(self.banner(), flush=True)
         if self.is_logger and self.started_from:  # even without progress: a restarted job's log says so
             print(f"meshpar: {self.started_from}", flush=True)
-        progress = Progress(tr.steps, tr.progress and self.is_logger, initial=self.step)
+        progress = Progress(cfg.run.steps, cfg.run.progress and self.is_logger, initial=self.step)
         steps, evals = [], []
         stopped = None
-        tracer = Tracer(tr.trace_dir, self.mesh.rank, self.device, tr.steps) if tr.trace_dir else None
+        tracer = Tracer(cfg.observe.trace_dir, self.mesh.rank, self.device, cfg.run.steps) if cfg.observe.trace_dir else None
         try:
-            while self.step < tr.steps and not stopped:
+            while self.step < cfg.run.steps and not stopped:
                 if tracer:
                     tracer.before_step(self.step)
                 record = self.train_step()
                 if tracer:
                     tracer.after_step(self.step)
-                if tr.check_consistency_every and self.step % tr.check_consistency_every == 0:
+                if cfg.observe.check_consistency_every and self.step % cfg.observe.check_consistency_every == 0:
                     self.check_consistency()
                 steps.append(record)
                 log.write(record)
                 progress.step(record)
-                if (tr.eval_every and self.step % tr.eval_every == 0) or self.step == tr.steps:
+                if (cfg.run.eval_every and self.step % cfg.run.eval_every == 0) or self.step == cfg.run.steps:
                     val = {"step": self.step, "val_loss": self.evaluate()}
                     evals.append(val)
                     log.write(val)
                     progress.message(f"step {self.step:>5}  val_loss {val['val_loss']:.4f}")
                 stopped = self._stop_requested(started)
-                if tr.save_dir and (stopped or self.step == tr.steps
-                                    or (tr.save_every and self.step % tr.save_every == 0)):
+                if cfg.checkpoint.save_dir and (stopped or self.step == cfg.run.steps
+                                    or (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0)):
                     path = self.save_checkpoint()
                     progress.message(f"step {self.step:>5}  checkpoint {path}")
-                self.faults.at("step", self.step)
         finally:
             progress.close()
             if tracer:
                 tracer.close()
         if not steps:  # resumed at the last step: nothing left to train
-            if self.is_logger and tr.progress:
-                print(f"meshpar: nothing to train: {self.started_from}, and --steps is {tr.steps}", flush=True)
+            if self.is_logger and cfg.run.progress:
+                print(f"meshpar: nothing to train: {self.started_from}, and --steps is {cfg.run.steps}", flush=True)
             log.close()
             return TrainResult(steps, evals, {"summary": True, "steps": 0, "started_from": self.started_from},
                                self.parallel)
@@ -299,28 +286,28 @@ class Trainer:
         summary["started_from"] = self.started_from
         if stopped:
             summary["stopped"] = f"after step {self.step} ({stopped}); continue with --resume"
-        if self.is_logger and tr.metrics_file:
-            summary["loss_curve"] = plot_losses(steps, evals, Path(tr.metrics_file).with_name("loss.png"))
+        if self.is_logger and cfg.observe.metrics_file:
+            summary["loss_curve"] = plot_losses(steps, evals, Path(cfg.observe.metrics_file).with_name("loss.png"))
         log.write(summary)
         log.close()
-        if self.is_logger and tr.progress:
+        if self.is_logger and cfg.run.progress:
             print(format_summary(summary), flush=True)
         return TrainResult(steps, evals, summary, self.parallel)
 
     def banner(self) -> str:
-        tr, par = self.cfg.train, self.cfg.parallel
+        cfg = self.cfg
         reducer = self.data_parallel.reducer
-        scheme = ("" if par.grad_compression == "none" else f", dp gradients in {par.grad_compression}"
-                  + (" without error feedback" if par.grad_compression == "int8" and not par.error_feedback else ""))
-        model = f"the model of {tr.init_from}" if tr.init_from else self.cfg.model.name
+        scheme = ("" if cfg.reduce.grad_compression == "none" else f", dp gradients in {cfg.reduce.grad_compression}"
+                  + (" without error feedback" if cfg.reduce.grad_compression == "int8" and not cfg.reduce.error_feedback else ""))
+        model = f"the model of {cfg.checkpoint.init_from}" if cfg.checkpoint.init_from else self.cfg.model.name
         return (f"meshpar: {model} ({self.model_cfg.num_params():,} parameters) on "
-                f"{self.mesh.world_size} rank(s), {self.mesh.describe()}, ZeRO-{par.zero}"
+                f"{self.mesh.world_size} rank(s), {self.mesh.describe()}, ZeRO-{cfg.zero.stage}"
                 + (f" (offload {', '.join(self.data_parallel.offload)})" if self.data_parallel.offload else "")
                 + scheme + (", hierarchical all-reduce" if reducer.hierarchical else "")
-                + (f", blocks compiled{self.compile_note}" if tr.compile else "")
+                + (f", blocks compiled{self.compile_note}" if cfg.compile.compile else "")
                 + f", {self.device.type}; "
-                f"global batch {tr.global_batch_size} x {tr.seq_len} tokens, "
-                f"{self.num_microbatches} micro-batch(es) per rank; data: {corpus_description(tr.data)}"
+                f"global batch {cfg.data.global_batch_size} x {cfg.data.seq_len} tokens, "
+                f"{self.num_microbatches} micro-batch(es) per rank; data: {corpus_description(cfg.data.data)}"
                 f"\nplacement: {format_placement(self.placement())}")
 
     def placement(self) -> dict:
@@ -350,10 +337,10 @@ class Trainer:
             "mesh": {axis: self.mesh.size(axis) for axis in ("pp", "dp", "cp", "tp")},
             "num_params": self.model_cfg.num_params(),
             "device": self.device.type,
-            "precision": self.cfg.train.precision,
-            "zero": self.cfg.parallel.zero,
+            "precision": self.cfg.precision.precision,
+            "zero": self.cfg.zero.stage,
             "offload": list(self.data_parallel.offload),
-            "grad_compression": self.cfg.parallel.grad_compression,
+            "grad_compression": self.cfg.reduce.grad_compression,
             "error_feedback": self.data_parallel.reducer.error_feedback,
             "hierarchical_allreduce": self.data_parallel.reducer.hierarchical,
             "placement": self.placement(),
@@ -365,7 +352,7 @@ class Trainer:
             # So far in the run: a GPU's peak allocated bytes, a CPU process's peak resident set.
             "peak_memory_bytes_per_rank": [r["peak_memory"] for r in per_rank],
             "time_split_per_rank_s": [r["time_split"] for r in per_rank],  # mean per step: compute, comm, bubble
-            **({"trace_dir": self.cfg.train.trace_dir} if self.cfg.train.trace_dir else {}),
+            **({"trace_dir": self.cfg.observe.trace_dir} if self.cfg.observe.trace_dir else {}),
             **({"pipeline": self.pipeline_summary(timed, [r["wait"] for r in per_rank])} if self.pipeline else {}),
         }
 
