@@ -153,7 +153,7 @@ def test_resume_in_the_same_layout_is_bit_identical(worlds, tmp_path, variant):
         for key, value in options.items():
             setattr(c.parallel if hasattr(c.parallel, key) else c.train, key, value)
         return c
-    world = worlds(cfg().parallel.world_size)
+    world = worlds(cfg().mesh.world_size)
     whole = world.run(train, cfg())[0]
     shutil.rmtree(tmp_path)
     world.run(train, cfg(stop_after_step=STOP))

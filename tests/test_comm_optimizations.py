@@ -116,7 +116,7 @@ def test_compression_composes_with_tp_pp_and_accumulation(worlds):
     pp = comm_config(2, steps=4, zero=1, compression="int8", pp=2)
     pp.data.micro_batch_size = 4
     plain = [comm_config(2, steps=4, tp=2, sequence_parallel=True), comm_config(2, steps=4, zero=1, pp=2)]
-    plain[1].train.micro_batch_size = 4
+    plain[1].data.micro_batch_size = 4
     runs = worlds(4).run(train_each, [tp, pp, *plain])[0]
     assert relative_gap(runs[0]["losses"], runs[2]["losses"]) < 1e-3
     assert relative_gap(runs[1]["losses"], runs[3]["losses"]) < 1e-2

@@ -35,4 +35,4 @@ def test_freed_blocks_go_back_to_the_system_only_when_asked():
     assert returned["off"] < 4, returned  # glibc's default keeps them
     cfg = config_from_args(build_parser().parse_args(["train", "--return-freed-memory"]))
     assert cfg.run.return_freed_memory and not config_from_args(
-        build_parser().parse_args(["train"])).train.return_freed_memory
+        build_parser().parse_args(["train"])).run.return_freed_memory

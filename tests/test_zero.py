@@ -159,10 +159,12 @@ def zero3_gathers(cfg, sixteen_bit: bool) -> dict:
     """Train cfg (ZeRO-3) with its compute's gathers in 16 bits or, `sixteen_bit` False,
     in fp32; the losses, final parameters, gather wire bytes and the packings."""
     with trainer_on_this_rank(cfg) as trainer:
-        packings = [(b.numel, b.sixteen_bit and b.sixteen_bit.width) for b in trainer.data_parallel.buckets]
+        dp = trainer.data_parallel
+        packings = [(b.numel, dp.gathering.of[b.index].sixteen_bit and dp.gathering.of[b.index].sixteen_bit.width)
+                    for b in dp.buckets]
         if not sixteen_bit:
-            for b in trainer.data_parallel.buckets:
-                b.sixteen_bit = None
+            for g in dp.gathering.of.values():
+                g.sixteen_bit = None
         result = trainer.run()
         return {"losses": [s["loss"] for s in result.steps], "params": result.parallel.full_state(),
                 "wire": {tag: e.wire_bytes for (axis, op, tag), e in trainer.mesh.ledger.entries.items()
@@ -210,7 +212,7 @@ def test_zero3_gathers_a_tied_embedding_for_both_of_its_layers(worlds):
         # (1.6e-5 here, where untied layouts stay within 4e-6).
         assert_matches(run, reference, f"tied zero 3 micro_batch={mbs}", rel=3e-5)
         cfg = configs[0].model.resolve()
-        steps, m = configs[0].train.steps, 1 if mbs is None else 16 // 2 // mbs
+        steps, m = configs[0].run.steps, 1 if mbs is None else 16 // 2 // mbs
         units = cfg.num_layers + 2  # the layers, the final norm, the embedding-and-output bucket
         gathers = {tag: e.calls for (axis, op, tag), e in run["ledger"].items() if axis == "dp" and op == "all_gather"}
         # forward: every bucket once, the shared one twice; backward: every bucket once (the shared
@@ -227,7 +229,7 @@ def gathered_at_each_weight_pass(cfg, early: bool) -> dict:
         assert dp.free_after_input_grad  # what the trainer sets where W is split at the linears
         dp.free_after_input_grad = early
         gathered, weight_pass = [], store.weight_pass
-        store.weight_pass = lambda key: (gathered.append(sum(b.gathered for b in dp.buckets)), weight_pass(key))
+        store.weight_pass = lambda key: (gathered.append(sum(g.gathered for g in dp.gathering.of.values())), weight_pass(key))
         result = trainer.run()
         return {"losses": [s["loss"] for s in result.steps], "params": result.parallel.full_state(),
                 "gathered": gathered, "buckets": len(dp.buckets), "microbatches": trainer.num_microbatches,
@@ -308,21 +310,21 @@ def test_zero_config_errors_name_the_choices(change, message):
 def reductions_in_flight(cfg) -> int:
     """On this rank: the most launched gradient reductions whose full buffers were alive
     at once, over a short run."""
-    from meshpar.parallel.zero import ShardedDataParallel
+    from meshpar.parallel.zero.reduction import GradientReduction
 
-    launch, peak = ShardedDataParallel._launch, 0
+    launch, peak = GradientReduction._launch, 0
 
     def counting(self, b):
         nonlocal peak
         launch(self, b)
-        peak = max(peak, sum(x.launched and x.grad_flat is not None for x in self.buckets))
-    ShardedDataParallel._launch = counting
+        peak = max(peak, sum(self.of[x.index].launched and x.grad_flat is not None for x in self.buckets))
+    GradientReduction._launch = counting
     try:
         with trainer_on_this_rank(cfg) as trainer:
             trainer.run()
             assert len(trainer.data_parallel.buckets) > 4
     finally:
-        ShardedDataParallel._launch = launch
+        GradientReduction._launch = launch
     return peak
 
 
