@@ -84,7 +84,8 @@ def plain_steps(cfg: Config, device: torch.device, compiled: bool, count: int):
     params = list(model.parameters())
     optimizer = build_optimizer(model, cfg.optimizer, lr_at(0, cfg))  # meshpar's groups: weight decay on matrices only
     forward = torch.compile(model) if compiled else model
-    loader = BatchLoader(load_tokens(cfg.data.data)[0], cfg.data.seq_len, cfg.data.global_batch_size, 0, 1, cfg.run.seed)
+    data = cfg.data
+    loader = BatchLoader(load_tokens(data.data)[0], data.seq_len, data.global_batch_size, 0, 1, cfg.run.seed)
     for step in range(count):
         x, y = (t.to(device) for t in loader.next_batch())
         synchronize(device)

@@ -43,21 +43,29 @@ num_kv_heads = 8
 ffn_hidden_size = 6144
 max_seq_len = 64
 
-[parallel]
+[mesh]
 tp = 2
 pp = 2
 dp = 2
-zero = 3
 
-[train]
+[zero]
+stage = 3
+
+[data]
 global_batch_size = 2
 micro_batch_size = 1
 seq_len = 32
+
+[run]
 steps = {args.steps}
-warmup_steps = 1
-lr = 3e-4
 eval_every = 0
 progress = false
+
+[lr_schedule]
+warmup_steps = 1
+
+[optimizer]
+lr = 3e-4
 """)
         metrics = Path(tmp) / "metrics.jsonl"
         start = time.perf_counter()

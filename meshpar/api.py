@@ -13,7 +13,6 @@ next-token cross entropy over the global batch, as one device would compute it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -28,10 +27,9 @@ from torch import nn
 from meshpar import comm
 from meshpar.checkpoint.store import CheckpointReader
 from meshpar.checkpoint.training import restore_state, save_state
-from meshpar.config import SECTIONS, Config, validate
+from meshpar.config import api_config
 from meshpar.init import InitRule, Materialization, initializer
-from meshpar.mesh import MeshOptions, MeshShape, ParallelMesh
-from meshpar.options import options_of
+from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.parallel.apply import ParallelModel, split_model
 from meshpar.parallel.compile import CompileOptions, allow_split_backward, recast_weight_copies
 from meshpar.parallel.context import ContextOptions
@@ -47,8 +45,6 @@ from meshpar.parallel.zero import ShardedDataParallel, ZeroOptions
 from meshpar.pipeline.options import PipelineOptions
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import add_communication, asynchronous, build_schedule
-from meshpar.train.data import DataOptions
-from meshpar.train.launch import RunOptions
 from meshpar.train.optim import OptimizerOptions, adamw
 from meshpar.train.step import StepResult, TrainingStep
 
@@ -271,11 +267,8 @@ class Parallelized:
             return self.split.full_state()
 
 
-# The sections whose options `parallelize` takes: what it builds. The rest of a run's
-# configuration (the mesh, data, schedule of the learning rate, checkpoints) is the caller's.
-API_SECTIONS = ("tensor", "context", "pipeline", "recompute", "compile", "zero", "reduce", "precision", "optimizer")
 OptionSection = (TensorOptions | ContextOptions | PipelineOptions | RecomputeOptions | CompileOptions | ZeroOptions
-                 | ReduceOptions | PrecisionOptions | OptimizerOptions)
+                 | ReduceOptions | PrecisionOptions | OptimizerOptions)  # config.API_SECTIONS
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *sections: OptionSection, microbatches: int = 1,
@@ -332,7 +325,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *sections: Opt
     only its own share, after the split; `init` draws each parameter tile by tile
     (meshpar/init.py), so every layout - one device included - starts from the same values."""
     device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
-    cfg = _options(mesh, sections, options, microbatches, steps, seed, torch.device(device).type)
+    cfg = api_config(mesh, sections, options, microbatches, steps, seed, torch.device(device).type)
     on_meta = _check_materialization(model, init, load)
     pp, pipe, precision, zero = mesh.size("pp"), cfg.pipeline, cfg.precision.precision, cfg.zero.stage
     schedule = pipe.schedule if pp > 1 else None
@@ -365,37 +358,6 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, plan: Plan, *sections: Opt
     if load is not None:
         parallelized.load(load)
     return parallelized
-
-
-def _options(mesh: ParallelMesh, sections: tuple, options: dict, microbatches: int, steps: int | None, seed: int,
-             device_type: str) -> Config:
-    """The configuration `parallelize` was given, checked by the rules `meshpar train`'s
-    is checked by; ValueError, before anything changes, with every problem."""
-    by_keyword = {o.keyword: o for name in API_SECTIONS for o in options_of(name, SECTIONS[name])}
-    cfg = Config(model=None, mesh=MeshOptions(dp=mesh.size("dp"), tp=mesh.size("tp"), pp=mesh.size("pp"),
-                                              cp=mesh.size("cp"), ranks_per_node=mesh.ranks_per_node or None),
-                 # the micro-batch count, as one row per micro-batch of each dp rank's rows
-                 data=DataOptions(global_batch_size=microbatches * mesh.size("dp"), micro_batch_size=1),
-                 run=RunOptions(steps=steps or 1, seed=seed, device=device_type), env={})
-    for section in sections:
-        name = next((n for n in API_SECTIONS if isinstance(section, SECTIONS[n])), None)
-        if name is None:
-            raise TypeError(f"parallelize() takes option sections of {', '.join(SECTIONS[n].__name__ for n in API_SECTIONS)}; "
-                            f"got {type(section).__name__}")
-        setattr(cfg, name, dataclasses.replace(section))
-    for keyword, value in options.items():
-        if keyword not in by_keyword:
-            raise TypeError(f"parallelize() has no option {keyword!r}; its options: {', '.join(by_keyword)}")
-        opt = by_keyword[keyword]
-        setattr(getattr(cfg, opt.section), opt.name, list(value) if isinstance(value, tuple) else value)
-    problems = validate(cfg, sections=API_SECTIONS)
-    if microbatches < 1:
-        problems.append(f"microbatches={microbatches} must be at least 1")
-    if cfg.pipeline.schedule == "async" and mesh.size("pp") > 1 and (steps is None or steps < 1):
-        problems.append("schedule='async' is one stream over the whole run: give its length, steps=N")
-    if problems:
-        raise ValueError("; ".join(problems))
-    return cfg
 
 
 def _check_materialization(model: nn.Module, init, load) -> bool:

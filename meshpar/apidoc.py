@@ -37,7 +37,8 @@ def _option_table(cls) -> list[str]:
     for opt in options_of("", cls):
         valid = opt.valid_values()
         meaning = opt.help + (f"; one of {', '.join(map(str, valid))}" if valid else "")
-        rows.append(f"| `{opt.name}` | `{opt.keyword}` | `{opt.flag}` | `{opt.default!r}` | {meaning.replace('|', '/')} |")
+        meaning = meaning.replace("|", "/")
+        rows.append(f"| `{opt.name}` | `{opt.keyword}` | `{opt.flag}` | `{opt.default!r}` | {meaning} |")
     return rows + [""]
 
 

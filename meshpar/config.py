@@ -122,6 +122,44 @@ def all_options() -> list[Option]:
     return [o for name, cls in SECTIONS.items() for o in options_of(name, cls)]
 
 
+# The sections whose options `meshpar.parallelize` takes: what it builds. The rest of a
+# run's configuration (the mesh, the data, the learning rate's schedule, checkpoints) is
+# the Python caller's.
+API_SECTIONS = ("tensor", "context", "pipeline", "recompute", "compile", "zero", "reduce", "precision", "optimizer")
+
+
+def api_config(mesh, sections: tuple, keywords: dict, microbatches: int, steps: int | None, seed: int,
+               device_type: str) -> Config:
+    """The configuration `parallelize` was given - option `sections` and option
+    `keywords` over a ParallelMesh `mesh` - checked by the rules `meshpar train`'s is
+    checked by; ValueError, before anything changes, with every problem."""
+    by_keyword = {o.keyword: o for name in API_SECTIONS for o in options_of(name, SECTIONS[name])}
+    cfg = Config(model=None, mesh=MeshOptions(dp=mesh.size("dp"), tp=mesh.size("tp"), pp=mesh.size("pp"),
+                                              cp=mesh.size("cp"), ranks_per_node=mesh.ranks_per_node or None),
+                 # the micro-batch count, as one row per micro-batch of each dp rank's rows
+                 data=DataOptions(global_batch_size=microbatches * mesh.size("dp"), micro_batch_size=1),
+                 run=RunOptions(steps=steps or 1, seed=seed, device=device_type), env={})
+    for section in sections:
+        name = next((n for n in API_SECTIONS if isinstance(section, SECTIONS[n])), None)
+        if name is None:
+            raise TypeError(f"parallelize() takes option sections of "
+                            f"{', '.join(SECTIONS[n].__name__ for n in API_SECTIONS)}; got {type(section).__name__}")
+        setattr(cfg, name, dataclasses.replace(section))
+    unknown = [k for k in keywords if k not in by_keyword]
+    if unknown:
+        raise TypeError(f"parallelize() has no option {', '.join(map(repr, unknown))}; its options: "
+                        f"{', '.join(by_keyword)}")
+    cfg.update(**keywords)
+    problems = validate(cfg, sections=API_SECTIONS)
+    if microbatches < 1:
+        problems.append(f"microbatches={microbatches} must be at least 1")
+    if cfg.asynchronous and (steps is None or steps < 1):
+        problems.append("schedule='async' is one stream over the whole run: give its length, steps=N")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return cfg
+
+
 def load_toml(path: str | os.PathLike) -> Config:
     """A Config from a TOML file: a [model] table (`name` plus any ModelConfig field as an
     override) and a table per section, its keys the section's fields."""

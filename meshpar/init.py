@@ -3,7 +3,7 @@
 A model is built on the meta device (shapes, no memory), the layout slices it (tensor
 parallelism, pipeline stages), and only then does each parameter get this rank's storage,
 filled by an initializer or left for a checkpoint to load: in ZeRO's flat buckets during
-training (`Materialization`, read by parallel/zero.py: under ZeRO-3 only the rank's shard
+training (`Materialization`, read by parallel/zero/: under ZeRO-3 only the rank's shard
 is drawn), or on its own by `materialize` (a whole one-device model, a rank's share alone).
 
 Initialization is defined tile by tile, so that any box of a parameter can be filled

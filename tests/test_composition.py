@@ -23,7 +23,7 @@ GOLDEN = Path(__file__).parent / "golden" / "demo_losses.json"
 def layout_config(dp: int, tp: int, pp: int, cp: int, zero: int = 0, schedule: str = "1f1b",
                   recompute: str = "none", steps: int = STEPS):
     cfg = fast_config(steps=steps, seq_len=64, max_grad_norm=MAX_GRAD_NORM)
-    cfg.mesh.dp, cfg.mesh.tp, cfg.mesh.pp, cfg.mesh.cp, cfg.zero.stage, cfg.recompute.recompute = dp, tp, pp, cp, zero, recompute
+    cfg.update(dp=dp, tp=tp, pp=pp, cp=cp, zero=zero, recompute=recompute)
     if pp > 1:
         cfg.pipeline.schedule = schedule
         cfg.pipeline.virtual_stages = 2 if schedule == "interleaved-1f1b" else 1

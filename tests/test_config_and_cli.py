@@ -196,7 +196,7 @@ def test_every_option_is_written_once_and_the_parser_agrees():
 ])
 def test_the_api_refuses_what_the_command_line_refuses_in_the_same_words(options):
     import meshpar
-    from meshpar.api import API_SECTIONS
+    from meshpar.config import API_SECTIONS
     from meshpar.mesh import MeshShape
 
     cfg = fast_config(dp=2).update(pp=2, global_batch_size=12, **options)

@@ -110,7 +110,8 @@ def delayed_update_reference(cfg) -> dict:
     model = build_model(cfg.model.resolve(), cfg.run.seed)
     params = list(model.parameters())
     optimizer = build_optimizer(model, cfg.optimizer, lr_at(0, cfg))
-    loader = BatchLoader(load_tokens(cfg.data.data)[0], cfg.data.seq_len, cfg.data.global_batch_size, 0, 1, cfg.run.seed)
+    data = cfg.data
+    loader = BatchLoader(load_tokens(data.data)[0], data.seq_len, data.global_batch_size, 0, 1, cfg.run.seed)
     mesh = ParallelMesh.single()
     losses, pending = [], []
     for t in range(cfg.run.steps):

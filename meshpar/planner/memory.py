@@ -116,7 +116,7 @@ def weight_copy_bytes(spec: ModelSpec, layout: Layout, dtypes: Dtypes) -> float:
 def gradients_follow_activations(layout: Layout, microbatches: int) -> bool:
     """Whether the peak holds the larger of the gradients and the activations, not both.
     One rank on dp and cp at ZeRO-0 with nothing offloaded keeps autograd's own gradients
-    (meshpar/parallel/zero.py, `direct`; tp sums its few partial ones after backward):
+    (meshpar/parallel/zero/, `direct`; tp sums its few partial ones after backward):
     none exist in the forward, and backward makes them as it frees the activations. With
     one micro-batch per step and no pipeline only: otherwise a later micro-batch's forward
     runs with the gradients present."""

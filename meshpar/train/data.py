@@ -61,8 +61,8 @@ class DataOptions(Section):
             if batch % dp:
                 problems.append(f"--dp={dp} does not divide --global-batch-size={batch}; "
                                 f"use a dp in {_divisors(batch)}")
-            elif self.micro_batch_size is not None and self.micro_batch_size >= 1 and (batch // dp) % self.micro_batch_size:
-                problems.append(f"--micro-batch-size={self.micro_batch_size} must divide the per-rank batch "
+            elif (micro := self.micro_batch_size) is not None and micro >= 1 and (batch // dp) % micro:
+                problems.append(f"--micro-batch-size={micro} must divide the per-rank batch "
                                 f"{batch}/{dp}={batch // dp}; use one of {_divisors(batch // dp)}")
         model = cfg.model_config()
         if model is not None and self.seq_len > model.max_seq_len:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from meshpar.config import Config
-from meshpar.mesh import MeshShape, ParallelMesh
+from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
 from meshpar.model.llama import TransformerBlock
 from meshpar.parallel.apply import split_model
@@ -26,41 +26,42 @@ from meshpar.train.metrics import format_bytes
 
 
 def dry_run(cfg: Config) -> str:
-
-    model_cfg = cfg.model.resolve()
-    shape = MeshShape(pp=cfg.mesh.pp, dp=cfg.mesh.dp, cp=cfg.mesh.cp, tp=cfg.mesh.tp)
+    model_cfg, mesh_cfg, pipe, zero = cfg.model.resolve(), cfg.mesh, cfg.pipeline, cfg.zero.stage
+    shape, precision = mesh_cfg.shape, cfg.precision.precision
     m = cfg.microbatches()
-    mbs = cfg.data.global_batch_size // cfg.mesh.dp // m
-    dtypes = Dtypes.for_precision(cfg.precision.precision)
-    layout = Layout(cfg.mesh.dp, cfg.mesh.tp, cfg.mesh.pp, cfg.mesh.cp, cfg.zero.stage, cfg.pipeline.schedule if cfg.mesh.pp > 1 else "none",
-                    cfg.pipeline.virtual_stages, mbs, cfg.tensor.sequence_parallel, cfg.recompute.recompute,
-                    "optimizer" if cfg.zero.offload else "none")
+    mbs = cfg.data.global_batch_size // mesh_cfg.dp // m
+    dtypes = Dtypes.for_precision(precision)
+    layout = Layout(mesh_cfg.dp, mesh_cfg.tp, mesh_cfg.pp, mesh_cfg.cp, zero,
+                    pipe.schedule if mesh_cfg.pp > 1 else "none", pipe.virtual_stages, mbs,
+                    cfg.tensor.sequence_parallel, cfg.recompute.recompute, "optimizer" if cfg.zero.offload else "none")
     spec = from_meshpar(model_cfg, cfg.data.seq_len)
     per_layer = layer_activation_bytes(spec, layout, dtypes)
     head, copies = head_activation_bytes(spec, layout, dtypes), weight_copy_bytes(spec, layout, dtypes)
-    schedule = build_schedule(cfg.pipeline.schedule, cfg.mesh.pp, cfg.pipeline.virtual_stages, m) if cfg.mesh.pp > 1 else None
+    schedule = build_schedule(pipe.schedule, mesh_cfg.pp, pipe.virtual_stages, m) if mesh_cfg.pp > 1 else None
     inflight = simulate(schedule, Costs(1.0, 1.0, 1.0)).peak_inflight_microbatches if schedule else [1]
     lines = [f"dry run: {cfg.model.name} ({model_cfg.num_params():,} parameters), {shape.world_size} ranks "
-             f"(pp={cfg.mesh.pp} x dp={cfg.mesh.dp} x cp={cfg.mesh.cp} x tp={cfg.mesh.tp}), ZeRO-{cfg.zero.stage}, {cfg.precision.precision}, "
+             f"(pp={mesh_cfg.pp} x dp={mesh_cfg.dp} x cp={mesh_cfg.cp} x tp={mesh_cfg.tp}), ZeRO-{zero}, {precision}, "
              f"{m} micro-batch(es) of {mbs} x {cfg.data.seq_len} tokens per dp rank",
              f"{'stage':>5}  {'ranks':<16} {'layers':>6} {'parameters':>14} {'model state':>12} "
              f"{'activations':>12} {'total':>12}"]
     total_params = 0
     apart = gradients_follow_activations(layout, m)
-    for stage in range(cfg.mesh.pp):
+    for stage in range(mesh_cfg.pp):
         mesh = ParallelMesh(shape, shape.rank(pp=stage))  # no process groups: parallelize only slices
         with torch.device("meta"):
             model = build_model(model_cfg, cfg.run.seed, "meta")
         parallel = split_model(model, mesh, sequence_parallel=cfg.tensor.sequence_parallel,
-                               num_stages=cfg.mesh.pp * cfg.pipeline.virtual_stages, stage_layer_counts=cfg.pipeline.pp_layers,
-                               recompute=cfg.recompute.recompute, recompute_every=cfg.recompute.recompute_every, cp_impl=cfg.context.cp_impl)
+                               num_stages=mesh_cfg.pp * pipe.virtual_stages, stage_layer_counts=pipe.pp_layers,
+                               recompute=cfg.recompute.recompute, recompute_every=cfg.recompute.recompute_every,
+                               cp_impl=cfg.context.cp_impl)
         params = sum(p.numel() for p in parallel.module.parameters())
         total_params += params
         layers = sum(isinstance(m, TransformerBlock) for m in parallel.module.modules())
-        param_bytes, grad_bytes, optimizer_bytes = state_bytes(params, cfg.mesh.dp, cfg.zero.stage, bool(cfg.zero.offload), dtypes)
+        param_bytes, grad_bytes, optimizer_bytes = state_bytes(params, mesh_cfg.dp, zero, bool(cfg.zero.offload),
+                                                               dtypes)
         state = param_bytes + grad_bytes + optimizer_bytes
-        activations = inflight[stage] * layers / cfg.pipeline.virtual_stages * per_layer + copies
-        if stage == cfg.mesh.pp - 1:  # the output layer and the loss
+        activations = inflight[stage] * layers / pipe.virtual_stages * per_layer + copies
+        if stage == mesh_cfg.pp - 1:  # the output layer and the loss
             activations += inflight[stage] * head
         held = state + activations
         if apart:
@@ -70,10 +71,11 @@ def dry_run(cfg: Config) -> str:
         lines.append(f"{stage:>5}  {span:<16} {layers:>6} {params:>14,} {format_bytes(state):>12} "
                      f"{format_bytes(activations):>12} {format_bytes(held + WORKSPACE_BYTES):>12}")
     lines.append(f"every rank of a stage holds its parameters; over all stages {total_params:,} per tp x cp x dp "
-                 f"slice (x{cfg.mesh.tp} tp shards = {total_params * cfg.mesh.tp:,} with replicated norms counted per shard"
+                 f"slice (x{mesh_cfg.tp} tp shards = {total_params * mesh_cfg.tp:,} with replicated norms counted "
+                 f"per shard"
                  + ("; the tied embedding counted on the first and the last stage" if model_cfg.tie_embeddings
-                    and cfg.mesh.pp > 1 else "") + "). "
-                 f"Model state as the trainer keeps it (fp32 parameters, gradients, AdamW moments; ZeRO-{cfg.zero.stage}); "
+                    and mesh_cfg.pp > 1 else "") + "). "
+                 f"Model state as the trainer keeps it (fp32 parameters, gradients, AdamW moments; ZeRO-{zero}); "
                  f"activations from the planner's per-layer bytes ({format_bytes(per_layer)}) x layers x the "
                  f"schedule's peak in-flight micro-batches, plus the output layer and loss ({format_bytes(head)})"
                  + (f" and autocast's 16-bit weight copies ({format_bytes(copies)})" if copies else "")

@@ -138,3 +138,64 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def format_placement(placement: dict) -> str:
+    axes = ", ".join(f"{axis} {where}" for axis, where in placement["axes"].items()) or "one rank"
+    return f"{placement['nodes']} node(s) x {placement['ranks_per_node']} ranks; {axes}"
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["", "== summary " + "=" * 50,
+             f"steps {summary['steps']}   final loss {summary['final_loss']:.4f}   "
+             + ("" if summary["val_loss"] is None else f"val loss {summary['val_loss']:.4f}   ")
+             + f"tokens/s {summary['tokens_per_s']:,.0f}"]
+    for key in ("started_from", "stopped"):
+        if summary.get(key):
+            lines.append(f"{key.replace('_', ' ')}: {summary[key]}")
+    axis_width = max(map(len, summary["comm"]), default=0)
+    op_width = max((len(op) for ops in summary["comm"].values() for op in ops), default=0)
+    for axis, ops in summary["comm"].items():
+        for op, entry in ops.items():
+            lines.append(f"comm rank 0  {axis:>{axis_width}} {op:<{op_width}} {entry['calls']:>6} calls  "
+                         f"payload {format_bytes(entry['bytes']):>11}  wire {format_bytes(entry['wire_bytes']):>11}")
+    if not summary["comm"]:
+        lines.append("comm rank 0  none (a single rank)")
+    if summary["placement"]["nodes"] > 1:
+        inter = sum(e["inter_node_bytes"] for ops in summary["comm"].values() for e in ops.values())
+        total = sum(e["wire_bytes"] for ops in summary["comm"].values() for e in ops.values())
+        lines.append(f"placement: {format_placement(summary['placement'])}; rank 0 wire bytes inside its node "
+                     f"{format_bytes(total - inter)}, across nodes {format_bytes(inter)}")
+    if "pipeline" in summary:
+        pipe = summary["pipeline"]
+        lines.append(f"pipeline {pipe['schedule']}, {pipe['stages']} stages x {pipe['microbatches']} micro-batches: "
+                     f"bubble predicted {pipe['predicted_bubble_fraction']:.1%} (unit costs), measured "
+                     f"{pipe['measured_wait_fraction']:.1%} (time waiting on receives over step time, mean of "
+                     f"{len(pipe['measured_wait_fraction_per_rank'])} ranks, "
+                     f"{min(pipe['measured_wait_fraction_per_rank']):.1%}-"
+                     f"{max(pipe['measured_wait_fraction_per_rank']):.1%}); peak in-flight micro-batches "
+                     f"predicted {pipe['predicted_peak_inflight_microbatches']}, held on rank 0 "
+                     f"{pipe['measured_peak_live_microbatches_rank0']}")
+    states = summary["model_state_bytes_per_rank"]
+    host = states[0]["host"]
+    lines.append(f"model state per rank: {format_bytes(states[0]['total'])} "
+                 f"(params {format_bytes(states[0]['params'])}, grads {format_bytes(states[0]['grads'])}, "
+                 f"optimizer {format_bytes(states[0]['optimizer'])})"
+                 + (f" + offloaded to host {format_bytes(host['total'])}" if host["total"] else "")
+                 + ("" if all(s == states[0] for s in states) else " on rank 0; differs per rank"))
+    split = summary["time_split_per_rank_s"]
+    lines.append("time per step, mean over ranks: " + ", ".join(
+        f"{part.removesuffix('_s')} {sum(r[part] for r in split) / len(split):.3f} s" for part in split[0])
+        + f" (slowest rank's compute {max(r['compute_s'] for r in split):.3f} s)")
+    if summary.get("trace_dir"):
+        lines.append(f"traces (chrome://tracing, ui.perfetto.dev): {summary['trace_dir']}/rank*.json")
+    acts = summary["activation_bytes_per_rank"]
+    lines.append(f"activations held for backward, peak per rank: {format_bytes(min(acts))}"
+                 + ("" if min(acts) == max(acts) else f" to {format_bytes(max(acts))}"))
+    peaks = summary["peak_memory_bytes_per_rank"]
+    lines.append(f"peak memory per rank ({'resident set' if summary.get('device') != 'cuda' else 'allocated'}): "
+                 f"{format_bytes(min(peaks))} to {format_bytes(max(peaks))}, "
+                 f"{format_bytes(sum(peaks))} summed over the ranks (each at its own moment)")
+    if summary.get("loss_curve"):
+        lines.append(f"loss curve: {summary['loss_curve']}")
+    return "\n".join(lines)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import functools
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from meshpar import comm
-from meshpar.api import API_SECTIONS, Parallelized, parallelize
-from meshpar.config import Config
+from meshpar.api import Parallelized, parallelize
+from meshpar.checkpoint import CheckpointReader, latest_checkpoint, open_checkpoint
+from meshpar.checkpoint.training import load_parameters, model_meta, restore_state, save_state
+from meshpar.config import API_SECTIONS, Config
 from meshpar.mesh import ParallelMesh
 from meshpar.model import build_model
 from meshpar.model.llama import init_rule
@@ -20,16 +22,14 @@ from meshpar.parallel.dropout import dropout_seed
 from meshpar.parallel.llama_plan import llama_plan
 from meshpar.parallel.sharding import model_names
 from meshpar.pipeline.check import Costs, simulate
-from meshpar.train.checks import check_replicas
-from meshpar.train.data import BatchLoader, corpus_description, load_tokens
 from meshpar.planner.hardware import device_peak_flops
 from meshpar.planner.model import from_meshpar
-from meshpar.train.metrics import MetricsLog, Progress, format_bytes, peak_memory
-from meshpar.train.trace import Tracer
-from meshpar.checkpoint import CheckpointReader, latest_checkpoint, open_checkpoint
-from meshpar.checkpoint.training import load_parameters, model_meta, restore_state, save_state
-from meshpar.train.plot import plot_losses
+from meshpar.train.checks import check_replicas
+from meshpar.train.data import BatchLoader, corpus_description, load_tokens
+from meshpar.train.metrics import MetricsLog, Progress, format_placement, format_summary, peak_memory
 from meshpar.train.optim import lr_at
+from meshpar.train.plot import plot_losses
+from meshpar.train.trace import Tracer
 
 
 @dataclass
@@ -43,7 +43,7 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: Config, mesh: ParallelMesh, device: torch.device):
         self.cfg, self.mesh, self.device = cfg, mesh, device
-        data, run = cfg.data, cfg.run
+        data, run, saves = cfg.data, cfg.run, cfg.checkpoint
         self.model_cfg = cfg.model.resolve()
         dp = mesh.size("dp")
         self.num_microbatches = cfg.microbatches()
@@ -53,26 +53,26 @@ class Trainer:
         # with the reference initialization's values - drawn even when a checkpoint then
         # overwrites them (_load_checkpoint), which costs time, not memory.
         self.parallel = parallelize(
-            build_model(self.model_cfg, cfg.run.seed, "meta"), mesh, llama_plan(self.model_cfg),
+            build_model(self.model_cfg, run.seed, "meta"), mesh, llama_plan(self.model_cfg),
             *(getattr(cfg, name) for name in API_SECTIONS), microbatches=self.num_microbatches,
-            steps=cfg.run.steps, init=functools.partial(init_rule, self.model_cfg), seed=cfg.run.seed, device=device)
+            steps=run.steps, init=functools.partial(init_rule, self.model_cfg), seed=run.seed, device=device)
         self.model = self.parallel.module
         self.data_parallel, self.optimizer = self.parallel.data_parallel, self.parallel.optimizer
         self.scaler, self.compute = self.parallel.scaler, self.parallel.compute
-        self.resume_from = latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume and cfg.checkpoint.save_dir else None
-        torch.manual_seed(dropout_seed(cfg.run.seed, mesh))  # dropout's masks
-        train_tokens, val_tokens = load_tokens(cfg.data.data)
-        self.loader = BatchLoader(train_tokens, cfg.data.seq_len, cfg.data.global_batch_size, mesh.index("dp"), dp, cfg.run.seed)
+        self.resume_from = latest_checkpoint(saves.save_dir) if saves.resume and saves.save_dir else None
+        torch.manual_seed(dropout_seed(run.seed, mesh))  # dropout's masks
+        train_tokens, val_tokens = load_tokens(data.data)
+        self.loader = BatchLoader(train_tokens, data.seq_len, data.global_batch_size, mesh.index("dp"), dp, run.seed)
         self.val_tokens = val_tokens
-        self.positions = self.parallel.split.local_positions(cfg.data.seq_len, device)  # None without cp
+        self.positions = self.parallel.split.local_positions(data.seq_len, device)  # None without cp
         self.parallel.use_positions(self.positions)
-        self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+        self.tokens_per_step = data.global_batch_size * data.seq_len
         self.is_logger = mesh.rank == 0
         self.pipeline = None
         self.compile_note = ""
         if self.parallel.split.pipelined:
-            micro_batch = cfg.data.global_batch_size // dp // self.num_microbatches
-            self.pipeline = self.parallel.build_pipeline((micro_batch, cfg.data.seq_len // mesh.size("cp")), device)
+            micro_batch = data.global_batch_size // dp // self.num_microbatches
+            self.pipeline = self.parallel.build_pipeline((micro_batch, data.seq_len // mesh.size("cp")), device)
             self.schedule = self.pipeline.schedule
             if cfg.compile.compile and self.schedule.splits_backward:
                 self.compile_note = " (caches off: the zero-bubble split)"
@@ -80,7 +80,7 @@ class Trainer:
                 self.data_parallel.free_after_input_grad = True
         self.asynchronous = self.parallel.asynchronous
         self.peak_saved_bytes = 0  # activations held for backward (the pipeline counts its own)
-        self.flops_per_token = from_meshpar(self.model_cfg, cfg.data.seq_len).flops_per_token()
+        self.flops_per_token = from_meshpar(self.model_cfg, data.seq_len).flops_per_token()
         self.peak_flops = device_peak_flops(device)  # None on a CPU: no MFU
         self.started_from = self._load_checkpoint()
         self.first_step = self.step  # of this process: 0 unless resumed
@@ -221,26 +221,27 @@ class Trainer:
 
     def _stop_requested(self, started: float) -> str | None:
         """Why the run stops early after this step (the same answer on every rank), or None."""
-        cfg = self.cfg
-        if cfg.checkpoint.stop_after_step is not None and self.step >= cfg.checkpoint.stop_after_step and self.step < cfg.run.steps:
-            return f"--stop-after-step {cfg.checkpoint.stop_after_step}"
-        if cfg.checkpoint.stop_after_minutes is not None and self.step < cfg.run.steps:
-            late = torch.tensor(float(time.monotonic() - started > 60 * cfg.checkpoint.stop_after_minutes), device=self.device)
+        saves, last = self.cfg.checkpoint, self.step >= self.cfg.run.steps
+        if saves.stop_after_step is not None and self.step >= saves.stop_after_step and not last:
+            return f"--stop-after-step {saves.stop_after_step}"
+        if saves.stop_after_minutes is not None and not last:
+            late = torch.tensor(float(time.monotonic() - started > 60 * saves.stop_after_minutes), device=self.device)
             comm.all_reduce(self.mesh, "world", late, tag="stop", op="max")  # rank clocks differ
             if late.item():
-                return f"--stop-after-minutes {cfg.checkpoint.stop_after_minutes:g}"
+                return f"--stop-after-minutes {saves.stop_after_minutes:g}"
         return None
 
     def save_checkpoint(self) -> Path:
         """Collective: this step's checkpoint under --save-dir."""
-        cfg = self.cfg
-        return save_state(self.parallel, cfg.checkpoint.save_dir, cfg.checkpoint.keep_checkpoints, model_meta(self.cfg),
-                          {"seed": cfg.run.seed, "loader": self.loader.state_dict()})
+        saves = self.cfg.checkpoint
+        return save_state(self.parallel, saves.save_dir, saves.keep_checkpoints, model_meta(self.cfg),
+                          {"seed": self.cfg.run.seed, "loader": self.loader.state_dict()})
 
     def run(self) -> TrainResult:
         cfg = self.cfg
         started = time.monotonic()
-        log = MetricsLog(cfg.observe.metrics_file, self.is_logger, continue_after=self.step if self.started_from else None,
+        log = MetricsLog(cfg.observe.metrics_file, self.is_logger,
+                         continue_after=self.step if self.started_from else None,
                          tensorboard_dir=cfg.observe.tensorboard_dir)
         if self.is_logger and cfg.run.progress:
             print(self.banner(), flush=True)
@@ -249,7 +250,8 @@ class Trainer:
         progress = Progress(cfg.run.steps, cfg.run.progress and self.is_logger, initial=self.step)
         steps, evals = [], []
         stopped = None
-        tracer = Tracer(cfg.observe.trace_dir, self.mesh.rank, self.device, cfg.run.steps) if cfg.observe.trace_dir else None
+        traced = cfg.observe.trace_dir
+        tracer = Tracer(traced, self.mesh.rank, self.device, cfg.run.steps) if traced else None
         try:
             while self.step < cfg.run.steps and not stopped:
                 if tracer:
@@ -297,8 +299,9 @@ class Trainer:
     def banner(self) -> str:
         cfg = self.cfg
         reducer = self.data_parallel.reducer
-        scheme = ("" if cfg.reduce.grad_compression == "none" else f", dp gradients in {cfg.reduce.grad_compression}"
-                  + (" without error feedback" if cfg.reduce.grad_compression == "int8" and not cfg.reduce.error_feedback else ""))
+        wire = cfg.reduce.grad_compression
+        scheme = ("" if wire == "none" else f", dp gradients in {wire}"
+                  + (" without error feedback" if wire == "int8" and not cfg.reduce.error_feedback else ""))
         model = f"the model of {cfg.checkpoint.init_from}" if cfg.checkpoint.init_from else self.cfg.model.name
         return (f"meshpar: {model} ({self.model_cfg.num_params():,} parameters) on "
                 f"{self.mesh.world_size} rank(s), {self.mesh.describe()}, ZeRO-{cfg.zero.stage}"
@@ -371,64 +374,3 @@ class Trainer:
             "predicted_peak_inflight_microbatches": sim.peak_inflight_microbatches,
             "measured_peak_live_microbatches_rank0": self.pipeline.peak_live_microbatches,
         }
-
-
-def format_placement(placement: dict) -> str:
-    axes = ", ".join(f"{axis} {where}" for axis, where in placement["axes"].items()) or "one rank"
-    return f"{placement['nodes']} node(s) x {placement['ranks_per_node']} ranks; {axes}"
-
-
-def format_summary(summary: dict) -> str:
-    lines = ["", "== summary " + "=" * 50,
-             f"steps {summary['steps']}   final loss {summary['final_loss']:.4f}   "
-             + ("" if summary["val_loss"] is None else f"val loss {summary['val_loss']:.4f}   ")
-             + f"tokens/s {summary['tokens_per_s']:,.0f}"]
-    for key in ("started_from", "stopped"):
-        if summary.get(key):
-            lines.append(f"{key.replace('_', ' ')}: {summary[key]}")
-    axis_width = max(map(len, summary["comm"]), default=0)
-    op_width = max((len(op) for ops in summary["comm"].values() for op in ops), default=0)
-    for axis, ops in summary["comm"].items():
-        for op, entry in ops.items():
-            lines.append(f"comm rank 0  {axis:>{axis_width}} {op:<{op_width}} {entry['calls']:>6} calls  "
-                         f"payload {format_bytes(entry['bytes']):>11}  wire {format_bytes(entry['wire_bytes']):>11}")
-    if not summary["comm"]:
-        lines.append("comm rank 0  none (a single rank)")
-    if summary["placement"]["nodes"] > 1:
-        inter = sum(e["inter_node_bytes"] for ops in summary["comm"].values() for e in ops.values())
-        total = sum(e["wire_bytes"] for ops in summary["comm"].values() for e in ops.values())
-        lines.append(f"placement: {format_placement(summary['placement'])}; rank 0 wire bytes inside its node "
-                     f"{format_bytes(total - inter)}, across nodes {format_bytes(inter)}")
-    if "pipeline" in summary:
-        pipe = summary["pipeline"]
-        lines.append(f"pipeline {pipe['schedule']}, {pipe['stages']} stages x {pipe['microbatches']} micro-batches: "
-                     f"bubble predicted {pipe['predicted_bubble_fraction']:.1%} (unit costs), measured "
-                     f"{pipe['measured_wait_fraction']:.1%} (time waiting on receives over step time, mean of "
-                     f"{len(pipe['measured_wait_fraction_per_rank'])} ranks, "
-                     f"{min(pipe['measured_wait_fraction_per_rank']):.1%}-"
-                     f"{max(pipe['measured_wait_fraction_per_rank']):.1%}); peak in-flight micro-batches "
-                     f"predicted {pipe['predicted_peak_inflight_microbatches']}, held on rank 0 "
-                     f"{pipe['measured_peak_live_microbatches_rank0']}")
-    states = summary["model_state_bytes_per_rank"]
-    host = states[0]["host"]
-    lines.append(f"model state per rank: {format_bytes(states[0]['total'])} "
-                 f"(params {format_bytes(states[0]['params'])}, grads {format_bytes(states[0]['grads'])}, "
-                 f"optimizer {format_bytes(states[0]['optimizer'])})"
-                 + (f" + offloaded to host {format_bytes(host['total'])}" if host["total"] else "")
-                 + ("" if all(s == states[0] for s in states) else " on rank 0; differs per rank"))
-    split = summary["time_split_per_rank_s"]
-    lines.append("time per step, mean over ranks: " + ", ".join(
-        f"{part.removesuffix('_s')} {sum(r[part] for r in split) / len(split):.3f} s" for part in split[0])
-        + f" (slowest rank's compute {max(r['compute_s'] for r in split):.3f} s)")
-    if summary.get("trace_dir"):
-        lines.append(f"traces (chrome://tracing, ui.perfetto.dev): {summary['trace_dir']}/rank*.json")
-    acts = summary["activation_bytes_per_rank"]
-    lines.append(f"activations held for backward, peak per rank: {format_bytes(min(acts))}"
-                 + ("" if min(acts) == max(acts) else f" to {format_bytes(max(acts))}"))
-    peaks = summary["peak_memory_bytes_per_rank"]
-    lines.append(f"peak memory per rank ({'resident set' if summary.get('device') != 'cuda' else 'allocated'}): "
-                 f"{format_bytes(min(peaks))} to {format_bytes(max(peaks))}, "
-                 f"{format_bytes(sum(peaks))} summed over the ranks (each at its own moment)")
-    if summary.get("loss_curve"):
-        lines.append(f"loss curve: {summary['loss_curve']}")
-    return "\n".join(lines)
