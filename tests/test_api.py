@@ -613,7 +613,7 @@ def test_sequence_parallel_over_a_plan_halves_what_the_norms_keep(worlds):
 
 def test_sequence_parallel_over_a_plan_refuses_what_it_cannot_do():
     mesh = meshpar.ParallelMesh.single()
-    with pytest.raises(ValueError, match="sequence_parallel needs tp above 1"):
+    with pytest.raises(ValueError, match="--sequence-parallel needs --tp above 1"):
         meshpar.parallelize(GPT2(seed=0), mesh, gpt2_plan(), sequence_parallel=True)
     tp2 = meshpar.ParallelMesh(MeshShape(tp=2), 0)  # no process group: refused before any collective
     with pytest.raises(ValueError, match="needs the plan's blocks and tp regions"):
