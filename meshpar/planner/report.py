@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from meshpar.parallel.precision import PRECISIONS
 from meshpar.planner.hardware import GPUS, load_cluster, make_cluster
 from meshpar.planner.layout import SETTINGS
 from meshpar.planner.memory import Dtypes
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     cluster.add_argument("--cluster", help="a cluster file (as `meshpar calibrate` writes) instead of --gpu")
     job = parser.add_argument_group("job")
     job.add_argument("--global-batch-size", type=int, default=1024, help="sequences per step (default 1024)")
-    job.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"), help="compute (bf16)")
+    job.add_argument("--precision", default="bf16", choices=tuple(PRECISIONS), help="compute (bf16)")
     job.add_argument("--param-dtype", choices=tuple(DTYPE_BYTES), help="stored parameters (default fp32, "
                      "as meshpar's trainer; bf16 with a separate fp32 master copy as in the ZeRO paper)")
     job.add_argument("--grad-dtype", choices=tuple(DTYPE_BYTES), help="gradients (default fp32)")

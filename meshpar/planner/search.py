@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from meshpar.parallel.zero.options import STAGES
 from meshpar.planner.hardware import Cluster
 from meshpar.planner.layout import SETTINGS, Layout
 from meshpar.planner.memory import Dtypes, memory_bytes
@@ -79,7 +80,7 @@ def layouts(spec: ModelSpec, cluster: Cluster, global_batch: int, fixed: dict | 
                 schedules = [("none", 1)] if pp == 1 else \
                     [(sch, v) for sch in SCHEDULES for v in ((2, 4) if sch == "interleaved-1f1b" else (1,))]
                 for (schedule, v), mbs, zero, sp, recompute, offload in itertools.product(
-                        schedules, choices("micro_batch_size", MICRO_BATCH_SIZES), choices("zero", range(4)),
+                        schedules, choices("micro_batch_size", MICRO_BATCH_SIZES), choices("zero", STAGES),
                         choices("sequence_parallel", (False, True) if tp > 1 else (False,)),
                         choices("recompute", RECOMPUTES), choices("offload", ("none", "optimizer"))):
                     if fixed.get("schedule", schedule) != schedule or fixed.get("virtual_stages", v) != v:
