@@ -151,7 +151,7 @@ def test_resume_in_the_same_layout_is_bit_identical(worlds, tmp_path, variant):
         c = fast_config(dp=2, tp=options.pop("tp", 1), steps=STEPS, model=options.pop("model", None),
                         save_dir=str(tmp_path), **kw)
         for key, value in options.items():
-            setattr(c.parallel if hasattr(c.parallel, key) else c.train, key, value)
+            c.update(**{key: value})
         return c
     world = worlds(cfg().mesh.world_size)
     whole = world.run(train, cfg())[0]
