@@ -186,6 +186,36 @@ def test_every_option_is_written_once_and_the_parser_agrees():
         assert cls.__doc__ and getattr(defaults, name).__class__ is cls
 
 
+def test_every_option_is_a_toml_key_of_its_section(tmp_path):
+    """The TOML tables are the sections and their keys the fields: a file setting every
+    option (to a value of its type other than the default) loads into those values."""
+    import typing
+
+    from meshpar.config import all_options, load_toml
+
+    def other(o):
+        valid = o.valid_values()
+        if valid:
+            return next(v for v in valid if v != o.default)
+        if o.is_bool:
+            return not o.default
+        kind = next(m for m in typing.get_args(o.hint) or (o.hint,) if m is not type(None))
+        return {int: 7, float: 0.25, str: "x", list[int]: [3, 5], list[str]: ["optimizer"]}[kind]
+
+    def toml(value):
+        return str(value).lower() if isinstance(value, bool) else repr(value).replace("'", '"')
+
+    lines = []
+    for section in dict.fromkeys(o.section for o in all_options()):
+        lines.append(f"[{section}]")
+        lines += [f"{o.name} = {toml(other(o))}" for o in all_options() if o.section == section]
+    path = tmp_path / "all.toml"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = load_toml(path)
+    for o in all_options():
+        assert getattr(getattr(cfg, o.section), o.name) == other(o), o.name
+
+
 @pytest.mark.parametrize("options", [
     {"zero": 5}, {"offload": ["params"]}, {"zero": 3, "grad_compression": "int8"},
     {"grad_compression": "int8", "precision": "fp16"}, {"hierarchical_allreduce": True, "zero": 1},
