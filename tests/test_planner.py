@@ -70,6 +70,38 @@ def test_model_state_bytes_equal_training(worlds, dp):
             assert predicted[part] == state[part], (dp, zero, part)
 
 
+def peak_gradient_bytes(cfg) -> int:
+    """On this rank: the most gradient bytes held at once during a run (full buffers and
+    shards, as `state_bytes` counts them), read at every launch of a bucket's reduction."""
+    from meshpar.parallel.zero.reduction import GradientReduction
+
+    launch, peak = GradientReduction._launch, 0
+
+    def measuring(self, b):
+        nonlocal peak
+        peak = max(peak, sum(t.numel() * t.element_size() for x in self.buckets
+                             for t in (x.grad_flat, x.grad_shard) if t is not None))
+        launch(self, b)
+    GradientReduction._launch = measuring
+    try:
+        train_and_report(cfg)
+    finally:
+        GradientReduction._launch = launch
+    return peak
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_gradient_bytes_under_accumulation_equal_the_trainers_peak(worlds, zero):
+    """ZeRO-2/3 with 4 micro-batches: every bucket's full gradient buffer lives from the
+    first micro-batch's backward to the last one's reduction, beside this rank's shard;
+    the planner counts both, as the trainer holds them mid-step (at rest only the shard)."""
+    cfg = fast_config(dp=2, steps=2, micro_batch_size=2)
+    cfg.zero.stage = zero
+    measured = worlds(2).run(peak_gradient_bytes, cfg)[0]
+    predicted = memory_bytes(PRESETS["tiny"], layout(dp=2, zero=zero, mbs=2), 16)
+    assert predicted["grads"] == measured == 1.5 * 4 * PRESETS["tiny"].params()
+
+
 def state_per_rank(cfg) -> list[dict]:
     return train_and_report(cfg)["summary"]["model_state_bytes_per_rank"]
 

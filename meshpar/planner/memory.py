@@ -59,12 +59,19 @@ def params_per_rank(spec: ModelSpec, layout: Layout) -> int:
     return layers * per_layer + ends // layout.tp
 
 
-def state_bytes(params: int, dp: int, zero: int, offload_optimizer: bool, dtypes: Dtypes) -> tuple[float, float, float]:
-    """(parameter, gradient, optimizer-state) bytes on a rank holding `params` parameters:
-    ZeRO shards the optimizer states over dp (stage 1), then the gradients (2), then the
-    parameters (3); offloaded states live in host memory (0 here)."""
-    return (params * dtypes.param_bytes / (dp if zero >= 3 else 1),
-            params * dtypes.grad_bytes / (dp if zero >= 2 else 1),
+def state_bytes(params: int, dp: int, zero: int, offload_optimizer: bool, dtypes: Dtypes,
+                microbatches: int = 1) -> tuple[float, float, float]:
+    """(parameter, gradient, optimizer-state) bytes on a rank holding `params` parameters
+    at the step's peak: ZeRO shards the optimizer states over dp (stage 1), then the
+    gradients (2), then the parameters (3); offloaded states live in host memory (0 here).
+    Stages 2-3 keep this rank's reduced shard of the gradients, and with several
+    micro-batches per step also every bucket's full gradient buffer from the first
+    micro-batch's backward until the last one's reduction (meshpar/parallel/zero/
+    reduction.py: the gradients accumulate unreduced), so the full gradients besides."""
+    grads = params * dtypes.grad_bytes / (dp if zero >= 2 else 1)
+    if zero >= 2 and microbatches > 1:
+        grads += params * dtypes.grad_bytes
+    return (params * dtypes.param_bytes / (dp if zero >= 3 else 1), grads,
             0.0 if offload_optimizer else params * (dtypes.master_bytes + dtypes.moment_bytes) / (dp if zero else 1))
 
 
@@ -126,7 +133,7 @@ def gradients_follow_activations(layout: Layout, microbatches: int) -> bool:
 
 def memory_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dtypes = Dtypes()) -> dict[str, float]:
     params, grads, optimizer = state_bytes(params_per_rank(spec, layout), layout.dp, layout.zero,
-                                           layout.offload == "optimizer", dtypes)
+                                           layout.offload == "optimizer", dtypes, layout.microbatches(global_batch))
     shape = pipeline_shape(layout.schedule, layout.pp, layout.virtual_stages, layout.microbatches(global_batch))
     layers_per_chunk = -(-spec.layers // (layout.pp * layout.virtual_stages))
     activations = shape.peak_inflight * layers_per_chunk * layer_activation_bytes(spec, layout, dtypes)

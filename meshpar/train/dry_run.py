@@ -58,7 +58,7 @@ def dry_run(cfg: Config) -> str:
         total_params += params
         layers = sum(isinstance(m, TransformerBlock) for m in parallel.module.modules())
         param_bytes, grad_bytes, optimizer_bytes = state_bytes(params, mesh_cfg.dp, zero, bool(cfg.zero.offload),
-                                                               dtypes)
+                                                               dtypes, m)
         state = param_bytes + grad_bytes + optimizer_bytes
         activations = inflight[stage] * layers / pipe.virtual_stages * per_layer + copies
         if stage == mesh_cfg.pp - 1:  # the output layer and the loss
