@@ -35,7 +35,7 @@ def inject(moment: str, n: int) -> None:
 
         def killing_write(path, data):
             write(path, data)
-            if path.parent.name == f".{store.step_dir_name(n)}.tmp" and path.name != store.META:
+            if path.parent.name == f".{store.step_dir_name(n)}.tmp" and path.name.startswith("rank-"):
                 kill()
 
         store._write_durably = killing_write

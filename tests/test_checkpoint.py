@@ -435,3 +435,68 @@ def test_a_killed_rank_restarts_under_torchrun_and_ends_bit_identical(worlds, tm
     assert f"resumed from {tmp_path / 'killed-saving' / 'step-00000004'}" in output  # 8 was never published
     assert_same_state(whole, latest_checkpoint(tmp_path / "killed-saving"))
     print(f"killed and restarted run: {seconds:.0f} s")
+
+
+class Killed(Exception):
+    """A save stopped dead at one of its filesystem operations."""
+
+
+@pytest.mark.parametrize("step, resaved", [(2, False), (1, True)])
+def test_a_save_killed_at_any_point_leaves_the_newest_complete_checkpoint_loadable(tmp_path, monkeypatch, step,
+                                                                                  resaved):
+    """Every filesystem operation of a save in turn (each write, fsync, rename, exchange,
+    removal) stops it: afterwards the newest complete checkpoint loads and verifies and
+    holds either the old values or the new ones whole - also when the save replaces the
+    same step (`resaved`) - and the next save leaves nothing of the killed one behind."""
+    import meshpar
+    from meshpar.checkpoint import store
+
+    model = meshpar.parallelize(torch.nn.Sequential(torch.nn.Linear(4, 4)), ParallelMesh.single(), meshpar.Plan())
+    weight = model.module[0].weight
+
+    def save(root: Path, value: float, at: int) -> None:
+        with torch.no_grad():
+            weight.fill_(value)
+        model.steps_taken = at
+        model.save(root, keep=3)
+
+    operations = ("_write_durably", "_fsync_dir", "_rename", "_exchange", "_remove")
+    originals = {name: getattr(store, name) for name in operations}
+    counted, kill_at = [], None
+
+    def counting(name):
+        def operation(*args):
+            counted.append(name)
+            if len(counted) == kill_at:
+                raise Killed(name)
+            return originals[name](*args)
+        return operation
+
+    for name in operations:
+        monkeypatch.setattr(store, name, counting(name))
+    save(tmp_path / "whole", 1.0, 1)
+    counted.clear()
+    save(tmp_path / "whole", 2.0, step)  # uninterrupted: how many operations a save makes
+    points = list(counted)
+    assert "_exchange" in points if resaved else "_exchange" not in points
+    for kill_at in range(1, len(points) + 1):
+        root = tmp_path / f"killed-{kill_at}"
+        counted.clear()
+        kill_at, armed = None, kill_at
+        save(root, 1.0, 1)
+        counted.clear()
+        kill_at = armed
+        with pytest.raises(Killed):
+            save(root, 2.0, step)
+        kill_at = None
+        newest = latest_checkpoint(root)
+        reader = CheckpointReader(newest)
+        reader.verify(ParallelMesh.single())
+        value = reader.read_full("0.weight")
+        assert (reader.step, float(value[0, 0])) in ((1, 1.0), (step, 2.0)), (points[armed - 1], reader.step)
+        assert torch.all(value == value[0, 0])
+        save(root, 3.0, 3)
+        left = {p.name for p in root.iterdir()}
+        assert {"step-00000001", "step-00000003"} <= left <= {"step-00000001", f"step-{step:08d}", "step-00000003"}
+        assert all((root / name / "COMPLETE").is_file() for name in left), (points[armed - 1], left)
+    print(f"{len(points)} points of the save killed: {', '.join(points)}")

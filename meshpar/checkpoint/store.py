@@ -9,13 +9,19 @@
       .step-00000125.tmp/        a save in progress (or killed mid-way): ignored, removed by the next save
 
 Every rank writes its file into the temporary directory; once all have, rank 0 writes
-meta.json, renames the directory to its final name and writes the marker. A kill at any
-moment leaves the newest complete checkpoint as it was. The newest `keep` are kept.
-Under a multi-node run SAVE_DIR must be a filesystem every node sees.
+meta.json and the marker there, and publishes the complete directory under its final
+name in one rename. The same step saved again (a rerun) is exchanged with the old one in
+one atomic step (Linux's renameat2 RENAME_EXCHANGE), which is then removed. So at every
+instant the newest complete checkpoint is loadable: a kill at any point of a save leaves
+the newest one as it was or the new one whole. Whatever a killed save left - temporary
+directories, a directory without its marker - goes at the next save. The newest `keep`
+are kept. Under a multi-node run SAVE_DIR must be a filesystem every node sees.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -62,6 +68,55 @@ def _write_durably(path: Path, data: bytes):
         os.fsync(f.fileno())
 
 
+def _rename(source: Path, target: Path):
+    os.rename(source, target)
+
+
+def _remove(path: Path):
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False
+    where the system or the filesystem cannot (then nothing changed)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _publish(complete: Path, final: Path):
+    """Give the complete directory `complete` the name `final`: a rename, or when a
+    checkpoint of the same step is there, an exchange and the old one removed. Where the
+    filesystem cannot exchange, the old one is moved aside first: between the two renames
+    the step is missing and the newest older checkpoint is the newest complete one."""
+    if not final.exists():
+        _rename(complete, final)
+    elif _exchange(complete, final):
+        _remove(complete)  # the old one, now under the temporary name
+    else:
+        aside = final.with_name(f".{final.name}.old")
+        _rename(final, aside)
+        _rename(complete, final)
+        _remove(aside)
+
+
+def _clean(root: Path):
+    """What killed saves left: temporary directories, and step directories without their
+    marker (written by meshpar before this publication order, or by hand)."""
+    for entry in root.iterdir():
+        if entry.is_dir() and (entry.name.startswith(".step-")
+                               or (entry.name.startswith("step-") and not (entry / MARKER).is_file())):
+            _remove(entry)
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """The complete checkpoints under `root`, oldest first."""
     if not root.is_dir():
@@ -88,8 +143,7 @@ def write_checkpoint(root: str | os.PathLike, step: int, mesh: ParallelMesh, ten
     final, tmp = root / step_dir_name(step), root / f".{step_dir_name(step)}.tmp"
     if mesh.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".step-*.tmp"):  # saves killed before they completed
-            shutil.rmtree(stale, ignore_errors=True)
+        _clean(root)
         tmp.mkdir()
     comm.all_gather_object(mesh, None, tag="checkpoint")  # the directory exists for everyone
     name = rank_file_name(mesh.rank)
@@ -101,15 +155,12 @@ def write_checkpoint(root: str | os.PathLike, step: int, mesh: ParallelMesh, ten
         meta = {"format": FORMAT, "version": VERSION, "step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **meta, "files": {n: {"bytes": size, "sha256": digest} for n, size, digest in files}}
         _write_durably(tmp / META, json.dumps(meta, indent=1).encode())
+        _write_durably(tmp / MARKER, f"{step}\n".encode())
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (a rerun): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_durably(final / MARKER, f"{step}\n".encode())
-        _fsync_dir(final)
+        _publish(tmp, final)
         _fsync_dir(root)
         for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     comm.all_gather_object(mesh, None, tag="checkpoint")  # no rank goes on before it is published
     return final
 
