@@ -144,17 +144,24 @@ def test_tensorboard_without_the_package_is_refused_before_training(monkeypatch,
     assert not (tmp_path / "tb").exists()
 
 
-def test_a_stalled_rank_ends_the_run_within_the_timeout_with_a_report():
+@pytest.mark.parametrize("where, waiting", [
+    ("collective", "in all_reduce over dp (ranks [0, 1]) for 'loss'"),
+    ("ring", "in send_recv over cp (ranks [0, 1]) for 'ring_kv'"),  # unmarked before: no report, 133 s
+    ("pp_send", "in send over pp (ranks [0, 1]) for 'activations'"),
+])
+def test_a_stalled_rank_ends_the_run_within_the_timeout_with_a_report(where, waiting):
+    """Rank 1 stalls; rank 0 waits on it in a collective, in ring attention's exchange,
+    or on the pipeline's sends: every wait is marked, so the watchdog names it."""
     timeout = 3.0
     start = time.monotonic()
-    result = subprocess.run([sys.executable, str(Path(__file__).parent / "stall_one_rank.py"), str(timeout)],
+    result = subprocess.run([sys.executable, str(Path(__file__).parent / "stall_one_rank.py"), str(timeout), where],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     elapsed = time.monotonic() - start
     assert result.returncode != 0
     assert elapsed < timeout + 30, elapsed  # start-up of two processes included
     report = result.stderr
     assert "meshpar watchdog: rank 0 (pp=0, dp=0, cp=0, tp=0)" in report
-    assert "in all_reduce over dp (ranks [0, 1]) for 'loss'" in report
+    assert waiting in report
     assert report.count("warmup") == 3 and "its last 4 collectives" in report
 
 

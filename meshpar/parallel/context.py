@@ -90,9 +90,11 @@ class _Ring:
         return buffer, sends + recvs
 
 
-def _wait(works):
-    for work in works:
-        work.wait()
+def _wait(works, mesh: ParallelMesh, tag: str):
+    """Wait on a ring step's send and receive, marked for the watchdog as all waits are."""
+    with mesh.ledger.waiting("cp", "send_recv", tag):
+        for work in works:
+            work.wait()
 
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -156,7 +158,7 @@ class RingAttention(torch.autograd.Function):
                                    + block_out * torch.exp(block_lse - new_lse).unsqueeze(-1))
                 lse[:, :, rows] = new_lse
             if step < cp - 1:
-                _wait(works)
+                _wait(works, mesh, "ring_kv")
                 kv = incoming
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -189,7 +191,7 @@ class RingAttention(torch.autograd.Function):
                 dv[:, :, cols] += bv
             dkv = torch.stack([_fold_kv_grad(dk, k.shape[1]), _fold_kv_grad(dv, v.shape[1])])
             if dkv_in is not None:  # the accumulator of this block, from the ranks before
-                _wait(dkv_works)
+                _wait(dkv_works, ctx.mesh, "ring_dkv")
                 dkv = dkv + dkv_in
             # pass it on: after the last step it arrives back at the block's owner
             if cp > 1:
@@ -197,9 +199,9 @@ class RingAttention(torch.autograd.Function):
             else:
                 dkv_in = dkv
             if step < cp - 1:
-                _wait(kv_works)
+                _wait(kv_works, ctx.mesh, "ring_kv")
                 kv = incoming
-        _wait(dkv_works)
+        _wait(dkv_works, ctx.mesh, "ring_dkv")
         dk, dv = dkv_in.to(k.dtype).unbind(0)
         return dq.to(q.dtype), dk, dv, None
 

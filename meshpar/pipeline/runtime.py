@@ -173,8 +173,9 @@ class PipelineRuntime:
         return self.loss
 
     def _wait_sends(self):
-        for work in self.state.pending_sends:
-            work.wait()
+        with self.mesh.ledger.waiting("pp", "send", "activations"):
+            for work in self.state.pending_sends:
+                work.wait()
         self.state.pending_sends.clear()
 
     def _compute(self, a: Action):
