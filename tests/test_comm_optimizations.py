@@ -199,3 +199,33 @@ def test_invalid_communication_settings_are_refused_with_the_reason(parallel, tr
         cfg.update(**{key: value})
     problems = validate(cfg, env={})
     assert any(message in p for p in problems), problems
+
+
+def reduction_trace(cfg) -> dict:
+    """One step of `cfg` on this rank: its buckets, how many later collectives of a
+    reduction started before backward returned, and the seconds blocked after it."""
+    from reference import trainer_on_this_rank
+
+    with trainer_on_this_rank(cfg) as trainer:
+        trainer.train_step()
+        events, buckets = list(trainer.data_parallel.events), len(trainer.data_parallel.buckets)
+    at = {what: t for t, what, _ in events if what in ("backward_done", "reduced")}
+    return {"buckets": buckets, "blocked_s": at["reduced"] - at["backward_done"],
+            "advanced_in_backward": sum(t < at["backward_done"] for t, what, _ in events if what == "advance")}
+
+
+@pytest.mark.parametrize("dp, options, later_collectives", [
+    (4, dict(ranks_per_node=2, hierarchical_allreduce=True), 2),  # across nodes, then inside
+    (2, dict(compression="int8"), 1),  # the all-gather of the re-quantized sums
+])
+def test_multi_collective_reductions_proceed_during_backward(worlds, dp, options, later_collectives):
+    """The hierarchical all-reduce and int8's all-reduce are chains of collectives: each
+    later one starts at a later bucket's launch, inside backward, so only the last
+    buckets' remain after it (before, every bucket's ran after backward)."""
+    cfg = comm_config(dp, steps=1, bucket_mb=0.05, **options)
+    for trace in worlds(dp).run(reduction_trace, cfg):
+        buckets = trace["buckets"]
+        assert buckets > 4
+        # bucket i's k-th later collective starts at launch i + k: all but the last buckets' in backward
+        assert trace["advanced_in_backward"] == later_collectives * buckets - later_collectives * (
+            later_collectives + 1) // 2, trace

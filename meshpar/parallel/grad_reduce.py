@@ -97,21 +97,40 @@ class ReduceOptions(Section):
 
 
 class Pending:
-    """An in-flight reduction: its first collective's work and what finishes it."""
+    """An in-flight reduction: the work of its current collective, and the steps after
+    it, each of which starts the next collective (returning its work) or finishes on this
+    rank (returning None). `advance()` takes one step, `wait()` all of them. Callers
+    advance in the same order on every rank, so the later collectives match."""
 
-    def __init__(self, work=None, finish=None):
-        self.work, self.finish = work, finish
+    def __init__(self, work=None, *steps):
+        self.work, self.steps = work, list(steps)
 
     def is_completed(self) -> bool:
+        """Whether the current collective is done (what is left runs on this rank alone
+        for a reduce-scatter; an all-reduce's next steps may start collectives)."""
         return self.work is None or self.work.is_completed()
 
-    def wait(self):
+    @property
+    def collectives_left(self) -> bool:
+        """Whether a step still starts a collective (every chain's last step runs on this
+        rank alone)."""
+        return len(self.steps) > 1
+
+    def advance(self):
+        """Wait for the current collective and take the next step."""
         if self.work is not None:
             self.work.wait()
             self.work = None
-        if self.finish is not None:
-            finish, self.finish = self.finish, None
-            finish()
+        if self.steps:
+            self.work = self.steps.pop(0)()
+
+    def wait(self):
+        while self.work is not None or self.steps:
+            self.advance()
+
+
+def _copy(target: torch.Tensor, source: torch.Tensor) -> None:
+    target.copy_(source)
 
 
 def quantize(x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +195,7 @@ class GradReducer:
         if self.hierarchical:
             return self._hierarchical(low, flat)
         work = comm.all_reduce_async(self.mesh, "dp", low, tag="grads")
-        return Pending(work, None if low is flat else lambda: flat.copy_(low))
+        return Pending(work) if low is flat else Pending(work, lambda: _copy(flat, low))
 
     def reduce_scatter(self, key, flat: torch.Tensor, out: torch.Tensor) -> Pending:
         """`out` receives this rank's 1/n of the sum of `flat` over dp."""
@@ -188,7 +207,7 @@ class GradReducer:
         low = self._cast(flat)
         low_out = out if low is flat else torch.empty_like(out, dtype=low.dtype)
         work = comm.reduce_scatter_into(self.mesh, "dp", low_out, low, tag="grads", async_op=True)
-        return Pending(work, None if low_out is out else lambda: out.copy_(low_out))
+        return Pending(work) if low_out is out else Pending(work, lambda: _copy(out, low_out))
 
     def _cast(self, flat: torch.Tensor) -> torch.Tensor:
         dtype = _DTYPES.get(self.compression)
@@ -199,12 +218,16 @@ class GradReducer:
         shard = buffer.new_empty(buffer.numel() // k)
         work = comm.reduce_scatter_into(self.mesh, "dp_intra", shard, buffer, tag="grads", async_op=True)
 
-        def finish():
-            comm.all_reduce(self.mesh, "dp_inter", shard, tag="grads")
-            comm.all_gather_into(self.mesh, "dp_intra", buffer, shard, tag="grads")
+        def across():
+            return comm.all_reduce_async(self.mesh, "dp_inter", shard, tag="grads")
+
+        def inside():
+            return comm.all_gather_into(self.mesh, "dp_intra", buffer, shard, tag="grads", async_op=True)
+
+        def back():
             if buffer is not flat:
                 flat.copy_(buffer)
-        return Pending(work, finish)
+        return Pending(work, across, inside, back)
 
     def _quantize_with_feedback(self, errors: dict, key, x: torch.Tensor):
         """Quantize x plus the error carried from the last step; keep the new error."""
@@ -224,20 +247,24 @@ class GradReducer:
         packed = _pack(q, scales, n)
         received = torch.empty_like(packed)
         work = comm.all_to_all_into(self.mesh, "dp", received, packed, tag="grads", async_op=True)
+        everyone = None
 
-        def finish():
+        def summed():
+            nonlocal everyone
             qs, ss = _unpack(received, n, block)
             shard = dequantize(qs, ss, chunk).view(n, block).sum(dim=0)
             if out is not None:
                 out.copy_(shard)
-                return
-            q2, s2 = self._quantize_with_feedback(self.shard_errors, key, shard)
+                return None
+            q2, s2 = self._quantize_with_feedback(self.shard_errors, key, shard)  # every replica decodes these
             mine = _pack(q2, s2, 1)
             everyone = mine.new_empty(n * mine.numel())
-            comm.all_gather_into(self.mesh, "dp", everyone, mine, tag="grads")
+            return comm.all_gather_into(self.mesh, "dp", everyone, mine, tag="grads", async_op=True)
+
+        def decoded():
             qa, sa = _unpack(everyone, n, block)
             flat.copy_(dequantize(qa, sa, chunk))
-        return Pending(work, finish)
+        return Pending(work, summed) if out is not None else Pending(work, summed, decoded)
 
     def state_bytes(self) -> int:
         """Bytes of the error-feedback buffers."""

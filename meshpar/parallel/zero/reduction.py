@@ -73,6 +73,7 @@ class GradientReduction:
         # Ids of the parameters whose gradients a zero-bubble W computes (set by the trainer).
         self.deferred: frozenset[int] = frozenset()
         self._in_flight: list[Bucket] = []  # stages 2-3: launched reductions, oldest first
+        self._chains: list[Bucket] = []  # launched reductions with collectives still to start, oldest first
         for p in (p for b in buckets for p in b.params):
             p.register_post_accumulate_grad_hook(self._on_grad)
 
@@ -93,6 +94,7 @@ class GradientReduction:
             for p in b.params:
                 p.grad = None
         self._in_flight.clear()
+        self._chains.clear()
         self.events.clear()
 
     def _on_grad(self, p: nn.Parameter):
@@ -133,6 +135,7 @@ class GradientReduction:
         # (an extra read of the gradients, skipped where nothing is reduced).
         if self.reduces:
             progress.finite = torch.isfinite(b.grad_flat).all()
+        self._advance_chains()
         self.grad_sync(b.params)
         self.events.append((time.perf_counter(), "launch", b.index))
         if self.cp_parts:
@@ -147,9 +150,25 @@ class GradientReduction:
             progress.reduced_into = out
             progress.work = self.reducer.reduce_scatter(b.index, b.grad_flat, out)
         progress.launched = True
+        if progress.work is not None and progress.work.collectives_left:
+            self._chains.append(b)
         self._free_finished()
         if self.stage >= 2:
             self._limit_in_flight(b)
+
+    def _advance_chains(self):
+        """A reduction of several collectives in turn (hierarchical: inside the node, across
+        nodes, inside again; int8's all-reduce: an all-to-all, then an all-gather of the
+        re-quantized sums) starts its next collective at each later launch, so all but the
+        last bucket's finish during backward. Every rank launches in the same order, so
+        the collectives match; waiting for the previous one rarely blocks, as a bucket's
+        worth of backward ran since it began."""
+        for b in self._chains:
+            with self.mesh.ledger.waiting("dp", "gradient reduction", "grads"):
+                self.of[b.index].work.advance()
+            self.events.append((time.perf_counter(), "advance", b.index))
+        self._chains = [b for b in self._chains
+                        if self.of[b.index].work is not None and self.of[b.index].work.collectives_left]
 
     def _limit_in_flight(self, launched: Bucket):
         """Stages 2-3: wait for the oldest reductions while more than MAX_IN_FLIGHT are
@@ -207,6 +226,7 @@ class GradientReduction:
         for b in self.buckets:  # one per end, if any: the same call on both
             if any(tied_across_stages(p) for p in b.params):
                 comm.all_reduce(self.mesh, "pp_ends", self.reduced(b), tag="tied_grads")
+        self.events.append((time.perf_counter(), "reduced", -1))
 
     def _into_slot(self, b: Bucket, i: int, p: nn.Parameter):
         """p's gradient becomes its slot in the bucket: copied there from a fresh tensor,
