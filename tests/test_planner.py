@@ -297,3 +297,18 @@ def test_llama3_405b_predictions_stay_near_what_meta_reported():
     for gpus, tp, cp, pp, seq_len, reported in LLAMA3_405B:
         ours = predicted(gpus, tp, cp, pp, seq_len)
         assert ours["fits"] and 0.75 <= ours["tflops_per_gpu"] / reported <= 1.25, (gpus, cp, ours)
+
+
+@pytest.mark.parametrize("pp, gpus, batch, chunks", [(16, 16384, 2048, {2, 4}), (14, 224, 112, {3, 9})])
+def test_interleaved_layouts_of_uneven_stages_and_any_chunk_count_are_searched(pp, gpus, batch, chunks):
+    """Llama 3 405B's 126 layers, which neither 16 nor 14 stages divide: every chunk
+    count that divides the busiest stage's layers (8 and 9) and leaves a layer per chunk
+    is a candidate - before, only 2 and 4 were tried, and only where pp x v divided the
+    layers: none here."""
+    from meshpar.planner.hardware import make_cluster
+    from meshpar.planner.search import layouts
+
+    fixed = dict(tp=8, pp=pp, cp=1, schedule="interleaved-1f1b", micro_batch_size=1, zero=1, recompute="none",
+                 offload="none", sequence_parallel=True)
+    found = list(layouts(PRESETS["llama3-405b"], make_cluster("h100-80gb", gpus, 8), batch, fixed))
+    assert {layout.virtual_stages for layout in found} == chunks

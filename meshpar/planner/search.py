@@ -39,6 +39,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _chunk_counts(layers: int, pp: int) -> list[int]:
+    """The interleaved schedule's chunks per rank: every count of 2 or more that divides
+    the busiest stage's layers, ceil(layers / pp) - the stages need not be equal (126
+    layers over 16 stages: 8 on the busiest, chunks of 4, 2 or 1)."""
+    per_stage = -(-layers // pp)
+    return [v for v in _divisors(per_stage) if v >= 2 and pp * v <= layers]
+
+
 def parse_fix(text: str | None) -> dict:
     """'tp=8,pp=16,zero=1,recompute=selective' -> typed settings; ValueError names the keys."""
     fixed: dict = {}
@@ -78,7 +86,8 @@ def layouts(spec: ModelSpec, cluster: Cluster, global_batch: int, fixed: dict | 
                 if fixed.get("dp", dp) != dp or global_batch % dp:
                     continue
                 schedules = [("none", 1)] if pp == 1 else \
-                    [(sch, v) for sch in SCHEDULES for v in ((2, 4) if sch == "interleaved-1f1b" else (1,))]
+                    [(sch, v) for sch in SCHEDULES for v in (_chunk_counts(spec.layers, pp)
+                                                             if sch == "interleaved-1f1b" else (1,))]
                 for (schedule, v), mbs, zero, sp, recompute, offload in itertools.product(
                         schedules, choices("micro_batch_size", MICRO_BATCH_SIZES), choices("zero", STAGES),
                         choices("sequence_parallel", (False, True) if tp > 1 else (False,)),
@@ -88,7 +97,7 @@ def layouts(spec: ModelSpec, cluster: Cluster, global_batch: int, fixed: dict | 
                     if (global_batch // dp) % mbs or (sp and spec.seq_len // cp % tp):
                         continue
                     m = global_batch // dp // mbs
-                    if schedule == "interleaved-1f1b" and (m % pp or spec.layers % (pp * v)):
+                    if schedule == "interleaved-1f1b" and m % pp:
                         continue
                     yield Layout(dp, tp, pp, cp, zero, schedule, v, mbs, sp, recompute, offload)
 
