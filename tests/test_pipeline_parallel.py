@@ -20,9 +20,10 @@ def reference():
     return train_and_report(fast_config(steps=STEPS))
 
 
-def assert_same_training(run: dict, ref: dict):
+def assert_same_training(run: dict, ref: dict, grad_norm_rel: float = REL):
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(ref["losses"]), rtol=REL, atol=0)
-    torch.testing.assert_close(torch.tensor(run["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=REL, atol=0)
+    torch.testing.assert_close(torch.tensor(run["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=grad_norm_rel,
+                               atol=0)
     assert run["params"].keys() == ref["params"].keys()
     for name, value in ref["params"].items():
         diff = run["params"][name] - value
@@ -67,10 +68,15 @@ def composition(name, v, layout, quick):
 ])
 def test_pipeline_composes_with_dp_and_tp(worlds, reference, schedule, virtual_stages, layout):
     cfg = pipeline_config(2, schedule, 2, virtual_stages, **layout)
+    grad_norm_rel = REL
     if "model" in layout:  # replicated KV heads: its own reference
         reference = train_and_report(fast_config(steps=STEPS, model=layout["model"]))
+        # Their gradients are summed over tp in another order than one device's: the norm
+        # drifts 1e-7 to 3e-6 over the first 8 steps and is 3.0e-5 away at step 9 (1f1b
+        # alike), back to 8e-7 at step 10; losses and parameters stay within 1e-5.
+        grad_norm_rel = 5e-5
     for run in worlds(4).run(train_and_report, cfg):
-        assert_same_training(run, reference)
+        assert_same_training(run, reference, grad_norm_rel)
 
 
 def held_and_predicted(cfg):
