@@ -32,6 +32,11 @@ AXES = ("pp", "dp", "cp", "tp")  # slowest to fastest in the rank order
 DERIVED = ("dp_intra", "dp_inter", "pp_ends")  # groups made from the axes' slices
 
 
+def divisors(n: int) -> list[int]:
+    """The degrees that split `n` evenly, ascending: what a message offers when one does not."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 @dataclass(frozen=True)
 class MeshShape:
     """Degrees of each axis; pure arithmetic on ranks, no process groups."""
@@ -145,9 +150,8 @@ class MeshOptions(Section):
         if k < 1:  # said by the option's own check
             return problems
         if self.world_size % k:
-            divisors = ", ".join(str(d) for d in range(1, self.world_size + 1) if self.world_size % d == 0)
             return problems + [f"--ranks-per-node {k} must divide the world size {self.world_size}; "
-                               f"use one of {divisors}"]
+                               f"use one of {', '.join(map(str, divisors(self.world_size)))}"]
         if k % self.tp:
             problems.append(f"--tp {self.tp} does not fit in a node of {k} ranks: tensor parallelism exchanges "
                             f"activations twice per layer and stays inside a node; use a tp dividing {k}")

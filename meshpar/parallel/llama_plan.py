@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from meshpar.mesh import divisors
 from meshpar.model.config import ModelConfig
 from meshpar.parallel.plan import PipelinePlan, Plan
 
@@ -32,11 +33,10 @@ def tensor_parallel_problems(cfg: ModelConfig, tp: int, sequence_parallel: bool,
     """Why this model cannot be split `tp` ways (empty if it can)."""
     if tp == 1:
         return []
-    divisors = [d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0]
     found = []
     if cfg.num_heads % tp:
         found.append(f"--tp={tp} does not divide num_heads={cfg.num_heads}; use one of "
-                     f"{', '.join(map(str, divisors))}")
+                     f"{', '.join(map(str, divisors(cfg.num_heads)))}")
     elif cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
         found.append(f"--tp={tp} and num_kv_heads={cfg.num_kv_heads}: one must divide the other "
                      f"(kv heads are split, or replicated when fewer than tp)")

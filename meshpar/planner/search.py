@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from meshpar.mesh import divisors
 from meshpar.parallel.zero.options import STAGES
 from meshpar.planner.hardware import Cluster
 from meshpar.planner.layout import SETTINGS, Layout
@@ -35,16 +36,12 @@ class Candidate:
                 "cost_per_million_tokens": self.cost_per_million_tokens}
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _chunk_counts(layers: int, pp: int) -> list[int]:
     """The interleaved schedule's chunks per rank: every count of 2 or more that divides
     the busiest stage's layers, ceil(layers / pp) - the stages need not be equal (126
     layers over 16 stages: 8 on the busiest, chunks of 4, 2 or 1)."""
     per_stage = -(-layers // pp)
-    return [v for v in _divisors(per_stage) if v >= 2 and pp * v <= layers]
+    return [v for v in divisors(per_stage) if v >= 2 and pp * v <= layers]
 
 
 def parse_fix(text: str | None) -> dict:
@@ -77,9 +74,9 @@ def layouts(spec: ModelSpec, cluster: Cluster, global_batch: int, fixed: dict | 
         return [fixed[key]] if key in fixed else list(values)
 
     node = cluster.gpus_per_node
-    for tp in choices("tp", [d for d in _divisors(node) if spec.heads % d == 0]):
-        for cp in choices("cp", [d for d in _divisors(cluster.gpus // tp) if spec.seq_len % (2 * d) == 0]):
-            for pp in choices("pp", [d for d in _divisors(cluster.gpus // (tp * cp)) if d <= spec.layers]):
+    for tp in choices("tp", [d for d in divisors(node) if spec.heads % d == 0]):
+        for cp in choices("cp", [d for d in divisors(cluster.gpus // tp) if spec.seq_len % (2 * d) == 0]):
+            for pp in choices("pp", [d for d in divisors(cluster.gpus // (tp * cp)) if d <= spec.layers]):
                 if tp * cp * pp > cluster.gpus or cluster.gpus % (tp * cp * pp):
                     continue
                 dp = cluster.gpus // (tp * cp * pp)

@@ -15,12 +15,13 @@ import functools
 import os
 import sysconfig
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from meshpar.mesh import divisors
 from meshpar.options import Section, option
 
 if TYPE_CHECKING:
@@ -60,10 +61,10 @@ class DataOptions(Section):
         if dp >= 1 and batch >= 1:
             if batch % dp:
                 problems.append(f"--dp={dp} does not divide --global-batch-size={batch}; "
-                                f"use a dp in {_divisors(batch)}")
+                                f"use a dp in {', '.join(map(str, divisors(batch)))}")
             elif (micro := self.micro_batch_size) is not None and micro >= 1 and (batch // dp) % micro:
                 problems.append(f"--micro-batch-size={micro} must divide the per-rank batch "
-                                f"{batch}/{dp}={batch // dp}; use one of {_divisors(batch // dp)}")
+                                f"{batch}/{dp}={batch // dp}; use one of {', '.join(map(str, divisors(batch // dp)))}")
         model = cfg.model_config()
         if model is not None and self.seq_len > model.max_seq_len:
             problems.append(f"--seq-len={self.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
@@ -80,10 +81,6 @@ class DataOptions(Section):
         return [f"--seq-len={self.seq_len} is longer than {source} allows: its {split} split has {n} tokens "
                 f"and needs at least seq_len+1 = {self.seq_len + 1}"
                 for split, n in (("training", train_tokens), ("validation", val_tokens)) if n < self.seq_len + 1]
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
 def default_corpus_files() -> list[Path]:
