@@ -21,7 +21,7 @@ from meshpar.parallel.zero.buckets import Bucket, allocate, group_parameters, un
 from meshpar.parallel.zero.gathering import ParameterGathering
 from meshpar.parallel.zero.offload import HostOffload
 from meshpar.parallel.zero.options import STAGES
-from meshpar.parallel.zero.reduction import GradientReduction
+from meshpar.parallel.zero.reduction import GradientReduction, mixes_ranks, sums_cp_parts
 
 
 @dataclass
@@ -53,8 +53,7 @@ class ShardedDataParallel:
         self.grad_sync = grad_sync or (lambda params: None)
         self.reducer = reducer or GradReducer(mesh)
         self.n, self.cp = mesh.size("dp"), mesh.size("cp")
-        # Whether a reduction (tp, cp or dp) mixes this rank's gradients with others'.
-        self.reduces = any(mesh.size(axis) > 1 for axis in ("tp", "cp", "dp"))
+        self.reduces = mixes_ranks(mesh)
         # Nothing to reduce over dp or cp - one rank on each, stage 0, nothing offloaded, no
         # weight tied across stages: a bucket would only copy each gradient once more. The
         # gradients stay where autograd accumulates them, as in a plain PyTorch loop, and
@@ -72,8 +71,7 @@ class ShardedDataParallel:
             if materialize.fill is not None:  # none: a checkpoint will be loaded
                 fill_flat(out, p, materialize.mesh, names[id(p)], start, materialize.fill)
 
-        cp_parts = stage == 0 and self.cp > 1 and self.n > 1
-        align = self.reducer.alignment(stage >= 1) * (self.cp if cp_parts else 1)
+        align = self.reducer.alignment(stage >= 1) * (self.cp if sums_cp_parts(stage, mesh) else 1)
         self.buckets: list[Bucket] = [
             allocate(i, params, align=align, ranks=self.n, rank=mesh.index("dp"), stage=stage,
                      device=materialize.device if materialize else None,

@@ -39,6 +39,16 @@ from meshpar.parallel.zero.buckets import Bucket
 MAX_IN_FLIGHT = 2  # stages 2-3: gradient reductions running at once (full buffers alive)
 
 
+def sums_cp_parts(stage: int, mesh: ParallelMesh) -> bool:
+    """Stage 0 sums a 1/cp part over dp (see the module docstring); not needed without dp."""
+    return stage == 0 and mesh.size("cp") > 1 and mesh.size("dp") > 1
+
+
+def mixes_ranks(mesh: ParallelMesh) -> bool:
+    """Whether a reduction (tp, cp or dp) mixes this rank's gradients with others'."""
+    return any(mesh.size(axis) > 1 for axis in ("tp", "cp", "dp"))
+
+
 @dataclass
 class Progress:
     """One bucket's gradients in a step: how many arrived, and its reduction."""
@@ -64,10 +74,7 @@ class GradientReduction:
         self.overlap, self.microbatches, self.grad_sync = overlap, microbatches, grad_sync
         self.slot_of, self.unit_done = slot_of, unit_done
         self.cp = mesh.size("cp")
-        # Stage 0 sums a 1/cp part over dp (see the module docstring); not needed without dp.
-        self.cp_parts = stage == 0 and self.cp > 1 and mesh.size("dp") > 1
-        # Whether a reduction (tp, cp or dp) mixes this rank's gradients with others'.
-        self.reduces = any(mesh.size(axis) > 1 for axis in ("tp", "cp", "dp"))
+        self.cp_parts, self.reduces = sums_cp_parts(stage, mesh), mixes_ranks(mesh)
         self.of = {b.index: Progress() for b in buckets}
         self.events: list[tuple[float, str, int]] = []  # (time, what, bucket): the overlap trace
         # Ids of the parameters whose gradients a zero-bubble W computes (set by the trainer).
