@@ -9,6 +9,7 @@ each naming the valid choices; `ConfigError` carries that list to the CLI.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -108,11 +109,11 @@ class Config:
     def update(self, **keywords) -> Config:
         """Set options by their keywords (the flags' names without dashes: `zero=1`,
         `seq_len=64`); TypeError names the valid ones. Returns self."""
-        by_keyword = {o.keyword: o for o in all_options()}
+        known = options_by_keyword()
         for keyword, value in keywords.items():
-            if keyword not in by_keyword:
-                raise TypeError(f"no option {keyword!r}; the options: {', '.join(by_keyword)}")
-            opt = by_keyword[keyword]
+            if keyword not in known:
+                raise TypeError(f"no option {keyword!r}; the options: {', '.join(known)}")
+            opt = known[keyword]
             setattr(getattr(self, opt.section), opt.name, list(value) if isinstance(value, tuple) else value)
         return self
 
@@ -120,6 +121,12 @@ class Config:
 def all_options() -> list[Option]:
     """Every option of every section, in order."""
     return [o for name, cls in SECTIONS.items() for o in options_of(name, cls)]
+
+
+@functools.cache
+def options_by_keyword(sections: tuple[str, ...] = tuple(SECTIONS)) -> dict[str, Option]:
+    """The options of `sections` (default all) by their keywords (read, never changed)."""
+    return {o.keyword: o for name in sections for o in options_of(name, SECTIONS[name])}
 
 
 # The sections whose options `meshpar.parallelize` takes: what it builds. The rest of a
@@ -133,7 +140,7 @@ def api_config(mesh, sections: tuple, keywords: dict, microbatches: int, steps: 
     """The configuration `parallelize` was given - option `sections` and option
     `keywords` over a ParallelMesh `mesh` - checked by the rules `meshpar train`'s is
     checked by; ValueError, before anything changes, with every problem."""
-    by_keyword = {o.keyword: o for name in API_SECTIONS for o in options_of(name, SECTIONS[name])}
+    by_keyword = options_by_keyword(API_SECTIONS)
     cfg = Config(model=None, mesh=MeshOptions(dp=mesh.size("dp"), tp=mesh.size("tp"), pp=mesh.size("pp"),
                                               cp=mesh.size("cp"), ranks_per_node=mesh.ranks_per_node or None),
                  # the micro-batch count, as one row per micro-batch of each dp rank's rows
@@ -172,7 +179,7 @@ def load_toml(path: str | os.PathLike) -> Config:
     cfg, problems = Config(), []
     model_raw = dict(raw.pop("model", {}))
     cfg.model = ModelSection(name=model_raw.pop("name", "tiny"), overrides=model_raw)
-    by_keyword = {o.keyword: o for o in all_options()} | {o.name: o for o in all_options()}
+    by_keyword = options_by_keyword() | {o.name: o for o in all_options()}
     for table, values in raw.items():
         if table not in SECTIONS:
             moved = [f"{key} is now [{by_keyword[key].section}] {by_keyword[key].name}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import field
@@ -121,7 +122,10 @@ class Option:
                                help=text, metavar={int: "N", float: "X"}.get(kind, self.keyword.upper()))
 
 
-def options_of(section: str, cls: type) -> list[Option]:
+@functools.cache
+def options_of(section: str, cls: type) -> tuple[Option, ...]:
+    """The options `cls` declares, as section `section` of a Config (read once per class:
+    the type hints are evaluated from their text)."""
     hints = typing.get_type_hints(cls)
     found = []
     for f in dataclasses.fields(cls):
@@ -132,7 +136,7 @@ def options_of(section: str, cls: type) -> list[Option]:
         found.append(Option(section, f.name, hints[f.name], default, meta["help"],
                             meta["flag"] or "--" + f.name.replace("_", "-"), meta["choices"], meta["at_least"],
                             meta["positive"], meta["parse"]))
-    return found
+    return tuple(found)
 
 
 def comma_list(item: Callable[[str], Any], what: str) -> Callable[[str], list]:

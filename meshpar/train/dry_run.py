@@ -83,7 +83,7 @@ def dry_run(cfg: Config) -> str:
                     "the total holds the larger of the two)" if apart else "")
                  + f"; total adds {format_bytes(WORKSPACE_BYTES)} of workspace.")
     if schedule is not None:
-        lines.append(f"\npipeline schedule {schedule.name}, {cfg.mesh.pp} stages x {m} micro-batches "
+        lines.append(f"\npipeline schedule {schedule.name}, {mesh_cfg.pp} stages x {m} micro-batches "
                      f"(peak in flight per rank {inflight}):")
         lines += [f"  rank {r}: {text}" for r, text in enumerate(schedule.text())]
     return "\n".join(lines)
