@@ -51,7 +51,8 @@ from meshpar.model import build_model
 from meshpar.parallel.precision import autocast
 from meshpar.planner.hardware import GPUS
 from meshpar.planner.model import from_meshpar
-from meshpar.train.data import BatchLoader, load_tokens
+from meshpar.data.corpus import load_tokens
+from meshpar.data.loader import BatchLoader
 from meshpar.train.metrics import peak_memory
 from meshpar.train.optim import build_optimizer, lr_at
 from meshpar.train.trainer import Trainer

@@ -28,7 +28,8 @@ from meshpar.model import build_model, model_config
 from meshpar.parallel.apply import split_model
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import build_schedule
-from meshpar.train.data import BatchLoader, load_tokens
+from meshpar.data.corpus import load_tokens
+from meshpar.data.loader import BatchLoader
 from common import run_on_local_ranks
 
 SCHEDULES = [("gpipe", 1, ScheduleGPipe), ("1f1b", 1, Schedule1F1B), ("interleaved-1f1b", 2, ScheduleInterleaved1F1B)]

@@ -30,7 +30,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model, model_config
 from meshpar.parallel.apply import split_model
-from meshpar.train.data import BatchLoader, load_tokens
+from meshpar.data.corpus import load_tokens
+from meshpar.data.loader import BatchLoader
 from common import loopback_bytes, run_on_local_ranks
 
 

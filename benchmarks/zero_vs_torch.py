@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from meshpar.mesh import MeshShape, ParallelMesh
 from meshpar.model import build_model, model_config
 from meshpar.parallel.zero import ShardedDataParallel, units_of
-from meshpar.train.data import BatchLoader, load_tokens
+from meshpar.data.corpus import load_tokens
+from meshpar.data.loader import BatchLoader
 from meshpar.train.optim import OptimizerOptions, adamw
 from common import loopback_bytes, run_on_local_ranks
 

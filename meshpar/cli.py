@@ -1,4 +1,4 @@
-"""meshpar's command line: `meshpar train ...`."""
+"""meshpar's command line: `meshpar train ...`, and the commands around it."""
 
 from __future__ import annotations
 
@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     from meshpar.checkpoint.commands import add_arguments as checkpoint_arguments
     checkpoint_arguments(commands.add_parser("checkpoint", help="inspect, consolidate or export checkpoints",
                                              description="Checkpoints written by `meshpar train --save-dir`."))
+    from meshpar.data.commands import add_prepare_arguments, add_tokenizer_arguments
+    add_prepare_arguments(commands.add_parser(
+        "prepare-data", help="tokenize a corpus once into token files that `train --data DIR` reads",
+        description="Tokenize text files, folders, JSON Lines, Parquet or saved datasets with a tokenizer, in "
+                    "worker processes, into DIR: token files, document offsets and a header recording the "
+                    "tokenizer, dtype and splits. DIR appears only when complete."))
+    add_tokenizer_arguments(commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer",
+                                                description="Tokenizers for `prepare-data`."))
     commands.add_parser("env", help="versions, devices, backends and the detected topology",
                         description="Print what this machine has for meshpar.")
     return parser
@@ -162,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "calibrate":
         from meshpar.planner.calibrate import calibrate_command
         return calibrate_command(args)
+    if args.command in ("prepare-data", "tokenizer"):
+        from meshpar.data.commands import prepare_command, tokenizer_command
+        return prepare_command(args) if args.command == "prepare-data" else tokenizer_command(args)
     if args.command == "plan":
         from meshpar.planner.report import plan_command
         return plan_command(args)

@@ -27,7 +27,7 @@ from meshpar.parallel.recompute import RecomputeOptions
 from meshpar.parallel.tensor import TensorOptions
 from meshpar.parallel.zero import ZeroOptions
 from meshpar.pipeline.options import PipelineOptions
-from meshpar.train.data import DataOptions
+from meshpar.data.options import DataOptions
 from meshpar.train.launch import RunOptions
 from meshpar.train.metrics import ObserveOptions
 from meshpar.train.optim import LrScheduleOptions, OptimizerOptions
@@ -221,9 +221,10 @@ def validate(cfg: Config, env: dict[str, str] | None = None, sections=None) -> l
 
 
 def check(cfg: Config, env: dict[str, str] | None = None) -> Config:
-    """Raise ConfigError with every problem in `cfg`; return it (its model read from
-    --init-from when none is given) if none."""
+    """Raise ConfigError with every problem in `cfg`; return it if none (its model read
+    from --init-from when none is given, its vocabulary from prepared data when unset)."""
     cfg.checkpoint.adopt_model(cfg)
+    cfg.data.adopt_vocabulary(cfg)
     problems = validate(cfg, env)
     if problems:
         raise ConfigError(problems)

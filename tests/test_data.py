@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from meshpar.train.data import (VAL_FRACTION, BatchLoader, DataError, corpus_split_sizes,
-                                default_corpus_files, load_tokens)
+from meshpar.data.corpus import VAL_FRACTION, DataError, corpus_split_sizes, default_corpus_files, load_tokens
+from meshpar.data.loader import BatchLoader
 
 
 def test_default_corpus_is_the_standard_library():

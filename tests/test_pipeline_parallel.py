@@ -110,7 +110,8 @@ def delayed_update_reference(cfg) -> dict:
     import torch.nn.functional as F
 
     from meshpar.model import build_model
-    from meshpar.train.data import BatchLoader, load_tokens
+    from meshpar.data.corpus import load_tokens
+    from meshpar.data.loader import BatchLoader
     from meshpar.train.optim import build_optimizer, clip_grads, lr_at
 
     model = build_model(cfg.model.resolve(), cfg.run.seed)

@@ -25,7 +25,8 @@ from meshpar.pipeline.check import Costs, simulate
 from meshpar.planner.hardware import device_peak_flops
 from meshpar.planner.model import from_meshpar
 from meshpar.train.checks import check_replicas
-from meshpar.train.data import BatchLoader, corpus_description, load_tokens
+from meshpar.data.corpus import corpus_description, load_tokens
+from meshpar.data.loader import BatchLoader
 from meshpar.train.metrics import MetricsLog, Progress, format_placement, format_summary, peak_memory
 from meshpar.train.optim import lr_at
 from meshpar.train.plot import plot_losses

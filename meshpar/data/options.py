@@ -1,0 +1,92 @@
+"""The data options of a run: the source, the batch sizes, the sequence length, and their
+checks against the model and the files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from meshpar.data.corpus import DataError, corpus_split_sizes, prepared_vocab_size
+from meshpar.mesh import divisors
+from meshpar.options import Section, option
+
+if TYPE_CHECKING:
+    from meshpar.config import Config
+
+
+@dataclass
+class DataOptions(Section):
+    """What the model reads, and in what batches."""
+
+    data: str | None = option(None, "a folder written by `meshpar prepare-data` (the model's vocabulary "
+                                    "is then its tokenizer's), a text file, a folder of text files, or a "
+                                    ".bin of uint16 tokens (default: the Python standard library's sources, "
+                                    "as bytes)")
+    tokenizer: str | None = option(None, "the tokenizer (tokenizer.json or a folder holding one) that --data "
+                                         "must have been prepared with: refused when its header names another")
+    global_batch_size: int = option(32, "sequences per optimizer step, over all dp ranks", at_least=1)
+    micro_batch_size: int | None = option(None, "sequences per forward on one dp rank (default: the whole "
+                                                "per-rank batch, no accumulation)", at_least=1)
+    seq_len: int = option(128, "tokens per sequence", at_least=1)
+
+    def microbatches(self, dp: int) -> int | None:
+        """Micro-batches per step on each dp rank; None when the batch does not split
+        (another message says why)."""
+        if dp < 1 or self.global_batch_size < 1 or self.global_batch_size % dp:
+            return None
+        per_rank = self.global_batch_size // dp
+        micro = self.micro_batch_size or per_rank
+        return per_rank // micro if micro >= 1 and per_rank % micro == 0 else None
+
+    def problems(self, cfg: Config) -> list[str]:
+        dp, batch, problems = cfg.mesh.dp, self.global_batch_size, []
+        if dp >= 1 and batch >= 1:
+            if batch % dp:
+                problems.append(f"--dp={dp} does not divide --global-batch-size={batch}; "
+                                f"use a dp in {', '.join(map(str, divisors(batch)))}")
+            elif (micro := self.micro_batch_size) is not None and micro >= 1 and (batch // dp) % micro:
+                problems.append(f"--micro-batch-size={micro} must divide the per-rank batch "
+                                f"{batch}/{dp}={batch // dp}; use one of {', '.join(map(str, divisors(batch // dp)))}")
+        model = cfg.model_config()
+        if model is not None and self.seq_len > model.max_seq_len:
+            problems.append(f"--seq-len={self.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
+        if self.seq_len >= 1:
+            problems += self._source_problems(model.vocab_size if model else None)
+        if self.tokenizer is not None:
+            problems += self._tokenizer_problems()
+        return problems
+
+    def adopt_vocabulary(self, cfg: Config) -> None:
+        """On prepared data, a model whose vocabulary is not set takes the data's."""
+        vocab_size = prepared_vocab_size(self.data)
+        if vocab_size is not None and cfg.model is not None and "vocab_size" not in cfg.model.overrides:
+            cfg.model.overrides["vocab_size"] = vocab_size
+
+    def _tokenizer_problems(self) -> list[str]:
+        from meshpar.data.token_files import TokenFileError, is_token_dir, open_token_dir
+        from meshpar.data.tokenizer import TokenizerError, tokenizer_hash
+
+        if self.data is None or not is_token_dir(self.data):
+            return [f"--tokenizer checks the data a tokenizer prepared; --data {self.data or '(the default corpus)'} "
+                    f"is not a folder written by `meshpar prepare-data`"]
+        try:
+            ours, data = tokenizer_hash(self.tokenizer), open_token_dir(self.data)
+        except (TokenizerError, TokenFileError) as err:
+            return [str(err)]
+        if ours != data.tokenizer_hash:
+            return [f"--data {self.data} was prepared by another tokenizer than --tokenizer {self.tokenizer}: "
+                    f"the header records {data.header['tokenizer']['source']} (sha256 "
+                    f"{data.tokenizer_hash[:12]}...), this one is {ours[:12]}...; prepare the data with it"]
+        return []
+
+    def _source_problems(self, vocab_size: int | None) -> list[str]:
+        try:
+            train_tokens, val_tokens = corpus_split_sizes(self.data, vocab_size)
+        except DataError as err:
+            return [str(err)]
+        source = self.data or "the default corpus"
+        return [f"--seq-len={self.seq_len} is longer than {source} allows: its {split} split has {n} tokens "
+                f"and needs at least seq_len+1 = {self.seq_len + 1}"
+                for split, n in (("training", train_tokens), ("validation", val_tokens)) if n < self.seq_len + 1]
+
+
