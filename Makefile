@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/gpu_step.py --rounds 3
 	$(BIN)/python benchmarks/init_memory.py
 	$(BIN)/python benchmarks/large_model.py
+	$(BIN)/python benchmarks/prepare_data.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
