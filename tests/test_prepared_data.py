@@ -159,6 +159,11 @@ def test_tokenizer_train_writes_what_transformers_reads(tmp_path, capsys, corpus
     text = corpus["docs"][0]
     assert theirs(text)["input_ids"] == ours.encode([text])[0]
     assert theirs.eos_token_id == ours.end_of_text_id and ours.decode(ours.encode([text])[0]) == text
+    theirs.eos_token = "<|reserved|>"  # a transformers directory names its end-of-text token in its config
+    theirs.add_special_tokens({"additional_special_tokens": ["<|reserved|>"]})
+    theirs.save_pretrained(str(tmp_path / "hf"))
+    saved = load_tokenizer(tmp_path / "hf")
+    assert saved.end_of_text == "<|reserved|>" and saved.end_of_text_id == theirs.convert_tokens_to_ids("<|reserved|>")
 
 
 # --- bad input: a clear message and exit 2, nothing half written ------------------------
@@ -266,3 +271,35 @@ def test_a_killed_prepare_leaves_nothing_that_looks_complete(corpus, tmp_path):
     assert subprocess.run(argv, cwd=REPO).returncode == 0
     assert not list(tmp_path.glob(".out.partial-*"))
     assert open_token_dir(out).header["splits"]["train"]["documents"] == 5700
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Megatron-Core's builder, on numpy 2
+def test_megatron_indexed_datasets_read_as_one_stream(prepared, tmp_path):
+    """A dataset written by Megatron-Core's own IndexedDatasetBuilder (int32 tokens, one
+    sequence per document): its tokens, its vocabulary check, a truncated .bin refused."""
+    import warnings
+
+    import torch
+    from meshpar.data.corpus import DataError, corpus_split_sizes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = tmp_path / "corpus_text_document"
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.int32)
+    docs = [np.append(ids, 65_792) for ids in prepared.documents("train")]
+    for doc in docs:
+        builder.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)])
+    builder.finalize(str(prefix) + ".idx")
+    stream = np.concatenate(docs)
+    for named in (prefix, prefix.with_suffix(".bin"), prefix.with_suffix(".idx")):
+        train_tokens, val_tokens = load_tokens(str(named))
+        assert train_tokens.dtype == np.int32 and np.array_equal(np.concatenate([train_tokens, val_tokens]), stream)
+    assert corpus_split_sizes(str(prefix), 70_000) == (len(train_tokens), len(val_tokens))
+    with pytest.raises(DataError, match="holds token id 65792, outside the model's vocabulary of 256"):
+        corpus_split_sizes(str(prefix), 256)
+    with open(str(prefix) + ".bin", "r+b") as f:
+        f.truncate(len(stream) * 4 - 4)
+    with pytest.raises(DataError, match="corpus_text_document.bin holds .* bytes where its index says"):
+        corpus_split_sizes(str(prefix), 70_000)

@@ -2,8 +2,8 @@
 folders prepared by `meshpar prepare-data`.
 
 Text is read as bytes (byte-level tokens, vocabulary 256). A `.bin` file holds
-pre-tokenized uint16 tokens and is memory-mapped; its last VAL_FRACTION is the validation
-split, as is a text source's. A prepared folder is memory-mapped too, and brings its own
+pre-tokenized uint16 tokens and is memory-mapped, as is a Megatron-LM indexed dataset
+(megatron.py); the last VAL_FRACTION of each is the validation split, as of a text source. A prepared folder is memory-mapped too, and brings its own
 splits, dtype and vocabulary (token_files.py).
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meshpar.data.megatron import MegatronDataError, megatron_prefix, open_megatron
 from meshpar.data.token_files import TokenFileError, is_token_dir, open_token_dir
 
 VAL_FRACTION = 0.05
@@ -47,7 +48,7 @@ def _text_files(path: Path) -> list[Path]:
 
 
 def _source(path: str | None) -> tuple[str, list[Path]]:
-    """('bin' | 'text' | 'prepared', files), or DataError if the path cannot be used."""
+    """('bin' | 'text' | 'prepared' | 'megatron', files), or DataError if the path cannot be used."""
     if path is None:
         files = default_corpus_files()
         if not files:
@@ -55,6 +56,8 @@ def _source(path: str | None) -> tuple[str, list[Path]]:
                             "on this machine; pass --data PATH")
         return "text", files
     p = Path(path)
+    if (prefix := megatron_prefix(p)) is not None:
+        return "megatron", [prefix]
     if not p.exists():
         raise DataError(f"--data {path}: no such file or folder")
     if p.is_file() and p.suffix == ".bin":
@@ -87,23 +90,36 @@ def corpus_split_sizes(path: str | None, vocab_size: int | None = None) -> tuple
         if train == 0:
             raise DataError(f"--data {path}: the training split is empty")
         return train, val
-    if kind == "bin":
+    if kind == "megatron":
+        try:
+            dataset = open_megatron(files[0])
+        except MegatronDataError as err:
+            raise DataError(str(err)) from None
+        num_tokens = dataset.num_tokens
+        _check_ids(path, dataset.tokens() if num_tokens else None, vocab_size)
+    elif kind == "bin":
         size = files[0].stat().st_size
         if size % 2:
             raise DataError(f"--data {path}: a .bin must hold uint16 tokens, but its size "
                             f"({size} bytes) is odd")
         num_tokens = size // 2
-        if num_tokens and vocab_size is not None:
-            largest = int(np.memmap(files[0], dtype=np.uint16, mode="r").max())
-            if largest >= vocab_size:
-                raise DataError(f"--data {path} holds token id {largest}, outside the model's "
-                                f"vocabulary of {vocab_size}; set [model] vocab_size")
+        _check_ids(path, np.memmap(files[0], dtype=np.uint16, mode="r") if num_tokens else None, vocab_size)
     else:
         num_tokens = sum(f.stat().st_size for f in files)
     if num_tokens == 0:
         raise DataError(f"--data {path or 'default corpus'}: the data is empty")
     split = _split_point(num_tokens)
     return split, num_tokens - split
+
+
+def _check_ids(path: str, tokens: np.ndarray | None, vocab_size: int | None, chunk: int = 1 << 24) -> None:
+    if tokens is None or vocab_size is None:
+        return
+    smallest = min(int(tokens[i:i + chunk].min()) for i in range(0, len(tokens), chunk))
+    largest = max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))
+    if smallest < 0 or largest >= vocab_size:
+        raise DataError(f"--data {path} holds token id {largest if largest >= vocab_size else smallest}, outside "
+                        f"the model's vocabulary of {vocab_size}; set [model] vocab_size")
 
 
 @functools.lru_cache(maxsize=4)
@@ -114,7 +130,9 @@ def load_tokens(path: str | None) -> tuple[np.ndarray, np.ndarray]:
     if kind == "prepared":
         data = open_token_dir(files[0])
         return data.tokens("train"), data.tokens("validation")
-    if kind == "bin":
+    if kind == "megatron":
+        tokens = open_megatron(files[0]).tokens()
+    elif kind == "bin":
         tokens = np.memmap(files[0], dtype=np.uint16, mode="r")
     else:
         tokens = np.empty(sum(f.stat().st_size for f in files), dtype=np.uint8)  # read in place: no second copy

@@ -19,9 +19,9 @@ class DataOptions(Section):
     """What the model reads, and in what batches."""
 
     data: str | None = option(None, "a folder written by `meshpar prepare-data` (the model's vocabulary "
-                                    "is then its tokenizer's), a text file, a folder of text files, or a "
-                                    ".bin of uint16 tokens (default: the Python standard library's sources, "
-                                    "as bytes)")
+                                    "is then its tokenizer's), a text file, a folder of text files, a .bin "
+                                    "of uint16 tokens, or a Megatron-LM indexed dataset's PREFIX (default: the "
+                                    "Python standard library's sources, as bytes)")
     tokenizer: str | None = option(None, "the tokenizer (tokenizer.json or a folder holding one) that --data "
                                          "must have been prepared with: refused when its header names another")
     global_batch_size: int = option(32, "sequences per optimizer step, over all dp ranks", at_least=1)
