@@ -85,6 +85,34 @@ def test_consistency_check_names_the_drifted_parameter(worlds, layout, name, axi
     assert f"parameter {name} differs across {axis}" in messages[0]
 
 
+def drift_in_a_zero3_shard(cfg, drift: bool) -> str:
+    """ZeRO-3 releases the parameters' storage between steps: the check gathers them (it
+    read released memory and crashed the rank before), and a shard that drifted on one
+    rank shows in what the check gathers."""
+    with trainer_on_this_rank(cfg) as trainer:
+        trainer.train_step()
+        trainer.check_consistency()
+        if drift and trainer.mesh.rank == trainer.mesh.world_size - 1:
+            with torch.no_grad():
+                trainer.data_parallel.buckets[0].param_shard[0] += 1e-3
+        try:
+            trainer.check_consistency()
+        except DivergenceError as err:
+            return str(err)
+    return "no error"
+
+
+@pytest.mark.parametrize("layout, drift, expected", [
+    ({"cp": 2}, True, "differs across cp"),  # dp 1: the shard is every parameter, each replicated over cp
+    ({"tp": 2, "dp": 2, "sequence_parallel": True}, False, "no error"),  # the norm gains compared over tp
+])
+def test_consistency_check_under_zero3_gathers_the_parameters(worlds, layout, drift, expected):
+    cfg = fast_config(steps=1, zero=3, **layout)
+    messages = worlds(cfg.mesh.world_size).run(drift_in_a_zero3_shard, cfg, drift)
+    assert all(m == messages[0] for m in messages)
+    assert expected in messages[0], messages[0]
+
+
 def test_env_command(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out

@@ -52,14 +52,14 @@ def checksum(tensor: torch.Tensor) -> tuple[int, float]:
     return int(bits.to(torch.int64).sum()), float(flat.double().sum())
 
 
-def check_replicas(module: nn.Module, mesh: ParallelMesh, step: int, params_sharded_over_dp: bool = False):
-    """Collective: parameters must be identical across dp (unless ZeRO-3 shards them) and
-    cp, those not sharded over tp (norm gains, replicated KV heads) across tp, and a tied
-    embedding on the first and the last pipeline stage. Raise naming the first parameter
-    that differs, the axis and which ranks hold which value."""
+def check_replicas(module: nn.Module, mesh: ParallelMesh, step: int):
+    """Collective: parameters must be identical across dp and cp, those not sharded over
+    tp (norm gains, replicated KV heads) across tp, and a tied embedding on the first and
+    the last pipeline stage. Raise naming the first parameter that differs, the axis and
+    which ranks hold which value. The parameters must be present (under ZeRO-3, gathered)."""
     named = [(name, p) for name, p in model_names(module) if p.numel() > 0]
     replicated_over = {
-        "dp": [] if params_sharded_over_dp else named,
+        "dp": named,
         "cp": named,
         "tp": [(name, p) for name, p in named if shard_spec(p) is None or shard_spec(p).axis != "tp"],
         "pp_ends": [(name, p) for name, p in named if tied_across_stages(p)],  # only the end ranks hold one

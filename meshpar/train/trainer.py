@@ -193,8 +193,10 @@ class Trainer:
         return {id(p): name for name, p in model_names(self.model)}
 
     def check_consistency(self):
-        """Replicated parameters identical on every rank (DivergenceError if not)."""
-        check_replicas(self.model, self.mesh, self.step, params_sharded_over_dp=self.cfg.zero.stage == 3)
+        """Replicated parameters identical on every rank (DivergenceError if not). Under
+        ZeRO-3 the parameters are gathered first: between steps their storage is released."""
+        with self.data_parallel.gathered():
+            check_replicas(self.model, self.mesh, self.step)
 
     @torch.no_grad()
     def evaluate(self) -> float:
