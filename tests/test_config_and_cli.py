@@ -29,6 +29,8 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     (["--pp", "4", "--schedule", "interleaved-1f1b", "--virtual-stages", "2", "--micro-batch-size", "16"],
      "interleaved-1f1b needs the micro-batches per step (2) to be a multiple of --pp=4"),
     (["--pp", "4", "--virtual-stages", "2"], "--virtual-stages 2 needs --schedule interleaved-1f1b"),
+    (["--pp", "2", "--schedule", "async", "--virtual-stages", "2", "--micro-batch-size", "1"],
+     "--virtual-stages 2 needs --schedule interleaved-1f1b (async runs one stage per rank)"),  # it ran, wrongly
     (["--pp", "4", "--schedule", "interleaved-1f1b", "--virtual-stages", "4"],
      "16 pipeline stages (pp x virtual stages) but only 8 layers"),
     (["--pp", "2", "--pp-layers", "3,3"], "--pp-layers 3,3 sums to 6, the model has 8 layers"),

@@ -37,7 +37,7 @@ class PipelineOptions(Section):
             problems.append("--schedule async pipelines across ranks; it needs --pp above 1")
         elif self.asynchronous(cfg):
             problems += self._async_problems(cfg, m)
-        elif self.virtual_stages > 1 and self.schedule != "interleaved-1f1b":
+        if self.virtual_stages > 1 and self.schedule != "interleaved-1f1b":  # async's too: it ran, wrongly
             problems.append(f"--virtual-stages {self.virtual_stages} needs --schedule interleaved-1f1b "
                             f"({self.schedule} runs one stage per rank)")
         elif self.schedule == "interleaved-1f1b" and pp >= 1 and m is not None and m % pp:
