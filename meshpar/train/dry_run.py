@@ -39,7 +39,8 @@ def dry_run(cfg: Config) -> str:
     head, copies = head_activation_bytes(spec, layout, dtypes), weight_copy_bytes(spec, layout, dtypes)
     schedule = build_schedule(pipe.schedule, mesh_cfg.pp, pipe.virtual_stages, m) if mesh_cfg.pp > 1 else None
     inflight = simulate(schedule, Costs(1.0, 1.0, 1.0)).peak_inflight_microbatches if schedule else [1]
-    lines = [f"dry run: {cfg.model.name} ({model_cfg.num_params():,} parameters), {shape.world_size} ranks "
+    lines = [f"dry run: {cfg.model.name} ({model_cfg.num_params():,} parameters, vocabulary "
+             f"{model_cfg.vocab_size:,}), {shape.world_size} ranks "
              f"(pp={mesh_cfg.pp} x dp={mesh_cfg.dp} x cp={mesh_cfg.cp} x tp={mesh_cfg.tp}), ZeRO-{zero}, {precision}, "
              f"{m} micro-batch(es) of {mbs} x {cfg.data.seq_len} tokens per dp rank",
              f"{'stage':>5}  {'ranks':<16} {'layers':>6} {'parameters':>14} {'model state':>12} "

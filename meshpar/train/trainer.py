@@ -306,7 +306,8 @@ class Trainer:
         scheme = ("" if wire == "none" else f", dp gradients in {wire}"
                   + (" without error feedback" if wire == "int8" and not cfg.reduce.error_feedback else ""))
         model = f"the model of {cfg.checkpoint.init_from}" if cfg.checkpoint.init_from else self.cfg.model.name
-        return (f"meshpar: {model} ({self.model_cfg.num_params():,} parameters) on "
+        return (f"meshpar: {model} ({self.model_cfg.num_params():,} parameters, vocabulary "
+                f"{self.model_cfg.vocab_size:,}) on "
                 f"{self.mesh.world_size} rank(s), {self.mesh.describe()}, ZeRO-{cfg.zero.stage}"
                 + (f" (offload {', '.join(self.data_parallel.offload)})" if self.data_parallel.offload else "")
                 + scheme + (", hierarchical all-reduce" if reducer.hierarchical else "")
