@@ -123,6 +123,19 @@ def test_compression_composes_with_tp_pp_and_accumulation(worlds):
     assert grad_wire(runs[3]) / grad_wire(runs[1]) > 3.9
 
 
+def test_int8_keeps_tp_replicas_identical(worlds):
+    """int8's blocks mix a norm gain's gradient with tp-sharded neighbours, so each tp rank
+    rounded it by another scale and the replicas drifted apart (the consistency check
+    named layers.0.mlp_norm.weight after one step at dp 2 x tp 2); they are averaged over
+    tp after the reduction, in one small all-reduce."""
+    configs = [comm_config(2, steps=3, zero=zero, compression="int8", tp=2, check_consistency_every=1,
+                           sequence_parallel=sp) for zero, sp in ((0, False), (1, True), (2, False))]
+    runs = worlds(4).run(train_each, configs)[0]  # a DivergenceError on any drift
+    for run in runs:
+        replicas = [e for (axis, _op, tag), e in run["ledger"].items() if tag == "tp_replica_grads"]
+        assert len(replicas) == 1 and replicas[0].calls == 3  # one all-reduce per step
+
+
 def test_int8_with_error_feedback_trains_like_fp32(worlds):
     """100 steps at dp=2: the last 10 losses' mean within 2% of the uncompressed run's."""
     configs = [comm_config(2, steps=100, compression=scheme) for scheme in ("none", "int8")]

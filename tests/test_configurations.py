@@ -10,6 +10,8 @@ The quick suite draws DRAWS command lines with a fixed seed; `-m slow` draws SLO
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -23,6 +25,7 @@ from reference import train_and_report
 DRAWS, SLOW_DRAWS = 30, 2000
 MAX_RANKS = 8  # the largest world the suite starts on two cores
 STEP_TIMEOUT_S = 180
+DRAWS_DIR = tempfile.mkdtemp(prefix="meshpar-draws-")  # the drawn runs' checkpoints; removed at the end
 
 degrees = st.sampled_from([1, 1, 1, 2, 2, 4, 3, 8, 0])
 
@@ -112,6 +115,8 @@ def likely_valid_command_lines(draw) -> list[str]:
         argv += ["--no-overlap"]
     if draw(st.integers(0, 3)) == 0:
         argv += ["--check-consistency-every", "1"]
+    if draw(st.integers(0, 3)) == 0:  # a checkpoint after every step, in this layout
+        argv += ["--save-dir", tempfile.mkdtemp(dir=DRAWS_DIR), "--save-every", "1"]
     return argv + ["--steps", str(draw(st.sampled_from([1, 2]))), "--warmup-steps", "0",
                    "--eval-every", str(draw(st.sampled_from([0, 1]))), "--eval-batches", "1", "--no-progress"]
 
@@ -160,6 +165,7 @@ def check_command_line(argv, worlds, capsys, tried):
 def tried():
     counts = {"all": 0, "refused": 0, "ran": 0}
     yield counts
+    shutil.rmtree(DRAWS_DIR, ignore_errors=True)
     print(f"\nconfigurations tried: {counts['all']}, refused with exit 2: {counts['refused']}, "
           f"ran one step: {counts['ran']}")
 

@@ -201,6 +201,9 @@ def test_prepare_data_refuses_bad_input(corpus, tmp_path, capsys):
     (out / "x").write_text("mine")
     code, err = prepare_cli(capsys, str(root / "text"), "--tokenizer", tok, "--out", str(out))
     assert code == 2 and "exists and is not empty; --force replaces it" in err
+    code, err = prepare_cli(capsys, str(root / "text"), "--tokenizer", tok, "--out", str(out), "--force")
+    assert code == 0 and not (out / "x").exists() and open_token_dir(out).header["splits"]["train"]["documents"] == 114
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "late.jsonl", "out"]  # no leftovers beside it
 
 
 def test_train_refuses_data_it_cannot_use(prepared, corpus, tmp_path, capsys):

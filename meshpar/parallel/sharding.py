@@ -42,6 +42,13 @@ def shard_spec(param: torch.Tensor) -> ShardSpec | None:
     return getattr(param, SPEC_ATTR, None)
 
 
+def sharded_over(param: torch.Tensor, axis: str) -> bool:
+    """Whether `param` holds a different slice of the full tensor on each rank of `axis`
+    (not a replica)."""
+    spec = shard_spec(param)
+    return spec is not None and spec.axis == axis
+
+
 def tie(param: nn.Parameter, role: str, name: str) -> None:
     """Mark `param` as one of the two copies of a weight that the first and the last
     pipeline stage both use (a tied embedding): "holder" on the first stage, "copy" on

@@ -14,7 +14,7 @@ from torch import nn
 
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
-from meshpar.parallel.sharding import model_names, shard_spec, tied_across_stages
+from meshpar.parallel.sharding import model_names, sharded_over, tied_across_stages
 
 
 class DivergenceError(RuntimeError):
@@ -61,7 +61,7 @@ def check_replicas(module: nn.Module, mesh: ParallelMesh, step: int):
     replicated_over = {
         "dp": named,
         "cp": named,
-        "tp": [(name, p) for name, p in named if shard_spec(p) is None or shard_spec(p).axis != "tp"],
+        "tp": [(name, p) for name, p in named if not sharded_over(p, "tp")],
         "pp_ends": [(name, p) for name, p in named if tied_across_stages(p)],  # only the end ranks hold one
     }
     found: str | None = None

@@ -16,7 +16,7 @@ from meshpar.init import Materialization, fill_flat
 from meshpar.init import materialize as materialize_rest
 from meshpar.mesh import ParallelMesh
 from meshpar.parallel.grad_reduce import GradReducer
-from meshpar.parallel.sharding import model_names, tied_across_stages
+from meshpar.parallel.sharding import model_names, sharded_over, tied_across_stages
 from meshpar.parallel.zero.buckets import Bucket, allocate, group_parameters, units_of
 from meshpar.parallel.zero.gathering import ParameterGathering
 from meshpar.parallel.zero.offload import HostOffload
@@ -198,6 +198,8 @@ class ShardedDataParallel:
         or gradients set outside backward) and wait for every reduction."""
         if self.reduction:
             self.reduction.finish()
+            if self.reducer.compression == "int8" and self.mesh.size("tp") > 1:
+                self._tp_replicas_agree()
             return
         for p in self.params():  # as a bucket's slot would be: zero where none came
             if p.grad is None:
@@ -206,6 +208,19 @@ class ShardedDataParallel:
             self._direct_finite = [torch.stack([torch.isfinite(p.grad).all() for p in b.params]).all()
                                    for b in self.buckets]
             self.grad_sync(self.params())
+
+    @torch.no_grad()
+    def _tp_replicas_agree(self) -> None:
+        """int8 scales each block of a bucket by its largest value, and a block mixes a
+        tp-replicated parameter's gradient (a norm gain) with tp-sharded neighbours that
+        differ per tp rank: the replicas' reduced gradients then differ by the rounding,
+        and the replicas drift apart. The tp ranks' buckets lie out alike, so each such
+        piece is averaged over tp in place - one small all-reduce of the replicated pieces."""
+        pieces = [g for p, g in self.grad_pieces() if g.numel() and not sharded_over(p, "tp")]
+        if pieces:
+            flat = comm.all_reduce(self.mesh, "tp", torch.cat(pieces), tag="tp_replica_grads")
+            flat /= self.mesh.size("tp")
+            torch._foreach_copy_(pieces, list(flat.split([g.numel() for g in pieces])))
 
     @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer) -> None:
