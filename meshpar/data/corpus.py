@@ -3,8 +3,9 @@ folders prepared by `meshpar prepare-data`.
 
 Text is read as bytes (byte-level tokens, vocabulary 256). A `.bin` file holds
 pre-tokenized uint16 tokens and is memory-mapped, as is a Megatron-LM indexed dataset
-(megatron.py); the last VAL_FRACTION of each is the validation split, as of a text source. A prepared folder is memory-mapped too, and brings its own
-splits, dtype and vocabulary (token_files.py).
+(megatron.py); the last VAL_FRACTION of each is the validation split, as of a text
+source. A prepared folder is memory-mapped too, and brings its own splits, dtype and
+vocabulary (token_files.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from meshpar.data.megatron import MegatronDataError, megatron_prefix, open_megatron
-from meshpar.data.token_files import TokenFileError, is_token_dir, open_token_dir
+from meshpar.data.token_files import TokenFileError, id_range, is_token_dir, open_token_dir
 
 VAL_FRACTION = 0.05
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".csv", ".html", ".c", ".h"}
@@ -112,11 +113,10 @@ def corpus_split_sizes(path: str | None, vocab_size: int | None = None) -> tuple
     return split, num_tokens - split
 
 
-def _check_ids(path: str, tokens: np.ndarray | None, vocab_size: int | None, chunk: int = 1 << 24) -> None:
+def _check_ids(path: str, tokens: np.ndarray | None, vocab_size: int | None) -> None:
     if tokens is None or vocab_size is None:
         return
-    smallest = min(int(tokens[i:i + chunk].min()) for i in range(0, len(tokens), chunk))
-    largest = max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))
+    smallest, largest = id_range(tokens)
     if smallest < 0 or largest >= vocab_size:
         raise DataError(f"--data {path} holds token id {largest if largest >= vocab_size else smallest}, outside "
                         f"the model's vocabulary of {vocab_size}; set [model] vocab_size")
@@ -151,9 +151,9 @@ def corpus_description(path: str | None) -> str:
         return f"Python {sysconfig.get_python_version()} standard library sources"
     if is_token_dir(path):
         data = open_token_dir(path)
+        tokenizer = Path(data.header["tokenizer"]["source"])
         return (f"{os.fspath(path)} ({data.num_tokens('train'):,} training tokens, {data.header['dtype']}, "
-                f"tokenizer {Path(data.header['tokenizer']['source']).parent.name}/"
-                f"{Path(data.header['tokenizer']['source']).name})")
+                f"tokenizer {tokenizer.parent.name}/{tokenizer.name})")
     return os.fspath(path)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from meshpar.data.corpus import DataError, corpus_split_sizes, prepared_vocab_size
+from meshpar.data.token_files import TokenFileError, is_token_dir, open_token_dir
 from meshpar.mesh import divisors
 from meshpar.options import Section, option
 
@@ -63,8 +64,7 @@ class DataOptions(Section):
             cfg.model.overrides["vocab_size"] = vocab_size
 
     def _tokenizer_problems(self) -> list[str]:
-        from meshpar.data.token_files import TokenFileError, is_token_dir, open_token_dir
-        from meshpar.data.tokenizer import TokenizerError, tokenizer_hash
+        from meshpar.data.tokenizer import TokenizerError, tokenizer_hash  # the tokenizers package: only here
 
         if self.data is None or not is_token_dir(self.data):
             return [f"--tokenizer checks the data a tokenizer prepared; --data {self.data or '(the default corpus)'} "

@@ -26,7 +26,7 @@ import numpy as np
 
 from meshpar.data.documents import DocumentError, check_fields, find_sources, read_documents
 from meshpar.data.token_files import FORMAT, HEADER, SPLITS, VERSION, TokenDir, open_token_dir, token_dtype
-from meshpar.data.tokenizer import TextTokenizer, TokenizerError, load_tokenizer
+from meshpar.data.tokenizer import TextTokenizer, TokenizerError, load_tokenizer, tokenizer_backend
 
 CHUNK_BYTES = 1 << 20  # text per task: large enough to amortize a task's overhead, small enough to balance
 IN_FLIGHT_PER_WORKER = 2  # chunks queued per worker: bounds the memory the reader can run ahead by
@@ -42,9 +42,7 @@ _worker: dict = {}
 
 def _start_worker(json_text: str, end_of_text_id: int, dtype: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    from meshpar.data.tokenizer import _backend
-
-    _worker.update(backend=_backend(json_text), end_of_text_id=end_of_text_id, dtype=dtype)
+    _worker.update(backend=tokenizer_backend(json_text), end_of_text_id=end_of_text_id, dtype=dtype)
 
 
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,14 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
+def id_range(tokens: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(smallest, largest) id of a token array, read once in chunks so that a memory-mapped
+    file larger than memory is streamed; (0, -1) for none."""
+    parts = (tokens[i:i + chunk] for i in range(0, len(tokens), chunk))
+    ranges = [(int(part.min()), int(part.max())) for part in parts]
+    return (min(lo for lo, _ in ranges), max(hi for _, hi in ranges)) if ranges else (0, -1)
+
+
 def is_token_dir(path: str | Path) -> bool:
     return (Path(path) / HEADER).is_file()
 
@@ -78,9 +86,6 @@ class TokenDir:
         for start, end in zip(offsets[:-1], offsets[1:]):
             yield tokens[start:end - 1]
 
-    def largest_id(self, split: str, chunk: int = 1 << 24) -> int:
-        tokens = self.tokens(split)
-        return max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1)
 
     def check(self, vocab_size: int | None = None) -> None:
         """TokenFileError if an index disagrees with its tokens, or (given the model's
@@ -95,7 +100,7 @@ class TokenDir:
             if offsets[0] != 0 or offsets[-1] != self.num_tokens(split) or np.any(np.diff(offsets) < 1):
                 raise TokenFileError(f"--data {self.path}: {split}.idx does not match {split}.bin (the files "
                                      f"are corrupt; prepare the data again)")
-            largest = self.largest_id(split)
+            _, largest = id_range(self.tokens(split))
             if largest >= self.vocab_size:
                 raise TokenFileError(f"--data {self.path}: {split}.bin holds token id {largest}, outside its "
                                      f"tokenizer's {self.vocab_size:,} (the file is corrupt; prepare it again)")

@@ -43,7 +43,7 @@ class TextTokenizer:
 
     @property
     def backend(self):
-        return _backend(self.json_text)
+        return tokenizer_backend(self.json_text)
 
     @property
     def vocab_size(self) -> int:
@@ -67,8 +67,9 @@ class TextTokenizer:
 _BACKENDS: dict[str, object] = {}
 
 
-def _backend(json_text: str):
-    """The `tokenizers.Tokenizer` of a JSON text, built once per process."""
+def tokenizer_backend(json_text: str):
+    """The `tokenizers.Tokenizer` of a JSON text, built once per process (worker
+    processes rebuild theirs from the text)."""
     if json_text not in _BACKENDS:
         _BACKENDS[json_text] = _require_tokenizers().Tokenizer.from_str(json_text)
     return _BACKENDS[json_text]
@@ -108,9 +109,10 @@ def load_tokenizer(spec: str | Path, end_of_text: str | None = None) -> TextToke
     token: `end_of_text` when given, else a transformers folder's eos_token, else the first
     of END_OF_TEXT_NAMES it knows. TokenizerError names what is wrong."""
     path = tokenizer_file(spec)
-    json_text = path.read_text()
+    raw = path.read_bytes()  # hashed as stored, as tokenizer_hash() does
+    json_text = raw.decode("utf-8")
     try:
-        backend = _backend(json_text)
+        backend = tokenizer_backend(json_text)
     except Exception as err:  # the Rust side raises a plain Exception for a malformed file
         raise TokenizerError(f"--tokenizer {spec}: {path} is not a tokenizer the `tokenizers` package "
                              f"reads ({err})") from None
@@ -125,7 +127,7 @@ def load_tokenizer(spec: str | Path, end_of_text: str | None = None) -> TextToke
         raise TokenizerError(f"{path} has no end-of-text token meshpar knows ({', '.join(END_OF_TEXT_NAMES)}); "
                              f"name one with --eot (its special tokens: {', '.join(special) or 'none'})")
     return TextTokenizer(source=str(path.resolve()), json_text=json_text,
-                         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                         sha256=hashlib.sha256(raw).hexdigest(),
                          end_of_text=chosen, end_of_text_id=vocab[chosen])
 
 
