@@ -18,6 +18,7 @@ def kill():
 
 
 def inject(moment: str, n: int) -> None:
+    from meshpar import durable
     from meshpar.checkpoint import store
     from meshpar.train.trainer import Trainer
 
@@ -31,14 +32,14 @@ def inject(moment: str, n: int) -> None:
 
         Trainer.train_step = killing_train_step
     elif moment == "save":
-        write = store._write_durably
+        write = durable.write_durably
 
         def killing_write(path, data):
             write(path, data)
             if path.parent.name == f".{store.step_dir_name(n)}.tmp" and path.name.startswith("rank-"):
                 kill()
 
-        store._write_durably = killing_write
+        durable.write_durably = killing_write
     else:
         raise SystemExit(f"{moment!r}: expected step or save")
 

@@ -449,7 +449,7 @@ def test_a_save_killed_at_any_point_leaves_the_newest_complete_checkpoint_loadab
     holds either the old values or the new ones whole - also when the save replaces the
     same step (`resaved`) - and the next save leaves nothing of the killed one behind."""
     import meshpar
-    from meshpar.checkpoint import store
+    from meshpar import durable
 
     model = meshpar.parallelize(torch.nn.Sequential(torch.nn.Linear(4, 4)), ParallelMesh.single(), meshpar.Plan())
     weight = model.module[0].weight
@@ -460,8 +460,8 @@ def test_a_save_killed_at_any_point_leaves_the_newest_complete_checkpoint_loadab
         model.steps_taken = at
         model.save(root, keep=3)
 
-    operations = ("_write_durably", "_fsync_dir", "_rename", "_exchange", "_remove")
-    originals = {name: getattr(store, name) for name in operations}
+    operations = ("write_durably", "fsync_dir", "rename", "exchange", "remove")
+    originals = {name: getattr(durable, name) for name in operations}
     counted, kill_at = [], None
 
     def counting(name):
@@ -473,12 +473,12 @@ def test_a_save_killed_at_any_point_leaves_the_newest_complete_checkpoint_loadab
         return operation
 
     for name in operations:
-        monkeypatch.setattr(store, name, counting(name))
+        monkeypatch.setattr(durable, name, counting(name))
     save(tmp_path / "whole", 1.0, 1)
     counted.clear()
     save(tmp_path / "whole", 2.0, step)  # uninterrupted: how many operations a save makes
     points = list(counted)
-    assert "_exchange" in points if resaved else "_exchange" not in points
+    assert "exchange" in points if resaved else "exchange" not in points
     for kill_at in range(1, len(points) + 1):
         root = tmp_path / f"killed-{kill_at}"
         counted.clear()

@@ -11,7 +11,7 @@
 Every rank writes its file into the temporary directory; once all have, rank 0 writes
 meta.json and the marker there, and publishes the complete directory under its final
 name in one rename. The same step saved again (a rerun) is exchanged with the old one in
-one atomic step (Linux's renameat2 RENAME_EXCHANGE), which is then removed. So at every
+one atomic step (Linux's renameat2 RENAME_EXCHANGE), which is then removed (durable.py). So at every
 instant the newest complete checkpoint is loadable: a kill at any point of a save leaves
 the newest one as it was or the new one whole. Whatever a killed save left - temporary
 directories, a directory without its marker - goes at the next save. The newest `keep`
@@ -20,12 +20,9 @@ are kept. Under a multi-node run SAVE_DIR must be a filesystem every node sees.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -34,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from meshpar import comm
+from meshpar import comm, durable
 from meshpar.checkpoint.regions import Box, CheckpointError, fill_box
 from meshpar.mesh import ParallelMesh
 
@@ -53,68 +50,13 @@ def rank_file_name(rank: int) -> str:
     return f"rank-{rank:05d}.safetensors"
 
 
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data: bytes):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _rename(source: Path, target: Path):
-    os.rename(source, target)
-
-
-def _remove(path: Path):
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False
-    where the system or the filesystem cannot (then nothing changed)."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def _publish(complete: Path, final: Path):
-    """Give the complete directory `complete` the name `final`: a rename, or when a
-    checkpoint of the same step is there, an exchange and the old one removed. Where the
-    filesystem cannot exchange, the old one is moved aside first: between the two renames
-    the step is missing and the newest older checkpoint is the newest complete one."""
-    if not final.exists():
-        _rename(complete, final)
-    elif _exchange(complete, final):
-        _remove(complete)  # the old one, now under the temporary name
-    else:
-        aside = final.with_name(f".{final.name}.old")
-        _rename(final, aside)
-        _rename(complete, final)
-        _remove(aside)
-
-
 def _clean(root: Path):
     """What killed saves left: temporary directories, and step directories without their
     marker (written by meshpar before this publication order, or by hand)."""
     for entry in root.iterdir():
         if entry.is_dir() and (entry.name.startswith(".step-")
                                or (entry.name.startswith("step-") and not (entry / MARKER).is_file())):
-            _remove(entry)
+            durable.remove(entry)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -149,18 +91,18 @@ def write_checkpoint(root: str | os.PathLike, step: int, mesh: ParallelMesh, ten
     name = rank_file_name(mesh.rank)
     header = {"format": FORMAT, "rank": str(mesh.rank), "pieces": json.dumps(pieces)}
     data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=header)
-    _write_durably(tmp / name, data)
+    durable.write_durably(tmp / name, data)
     files = comm.all_gather_object(mesh, (name, len(data), hashlib.sha256(data).hexdigest()), tag="checkpoint")
     if mesh.rank == 0:
         meta = {"format": FORMAT, "version": VERSION, "step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **meta, "files": {n: {"bytes": size, "sha256": digest} for n, size, digest in files}}
-        _write_durably(tmp / META, json.dumps(meta, indent=1).encode())
-        _write_durably(tmp / MARKER, f"{step}\n".encode())
-        _fsync_dir(tmp)
-        _publish(tmp, final)
-        _fsync_dir(root)
+        durable.write_durably(tmp / META, json.dumps(meta, indent=1).encode())
+        durable.write_durably(tmp / MARKER, f"{step}\n".encode())
+        durable.fsync_dir(tmp)
+        durable.publish(tmp, final)
+        durable.fsync_dir(root)
         for old in complete_checkpoints(root)[:-keep]:
-            _remove(old)
+            durable.remove(old)
     comm.all_gather_object(mesh, None, tag="checkpoint")  # no rank goes on before it is published
     return final
 

@@ -7,8 +7,9 @@ writes their results in the order the documents came, so the files do not depend
 number of workers. Every `val_every`-th document goes to the validation split.
 
 Nothing is written in place: the files grow in a hidden folder beside OUT, the header is
-written last, and the folder is renamed to OUT only when complete; an interrupted run
-leaves no folder that looks like data.
+written last, and the folder is published as OUT only when complete (durable.py: a
+rename, or an atomic exchange with an OUT being replaced); an interrupted run leaves no
+folder that looks like data.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import collections
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from meshpar import durable
 from meshpar.data.documents import DocumentError, check_fields, find_sources, read_documents
 from meshpar.data.token_files import FORMAT, HEADER, SPLITS, VERSION, TokenDir, open_token_dir, token_dtype
 from meshpar.data.tokenizer import TextTokenizer, TokenizerError, load_tokenizer, tokenizer_backend
@@ -111,17 +112,7 @@ def _clean_stale(out: Path) -> None:
     for partial in out.parent.glob(f".{out.name}.partial-*"):
         pid = partial.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def _publish(folder: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(folder, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(folder, out)
+            durable.remove(partial)
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -149,7 +140,7 @@ def prepare_data(inputs: list[str], tokenizer: str | TextTokenizer, out: str | P
     vocab_size = tok.vocab_size
     dtype = token_dtype(vocab_size)
     folder = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(folder, ignore_errors=True)
+    durable.remove(folder)
     folder.mkdir()
     pool = None
     try:
@@ -202,16 +193,14 @@ def prepare_data(inputs: list[str], tokenizer: str | TextTokenizer, out: str | P
                   "tokenizer": tok.describe(), "splits": counts, "val_every": val_every,
                   "text_field": text_field, "inputs": [str(Path(i).resolve()) for i in inputs],
                   "text_bytes": text_bytes, "seconds": round(time.perf_counter() - started, 3)}
-        with open(folder / HEADER, "w") as f:
-            json.dump(header, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(folder, out)
+        durable.write_durably(folder / HEADER, (json.dumps(header, indent=1) + "\n").encode())
+        durable.fsync_dir(folder)
+        durable.publish(folder, out)  # a folder already at OUT (--force) is exchanged with it, then removed
+        durable.fsync_dir(out.parent)
     except BaseException:
         if pool is not None:
             pool.terminate()
-        shutil.rmtree(folder, ignore_errors=True)
+        durable.remove(folder)
         raise
     if pool is not None:
         pool.close()
