@@ -6,6 +6,7 @@ The public API - everything else is meshpar's own business and may change:
   and training loop (see meshpar/api.py and docs/api.md); `DivergenceError`, what a step
   raises on every rank when the loss or a gradient is not finite; `meta_device` and
   `InitRule`: build a model too large for one device and let each rank fill its share;
+  `hf_plan`: the Plan of a transformers causal LM, read from its config;
 - the option sections `parallelize` takes (the command line's, by feature):
   `TensorOptions`, `ContextOptions`, `PipelineOptions`, `RecomputeOptions`,
   `CompileOptions`, `ZeroOptions`, `ReduceOptions`, `PrecisionOptions`,
@@ -28,6 +29,7 @@ from meshpar.parallel.tensor import TensorOptions  # noqa: E402
 from meshpar.parallel.zero import ZeroOptions  # noqa: E402
 from meshpar.pipeline.options import PipelineOptions  # noqa: E402
 from meshpar.train.optim import OptimizerOptions  # noqa: E402
+from meshpar.hf import hf_plan  # noqa: E402
 from meshpar.init import InitRule, meta_device  # noqa: E402
 from meshpar.mesh import ParallelMesh  # noqa: E402
 from meshpar.parallel.context import RingAttention  # noqa: E402
@@ -40,6 +42,6 @@ from meshpar.train.checks import DivergenceError  # noqa: E402
 
 __all__ = ["init_mesh", "parallelize", "Plan", "PipelinePlan", "Parallelized", "ParallelMesh", "ColumnLinear",
            "RowLinear", "VocabEmbedding", "vocab_parallel_cross_entropy", "ShardedDataParallel", "RingAttention",
-           "build_schedule", "simulate", "DivergenceError", "InitRule", "meta_device", "TensorOptions",
+           "build_schedule", "simulate", "DivergenceError", "InitRule", "meta_device", "hf_plan", "TensorOptions",
            "ContextOptions", "PipelineOptions", "RecomputeOptions", "CompileOptions", "ZeroOptions", "ReduceOptions",
            "PrecisionOptions", "OptimizerOptions"]

@@ -69,6 +69,8 @@ class ParallelModel:
         """Logits of an unpipelined model: `positions` (context parallelism's) passed under
         the plan's keyword; a model returning an output object (transformers') gives its
         `.logits`."""
+        if positions is not None and self.plan.positions_batched:
+            positions = positions.unsqueeze(0)
         out = self.module(tokens, **({self.plan.positions: positions} if positions is not None else {}))
         return out if torch.is_tensor(out) else out.logits
 

@@ -15,6 +15,9 @@ its module names to parallel styles - no edit to the model.
                       replicated, and the copies' gradients are summed over tp
     divide_by_tp      attributes divided by tp (an attention's head count; a head count
                       below tp that divides it becomes 1: the one replicated head)
+    partial_grads     modules in tp regions whose replicated parameters act on this
+                      rank's heads only (Qwen3's per-head q and k norms): their
+                      gradients are summed over tp
     pipeline          the model as first modules + embed(), a ModuleList of blocks,
                       last modules + head(): stages are runs of blocks
     blocks            the ModuleList of transformer blocks (or the pipeline's): where
@@ -73,7 +76,8 @@ class PipelinePlan:
     on the last stage. `hidden_size` is the width of what passes between stages.
 
     A block that takes more than the hidden states (rotary tables, say) gets them from
-    `block_args(stages, positions) -> tuple`, the tokens' global positions (s,) given;
+    `block_args(stages, positions)`, the tokens' global positions (s,) given: a tuple of
+    positional arguments, or a dict of keyword arguments (transformers' decoder layers);
     what it reads - top-level modules or buffers of the model - is named in
     `every_stage`, and every stage holds it."""
 
@@ -83,7 +87,7 @@ class PipelinePlan:
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     hidden_size: int
-    block_args: Callable[[nn.Module, torch.Tensor], tuple] | None = None
+    block_args: Callable[[nn.Module, torch.Tensor], tuple | dict] | None = None
     every_stage: list[str] = field(default_factory=list)
 
 
@@ -111,7 +115,10 @@ class Plan:
       (batch, heads, sequence, head_dim): context parallelism replaces it, selective
       recomputation recomputes it;
     - positions: the keyword under which the model's forward takes its tokens' global
-      positions (sequence,), which context parallelism passes."""
+      positions (sequence,), which context parallelism passes; `positions_batched`:
+      as (1, sequence), transformers' `position_ids`;
+    - partial_grads: modules inside tp regions whose replicated parameters act on this
+      rank's heads only (Qwen3's per-head q and k norms): gradients summed over tp."""
 
     column: dict[str, int] | list[str] = field(default_factory=dict)
     row: list[str] = field(default_factory=list)
@@ -127,6 +134,8 @@ class Plan:
     sequence_sharded: list[str] = field(default_factory=list)
     attention: str | None = None
     positions: str | None = None
+    positions_batched: bool = False
+    partial_grads: list[str] = field(default_factory=list)
 
     def columns(self) -> dict[str, int]:
         """The column patterns with their fused-part counts."""
@@ -294,7 +303,8 @@ def apply_tensor_plan(model: nn.Module, plan: Plan, mesh: ParallelMesh,
         for place in places[1:]:
             module_name, _, attr = place.rpartition(".")
             setattr(model.get_submodule(module_name), attr, weight)
-    partial = []
+    partial = [p for name, m in model.named_modules() if name and _matches(name, plan.partial_grads)
+               for p in m.parameters()]
     for _, region in regions_of(model, plan):  # one entering and one leaving mapping per region
         for module in region.modules():
             if isinstance(module, ColumnLinear):

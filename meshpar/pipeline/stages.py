@@ -3,9 +3,10 @@
 A rank holds stages r, r + p, r + 2p, ... (virtual stages) of the model's blocks; the
 first stage also holds the plan's `first` modules (the embedding), the last its `last`
 ones (the final norm and output layer), every stage its `every_stage` ones (rotary
-tables). The container keeps the model's parameter names (a tied copy answers to its
-holder's, `sharding.model_names`), so the full state gathers back by name and
-checkpoints load into any layout.
+tables). The container keeps the model's parameter names - a dotted name such as
+transformers' `model.layers` is held under the same path of plain containers - and a
+tied copy answers to its holder's (`sharding.model_names`), so the full state gathers
+back by name and checkpoints load into any layout.
 """
 
 from __future__ import annotations
@@ -31,15 +32,30 @@ class PipelineStages(nn.Module):
         blocks = model.get_submodule(pipeline.blocks)
         # In forward order: ZeRO's buckets and gathers follow it.
         self._hold(model, [*(pipeline.first if 0 in stage_blocks else []), *pipeline.every_stage])
-        setattr(self, pipeline.blocks, nn.ModuleDict({str(i): blocks[i] for r in stage_blocks.values() for i in r}))
+        self._place(pipeline.blocks, nn.ModuleDict({str(i): blocks[i] for r in stage_blocks.values() for i in r}))
         self._hold(model, pipeline.last if num_stages - 1 in stage_blocks else [])
 
     def _hold(self, model: nn.Module, names: list[str]) -> None:
         for name in names:
-            if name in model._buffers:
-                self.register_buffer(name, model._buffers[name], persistent=False)
+            parent, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            if leaf in owner._buffers:
+                self._container(parent).register_buffer(leaf, owner._buffers[leaf], persistent=False)
             else:
-                setattr(self, name, model.get_submodule(name))
+                self._place(name, model.get_submodule(name))
+
+    def _container(self, path: str) -> nn.Module:
+        """The plain module at dotted `path` inside this one, made on first use."""
+        node: nn.Module = self
+        for part in filter(None, path.split(".")):
+            if not hasattr(node, part):
+                node.add_module(part, nn.Module())
+            node = getattr(node, part)
+        return node
+
+    def _place(self, name: str, module: nn.Module) -> None:
+        parent, _, leaf = name.rpartition(".")
+        self._container(parent).add_module(leaf, module)
 
     def forward(self, stage: int, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stage(stage, x)
@@ -49,25 +65,27 @@ class PipelineStages(nn.Module):
         seq = x.shape[1] * (1 if stage == 0 else self.seq_shards)
         if stage == 0:
             x = self.pipeline.embed(self, x)
-        args = ()
+        args, kwargs = (), {}
         if self.pipeline.block_args is not None:
             positions = self.positions if self.positions is not None else torch.arange(seq, device=x.device)
             args = self.pipeline.block_args(self, positions)
-        blocks = getattr(self, self.pipeline.blocks)
+            if isinstance(args, dict):
+                args, kwargs = (), args
+        blocks = self.get_submodule(self.pipeline.blocks)
         for i in self.stage_blocks[stage]:
-            x = blocks[str(i)](x, *args)
+            x = blocks[str(i)](x, *args, **kwargs)
         if stage == self.num_stages - 1:
             x = self.pipeline.head(self, x)
         return x
 
     def stage_parameters(self, stage: int) -> list[nn.Parameter]:
         """The trainable parameters `forward_stage(stage, .)` uses."""
-        blocks = getattr(self, self.pipeline.blocks)
+        blocks = self.get_submodule(self.pipeline.blocks)
         modules = [blocks[str(i)] for i in self.stage_blocks[stage]]
         if stage == 0:
-            modules += [getattr(self, name) for name in self.pipeline.first]
+            modules += [self.get_submodule(name) for name in self.pipeline.first]
         if stage == self.num_stages - 1:
-            modules += [getattr(self, name) for name in self.pipeline.last]
+            modules += [self.get_submodule(name) for name in self.pipeline.last]
         return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 

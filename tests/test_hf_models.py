@@ -1,0 +1,149 @@
+"""transformers' own causal LMs - Llama (rope type llama3), Qwen2 (q/k/v biases, tied
+embeddings), Qwen3 (per-head q/k norms) and Mistral - built from small random configs and
+split by `meshpar.hf_plan`: 5 steps at every layout equal one device's (losses and final
+parameters), and one device through meshpar computes what transformers computes."""
+
+import pytest
+import torch
+
+import meshpar
+from test_api import close, in_one_process
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+STEPS, BATCH, SEQ, VOCAB = 5, 8, 32, 128
+LR = 1e-3
+
+
+def hf_config(family: str):
+    """A small random config of `family`: 4 layers, 4 heads over 2 KV heads."""
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=128, use_cache=False)
+    own = {"llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 32}),
+           "qwen2": dict(tie_word_embeddings=True),
+           "qwen3": {},
+           "mistral": dict(sliding_window=64)}[family]
+    return transformers.AutoConfig.for_model(family, **shape, **own)
+
+
+def hf_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(hf_config(family))
+
+
+def batches(dp: int, dp_rank: int):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        rows = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g).chunk(dp)[dp_rank]
+        yield rows[:, :-1], rows[:, 1:]
+
+
+def train(family: str, dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, microbatches: int = 2, **options) -> dict:
+    mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp, cp=cp)
+    model = hf_model(family)
+    parallel = meshpar.parallelize(model, mesh, meshpar.hf_plan(model), microbatches=microbatches, lr=LR, **options)
+    losses = [parallel.step(x, y) for x, y in batches(dp, mesh.index("dp"))]
+    out = {"losses": losses, "params": parallel.full_state()}
+    mesh.destroy()
+    return out
+
+
+def every_family(layout: dict) -> dict:
+    return {family: train(family, **layout) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return {family: in_one_process(train, family) for family in FAMILIES}
+
+
+LAYOUTS = [dict(dp=2, tp=2, zero=3, sequence_parallel=True),
+           dict(pp=2, tp=2, microbatches=4, schedule="1f1b"),
+           dict(pp=2, tp=2, microbatches=4, schedule="zb-h1"),
+           dict(dp=2, pp=2, zero=1),
+           dict(dp=2, cp=2, zero=1, recompute="selective"),
+           dict(pp=2, cp=2, cp_impl="all-to-all")]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: ",".join(f"{k}={v}" for k, v in layout.items()))
+def test_every_family_equals_one_device(worlds, one_device, layout):
+    """Tensor and sequence parallelism with ZeRO-3, pipelines of 1F1B and zero-bubble
+    with tp, dp x pp with ZeRO-1, context parallelism (ring with the attention cores
+    recomputed, all-to-all in a pipeline): each family's 5 losses within 1e-5 of one
+    device's, every final parameter too (test_api.close)."""
+    for rank, runs in enumerate(worlds(4).run(every_family, layout)):
+        for family in FAMILIES:
+            close(runs[family], one_device[family], f"{family} {layout} rank {rank}")
+            assert runs[family]["params"].keys() == one_device[family]["params"].keys()
+
+
+def test_context_parallel_alone_equals_one_device(worlds, one_device):
+    for rank, runs in enumerate(worlds(2).run(every_family, dict(cp=2))):
+        for family in FAMILIES:
+            close(runs[family], one_device[family], f"{family} cp2 rank {rank}")
+
+
+def train_bf16(family: str, dp: int = 1, tp: int = 1) -> list[float]:
+    return train(family, dp=dp, tp=tp, precision="bf16")["losses"]
+
+
+def every_family_in_bf16_at_tp2_dp2() -> dict:
+    return {family: train_bf16(family, 2, 2) for family in FAMILIES}
+
+
+def test_bf16_at_tp2_dp2_equals_one_device_in_bf16(worlds):
+    """Computing in bf16 (weights, gradients and AdamW in fp32): within 2e-3 of one
+    device computing in bf16, and not what fp32 computes."""
+    reference = {family: in_one_process(train_bf16, family) for family in FAMILIES}
+    fp32 = {family: in_one_process(train, family)["losses"] for family in FAMILIES}
+    for rank, runs in enumerate(worlds(4).run(every_family_in_bf16_at_tp2_dp2)):
+        for family in FAMILIES:
+            torch.testing.assert_close(torch.tensor(runs[family]), torch.tensor(reference[family]), rtol=2e-3,
+                                       atol=0, msg=lambda m: f"{family} bf16 rank {rank}: {m}")
+            assert runs[family] != fp32[family], "bf16 computed in fp32"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_device_computes_what_transformers_computes(family):
+    """hf_plan routes attention through meshpar's core: the logits are transformers' own
+    (its sdpa attention) within fp32 round-off; the plan splits what the family has."""
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    model = hf_model(family).eval()
+    with torch.no_grad():
+        before = model(tokens).logits
+        plan = meshpar.hf_plan(model)
+        after = model(tokens).logits
+    assert model.config._attn_implementation == "meshpar"
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    assert plan.vocab_embedding == ["model.embed_tokens"] and plan.vocab_output == "lm_head"
+    assert plan.tp_regions == ["model.layers.*.mlp", "model.layers.*.self_attn"]
+    assert plan.partial_grads == (["model.layers.*.self_attn.q_norm", "model.layers.*.self_attn.k_norm"]
+                                  if family == "qwen3" else [])
+    assert plan.pipeline.first == ["model.embed_tokens"] and plan.pipeline.last == ["model.norm", "lm_head"]
+
+
+def test_what_hf_plan_cannot_split_is_refused_with_what_it_did_not_understand():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="model_type 'gpt2'.*llama, qwen2, qwen3, mistral"):
+        meshpar.hf_plan(gpt2)
+    llama = hf_model("llama")
+    llama.config.base_model_tp_plan = {**llama.config.base_model_tp_plan, "layers.*.mlp.gate_proj": "local_colwise"}
+    with pytest.raises(ValueError, match="styles meshpar does not apply.*local_colwise"):
+        meshpar.hf_plan(llama)
+    dropout = hf_model("qwen3")
+    dropout.config.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="attention_dropout=0.1"):
+        meshpar.hf_plan(dropout)
+
+
+def test_a_padding_mask_and_a_sequence_past_the_sliding_window_are_refused():
+    mistral = hf_model("mistral")
+    meshpar.hf_plan(mistral)
+    tokens = torch.zeros(1, 65, dtype=torch.long)
+    with pytest.raises(ValueError, match="65 tokens exceeds the model's sliding window of 64"):
+        mistral(tokens)
+    with pytest.raises(ValueError, match="without an attention_mask"):
+        mistral(tokens[:, :8], attention_mask=torch.tensor([[0] + [1] * 7]))
