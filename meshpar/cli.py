@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model on one or many ranks",
                                 description="Train a model. With a product of degrees above 1 "
                                             "and no torchrun, meshpar starts the local ranks itself.")
-    train.add_argument("--model", help=f"model preset: {', '.join(PRESETS)} (default tiny)")
+    train.add_argument("--model", help=f"model preset: {', '.join(PRESETS)} (default tiny); or a transformers "
+                                       f"model directory (its config.json: Llama, Qwen2, Qwen3, Mistral)")
     train.add_argument("--config", help="TOML file with a [model] table and one per section below (their "
                                         "keys the fields' names: [zero] stage = 1); flags override it")
     for name, cls in SECTIONS.items():

@@ -14,14 +14,22 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+from torch import nn
 
 from meshpar.checkpoint.options import CheckpointOptions
+from meshpar.hf import hf_plan
+from meshpar.hf.directory import DirectoryError, HFDirectory, names_a_directory
+from meshpar.init import InitRule
 from meshpar.mesh import MeshOptions
 from meshpar.model.config import PRESETS, ModelConfig, model_config
 from meshpar.options import Option, options_of
 from meshpar.parallel.compile import CompileOptions
 from meshpar.parallel.context import ContextOptions
 from meshpar.parallel.grad_reduce import ReduceOptions
+from meshpar.parallel.llama_plan import llama_plan
+from meshpar.parallel.plan import Plan
 from meshpar.parallel.precision import PrecisionOptions
 from meshpar.parallel.recompute import RecomputeOptions
 from meshpar.parallel.tensor import TensorOptions
@@ -43,22 +51,71 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    """meshpar's own model: a preset and any ModelConfig field changed."""
+    """The model a run trains: meshpar's own, a preset with any ModelConfig field changed,
+    or a transformers model directory (`name` a path: its config.json says the family and
+    shapes; meshpar/hf/)."""
 
     name: str = "tiny"
     overrides: dict = field(default_factory=dict)  # e.g. {"num_layers": 4}
 
+    @property
+    def _directory(self) -> HFDirectory | DirectoryError | None:
+        return _read_directory(self.name) if names_a_directory(self.name) else None
+
+    def directory(self) -> HFDirectory | None:
+        """The transformers directory named (None: a preset, or a directory with problems)."""
+        return self._directory if isinstance(self._directory, HFDirectory) else None
+
     def resolve(self) -> ModelConfig:
+        if names_a_directory(self.name):
+            return self.directory().shape()
         return model_config(self.name, **self.overrides)
 
     def problems(self) -> list[str]:
+        if names_a_directory(self.name):
+            if isinstance(self._directory, DirectoryError):
+                return [str(self._directory)]
+            if self.overrides:
+                return [f"--model {self.name}: its config.json gives the shapes; the model fields "
+                        f"{', '.join(sorted(self.overrides))} cannot change them"]
+            return self._directory.problems() or self.resolve().problems()
         if self.name not in PRESETS:
-            return [f"unknown model {self.name!r}; choose one of {', '.join(PRESETS)}"]
+            return [f"unknown model {self.name!r}; choose one of {', '.join(PRESETS)}, or give a transformers "
+                    f"model directory"]
         fields = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.overrides) - fields)
         if unknown:
             return [f"unknown model field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}"]
         return self.resolve().problems()
+
+    def build(self, seed: int) -> nn.Module:
+        """The model on the meta device (shapes only)."""
+        if self.directory() is not None:
+            return self.directory().build()
+        from meshpar.model import build_model
+
+        return build_model(self.resolve(), seed, "meta")
+
+    def plan(self, model: nn.Module) -> Plan:
+        """How `build`'s model splits."""
+        if self.directory() is not None:
+            return hf_plan(model)
+        return llama_plan(self.resolve())
+
+    def init_rule(self) -> Callable[[str], InitRule]:
+        """How each parameter starts (by its name) when no checkpoint is loaded."""
+        if self.directory() is not None:
+            return self.directory().init_rule
+        from meshpar.model.llama import init_rule
+
+        return functools.partial(init_rule, self.resolve())
+
+
+def _read_directory(name: str) -> HFDirectory | DirectoryError:
+    try:
+        return HFDirectory.read(name)
+    except DirectoryError as err:
+        return err
 
 
 # Each section's attribute of Config and TOML table, in the order `meshpar train --help` shows them.

@@ -3,6 +3,9 @@ embeddings), Qwen3 (per-head q/k norms) and Mistral - built from small random co
 split by `meshpar.hf_plan`: 5 steps at every layout equal one device's (losses and final
 parameters), and one device through meshpar computes what transformers computes."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -65,15 +68,17 @@ LAYOUTS = [dict(dp=2, tp=2, zero=3, sequence_parallel=True),
            dict(pp=2, tp=2, microbatches=4, schedule="zb-h1"),
            dict(dp=2, pp=2, zero=1),
            dict(dp=2, cp=2, zero=1, recompute="selective"),
-           dict(pp=2, cp=2, cp_impl="all-to-all")]
+           dict(pp=2, cp=2, cp_impl="all-to-all"),
+           dict(tp=4)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: ",".join(f"{k}={v}" for k, v in layout.items()))
 def test_every_family_equals_one_device(worlds, one_device, layout):
     """Tensor and sequence parallelism with ZeRO-3, pipelines of 1F1B and zero-bubble
     with tp, dp x pp with ZeRO-1, context parallelism (ring with the attention cores
-    recomputed, all-to-all in a pipeline): each family's 5 losses within 1e-5 of one
-    device's, every final parameter too (test_api.close)."""
+    recomputed, all-to-all in a pipeline), tp4 over 2 KV heads (each replicated on two
+    ranks): each family's 5 losses within 1e-5 of one device's, every final parameter
+    too (test_api.close)."""
     for rank, runs in enumerate(worlds(4).run(every_family, layout)):
         for family in FAMILIES:
             close(runs[family], one_device[family], f"{family} {layout} rank {rank}")
@@ -147,3 +152,77 @@ def test_a_padding_mask_and_a_sequence_past_the_sliding_window_are_refused():
         mistral(tokens)
     with pytest.raises(ValueError, match="without an attention_mask"):
         mistral(tokens[:, :8], attention_mask=torch.tensor([[0] + [1] * 7]))
+
+
+# --- the command line: `meshpar train --model DIR`, `--init-from DIR`, `export-hf` -----------------
+
+
+def meshpar_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meshpar", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_a_llama3_directory_trains_split_and_exports_as_llama(tmp_path):
+    """The round trip: transformers saves a small random Llama (rope type llama3) in
+    several safetensors files; `meshpar train --model DIR --init-from DIR --tp 2 --pp 2`
+    starts from those weights; `export-hf` writes it back in shards with an index; and
+    `from_pretrained` gives the logits meshpar computes from its own checkpoint."""
+    source, save, export = tmp_path / "llama", tmp_path / "run", tmp_path / "export"
+    config = hf_config("llama")
+    config.vocab_size = 256  # the built-in corpus's bytes
+    torch.manual_seed(0)
+    original = transformers.AutoModelForCausalLM.from_config(config)
+    original.save_pretrained(source, max_shard_size="100KB")
+    assert (source / "model.safetensors.index.json").exists()
+    out = meshpar_cli("train", "--model", source, "--init-from", source, "--tp", 2, "--pp", 2, "--steps", 2,
+                      "--seq-len", 32, "--global-batch-size", 8, "--save-dir", save, "--no-progress")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"parameters from {source}" in out.stdout
+    out = meshpar_cli("checkpoint", "export-hf", save, export, "--max-shard-size", "150KB")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list(export.glob("model-*-of-*.safetensors"))) > 1 and (export / "model.safetensors.index.json").exists()
+
+    exported = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    assert type(exported).__name__ == "LlamaForCausalLM" and exported.config.rope_parameters["rope_type"] == "llama3"
+    lr = 3e-4  # the default peak learning rate bounds each AdamW step
+    for name, before in original.state_dict().items():  # started from the saved weights, moved two steps
+        assert (exported.state_dict()[name] - before).abs().max() <= 2 * lr * 1.01, name
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = exported(tokens).logits
+    ours = in_one_process(meshpar_logits, source, save, tokens)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def meshpar_logits(source, save, tokens) -> torch.Tensor:
+    """The logits of the model meshpar saved, computed by meshpar on one device."""
+    from meshpar.hf.directory import HFDirectory
+
+    directory = HFDirectory.read(source)
+    mesh = meshpar.init_mesh()
+    model = directory.build()
+    parallel = meshpar.parallelize(model, mesh, meshpar.hf_plan(model), load=save)
+    with torch.no_grad():
+        logits = parallel.split.forward(tokens)
+    mesh.destroy()
+    return logits
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{tmp}/missing"], "no such directory"),
+    (["--model", "{tmp}/empty"], "has no config.json"),
+    (["--model", "{tmp}/gpt2"], "unknown architecture 'gpt2' (GPT2LMHeadModel); meshpar trains the transformers "
+                                "families llama, qwen2, qwen3, mistral"),
+    (["--model", "{tmp}/qwen3", "--tp", "3"], "--tp=3 does not divide num_heads=4"),
+    (["--model", "{tmp}/qwen3", "--tp", "8"], "--tp=8 does not divide num_heads=4"),
+    (["--model", "{tmp}/mistral", "--seq-len", "128"], "exceeds the model's sliding window of 64 tokens"),
+], ids=["missing", "no-config", "gpt2", "tp3", "tp8", "window"])
+def test_a_directory_meshpar_cannot_train_is_refused_before_any_rank_starts(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    for family in ("qwen3", "mistral"):
+        hf_config(family).save_pretrained(tmp_path / family)
+    out = meshpar_cli("train", *[a.format(tmp=tmp_path) for a in args], "--steps", 1)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "train:" not in out.stderr

@@ -15,12 +15,13 @@ from meshpar.checkpoint.regions import CheckpointError
 from meshpar.checkpoint.store import CheckpointReader, latest_checkpoint
 
 
-def open_checkpoint(path: str | os.PathLike):
+def open_checkpoint(path: str | os.PathLike, native: bool = False):
     """A reader of `path`: a meshpar checkpoint (or save directory, its newest complete
-    one) or a Hugging Face Llama directory."""
+    one) or a Hugging Face directory - a Llama's, read under meshpar's model's names, or
+    `native`ly, any family's under its own (a transformers model trained as it is)."""
     from meshpar.checkpoint.hf import HFReader, is_hf_directory
 
-    return HFReader(path) if is_hf_directory(path) else CheckpointReader(path)
+    return HFReader(path, native) if is_hf_directory(path) else CheckpointReader(path)
 
 
 __all__ = ["CheckpointError", "CheckpointReader", "latest_checkpoint", "open_checkpoint"]

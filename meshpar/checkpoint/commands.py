@@ -26,9 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser):
                                                  "loads into any layout; from a Hugging Face directory: import it")
     convert.add_argument("source")
     convert.add_argument("destination", help="a save directory; the copy goes to DEST/step-N")
-    export = actions.add_parser("export-hf", help="write a directory transformers' LlamaForCausalLM loads")
+    export = actions.add_parser("export-hf", help="write a directory transformers' from_pretrained loads: "
+                                                  "meshpar's Llama as a Llama, a transformers model as its family")
     export.add_argument("source")
     export.add_argument("destination")
+    export.add_argument("--max-shard-size", default="5GB",
+                        help="a transformers model's weights in files of at most this size, with an index when "
+                             "several (default 5GB; units B, KB, MB, GB, KiB, MiB, GiB)")
 
 
 def model_of(reader) -> ModelConfig:
@@ -45,10 +49,15 @@ def info(reader, verify: bool) -> str:
     meta = reader.meta
     lines = [f"checkpoint {reader.path}", f"step {reader.step}"
              + (f", saved {meta['saved_at']}" if meta.get("saved_at") else "")]
+    count = sum(math.prod(reader.full_shape(name)) for name in reader.names("param"))
     if from_api(reader):
-        count = sum(math.prod(reader.full_shape(name)) for name in reader.names("param"))
         lines.append(f"model {meta['model'].get('name')} (parallelized through the Python API): "
                      f"{count:,} parameters")
+    elif "transformers" in meta["model"]:
+        cfg = model_of(reader)
+        lines.append(f"model {meta['model'].get('name')} (transformers, {meta['model']['transformers'].get('model_type')}): "
+                     f"{count:,} parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads} "
+                     f"(kv {cfg.num_kv_heads}), vocab {cfg.vocab_size}")
     else:
         cfg = model_of(reader)
         lines.append(f"model {meta['model'].get('name')}: {cfg.num_params():,} parameters, {cfg.num_layers} "
@@ -104,7 +113,19 @@ def checkpoint_command(args) -> int:
             print(convert(reader, args.destination))
         elif from_api(reader):
             raise CheckpointError(f"{reader.path}: holds a model parallelized through the Python API; export-hf "
-                                  f"writes meshpar's own Llama models only")
+                                  f"writes the models of `meshpar train` only")
+        elif "transformers" in reader.meta["model"]:
+            from meshpar.hf.export import export_transformers, parse_size
+
+            try:
+                limit = parse_size(args.max_shard_size)
+            except ValueError as err:
+                raise CheckpointError(f"--max-shard-size: {err}") from None
+            files = export_transformers(reader, args.destination, limit)
+            family = reader.meta["model"]["transformers"].get("model_type")
+            print(f"wrote {args.destination} (config.json, {len(files)} safetensors file(s)"
+                  + (", model.safetensors.index.json" if len(files) > 1 else "")
+                  + f"; transformers' AutoModelForCausalLM.from_pretrained loads it as {family})")
         else:
             from meshpar.checkpoint.hf import export_hf
             print(f"wrote {export_hf(reader, model_of(reader), args.destination)} "

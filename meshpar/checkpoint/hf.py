@@ -76,7 +76,7 @@ def model_config_from_hf(raw: dict, where: str) -> ModelConfig:
     meshpar's model does not have."""
     problems = []
     if raw.get("model_type") != "llama":
-        problems.append(f"model_type {raw.get('model_type')!r} (meshpar reads llama)")
+        problems.append(f"model_type {raw.get('model_type')!r} (meshpar's own model reads llama)")
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         problems.append(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} (meshpar has plain RoPE)")
@@ -87,7 +87,8 @@ def model_config_from_hf(raw: dict, where: str) -> ModelConfig:
     if raw.get("head_dim", raw["hidden_size"] // heads) * heads != raw["hidden_size"]:
         problems.append("head_dim x num_attention_heads != hidden_size")
     if problems:
-        raise CheckpointError(f"{where}: not a model meshpar can build: " + "; ".join(problems))
+        raise CheckpointError(f"{where}: not a model meshpar's own can take: " + "; ".join(problems)
+                              + f"; train the transformers model as it is with --model {Path(where).parent}")
     return ModelConfig(vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
                        num_layers=raw["num_hidden_layers"], num_heads=heads,
                        num_kv_heads=raw.get("num_key_value_heads", heads),
@@ -118,16 +119,26 @@ def export_hf(reader, cfg: ModelConfig, destination: str | os.PathLike) -> Path:
 
 
 class HFReader:
-    """Reads a transformers Llama directory like a checkpoint's parameters (no training
-    state): full tensors under meshpar's names, cut to any box."""
+    """Reads a transformers directory like a checkpoint's parameters (no training
+    state), cut to any box: a Llama's under meshpar's names, for meshpar's model; or,
+    `native`, any family's under its own names, for the same transformers model trained
+    through meshpar (`meshpar train --model DIR --init-from DIR`)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, native: bool = False):
+        self.path, self.native = Path(path), native
         try:
             raw = json.loads((self.path / "config.json").read_text())
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{self.path / 'config.json'}: unreadable ({err})") from None
-        self.cfg = model_config_from_hf(raw, str(self.path / "config.json"))
+        if native:
+            from meshpar.hf.directory import HFDirectory
+
+            directory = HFDirectory(self.path, raw)
+            if directory.problems():
+                raise CheckpointError("; ".join(directory.problems()))
+            self.cfg = directory.shape()
+        else:
+            self.cfg = model_config_from_hf(raw, str(self.path / "config.json"))
         self.meta = {"step": 0, "model": {"name": raw.get("_name_or_path") or self.path.name,
                                           **{f: getattr(self.cfg, f) for f in ModelConfig.__dataclass_fields__}},
                      "layout": None, "train": None}
@@ -142,7 +153,7 @@ class HFReader:
                     self.where.update({key: file for key in handle.keys()})
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
-        self.hf_name = hf_names(self.cfg)
+        self.hf_name = {name: name for name in self.where} if native else hf_names(self.cfg)
         missing = [theirs for theirs in self.hf_name.values() if theirs not in self.where]
         if missing:
             raise CheckpointError(f"{self.path}: lacks {len(missing)} weight(s) of a Llama model, "
@@ -181,7 +192,7 @@ class HFReader:
         theirs, file = self.hf_name[name], self.where[self.hf_name[name]]
         lo = list(target.offsets)
         hi = [o + v for o, v in zip(target.offsets, target.valid)]
-        heads = _heads_of(name, self.cfg)
+        heads = None if self.native else _heads_of(name, self.cfg)
         if heads:
             d = target.full_shape[0] // heads
             lo[0], hi[0] = lo[0] // d * d, -(-hi[0] // d) * d

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from meshpar.model.config import PRESETS, ModelConfig
 from meshpar.options import Section, option
 
@@ -51,7 +53,7 @@ class CheckpointOptions(Section):
         problems = []
         for flag, path in sources:
             try:
-                reader = open_checkpoint(path)
+                reader = open_checkpoint(path, native=cfg.model.directory() is not None)
             except CheckpointError as err:
                 problems.append(f"{flag}: {err}")
                 continue
@@ -61,7 +63,7 @@ class CheckpointOptions(Section):
                 problems.append(f"{flag} {path} holds another model: this run's {cfg.model.name} differs in "
                                 f"{', '.join(differ)}")
             else:
-                problems += [f"{flag} {path}: {p}" for p in tensor_mismatch(reader, cfg.model_config())]
+                problems += [f"{flag} {path}: {p}" for p in tensor_mismatch(reader, cfg.model.build(cfg.run.seed))]
         return problems
 
     def adopt_model(self, cfg: Config) -> None:
@@ -79,13 +81,11 @@ class CheckpointOptions(Section):
         cfg.model.overrides = {k: v for k, v in saved.items() if k in fields}
 
 
-def tensor_mismatch(reader, model_cfg: ModelConfig) -> list[str]:
-    """The first parameter of the model that `reader` lacks or holds at another shape
-    (read from the files' headers: no tensor is loaded), as a one-item list; empty when
-    every parameter is there at its shape."""
-    from meshpar.model import build_model
-
-    for name, param in build_model(model_cfg, 0, "meta").named_parameters():
+def tensor_mismatch(reader, model: nn.Module) -> list[str]:
+    """The first parameter of `model` (built on the meta device) that `reader` lacks or
+    holds at another shape (read from the files' headers: no tensor is loaded), as a
+    one-item list; empty when every parameter is there at its shape."""
+    for name, param in model.named_parameters():
         if not reader.has(name, "param"):
             return [f"holds no tensor {name} (the model's first parameter it lacks)"]
         if tuple(reader.full_shape(name)) != tuple(param.shape):

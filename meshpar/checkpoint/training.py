@@ -45,7 +45,12 @@ def layout_of(parallelized) -> dict:
 
 
 def model_meta(cfg) -> dict:
-    return {"name": cfg.model.name, **dataclasses.asdict(cfg.model.resolve())}
+    """The model a run's checkpoint holds: its name and shape, and a transformers
+    model's config.json (what `export-hf` writes back)."""
+    meta = {"name": cfg.model.name, **dataclasses.asdict(cfg.model.resolve())}
+    if cfg.model.directory() is not None:
+        meta["transformers"] = cfg.model.directory().raw
+    return meta
 
 
 def _parts_of(parallelized) -> Callable[[nn.Parameter], list[Part]]:

@@ -51,6 +51,10 @@ class DataOptions(Section):
         model = cfg.model_config()
         if model is not None and self.seq_len > model.max_seq_len:
             problems.append(f"--seq-len={self.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
+        window = cfg.model.directory().sliding_window() if cfg.model and cfg.model.directory() else None
+        if window is not None and self.seq_len > window:
+            problems.append(f"--seq-len={self.seq_len} exceeds the model's sliding window of {window} tokens "
+                            f"(meshpar's attention is causal over the whole sequence)")
         if self.seq_len >= 1:
             problems += self._source_problems(model.vocab_size if model else None)
         if self.tokenizer is not None:
@@ -60,7 +64,8 @@ class DataOptions(Section):
     def adopt_vocabulary(self, cfg: Config) -> None:
         """On prepared data, a model whose vocabulary is not set takes the data's."""
         vocab_size = prepared_vocab_size(self.data)
-        if vocab_size is not None and cfg.model is not None and "vocab_size" not in cfg.model.overrides:
+        if (vocab_size is not None and cfg.model is not None and cfg.model.directory() is None
+                and "vocab_size" not in cfg.model.overrides):
             cfg.model.overrides["vocab_size"] = vocab_size
 
     def _tokenizer_problems(self) -> list[str]:

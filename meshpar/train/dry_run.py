@@ -9,12 +9,9 @@ even, padding included), so one build per pipeline stage covers every rank.
 
 from __future__ import annotations
 
-import torch
-
 from meshpar.config import Config
+from meshpar.hf.directory import num_params
 from meshpar.mesh import ParallelMesh
-from meshpar.model import build_model
-from meshpar.model.llama import TransformerBlock
 from meshpar.parallel.apply import split_model
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.schedules import build_schedule
@@ -39,7 +36,7 @@ def dry_run(cfg: Config) -> str:
     head, copies = head_activation_bytes(spec, layout, dtypes), weight_copy_bytes(spec, layout, dtypes)
     schedule = build_schedule(pipe.schedule, mesh_cfg.pp, pipe.virtual_stages, m) if mesh_cfg.pp > 1 else None
     inflight = simulate(schedule, Costs(1.0, 1.0, 1.0)).peak_inflight_microbatches if schedule else [1]
-    lines = [f"dry run: {cfg.model.name} ({model_cfg.num_params():,} parameters, vocabulary "
+    lines = [f"dry run: {cfg.model.name} ({num_params(cfg.model.build(cfg.run.seed)):,} parameters, vocabulary "
              f"{model_cfg.vocab_size:,}), {shape.world_size} ranks "
              f"(pp={mesh_cfg.pp} x dp={mesh_cfg.dp} x cp={mesh_cfg.cp} x tp={mesh_cfg.tp}), ZeRO-{zero}, {precision}, "
              f"{m} micro-batch(es) of {mbs} x {cfg.data.seq_len} tokens per dp rank",
@@ -49,15 +46,15 @@ def dry_run(cfg: Config) -> str:
     apart = gradients_follow_activations(layout, m)
     for stage in range(mesh_cfg.pp):
         mesh = ParallelMesh(shape, shape.rank(pp=stage))  # no process groups: parallelize only slices
-        with torch.device("meta"):
-            model = build_model(model_cfg, cfg.run.seed, "meta")
-        parallel = split_model(model, mesh, sequence_parallel=cfg.tensor.sequence_parallel,
+        model = cfg.model.build(cfg.run.seed)
+        parallel = split_model(model, mesh, cfg.model.plan(model), sequence_parallel=cfg.tensor.sequence_parallel,
                                num_stages=mesh_cfg.pp * pipe.virtual_stages, stage_layer_counts=pipe.pp_layers,
                                recompute=cfg.recompute.recompute, recompute_every=cfg.recompute.recompute_every,
                                cp_impl=cfg.context.cp_impl)
         params = sum(p.numel() for p in parallel.module.parameters())
         total_params += params
-        layers = sum(isinstance(m, TransformerBlock) for m in parallel.module.modules())
+        counts = parallel.stage_counts or [model_cfg.num_layers]
+        layers = sum(counts[s] for s in range(stage, len(counts), mesh_cfg.pp))
         param_bytes, grad_bytes, optimizer_bytes = state_bytes(params, mesh_cfg.dp, zero, bool(cfg.zero.offload),
                                                                dtypes, m)
         state = param_bytes + grad_bytes + optimizer_bytes

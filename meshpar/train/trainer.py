@@ -3,7 +3,6 @@ case where every mesh axis has size 1."""
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,8 @@ from meshpar.checkpoint import CheckpointReader, latest_checkpoint, open_checkpo
 from meshpar.checkpoint.training import load_parameters, model_meta, restore_state, save_state
 from meshpar.config import API_SECTIONS, Config
 from meshpar.mesh import ParallelMesh
-from meshpar.model import build_model
-from meshpar.model.llama import init_rule
+from meshpar.hf.directory import num_params
 from meshpar.parallel.dropout import dropout_seed
-from meshpar.parallel.llama_plan import llama_plan
 from meshpar.parallel.sharding import model_names
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.planner.hardware import device_peak_flops
@@ -53,10 +50,12 @@ class Trainer:
         # data parallelism allocates this rank's share (under ZeRO-3 its shard) and fills it
         # with the reference initialization's values - drawn even when a checkpoint then
         # overwrites them (_load_checkpoint), which costs time, not memory.
+        model = cfg.model.build(run.seed)
+        self.num_params = num_params(model)
         self.parallel = parallelize(
-            build_model(self.model_cfg, run.seed, "meta"), mesh, llama_plan(self.model_cfg),
-            *(getattr(cfg, name) for name in API_SECTIONS), microbatches=self.num_microbatches,
-            steps=run.steps, init=functools.partial(init_rule, self.model_cfg), seed=run.seed, device=device)
+            model, mesh, cfg.model.plan(model), *(getattr(cfg, name) for name in API_SECTIONS),
+            microbatches=self.num_microbatches, steps=run.steps, init=cfg.model.init_rule(), seed=run.seed,
+            device=device)
         self.model = self.parallel.module
         self.data_parallel, self.optimizer = self.parallel.data_parallel, self.parallel.optimizer
         self.scaler, self.compute = self.parallel.scaler, self.parallel.compute
@@ -77,7 +76,8 @@ class Trainer:
             self.schedule = self.pipeline.schedule
             if cfg.compile.compile and self.schedule.splits_backward:
                 self.compile_note = " (caches off: the zero-bubble split)"
-            if self.pipeline.weight_grads is not None:  # meshpar's blocks read their weights on the input's path only
+            if self.pipeline.weight_grads is not None and cfg.model.directory() is None:
+                # meshpar's blocks read their weights on the input's path only
                 self.data_parallel.free_after_input_grad = True
         self.asynchronous = self.parallel.asynchronous
         self.peak_saved_bytes = 0  # activations held for backward (the pipeline counts its own)
@@ -117,7 +117,7 @@ class Trainer:
                 torch.manual_seed(dropout_seed(cfg.run.seed, self.mesh, self.step))
             return f"resumed from {reader.path} (step {self.step})"
         if cfg.checkpoint.init_from:
-            reader = open_checkpoint(cfg.checkpoint.init_from)
+            reader = open_checkpoint(cfg.checkpoint.init_from, native=cfg.model.directory() is not None)
             if isinstance(reader, CheckpointReader):  # (a Hugging Face directory has no checksums)
                 reader.verify(self.mesh)
             load_parameters(self.parallel, reader)
@@ -305,8 +305,10 @@ class Trainer:
         wire = cfg.reduce.grad_compression
         scheme = ("" if wire == "none" else f", dp gradients in {wire}"
                   + (" without error feedback" if wire == "int8" and not cfg.reduce.error_feedback else ""))
-        model = f"the model of {cfg.checkpoint.init_from}" if cfg.checkpoint.init_from else self.cfg.model.name
-        return (f"meshpar: {model} ({self.model_cfg.num_params():,} parameters, vocabulary "
+        directory = cfg.model.directory()
+        model = (f"{directory.family} model {directory.path}" if directory
+                 else f"the model of {cfg.checkpoint.init_from}" if cfg.checkpoint.init_from else cfg.model.name)
+        return (f"meshpar: {model} ({self.num_params:,} parameters, vocabulary "
                 f"{self.model_cfg.vocab_size:,}) on "
                 f"{self.mesh.world_size} rank(s), {self.mesh.describe()}, ZeRO-{cfg.zero.stage}"
                 + (f" (offload {', '.join(self.data_parallel.offload)})" if self.data_parallel.offload else "")
@@ -342,7 +344,7 @@ class Trainer:
             "val_loss": evals[-1]["val_loss"] if evals else None,
             "tokens_per_s": sum(s["tokens"] for s in timed) / sum(s["step_time_s"] for s in timed),
             "mesh": {axis: self.mesh.size(axis) for axis in ("pp", "dp", "cp", "tp")},
-            "num_params": self.model_cfg.num_params(),
+            "num_params": self.num_params,
             "device": self.device.type,
             "precision": self.cfg.precision.precision,
             "zero": self.cfg.zero.stage,
