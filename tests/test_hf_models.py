@@ -3,6 +3,7 @@ embeddings), Qwen3 (per-head q/k norms) and Mistral - built from small random co
 split by `meshpar.hf_plan`: 5 steps at every layout equal one device's (losses and final
 parameters), and one device through meshpar computes what transformers computes."""
 
+import json
 import subprocess
 import sys
 
@@ -226,3 +227,27 @@ def test_a_directory_meshpar_cannot_train_is_refused_before_any_rank_starts(tmp_
     out = meshpar_cli("train", *[a.format(tmp=tmp_path) for a in args], "--steps", 1)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "train:" not in out.stderr
+
+
+def test_the_three_commands_of_the_docs_train_a_qwen_directory(tmp_path):
+    """docs/transformers.md: a Qwen3 directory holding its config and tokenizer ->
+    prepare-data with its tokenizer -> train it split tp2 x pp2 -> export-hf, which
+    transformers loads as Qwen3."""
+    model, corpus = tmp_path / "qwen", tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"document {i}: the quick brown fox jumps over the lazy dog "
+                                                    f"{i * 7}"}) for i in range(400)))
+    out = meshpar_cli("tokenizer", "train", corpus, "--vocab-size", 300, "--out", model, "--no-progress")
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = hf_config("qwen3")
+    config.vocab_size = 320
+    config.save_pretrained(model)
+
+    commands = [("prepare-data", corpus, "--tokenizer", model, "--out", tmp_path / "data", "--no-progress"),
+                ("train", "--model", model, "--data", tmp_path / "data", "--tp", 2, "--pp", 2, "--steps", 2,
+                 "--seq-len", 32, "--global-batch-size", 8, "--save-dir", tmp_path / "run", "--no-progress"),
+                ("checkpoint", "export-hf", tmp_path / "run", tmp_path / "exported")]
+    for command in commands:
+        out = meshpar_cli(*command)
+        assert out.returncode == 0, f"{command[0]}: {out.stderr[-3000:]}"
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    assert type(exported).__name__ == "Qwen3ForCausalLM" and exported.config.vocab_size == 320
