@@ -8,8 +8,9 @@ shape, in one run, and against transformers' own tensor parallelism.
    noise hits both alike. Reports the median step time of each and the ratio.
 2. tp2 (2 gloo ranks): transformers' own tensor parallelism, `from_pretrained(...,
    tp_plan="auto")`, one training step (forward with labels, backward, AdamW) against
-   meshpar's tp2 of the same directory, alternating. If transformers' TP does not run on
-   CPU, the line says so with its error.
+   meshpar's tp2 of the same directory, alternating; both compute the loss of every
+   position's next token, and their losses are compared step by step. If transformers'
+   TP does not run (it needs the `accelerate` package), the line says so with its error.
 
     python benchmarks/hf_vs_native.py --steps 8
 """
@@ -71,7 +72,7 @@ def against_native(rank: int, args, results) -> None:
     theirs = meshpar.parallelize(hf, mesh, meshpar.hf_plan(hf), zero=1, microbatches=1)
     ours = meshpar.parallelize(build_model(cfg, 0, "meta"), mesh, llama_plan(cfg), zero=1, microbatches=1,
                                init=lambda name: init_rule(cfg, name), seed=0)
-    times = {"transformers": [], "meshpar": []}
+    times = {"transformers": [], "meshpar": []}  # (the two start from different weights)
     for i, (x, y) in enumerate(batches(2, mesh.index("dp"), args.steps + 1)):
         for name, model in (("transformers", theirs), ("meshpar", ours)):
             seconds = timed(lambda: model.step(x, y))
@@ -99,15 +100,14 @@ def against_transformers_tp(rank: int, args, results) -> None:
     line = {"part": "transformers' own tensor parallelism vs meshpar", "layout": "tp2", "steps": args.steps}
     try:
         native = transformers.AutoModelForCausalLM.from_pretrained(directory, tp_plan="auto", dtype=torch.float32)
-        optimizer = torch.optim.AdamW(native.parameters(), lr=3e-4)
+        optimizer = torch.optim.AdamW(native.parameters(), lr=3e-4, weight_decay=0.0)
 
-        def native_step(x, y):
-            loss = native(input_ids=x, labels=x).loss  # transformers shifts the labels itself
+        def native_step(x, y) -> float:  # the loss meshpar computes: every position's next token
+            loss = torch.nn.functional.cross_entropy(native(input_ids=x).logits.flatten(0, 1), y.flatten())
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        x, y = next(batches(1, 0, 1))
-        native_step(x, y)
+            return loss.item()
     except Exception as err:  # reported, not raised: whether it runs on CPU is the finding
         if rank == 0:
             results.put({**line, "transformers_tp": f"does not run on CPU/gloo: {type(err).__name__}: "
@@ -116,22 +116,27 @@ def against_transformers_tp(rank: int, args, results) -> None:
         return
     mesh = meshpar.init_mesh(tp=2)
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    ours = meshpar.parallelize(hf, mesh, meshpar.hf_plan(hf), microbatches=1)
-    times = {"transformers_tp": [], "meshpar": []}
+    # the same AdamW as transformers' side: no decay, no clipping, torch's betas
+    ours = meshpar.parallelize(hf, mesh, meshpar.hf_plan(hf), microbatches=1, lr=3e-4, weight_decay=0.0,
+                               beta2=0.999, max_grad_norm=0.0)
+    times, losses = {"transformers_tp": [], "meshpar": []}, {"transformers_tp": [], "meshpar": []}
     for i, (x, y) in enumerate(batches(1, 0, args.steps + 1)):
         for name, step in (("transformers_tp", native_step), ("meshpar", ours.step)):
-            seconds = timed(lambda: step(x, y))
+            seconds = timed(lambda: losses[name].append(step(x, y)))
             if i:
                 times[name].append(seconds)
     if rank == 0:
         a, b = statistics.median(times["transformers_tp"]), statistics.median(times["meshpar"])
-        results.put({**line, "transformers_tp_s": round(a, 4), "meshpar_s": round(b, 4), "ratio": round(b / a, 3)})
+        gap = max(abs(p - q) / q for p, q in zip(losses["meshpar"], losses["transformers_tp"]))
+        results.put({**line, "transformers_tp_s": round(a, 4), "meshpar_s": round(b, 4), "ratio": round(b / a, 3),
+                     "loss_rel_diff_max": float(f"{gap:.2e}")})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
+    # part 1 is independent of part 2's directory
     for line in run_on_local_ranks(against_native, 4, args, 1):
         print(json.dumps(line), flush=True)
     with tempfile.TemporaryDirectory() as directory:

@@ -185,9 +185,11 @@ def test_a_llama3_directory_trains_split_and_exports_as_llama(tmp_path):
 
     exported = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
     assert type(exported).__name__ == "LlamaForCausalLM" and exported.config.rope_parameters["rope_type"] == "llama3"
-    lr = 3e-4  # the default peak learning rate bounds each AdamW step
-    for name, before in original.state_dict().items():  # started from the saved weights, moved two steps
-        assert (exported.state_dict()[name] - before).abs().max() <= 2 * lr * 1.01, name
+    # Started from the saved weights and moved two steps of the warm-up (learning rates
+    # 1.5e-4 and 3e-4; an AdamW step moves an element by about its learning rate), where
+    # the seeded initialization would be ~0.02 away.
+    for name, before in original.state_dict().items():
+        assert (exported.state_dict()[name] - before).abs().max() <= 6e-4, name
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         theirs = exported(tokens).logits
