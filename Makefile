@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/init_memory.py
 	$(BIN)/python benchmarks/large_model.py
 	$(BIN)/python benchmarks/prepare_data.py
+	$(BIN)/python benchmarks/hf_vs_native.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
