@@ -45,18 +45,30 @@ def batches(dp: int, dp_rank: int):
         yield rows[:, :-1], rows[:, 1:]
 
 
-def train(family: str, dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, microbatches: int = 2, **options) -> dict:
+def train(family: str, dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, microbatches: int = 2,
+          save: str | None = None, load: str | None = None, **options) -> dict:
+    """5 steps (or, from a checkpoint `load` saved after step 3, the last 2; with `save`,
+    a checkpoint after step 3)."""
     mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp, cp=cp)
     model = hf_model(family)
-    parallel = meshpar.parallelize(model, mesh, meshpar.hf_plan(model), microbatches=microbatches, lr=LR, **options)
-    losses = [parallel.step(x, y) for x, y in batches(dp, mesh.index("dp"))]
+    parallel = meshpar.parallelize(model, mesh, meshpar.hf_plan(model), microbatches=microbatches, lr=LR,
+                                   load=load, **options)
+    losses = []
+    for step, (x, y) in enumerate(batches(dp, mesh.index("dp"))):
+        if step >= parallel.steps_taken:
+            losses.append(parallel.step(x, y))
+        if save and step == 2:
+            parallel.save(f"{save}/{family}")
     out = {"losses": losses, "params": parallel.full_state()}
     mesh.destroy()
     return out
 
 
 def every_family(layout: dict) -> dict:
-    return {family: train(family, **layout) for family in FAMILIES}
+    """`layout` for each family ("{}" in its load= path: the family's name)."""
+    def of(family: str) -> dict:
+        return {k: v.format(family) if k == "load" else v for k, v in layout.items()}
+    return {family: train(family, **of(family)) for family in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +82,8 @@ LAYOUTS = [dict(dp=2, tp=2, zero=3, sequence_parallel=True),
            dict(dp=2, pp=2, zero=1),
            dict(dp=2, cp=2, zero=1, recompute="selective"),
            dict(pp=2, cp=2, cp_impl="all-to-all"),
-           dict(tp=4)]
+           dict(tp=4),
+           dict(dp=4, zero=2, offload=["optimizer"], recompute="full")]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: ",".join(f"{k}={v}" for k, v in layout.items()))
@@ -78,8 +91,8 @@ def test_every_family_equals_one_device(worlds, one_device, layout):
     """Tensor and sequence parallelism with ZeRO-3, pipelines of 1F1B and zero-bubble
     with tp, dp x pp with ZeRO-1, context parallelism (ring with the attention cores
     recomputed, all-to-all in a pipeline), tp4 over 2 KV heads (each replicated on two
-    ranks): each family's 5 losses within 1e-5 of one device's, every final parameter
-    too (test_api.close)."""
+    ranks), ZeRO-2 with AdamW's state offloaded and every layer recomputed: each family's
+    5 losses within 1e-5 of one device's, every final parameter too (test_api.close)."""
     for rank, runs in enumerate(worlds(4).run(every_family, layout)):
         for family in FAMILIES:
             close(runs[family], one_device[family], f"{family} {layout} rank {rank}")
@@ -92,24 +105,35 @@ def test_context_parallel_alone_equals_one_device(worlds, one_device):
             close(runs[family], one_device[family], f"{family} cp2 rank {rank}")
 
 
-def train_bf16(family: str, dp: int = 1, tp: int = 1) -> list[float]:
-    return train(family, dp=dp, tp=tp, precision="bf16")["losses"]
+def train_16_bits(family: str, precision: str, dp: int = 1, tp: int = 1) -> list[float]:
+    return train(family, dp=dp, tp=tp, precision=precision)["losses"]
 
 
-def every_family_in_bf16_at_tp2_dp2() -> dict:
-    return {family: train_bf16(family, 2, 2) for family in FAMILIES}
+def every_family_in_16_bits_at_tp2_dp2(precision: str) -> dict:
+    return {family: train_16_bits(family, precision, 2, 2) for family in FAMILIES}
 
 
-def test_bf16_at_tp2_dp2_equals_one_device_in_bf16(worlds):
-    """Computing in bf16 (weights, gradients and AdamW in fp32): within 2e-3 of one
-    device computing in bf16, and not what fp32 computes."""
-    reference = {family: in_one_process(train_bf16, family) for family in FAMILIES}
-    fp32 = {family: in_one_process(train, family)["losses"] for family in FAMILIES}
-    for rank, runs in enumerate(worlds(4).run(every_family_in_bf16_at_tp2_dp2)):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_16_bits_at_tp2_dp2_equals_one_device_in_16_bits(worlds, one_device, precision):
+    """Computing in bf16 or fp16 (weights, gradients and AdamW in fp32; fp16's loss
+    scaled): within 2e-3 of one device computing alike, and not what fp32 computes."""
+    reference = {family: in_one_process(train_16_bits, family, precision) for family in FAMILIES}
+    for rank, runs in enumerate(worlds(4).run(every_family_in_16_bits_at_tp2_dp2, precision)):
         for family in FAMILIES:
             torch.testing.assert_close(torch.tensor(runs[family]), torch.tensor(reference[family]), rtol=2e-3,
-                                       atol=0, msg=lambda m: f"{family} bf16 rank {rank}: {m}")
-            assert runs[family] != fp32[family], "bf16 computed in fp32"
+                                       atol=0, msg=lambda m: f"{family} {precision} rank {rank}: {m}")
+            assert runs[family] != one_device[family]["losses"], f"{precision} computed in fp32"
+
+
+def test_a_checkpoint_saved_at_tp2_pp2_resumes_at_dp2_cp2_zero3(worlds, one_device, tmp_path):
+    """Saved after 3 steps at tp2 x pp2 (1F1B), loaded at dp2 x cp2 with ZeRO-3 (each
+    rank reading its shard of every tensor): the last 2 steps and the final parameters
+    are the uninterrupted one-device run's, for every family."""
+    worlds(4).run(every_family, dict(tp=2, pp=2, microbatches=4, save=str(tmp_path)))
+    for rank, runs in enumerate(worlds(4).run(every_family, dict(dp=2, cp=2, zero=3, load=str(tmp_path / "{}")))):
+        for family in FAMILIES:
+            close(runs[family], {"losses": one_device[family]["losses"][3:], "params": one_device[family]["params"]},
+                  f"{family} resumed rank {rank}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -218,14 +242,17 @@ def meshpar_logits(source, save, tokens) -> torch.Tensor:
                                 "families llama, qwen2, qwen3, mistral"),
     (["--model", "{tmp}/qwen3", "--tp", "3"], "--tp=3 does not divide num_heads=4"),
     (["--model", "{tmp}/qwen3", "--tp", "8"], "--tp=8 does not divide num_heads=4"),
+    (["--model", "{tmp}/six-heads", "--tp", "2"], "--tp=2 and num_kv_heads=3: one must divide the other"),
     (["--model", "{tmp}/mistral", "--seq-len", "128"], "exceeds the model's sliding window of 64 tokens"),
-], ids=["missing", "no-config", "gpt2", "tp3", "tp8", "window"])
+], ids=["missing", "no-config", "gpt2", "tp3", "tp8", "kv-heads", "window"])
 def test_a_directory_meshpar_cannot_train_is_refused_before_any_rank_starts(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
     for family in ("qwen3", "mistral"):
         hf_config(family).save_pretrained(tmp_path / family)
+    transformers.AutoConfig.for_model("llama", hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
+                                      intermediate_size=192, num_hidden_layers=2).save_pretrained(tmp_path / "six-heads")
     out = meshpar_cli("train", *[a.format(tmp=tmp_path) for a in args], "--steps", 1)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "train:" not in out.stderr

@@ -49,8 +49,8 @@ class RecomputeOptions(Section):
 
 def _checkpointed(fn):
     @functools.wraps(fn)
-    def run(*args):
-        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+    def run(*args, **kwargs):  # keyword arguments too: transformers' decoder layers take them
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
     return run
 
 
