@@ -46,6 +46,7 @@ from meshpar.pipeline.options import PipelineOptions
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.pipeline.schedules import add_communication, asynchronous, build_schedule
 from meshpar.train.optim import OptimizerOptions, adamw
+from meshpar.train.nonfinite import NonFiniteWatch
 from meshpar.train.step import StepResult, TrainingStep
 
 
@@ -101,7 +102,8 @@ class Parallelized:
         self.training_step = TrainingStep(
             self.module, self.mesh, self.data_parallel, self.optimizer, self.loss_sum,
             lambda x: self.split.forward(x, self.positions), self.compute, self.saved_tensor_hooks,
-            self.max_grad_norm, lambda: {id(p): name for name, p in self.named_parameters()}, self.scaler)
+            self.max_grad_norm, lambda: {id(p): name for name, p in self.named_parameters()},
+            lambda: NonFiniteWatch(self.module, self.split.module_order, self.split.compiled), self.scaler)
 
     @property
     def module(self) -> nn.Module:

@@ -334,7 +334,8 @@ def test_a_step_that_diverges_raises_and_leaves_the_parameters():
     before = {name: p.detach().clone() for name, p in model.module.named_parameters()}
     with torch.no_grad():
         model.module.get_parameter("h.1.mlp.c_fc.weight")[0, 0] = float("nan")
-    with pytest.raises(meshpar.DivergenceError, match="step 2: loss nan, gradient norm nan; non-finite gradient first produced on rank 0"):
+    with pytest.raises(meshpar.DivergenceError, match=r"step 2: loss nan, gradient norm nan; the first non-finite "
+                                                      r"value appeared in the forward of h.1.mlp.c_fc on rank 0"):
         model.step(x, y)
     for name, p in model.module.named_parameters():
         if name != "h.1.mlp.c_fc.weight":

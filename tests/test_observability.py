@@ -54,6 +54,48 @@ def test_a_nan_gradient_on_one_rank_alone_is_named_too():
     assert "step 2" in message and "rank 0" in message and "layers.1.mlp.w_down.weight" in message
 
 
+def nan_made_in_a_module(cfg, rank: int, module: str, phase: str) -> str:
+    """Train; at step 2, on `rank`, `module` makes a NaN: in its forward output (a weight
+    element turned NaN, so a tp layer's partial sum carries it on that rank alone), or in
+    its backward (the gradient reaching it turned NaN, so its input gradient is). Returns
+    the error."""
+    with trainer_on_this_rank(cfg) as trainer:
+        trainer.train_step()
+        if trainer.mesh.rank == rank:
+            layer = trainer.model.get_submodule(module)
+            if phase == "forward":
+                with torch.no_grad():
+                    layer.weight.view(-1)[0] = float("nan")
+            else:
+                def poison_the_gradient_arriving(module, inputs, output):
+                    output.register_hook(lambda grad: grad * float("nan"))
+                layer.register_forward_hook(poison_the_gradient_arriving)
+        try:
+            trainer.train_step()
+        except DivergenceError as err:
+            return str(err)
+    return "no error"
+
+
+@pytest.mark.parametrize("layout, rank, module, phase, origin", [
+    (dict(pp=2), 1, "norm", "forward", "the forward of norm on rank 1"),
+    (dict(pp=2), 1, "layers.5.mlp.w_down", "backward", "the backward of layers.5.mlp.w_down on rank 1"),
+    (dict(tp=2), 1, "layers.3.mlp.w_gate", "forward", "the forward of layers.3.mlp.w_gate on rank 1"),
+    (dict(pp=2, tp=2, zero=1, dp=2), 6, "layers.6.attention.wq", "forward",
+     "the forward of layers.6.attention.wq on rank 6"),
+], ids=["last-stage-forward", "middle-layer-backward", "one-tp-rank", "pp2-dp2-tp2"])
+def test_a_nan_is_traced_to_the_module_and_rank_that_made_it(worlds, layout, rank, module, phase, origin):
+    """A NaN made in the last stage's forward reaches every stage's gradients (the lowest
+    rank with a bad gradient is stage 0's, which was blamed before); one made in a middle
+    layer's backward, in the later stage, reaches the earlier stage too; one made by one
+    tp rank's shard of a layer is summed into both ranks' outputs. Each is named where
+    it appeared, the same on every rank."""
+    cfg = fast_config(steps=2, **layout)
+    messages = worlds(cfg.mesh.world_size).run(nan_made_in_a_module, cfg, rank, module, phase)
+    assert len(set(messages)) == 1, messages
+    assert messages[0].startswith("step 2: loss ") and origin in messages[0], messages[0]
+
+
 SHARD = "the first ZeRO-3 shard"
 
 

@@ -19,7 +19,7 @@ model, and leaves holding only this rank's slices of it.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -47,6 +47,8 @@ class ParallelModel:
     tensor_parallel: TensorParallelism
     num_stages: int = 1  # pipeline stages over all ranks
     stage_counts: list[int] | None = None  # blocks per stage, every stage's (pp above 1)
+    module_order: dict[str, int] = field(default_factory=dict)  # the whole model's modules, in forward order
+    compiled: list[str] = field(default_factory=list)  # the modules run compiled
 
     @property
     def pipelined(self) -> bool:
@@ -113,6 +115,7 @@ def split_model(model: nn.Module, mesh: ParallelMesh, plan: Plan | None = None, 
         counts = _stage_counts(model, plan, num_stages, stage_layer_counts)
         ends = shared_by_the_ends(model, plan.pipeline)
 
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # the order forward runs them in
     tensor_parallel = apply_tensor_plan(model, plan, mesh, sequence_parallel)  # 1; may replace modules
     if mesh.size("cp") > 1:  # 2
         attend = ContextParallelAttention(mesh, cp_impl)
@@ -124,7 +127,7 @@ def split_model(model: nn.Module, mesh: ParallelMesh, plan: Plan | None = None, 
     recompute_modules([model.get_submodule(name) for name in recomputed])  # 5
     if recompute == "selective":
         recompute_attention([m for _, m in _named(model, [plan.attention])])
-    parallel = ParallelModel(model, mesh, plan, tensor_parallel, num_stages)
+    parallel = ParallelModel(model, mesh, plan, tensor_parallel, num_stages, module_order=order, compiled=compiled)
     if num_stages > 1:  # 6; rank r holds stages r, r + pp, ...
         ranges = stage_layers_of(counts)
         p, r = mesh.size("pp"), mesh.index("pp")

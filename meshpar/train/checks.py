@@ -15,6 +15,7 @@ from torch import nn
 from meshpar import comm
 from meshpar.mesh import ParallelMesh
 from meshpar.parallel.sharding import model_names, sharded_over, tied_across_stages
+from meshpar.train.nonfinite import PHASES
 
 
 class DivergenceError(RuntimeError):
@@ -22,27 +23,40 @@ class DivergenceError(RuntimeError):
 
 
 def check_finite(step: int, loss: float, grad_norm: float, named_grads: list[tuple[str, torch.Tensor]],
-                 mesh: ParallelMesh, produced_nonfinite: bool = False):
+                 mesh: ParallelMesh, produced_nonfinite: bool = False,
+                 first_seen: tuple[int, int, str] | None = None):
     """Collective when something is wrong (every rank sees the same global loss and norm):
-    raise naming the step, the first rank whose own gradient was not finite before the
-    reduction (`produced_nonfinite`) and the parameters whose reduced gradient is not."""
+    raise naming the step and where the first non-finite value appeared - the module and
+    rank that made it, in the order the computation ran (`first_seen`: this rank's, from
+    its NonFiniteWatch) - or, when no module's output or input gradient was ever
+    non-finite (a parameter's gradient alone), the first rank whose own gradient was not
+    finite before the reduction (`produced_nonfinite`); and the parameters whose reduced
+    gradient is not."""
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
     bad = sorted({name for name, grad in named_grads if not torch.isfinite(grad).all()})
-    per_rank = comm.all_gather_object(mesh, (produced_nonfinite, bad), tag="check")
-    origins = [rank for rank, (produced, _) in enumerate(per_rank) if produced]
-    names = sorted({name for _, names in per_rank for name in names})
+    per_rank = comm.all_gather_object(mesh, (produced_nonfinite, bad, first_seen), tag="check")
+    origins = [rank for rank, (produced, _, _) in enumerate(per_rank) if produced]
+    names = sorted({name for _, names, _ in per_rank for name in names})
+    seen = [(first[:2], rank, first) for rank, (_, _, first) in enumerate(per_rank) if first is not None]
+    what = (f"parameter {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")) if names \
+        else "no gradient: the loss itself is not finite"
+    advice = "Lower the learning rate, check the data, or use bf16 instead of fp16."
+    if seen:
+        _, rank, (phase, _, module) = min(seen)
+        raise DivergenceError(f"step {step}: loss {loss}, gradient norm {grad_norm}; the first non-finite value "
+                              f"appeared in the {PHASES[phase]} of {module} on rank {rank} "
+                              f"({mesh.shape.coords(rank)}); non-finite gradient: {what}. {advice}")
     if origins:
         stage = mesh.shape.coords(origins[0])["pp"]
-        names = sorted({name for rank, (_, rank_names) in enumerate(per_rank)
+        names = sorted({name for rank, (_, rank_names, _) in enumerate(per_rank)
                         if mesh.shape.coords(rank)["pp"] == stage for name in rank_names}) or names
+        what = f"parameter {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
         where = f"first produced on rank {origins[0]} ({mesh.shape.coords(origins[0])})"
     else:
         where = "produced on no rank before the reduction"
-    what = (f"parameter {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")) if names \
-        else "no gradient: the loss itself is not finite"
     raise DivergenceError(f"step {step}: loss {loss}, gradient norm {grad_norm}; non-finite gradient {where}, "
-                          f"{what}. Lower the learning rate, check the data, or use bf16 instead of fp16.")
+                          f"{what}. {advice}")
 
 
 def checksum(tensor: torch.Tensor) -> tuple[int, float]:

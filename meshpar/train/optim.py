@@ -135,19 +135,23 @@ def clip_by_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float,
 
 def clip_and_step(dp: ShardedDataParallel, optimizer: torch.optim.Optimizer, mesh: ParallelMesh,
                   max_grad_norm: float, step: int, names: Callable[[], dict[int, str]],
+                  find_origin: Callable[[], tuple[int, int, str] | None] | None = None,
                   loss_sum: torch.Tensor | None = None) -> float:
     """The end of a training step, after the gradient reduction: the global gradient
     norm; a DivergenceError on every rank when it or the (reduced) loss is not finite,
-    naming step `step` and where it began (`names`: parameter id -> name, asked only
-    then); clipping; the optimizer on this rank's shard. Returns the norm."""
+    naming step `step` and where it began (`find_origin`: this rank's first non-finite
+    module output or input gradient, collective; `names`: parameter id -> name; both
+    asked only then); clipping; the optimizer on this rank's shard. Returns the norm."""
     pieces = dp.grad_pieces()
     norm = global_grad_norm(pieces, mesh, sharded_over_dp=dp.grads_sharded, params=dp.params())
     # The norm and the loss reach the host in one read (on a GPU, one synchronisation).
     norm_value, loss = torch.stack([norm, torch.zeros_like(norm) if loss_sum is None
                                     else loss_sum.to(norm.dtype)]).tolist()
     if not (math.isfinite(norm_value) and math.isfinite(loss)):
+        origin = find_origin() if find_origin else None
         named = names()
-        check_finite(step, loss, norm_value, [(named[id(p)], g) for p, g in pieces], mesh, dp.produced_nonfinite())
+        check_finite(step, loss, norm_value, [(named[id(p)], g) for p, g in dp.grad_pieces()], mesh,
+                     dp.produced_nonfinite(), origin)
     clip_by_norm(dp.grads(), norm, max_grad_norm, norm_value)
     dp.step(optimizer)
     return norm_value

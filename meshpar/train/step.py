@@ -28,6 +28,7 @@ from meshpar.parallel.precision import DynamicLossScaler
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.train.activations import count_saved_bytes
+from meshpar.train.nonfinite import NonFiniteWatch
 from meshpar.train.optim import clip_and_step
 
 
@@ -52,6 +53,7 @@ class TrainingStep:
     saved_tensor_hooks: Callable[[], AbstractContextManager]  # 16-bit weight copies recast in backward
     max_grad_norm: float
     names: Callable[[], dict[int, str]]  # parameter id -> whole-model name, for a divergence's report
+    watch: Callable[[], NonFiniteWatch]  # hooks that find where a non-finite value first appeared
     scaler: DynamicLossScaler | None = None
     pipeline: PipelineRuntime | None = None
 
@@ -60,6 +62,33 @@ class TrainingStep:
         """One optimizer step on this rank's micro-batches `xs`, `ys` of a global batch of
         `tokens` target tokens; `step` numbers it (from 1) for a divergence's report.
         `on_saved`: told the bytes each micro-batch saved for backward (no pipeline)."""
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if xs[0].is_cuda else None)
+        loss = self._forward_backward(xs, ys, tokens, on_saved)
+        if self.scaler and self.scaler.unscale_and_update(self.data_parallel.grads(), self.mesh):
+            return StepResult(loss, None, skipped=True)  # parameters and optimizer states as they were
+        norm = clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, step, self.names,
+                             lambda: self._replay_watched(xs, ys, tokens, rng), loss)
+        return StepResult(loss, norm, skipped=False)
+
+    def _replay_watched(self, xs, ys, tokens: int, rng) -> tuple[int, int, str] | None:
+        """A step diverged: run its forward and backward again, from the same random
+        state, with every module watched (meshpar/train/nonfinite.py); this rank's first
+        non-finite value. Collective, as the step was: every rank saw the divergence. The
+        watch costs normal steps nothing: it exists only here."""
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1])
+        watch = self.watch()
+        try:
+            self._forward_backward(xs, ys, tokens)
+            return watch.first()
+        finally:
+            watch.close()
+
+    def _forward_backward(self, xs: list[torch.Tensor], ys: list[torch.Tensor], tokens: int,
+                          on_saved: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Every micro-batch's forward and backward, and the gradients' reduction over dp
+        finished; the global batch's loss (summed over dp, cp and pp) on every rank."""
         self.data_parallel.zero_grad()
         scale = self.scaler.scale if self.scaler else 1.0
         if self.pipeline is not None:
@@ -81,10 +110,7 @@ class TrainingStep:
         self.data_parallel.finish_reduction()
         for axis in ("dp", "cp", "pp"):
             comm.all_reduce(self.mesh, axis, loss, tag="loss")
-        if self.scaler and self.scaler.unscale_and_update(self.data_parallel.grads(), self.mesh):
-            return StepResult(loss, None, skipped=True)  # parameters and optimizer states as they were
-        norm = clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, step, self.names, loss)
-        return StepResult(loss, norm, skipped=False)
+        return loss
 
     def asynchronous(self, xs: list[torch.Tensor], ys: list[torch.Tensor], tokens: int, step: int, last: bool,
                      set_lr: Callable[[int], None] | None = None) -> StepResult:
