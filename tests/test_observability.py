@@ -81,8 +81,8 @@ def nan_made_in_a_module(cfg, rank: int, module: str, phase: str) -> str:
     (dict(pp=2), 1, "norm", "forward", "the forward of norm on rank 1"),
     (dict(pp=2), 1, "layers.5.mlp.w_down", "backward", "the backward of layers.5.mlp.w_down on rank 1"),
     (dict(tp=2), 1, "layers.3.mlp.w_gate", "forward", "the forward of layers.3.mlp.w_gate on rank 1"),
-    (dict(pp=2, tp=2, zero=1, dp=2), 6, "layers.6.attention.wq", "forward",
-     "the forward of layers.6.attention.wq on rank 6"),
+    pytest.param(dict(pp=2, tp=2, zero=1, dp=2), 6, "layers.6.attention.wq", "forward",
+                 "the forward of layers.6.attention.wq on rank 6", marks=pytest.mark.slow),  # 11 s
 ], ids=["last-stage-forward", "middle-layer-backward", "one-tp-rank", "pp2-dp2-tp2"])
 def test_a_nan_is_traced_to_the_module_and_rank_that_made_it(worlds, layout, rank, module, phase, origin):
     """A NaN made in the last stage's forward reaches every stage's gradients (the lowest
