@@ -298,3 +298,27 @@ def test_the_three_commands_of_the_docs_train_a_qwen_directory(tmp_path):
     assert main(["checkpoint", "export-hf", str(tmp_path / "run"), str(tmp_path / "exported")]) == 0
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     assert type(exported).__name__ == "Qwen3ForCausalLM" and exported.config.vocab_size == 320
+
+
+def test_a_directory_with_weights_starts_from_them_and_its_runs_resume_it(tmp_path):
+    """`--model DIR` whose directory holds weights starts from them (as --init-from DIR);
+    one with only a config starts from the seeded initialization; `--init-from RUN` of such
+    a run, without --model, trains the run's transformers model again."""
+    from meshpar.cli import build_parser, config_from_args
+    from meshpar.config import check
+
+    def config(*argv):
+        return check(config_from_args(build_parser().parse_args(["train", *map(str, argv)])))
+
+    weights, bare, run = tmp_path / "qwen", tmp_path / "qwen-config", tmp_path / "run"
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    bytes_config = hf_config("qwen3")
+    bytes_config.vocab_size = 256  # the byte-level data's
+    transformers.AutoModelForCausalLM.from_config(bytes_config).save_pretrained(weights)
+    bytes_config.save_pretrained(bare)
+    assert config("--model", weights).checkpoint.init_from == str(weights)
+    assert config("--model", bare).checkpoint.init_from is None
+    assert main(["train", "--model", str(bare), "--steps", "1", "--seq-len", "32", "--global-batch-size", "2",
+                 "--data", str(tmp_path / "text.txt"), "--save-dir", str(run), "--no-progress"]) == 0
+    resumed = config("--init-from", run, "--data", tmp_path / "text.txt", "--seq-len", 32)
+    assert resumed.model.name == str(bare) and resumed.model.directory().family == "qwen3"

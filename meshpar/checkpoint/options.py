@@ -26,8 +26,9 @@ class CheckpointOptions(Section):
     keep_checkpoints: int = option(3, "keep the newest K complete checkpoints", at_least=1)
     resume: bool = option(False, "continue from the newest complete checkpoint in --save-dir, in any layout "
                                  "(from scratch when there is none, as on a job's first start)")
-    init_from: str | None = option(None, "start from the parameters of a checkpoint or a Hugging Face Llama "
-                                         "directory (its model shape when --model is not given)")
+    init_from: str | None = option(None, "start from the parameters of a checkpoint or a Hugging Face "
+                                         "directory (its model when --model is not given; a --model directory "
+                                         "with weights starts from them without it)")
     stop_after_step: int | None = option(None, "save and exit cleanly after step N (continue later with --resume)",
                                          at_least=1)
     stop_after_minutes: float | None = option(None, "save and exit cleanly after the first step that ends past "
@@ -67,7 +68,14 @@ class CheckpointOptions(Section):
         return problems
 
     def adopt_model(self, cfg: Config) -> None:
-        """With --init-from and the default model, the model's shape is the checkpoint's."""
+        """A transformers directory with weights (--model DIR) starts from them unless
+        --init-from names another source. With --init-from and the default model, the
+        model is the checkpoint's: its preset and shape, or the transformers directory
+        its run trained."""
+        directory = cfg.model.directory()
+        if directory is not None and not self.init_from and directory.has_weights():
+            self.init_from = str(directory.path)
+            return
         if not self.init_from or cfg.model.name != "tiny" or cfg.model.overrides or not Path(self.init_from).exists():
             return
         from meshpar.checkpoint import CheckpointError, open_checkpoint
@@ -76,6 +84,9 @@ class CheckpointOptions(Section):
             saved = open_checkpoint(self.init_from).meta["model"]
         except CheckpointError:
             return  # source_problems() reports it
+        if "transformers" in saved and Path(saved.get("name", "")).is_dir():
+            cfg.model.name = saved["name"]  # a transformers model's run: its directory
+            return
         fields = {f.name for f in dataclasses.fields(ModelConfig)}
         cfg.model.name = saved.get("name") if saved.get("name") in PRESETS else "tiny"
         cfg.model.overrides = {k: v for k, v in saved.items() if k in fields}
