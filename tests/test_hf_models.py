@@ -322,3 +322,15 @@ def test_a_directory_with_weights_starts_from_them_and_its_runs_resume_it(tmp_pa
                  "--data", str(tmp_path / "text.txt"), "--save-dir", str(run), "--no-progress"]) == 0
     resumed = config("--init-from", run, "--data", tmp_path / "text.txt", "--seq-len", 32)
     assert resumed.model.name == str(bare) and resumed.model.directory().family == "qwen3"
+
+
+def test_the_dry_run_counts_a_directory_models_own_parameters(tmp_path, capsys):
+    """`--dry-run` builds the transformers model on the meta device: the parameters it
+    prints are the model's own count (Qwen3's q/k norms included)."""
+    config = hf_config("qwen3")
+    config.vocab_size = 256
+    config.save_pretrained(tmp_path / "qwen")
+    count = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
+    assert main(["train", "--model", str(tmp_path / "qwen"), "--dry-run", "--tp", "2", "--pp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"({count:,} parameters, vocabulary 256), 4 ranks" in out, out

@@ -18,14 +18,15 @@ from torch import nn
 
 from meshpar.hf.plan import FAMILIES
 from meshpar.init import InitRule, meta_device
-from meshpar.model.config import ModelConfig
+from meshpar.model.config import PRESETS, ModelConfig
 
 CONFIG = "config.json"
 
 
 def names_a_directory(name: str) -> bool:
-    """Whether a --model value is a path (a transformers directory), not a preset name."""
-    return os.sep in name or name.startswith(".") or Path(name).is_dir()
+    """Whether a --model value is a path (a transformers directory), not a preset name (a
+    preset wins over a folder of its name: `./tiny` names the folder)."""
+    return name not in PRESETS and (os.sep in name or name.startswith(".") or Path(name).is_dir())
 
 
 class DirectoryError(ValueError):
