@@ -326,11 +326,15 @@ def test_a_directory_with_weights_starts_from_them_and_its_runs_resume_it(tmp_pa
 
 def test_the_dry_run_counts_a_directory_models_own_parameters(tmp_path, capsys):
     """`--dry-run` builds the transformers model on the meta device: the parameters it
-    prints are the model's own count (Qwen3's q/k norms included)."""
+    prints are the model's own count (Qwen3's q/k norms included). A config naming
+    bfloat16 still builds fp32 weights."""
     config = hf_config("qwen3")
     config.vocab_size = 256
+    config.dtype = "bfloat16"  # as a Hub model's config says: meshpar's weights stay fp32
     config.save_pretrained(tmp_path / "qwen")
     count = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
+    from meshpar.hf.directory import HFDirectory
+    assert {p.dtype for p in HFDirectory.read(tmp_path / "qwen").build().parameters()} == {torch.float32}
     assert main(["train", "--model", str(tmp_path / "qwen"), "--dry-run", "--tp", "2", "--pp", "2"]) == 0
     out = capsys.readouterr().out
     assert f"({count:,} parameters, vocabulary 256), 4 ranks" in out, out

@@ -106,12 +106,15 @@ class HFDirectory:
 
     def build(self) -> nn.Module:
         """The model on the meta device (shapes only): each rank fills its share after the
-        split. The rotary embedding, a buffer computed from the config, is built for real."""
+        split. Its parameters are fp32 whatever dtype the config names (a Hub model's says
+        bfloat16): meshpar keeps fp32 weights and computes in 16 bits under --precision.
+        The rotary embedding, a buffer computed from the config, is built for real."""
+        import torch
         from transformers import AutoModelForCausalLM
 
         config = self.config()
         with meta_device():
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         base = getattr(model, model.base_model_prefix)
         for name, module in list(base.named_children()):
             if type(module).__name__.endswith("RotaryEmbedding"):
