@@ -161,11 +161,12 @@ def test_one_device_computes_what_transformers_computes(family):
     (its sdpa attention) within fp32 round-off; the plan splits what the family has."""
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
     model = hf_model(family).eval()
+    model.config.use_cache = True  # as a Hub config says; training keeps no cache
     with torch.no_grad():
         before = model(tokens).logits
         plan = meshpar.hf_plan(model)
         after = model(tokens).logits
-    assert model.config._attn_implementation == "meshpar"
+    assert model.config._attn_implementation == "meshpar" and model.config.use_cache is False
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     assert plan.vocab_embedding == ["model.embed_tokens"] and plan.vocab_output == "lm_head"
     assert plan.tp_regions == ["model.layers.*.mlp", "model.layers.*.self_attn"]

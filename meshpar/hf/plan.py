@@ -45,8 +45,8 @@ def hf_plan(model: nn.Module) -> Plan:
     """The Plan of a transformers causal LM (LlamaForCausalLM, Qwen2ForCausalLM,
     Qwen3ForCausalLM, MistralForCausalLM and others laid out alike), from its config's
     `base_model_tp_plan` and `base_model_pp_plan`; switches its attention to meshpar's
-    core. UnsupportedModel (a ValueError) names every entry or module type it did not
-    understand."""
+    core and turns its KV cache off (training). UnsupportedModel (a ValueError) names every
+    entry or module type it did not understand."""
     config = getattr(model, "config", None)
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
@@ -103,6 +103,7 @@ def hf_plan(model: nn.Module) -> Plan:
 
     register()
     model.set_attn_implementation(IMPLEMENTATION)
+    config.use_cache = False  # training: a forward keeps no KV cache (Hub configs ask for one)
     for name, module in names.items():
         if fnmatch.fnmatchcase(name, attention[0]):
             module.attend = causal_attention
