@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import meshpar
-from meshpar.cli import main
+from meshpar.cli import build_parser, config_from_args, main
+from meshpar.config import ConfigError, check
 from test_api import close, in_one_process
 
 transformers = pytest.importorskip("transformers")
@@ -281,7 +282,8 @@ def test_a_directory_meshpar_cannot_train_is_refused_before_any_rank_starts(tmp_
 def test_the_three_commands_of_the_docs_train_a_qwen_directory(tmp_path):
     """docs/transformers.md: a Qwen3 directory holding its config and tokenizer ->
     prepare-data with its tokenizer -> train it split tp2 x pp2 -> export-hf, which
-    transformers loads as Qwen3."""
+    transformers loads as Qwen3. A directory whose tokenizer did not prepare the data is
+    refused it."""
     model, corpus = tmp_path / "qwen", tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"document {i}: the quick brown fox jumps over the lazy dog "
                                                     f"{i * 7}"}) for i in range(400)))
@@ -300,14 +302,19 @@ def test_the_three_commands_of_the_docs_train_a_qwen_directory(tmp_path):
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     assert type(exported).__name__ == "Qwen3ForCausalLM" and exported.config.vocab_size == 320
 
+    # The same model with another tokenizer: the data is not its tokenizer's, refused.
+    other = tmp_path / "other"
+    assert main(["tokenizer", "train", str(corpus), "--vocab-size", "290", "--out", str(other), "--no-progress"]) == 0
+    config.save_pretrained(other)
+    with pytest.raises(ConfigError, match="was prepared by another tokenizer than the model's tokenizer"):
+        check(config_from_args(build_parser().parse_args(["train", "--model", str(other), "--data",
+                                                          str(tmp_path / "data")])))
+
 
 def test_a_directory_with_weights_starts_from_them_and_its_runs_resume_it(tmp_path):
     """`--model DIR` whose directory holds weights starts from them (as --init-from DIR);
     one with only a config starts from the seeded initialization; `--init-from RUN` of such
     a run, without --model, trains the run's transformers model again."""
-    from meshpar.cli import build_parser, config_from_args
-    from meshpar.config import check
-
     def config(*argv):
         return check(config_from_args(build_parser().parse_args(["train", *map(str, argv)])))
 

@@ -57,8 +57,12 @@ class DataOptions(Section):
                             f"(meshpar's attention is causal over the whole sequence)")
         if self.seq_len >= 1:
             problems += self._source_problems(model.vocab_size if model else None)
+        directory = cfg.model.directory() if cfg.model else None
         if self.tokenizer is not None:
-            problems += self._tokenizer_problems()
+            problems += self._tokenizer_problems(self.tokenizer, f"--tokenizer {self.tokenizer}")
+        elif directory and (directory.path / "tokenizer.json").is_file() and self.data and is_token_dir(self.data):
+            # a transformers model's own tokenizer: its prepared data must be that tokenizer's
+            problems += self._tokenizer_problems(str(directory.path), f"the model's tokenizer ({directory.path})")
         return problems
 
     def adopt_vocabulary(self, cfg: Config) -> None:
@@ -68,18 +72,18 @@ class DataOptions(Section):
                 and "vocab_size" not in cfg.model.overrides):
             cfg.model.overrides["vocab_size"] = vocab_size
 
-    def _tokenizer_problems(self) -> list[str]:
+    def _tokenizer_problems(self, tokenizer: str, which: str) -> list[str]:
         from meshpar.data.tokenizer import TokenizerError, tokenizer_hash  # the tokenizers package: only here
 
         if self.data is None or not is_token_dir(self.data):
             return [f"--tokenizer checks the data a tokenizer prepared; --data {self.data or '(the default corpus)'} "
                     f"is not a folder written by `meshpar prepare-data`"]
         try:
-            ours, data = tokenizer_hash(self.tokenizer), open_token_dir(self.data)
+            ours, data = tokenizer_hash(tokenizer), open_token_dir(self.data)
         except (TokenizerError, TokenFileError) as err:
             return [str(err)]
         if ours != data.tokenizer_hash:
-            return [f"--data {self.data} was prepared by another tokenizer than --tokenizer {self.tokenizer}: "
+            return [f"--data {self.data} was prepared by another tokenizer than {which}: "
                     f"the header records {data.header['tokenizer']['source']} (sha256 "
                     f"{data.tokenizer_hash[:12]}...), this one is {ours[:12]}...; prepare the data with it"]
         return []
