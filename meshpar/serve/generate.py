@@ -1,20 +1,22 @@
-"""Greedy generation with a KV cache over a split model (one device or tensor parallel).
+"""Generation with a KV cache over a split model (one device or tensor parallel).
 
 The prompt runs once (prefill), then one token per step (decode), each step feeding the
 model only the new token at its position: the attention cores are KVCaches
 (kv_cache.py) for the duration. Under tensor parallelism the output layer is split by
-vocabulary; the next token is found without gathering the logits: each rank takes the
-best of its own rows, and one all-gather of (score, id) pairs over tp picks the best of
-all - the lowest id among equal scores, as `argmax` over the whole vocabulary would.
+vocabulary, and the next token is chosen over it by sampling.py: greedily, or sampled with
+a temperature, top-k and top-p from a seed, the same tokens in every layout.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 
-from meshpar import comm
 from meshpar.parallel.apply import ParallelModel
 from meshpar.serve.kv_cache import KVCache
+from meshpar.serve.sampling import SamplingRule, choose, vocabulary_size
 
 
 def _attention_cores(split: ParallelModel) -> list:
@@ -27,57 +29,57 @@ def _attention_cores(split: ParallelModel) -> list:
     return [m for n, m in split.module.named_modules() if n and fnmatch.fnmatchcase(n, pattern)]
 
 
-def next_token(split: ParallelModel, logits: torch.Tensor) -> torch.Tensor:
-    """The greedy choice for each row of `logits` (batch, this rank's vocabulary rows),
-    over the whole vocabulary: (batch,) token ids, the same on every tp rank."""
-    tp = split.tensor_parallel
-    if tp.vocab_valid is None:
-        return logits.argmax(-1)
-    mine = logits[..., :tp.vocab_valid].float()  # the padded rows are no tokens
-    if mine.shape[-1] == 0:
-        best = torch.full(logits.shape[:-1], -torch.inf, device=logits.device)
-        ids = torch.zeros(logits.shape[:-1], device=logits.device)
-    else:
-        best, ids = mine.max(-1)
-    pairs = torch.stack([best, (ids + tp.vocab_start).float()], dim=-1)  # (batch, 2); ids exact below 2**24
-    every = comm.all_gather(split.mesh, "tp", pairs[None], tag="greedy")  # (tp, batch, 2)
-    scores, candidates = every[..., 0], every[..., 1]
-    top = scores.max(0).values
-    # Among the ranks holding the best score, the lowest id (argmax's first maximum).
-    lowest = torch.where(scores == top, candidates, torch.inf).min(0).values
-    return lowest.long()
+@dataclass
+class Generation:
+    """One prompt's continuation: its tokens, this rank's KV cache at the end (bytes), and
+    the time of the prompt's forward (prefill) and of the tokens after it (decode)."""
+
+    tokens: list[int]
+    kv_cache_bytes: int
+    prefill_s: float
+    decode_s: float
 
 
 @torch.no_grad()
-def greedy_generate(split: ParallelModel, prompt: list[int], max_new_tokens: int,
-                    stop: set[int] | frozenset[int] = frozenset()) -> list[int]:
+def generate(split: ParallelModel, prompt: list[int], max_new_tokens: int, rule: SamplingRule = SamplingRule(),
+             stop: set[int] | frozenset[int] = frozenset()) -> Generation:
     """The `max_new_tokens` tokens (fewer when one of `stop` comes; it is included) that
-    greedy decoding appends to `prompt`. Collective over tp: every rank of a tp group
-    calls it with the same prompt. Not under a pipeline or context parallelism yet."""
+    decoding by `rule` (default greedy) appends to `prompt`. Collective over tp: every rank
+    of a tp group calls it with the same prompt and rule. Not under a pipeline or context
+    parallelism yet."""
     if split.pipelined or split.mesh.size("cp") > 1:
         raise ValueError("generation runs on one device or under tensor parallelism so far (no pp, no cp)")
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
+    if rule.problems():
+        raise ValueError("; ".join(rule.problems()))
     cores = _attention_cores(split)
     device = next(split.module.parameters()).device
     saved = [core.__dict__.get("attend") for core in cores]
     was_training = split.module.training
     split.module.eval()
-    for core in cores:
-        core.attend = KVCache()
+    caches = [KVCache() for _ in cores]
+    for core, cache in zip(cores, caches):
+        core.attend = cache
+    generator = torch.Generator().manual_seed(rule.seed)
     try:
         tokens = torch.tensor([prompt], device=device)
         positions = torch.arange(len(prompt), device=device)
         generated: list[int] = []
+        start = time.perf_counter()
+        vocabulary = None
         while True:
-            logits = split.forward(tokens, positions)
-            token = int(next_token(split, logits[:, -1])[0])
+            logits = split.forward(tokens, positions)[:, -1]
+            vocabulary = vocabulary or vocabulary_size(split, logits)
+            token = int(choose(split, logits, rule, generator, vocabulary)[0])
+            if not generated:
+                prefill = time.perf_counter() - start
             generated.append(token)
             if token in stop or len(generated) == max_new_tokens:
-                return generated
-            position = len(prompt) + len(generated) - 1
+                return Generation(generated, sum(c.nbytes() for c in caches), prefill,
+                                  time.perf_counter() - start - prefill)
             tokens = torch.tensor([[token]], device=device)
-            positions = torch.tensor([position], device=device)
+            positions = torch.tensor([len(prompt) + len(generated) - 1], device=device)
     finally:
         for core, attend in zip(cores, saved):
             if attend is None:
@@ -85,3 +87,9 @@ def greedy_generate(split: ParallelModel, prompt: list[int], max_new_tokens: int
             else:
                 core.attend = attend
         split.module.train(was_training)
+
+
+def greedy_generate(split: ParallelModel, prompt: list[int], max_new_tokens: int,
+                    stop: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """The tokens greedy decoding appends to `prompt` (`generate` with the default rule)."""
+    return generate(split, prompt, max_new_tokens, stop=stop).tokens
