@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                 description="Tokenizers for `prepare-data`."))
     commands.add_parser("env", help="versions, devices, backends and the detected topology",
                         description="Print what this machine has for meshpar.")
+    from meshpar.serve.commands import add_arguments as generate_arguments
+    generate_arguments(commands.add_parser(
+        "generate", help="text from a checkpoint, on one or several tensor-parallel ranks",
+        description="Continue prompts with a trained model (greedy, or sampled from a seed: the same tokens in "
+                    "any layout), its KV cache split over the tp ranks."))
     return parser
 
 
@@ -165,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "checkpoint":
         from meshpar.checkpoint.commands import checkpoint_command
         return checkpoint_command(args)
+    if args.command == "generate":
+        from meshpar.serve.commands import generate_command
+        return generate_command(args)
     if args.command == "env":
         from meshpar.env import env_command
         return env_command(args)

@@ -130,3 +130,97 @@ def test_a_stop_token_ends_generation_and_is_kept(one_device):
     stop = expected[5]
     first = expected.index(stop)
     assert greedy_generate(split, PROMPTS[0], NEW_TOKENS, stop={stop}) == expected[:first + 1]
+
+
+# --- `meshpar generate` ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint of the tiny model after 3 steps at dp2 (any layout loads anywhere)."""
+    from meshpar.cli import main
+
+    save = tmp_path_factory.mktemp("generate") / "run"
+    assert main(["train", "--steps", "3", "--dp", "2", "--seq-len", "64", "--save-dir", str(save),
+                 "--no-progress"]) == 0
+    return save
+
+
+def test_generate_reads_a_checkpoint_in_any_layout(trained, capsys):
+    """`meshpar generate` at tp1 and tp2 prints the same continuations, which are the
+    tokens `generate` gives from Python on the checkpoint's model."""
+    import json
+    import subprocess
+    import sys
+
+    from meshpar.checkpoint import open_checkpoint
+    from meshpar.checkpoint.training import load_parameters
+    from meshpar.cli import main
+
+    argv = ["generate", "--checkpoint", str(trained), "--prompt", "def main(", "--prompt", "import os",
+            "--max-new-tokens", "12", "--json"]
+    assert main(argv) == 0
+    one = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    out = subprocess.run([sys.executable, "-m", "meshpar", *argv, "--tp", "2"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    two = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one] and len(one) == 2
+    assert [r["kv_cache_bytes_per_rank"] * 2 for r in two] == [r["kv_cache_bytes_per_rank"] for r in one]
+    assert one[0]["text"] == bytes(one[0]["tokens"]).decode("utf-8", errors="replace")
+
+    mesh = meshpar.ParallelMesh.single()
+    parallel = meshpar_llama(mesh)
+    load_parameters(parallel, open_checkpoint(trained))
+    assert greedy_generate(parallel.split, list(b"def main("), 12) == one[0]["tokens"]
+
+
+def test_generate_speaks_a_transformers_directorys_tokenizer(tmp_path, capsys):
+    """A Qwen3 directory with weights and a tokenizer.json: the prompt is encoded and the
+    continuation decoded with it, ending at its end-of-text token, and the tokens are the
+    ones transformers' generate gives from the same directory."""
+    import json
+
+    from meshpar.cli import main
+    from meshpar.data.tokenizer import load_tokenizer
+    from test_hf_models import hf_config
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"line {i}: the quick brown fox {i * 3}"}) for i in range(300)))
+    model_dir = tmp_path / "qwen"
+    assert main(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--out", str(model_dir),
+                 "--no-progress"]) == 0
+    config = hf_config("qwen3")
+    config.vocab_size = 300
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    capsys.readouterr()  # what the tokenizer's training printed
+    assert main(["generate", "--checkpoint", str(model_dir), "--prompt", "line 7: the quick",
+                 "--max-new-tokens", "10", "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    tokenizer = load_tokenizer(model_dir)
+    prompt = tokenizer.encode(["line 7: the quick"])[0]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir).generate(
+        torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=tokenizer.end_of_text_id,
+        pad_token_id=tokenizer.end_of_text_id)[0, len(prompt):].tolist()
+    assert ours["tokens"] == theirs and ours["text"] == tokenizer.decode(theirs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "x", "--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
+    ([], "no prompt: give --prompt TEXT"),
+    (["--prompt", "x", "--tp", "3"], "--tp=3 does not divide num_heads=8"),
+    (["--prompt", "x" * 250, "--max-new-tokens", "10"], "exceed the model's 256 positions"),
+], ids=["top-p", "no-prompt", "tp3", "too-long"])
+def test_generate_refuses_what_it_cannot_do_before_any_rank_starts(trained, capsys, args, message):
+    from meshpar.cli import main
+
+    assert main(["generate", "--checkpoint", str(trained), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_refuses_a_missing_checkpoint(tmp_path, capsys):
+    from meshpar.cli import main
+
+    assert main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
