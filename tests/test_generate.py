@@ -16,7 +16,7 @@ from test_api import in_one_process
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = [list(b"hello world, "), [5], list(b"a longer prompt of several words")]
-NEW_TOKENS = 24
+NEW_TOKENS = 16
 
 
 def meshpar_llama(mesh):
