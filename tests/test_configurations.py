@@ -22,7 +22,7 @@ from meshpar.config import ConfigError, check
 from multirank import RankFailure
 from reference import train_and_report
 
-DRAWS, SLOW_DRAWS = 30, 2000
+DRAWS, SLOW_DRAWS = 24, 2000
 MAX_RANKS = 8  # the largest world the suite starts on two cores
 STEP_TIMEOUT_S = 180
 DRAWS_DIR = tempfile.mkdtemp(prefix="meshpar-draws-")  # the drawn runs' checkpoints; removed at the end
