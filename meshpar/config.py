@@ -53,13 +53,17 @@ class ConfigError(ValueError):
 class ModelSection:
     """The model a run trains: meshpar's own, a preset with any ModelConfig field changed,
     or a transformers model directory (`name` a path: its config.json says the family and
-    shapes; meshpar/hf/)."""
+    shapes; meshpar/hf/) - or the config.json a checkpoint kept of one (`saved_config`:
+    the directory need not exist any more)."""
 
     name: str = "tiny"
     overrides: dict = field(default_factory=dict)  # e.g. {"num_layers": 4}
+    saved_config: dict | None = None
 
     @property
     def _directory(self) -> HFDirectory | DirectoryError | None:
+        if self.saved_config is not None:
+            return HFDirectory(Path(self.name), self.saved_config)
         return _read_directory(self.name) if names_a_directory(self.name) else None
 
     def directory(self) -> HFDirectory | None:
@@ -67,12 +71,12 @@ class ModelSection:
         return self._directory if isinstance(self._directory, HFDirectory) else None
 
     def resolve(self) -> ModelConfig:
-        if names_a_directory(self.name):
+        if self._directory is not None:
             return self.directory().shape()
         return model_config(self.name, **self.overrides)
 
     def problems(self) -> list[str]:
-        if names_a_directory(self.name):
+        if self._directory is not None:
             if isinstance(self._directory, DirectoryError):
                 return [str(self._directory)]
             if self.overrides:
@@ -109,6 +113,17 @@ class ModelSection:
         from meshpar.model.llama import init_rule
 
         return functools.partial(init_rule, self.resolve())
+
+
+def saved_model(meta: dict) -> ModelSection:
+    """The model a checkpoint's header records: a transformers model (the config.json its
+    run kept), or meshpar's, its preset (`tiny` for a shape of no preset) with the saved
+    shape."""
+    if "transformers" in meta:
+        return ModelSection(meta["name"], saved_config=meta["transformers"])
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelSection(meta["name"] if meta.get("name") in PRESETS else "tiny",
+                        {k: v for k, v in meta.items() if k in fields})
 
 
 def _read_directory(name: str) -> HFDirectory | DirectoryError:

@@ -316,7 +316,8 @@ def test_the_three_commands_of_the_docs_train_a_qwen_directory(tmp_path):
 def test_a_directory_with_weights_starts_from_them_and_its_runs_resume_it(tmp_path):
     """`--model DIR` whose directory holds weights starts from them (as --init-from DIR);
     one with only a config starts from the seeded initialization; `--init-from RUN` of such
-    a run, without --model, trains the run's transformers model again."""
+    a run, without --model, trains the run's transformers model again, and `generate`
+    reads the run - with the directory gone too."""
     def config(*argv):
         return check(config_from_args(build_parser().parse_args(["train", *map(str, argv)])))
 
@@ -332,6 +333,12 @@ def test_a_directory_with_weights_starts_from_them_and_its_runs_resume_it(tmp_pa
                  "--data", str(tmp_path / "text.txt"), "--save-dir", str(run), "--no-progress"]) == 0
     resumed = config("--init-from", run, "--data", tmp_path / "text.txt", "--seq-len", 32)
     assert resumed.model.name == str(bare) and resumed.model.directory().family == "qwen3"
+    # The run's checkpoint keeps the config.json: the directory may go, and the model with it
+    # is still rebuilt - to resume from, and to generate from.
+    bare.rename(tmp_path / "moved")
+    assert config("--init-from", run, "--data", tmp_path / "text.txt", "--seq-len", 32).model.directory().family \
+        == "qwen3"
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "the", "--max-new-tokens", "3"]) == 0
 
 
 def test_the_dry_run_counts_a_directory_models_own_parameters(tmp_path, capsys):

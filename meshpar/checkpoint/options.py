@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from meshpar.model.config import PRESETS, ModelConfig
 from meshpar.options import Section, option
 
 if TYPE_CHECKING:
@@ -84,12 +83,9 @@ class CheckpointOptions(Section):
             saved = open_checkpoint(self.init_from).meta["model"]
         except CheckpointError:
             return  # source_problems() reports it
-        if "transformers" in saved and Path(saved.get("name", "")).is_dir():
-            cfg.model.name = saved["name"]  # a transformers model's run: its directory
-            return
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        cfg.model.name = saved.get("name") if saved.get("name") in PRESETS else "tiny"
-        cfg.model.overrides = {k: v for k, v in saved.items() if k in fields}
+        from meshpar.config import saved_model
+
+        cfg.model = saved_model(saved)
 
 
 def tensor_mismatch(reader, model: nn.Module) -> list[str]:

@@ -99,10 +99,13 @@ class HFDirectory:
                            init_std=raw.get("initializer_range", 0.02))
 
     def config(self):
-        """transformers' config object of the directory."""
+        """transformers' config object, from the config.json already read (`raw`): the
+        same object from_pretrained gives, and it needs no directory - a checkpoint of a
+        run keeps `raw` alone (the directory may be gone)."""
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.path, local_files_only=True)
+        fields = {k: v for k, v in self.raw.items() if k != "model_type"}
+        return AutoConfig.for_model(self.raw["model_type"], **fields)
 
     def build(self) -> nn.Module:
         """The model on the meta device (shapes only): each rank fills its share after the

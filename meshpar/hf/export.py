@@ -43,10 +43,13 @@ def export_transformers(reader, destination: str | os.PathLike, max_shard_bytes:
     names = reader.names("param")
     sizes = {name: math.prod(reader.full_shape(name)) * 4 for name in names}  # written in fp32
     shards: list[list[str]] = [[]]
+    filled = 0  # bytes in the last shard
     for name in names:
-        if shards[-1] and sum(sizes[n] for n in shards[-1]) + sizes[name] > max_shard_bytes:
+        if shards[-1] and filled + sizes[name] > max_shard_bytes:
             shards.append([])
+            filled = 0
         shards[-1].append(name)
+        filled += sizes[name]
     files = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                for i in range(len(shards))]
     for file, shard in zip(files, shards):

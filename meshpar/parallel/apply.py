@@ -62,6 +62,11 @@ class ParallelModel:
         """Sum over tp the gradients partial there; called per bucket before dp's reduction."""
         self.tensor_parallel.sync_grads(params)
 
+    def attention_cores(self) -> list[nn.Module]:
+        """The plan's attention modules this rank holds (each `attend(q, k, v)` is its
+        causal core)."""
+        return [m for _, m in named_matching(self.module, [self.plan.attention])] if self.plan.attention else []
+
     def local_positions(self, seq_len: int, device=None) -> torch.Tensor | None:
         """Global positions of this rank's tokens under context parallelism (None: all)."""
         cp = self.mesh.size("cp")
@@ -119,14 +124,14 @@ def split_model(model: nn.Module, mesh: ParallelMesh, plan: Plan | None = None, 
     tensor_parallel = apply_tensor_plan(model, plan, mesh, sequence_parallel)  # 1; may replace modules
     if mesh.size("cp") > 1:  # 2
         attend = ContextParallelAttention(mesh, cp_impl)
-        for _, attention in _named(model, [plan.attention]):
+        for _, attention in named_matching(model, [plan.attention]):
             attention.attend = attend
     if blocks is not None:  # 3
         shard_dropouts(model, blocks, [name for name, _ in regions_of(model, plan)], mesh, sequence_parallel)
     apply_compile([model.get_submodule(name) for name in compiled])  # 4; by name: step 1 replaced modules
     recompute_modules([model.get_submodule(name) for name in recomputed])  # 5
     if recompute == "selective":
-        recompute_attention([m for _, m in _named(model, [plan.attention])])
+        recompute_attention([m for _, m in named_matching(model, [plan.attention])])
     parallel = ParallelModel(model, mesh, plan, tensor_parallel, num_stages, module_order=order, compiled=compiled)
     if num_stages > 1:  # 6; rank r holds stages r, r + pp, ...
         ranges = stage_layers_of(counts)
@@ -139,7 +144,8 @@ def split_model(model: nn.Module, mesh: ParallelMesh, plan: Plan | None = None, 
     return parallel
 
 
-def _named(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
+def named_matching(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the modules whose names match one of the fnmatch `patterns`."""
     return [(n, m) for n, m in model.named_modules() if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
@@ -148,7 +154,7 @@ def _chosen(model: nn.Module, option: str, patterns: list[str]) -> list[str]:
     wildcards, so they serve as patterns again); ValueError when there are patterns but
     none matches."""
     found = []
-    for name, _ in _named(model, patterns):  # the outermost only: "h.*" means the blocks, not their insides
+    for name, _ in named_matching(model, patterns):  # the outermost only: "h.*" means the blocks, not their insides
         if not any(name.startswith(outer + ".") for outer in found):
             found.append(name)
     if patterns and not found:

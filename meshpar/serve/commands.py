@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshpar.config import ModelSection
 from meshpar.serve.sampling import SamplingRule
 
 
@@ -49,8 +50,7 @@ class GenerateJob:
     token ids, the rule."""
 
     checkpoint: str
-    transformers_config: dict | None  # None: meshpar's Llama, of `shape`
-    shape: dict
+    model: ModelSection  # how to build it: meshpar's Llama of a shape, or a transformers model
     prompts: list[list[int]]
     max_new_tokens: int
     rule: SamplingRule
@@ -72,9 +72,8 @@ def build_job(args) -> GenerateJob:
     """The job, or ValueError naming every problem (the command exits 2)."""
     from meshpar.checkpoint import CheckpointError, open_checkpoint
     from meshpar.checkpoint.hf import is_hf_directory
+    from meshpar.config import saved_model
     from meshpar.data.tokenizer import TokenizerError
-    from meshpar.hf.directory import HFDirectory
-    from meshpar.model.config import ModelConfig
     from meshpar.parallel.llama_plan import tensor_parallel_problems
 
     problems = []
@@ -96,23 +95,22 @@ def build_job(args) -> GenerateJob:
         raise ValueError("\n".join(problems + [f"--checkpoint {args.checkpoint}: no such file or directory"]))
     try:
         if is_hf_directory(args.checkpoint):
-            directory = HFDirectory.read(args.checkpoint)
-            problems += directory.problems()
-            raw, home = directory.raw, directory.path
+            model = ModelSection(str(Path(args.checkpoint)))
         else:
             meta = open_checkpoint(args.checkpoint).meta["model"]
             if meta.get("api"):
                 raise CheckpointError(f"{args.checkpoint}: holds a model parallelized through the Python API; "
                                       f"generate from Python with meshpar.serve")
-            raw = meta.get("transformers")
-            home = Path(meta["name"]) if raw else None
-    except (CheckpointError, ValueError) as err:
+            model = saved_model(meta)
+    except CheckpointError as err:
         raise ValueError("\n".join(problems + [str(err)])) from None
-    shape = (HFDirectory(home, raw).shape() if raw else
-             ModelConfig(**{k: v for k, v in meta.items() if k in ModelConfig.__dataclass_fields__}))
-    problems += [p.replace("--sequence-parallel", "") for p in tensor_parallel_problems(shape, args.tp, False, 1)]
+    if model.problems():
+        raise ValueError("\n".join(problems + model.problems()))
+    shape = model.resolve()
+    problems += tensor_parallel_problems(shape, args.tp, False, 1)
+    directory = model.directory()
     try:
-        tokenizer, spec = _tokenizer_of(args, home)
+        tokenizer, spec = _tokenizer_of(args, directory.path if directory else None)
     except TokenizerError as err:
         raise ValueError("\n".join(problems + [str(err)])) from None
     prompts = tokenizer.encode(texts) if tokenizer else [list(text.encode("utf-8")) for text in texts]
@@ -127,34 +125,20 @@ def build_job(args) -> GenerateJob:
                             f"{args.max_new_tokens} exceed the model's {shape.max_seq_len} positions")
     if problems:
         raise ValueError("\n".join(problems))
-    return GenerateJob(args.checkpoint, raw, {k: getattr(shape, k) for k in ModelConfig.__dataclass_fields__},
-                       prompts, args.max_new_tokens, rule, args.tp,
+    return GenerateJob(args.checkpoint, model, prompts, args.max_new_tokens, rule, args.tp,
                        {tokenizer.end_of_text_id} if tokenizer else set(), spec, args.json)
 
 
 def _model(job: GenerateJob, mesh):
-    """This rank's part of the model, its weights read from the checkpoint."""
+    """This rank's part of the model, built as `meshpar train` builds it, its weights read
+    from the checkpoint (each rank its own boxes)."""
     import meshpar
     from meshpar.checkpoint import open_checkpoint
     from meshpar.checkpoint.training import load_parameters
 
-    if job.transformers_config is not None:
-        from meshpar.hf.directory import HFDirectory
-
-        directory = HFDirectory(Path(job.checkpoint), job.transformers_config)
-        model = directory.build()
-        parallel = meshpar.parallelize(model, mesh, meshpar.hf_plan(model), init=directory.init_rule)
-    else:
-        from meshpar.model import build_model
-        from meshpar.model.config import ModelConfig
-        from meshpar.model.llama import init_rule
-        from meshpar.parallel.llama_plan import llama_plan
-
-        cfg = ModelConfig(**job.shape)
-        parallel = meshpar.parallelize(build_model(cfg, 0, "meta"), mesh, llama_plan(cfg),
-                                       init=lambda name: init_rule(cfg, name))
-    native = job.transformers_config is not None
-    load_parameters(parallel, open_checkpoint(job.checkpoint, native=native))
+    model = job.model.build(seed=0)
+    parallel = meshpar.parallelize(model, mesh, job.model.plan(model), init=job.model.init_rule())
+    load_parameters(parallel, open_checkpoint(job.checkpoint, native=job.model.directory() is not None))
     return parallel
 
 

@@ -19,16 +19,6 @@ from meshpar.serve.kv_cache import KVCache
 from meshpar.serve.sampling import SamplingRule, choose, vocabulary_size
 
 
-def _attention_cores(split: ParallelModel) -> list:
-    import fnmatch
-
-    pattern = split.plan.attention
-    if pattern is None:
-        raise ValueError("generation needs the plan's `attention`: the modules whose attend(q, k, v) is the "
-                         "causal attention core, where the KV cache goes")
-    return [m for n, m in split.module.named_modules() if n and fnmatch.fnmatchcase(n, pattern)]
-
-
 @dataclass
 class Generation:
     """One prompt's continuation: its tokens, this rank's KV cache at the end (bytes), and
@@ -53,7 +43,10 @@ def generate(split: ParallelModel, prompt: list[int], max_new_tokens: int, rule:
         raise ValueError("the prompt is empty: give at least one token")
     if rule.problems():
         raise ValueError("; ".join(rule.problems()))
-    cores = _attention_cores(split)
+    cores = split.attention_cores()
+    if not cores:
+        raise ValueError("generation needs the plan's `attention`: the modules whose attend(q, k, v) is the "
+                         "causal attention core, where the KV cache goes")
     device = next(split.module.parameters()).device
     saved = [core.__dict__.get("attend") for core in cores]
     was_training = split.module.training

@@ -23,10 +23,6 @@ class KVCache:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
     def nbytes(self) -> int:
         return 0 if self.k is None else self.k.numel() * self.k.element_size() * 2
 

@@ -3,19 +3,19 @@
 A non-finite value spreads: made in the last pipeline stage's forward, it reaches the loss,
 and backward carries it into every stage's gradients, so the lowest-numbered rank with a
 bad gradient is stage 0 - the wrong place. This watch asks each module that holds
-parameters itself (a linear layer, a norm, an embedding) two questions on every step:
+parameters itself (a linear layer, a norm, an embedding) two questions:
 
     forward     is its output finite?
     backward    is the gradient it sends back (of its input) finite?
 
-The watch exists only to replay a step that diverged (meshpar/train/step.py): its
-forward and backward run again from the same random state with these hooks, which cost
-the steps that do not diverge nothing. The answers stay on the device until all are in. The first place is then the earliest module of the model (its
-order in the whole model, the same on every rank and stage) whose forward output was not
-finite; when no forward was, the latest module whose backward was not - backward runs from
-the last module to the first. A tensor-parallel layer's output is flagged before the sum
-over tp ranks (the regions' row layers return their partial sums), so a value one tp rank
-made is found on that rank alone.
+It exists only to replay a step that diverged (meshpar/train/step.py): the step's forward
+and backward run again from the same random state with these hooks, so the steps that do
+not diverge pay nothing. The answers stay on the device until all are in. The first place
+is then the earliest module of the model (its order in the whole model, the same on every
+rank and stage) whose forward output was not finite; when no forward was, the latest
+module whose backward was not - backward runs from the last module to the first. A
+tensor-parallel layer's output is flagged before the sum over tp ranks (the regions' row
+layers return their partial sums), so a value one tp rank made is found on that rank alone.
 
 Modules inside a compiled block are not watched one by one (their hooks would run in the
 compiled graph); the block is, as a whole.
@@ -87,7 +87,7 @@ class NonFiniteWatch:
         backward by the reverse of it, every forward before every backward."""
         if not self.seen:
             return None
-        finite = torch.stack([ok.to(self.seen[0][2].device) for _, _, ok in self.seen]).tolist()
+        finite = torch.stack([ok for _, _, ok in self.seen]).tolist()  # one read from the device
         bad = {(phase, slot) for (phase, slot, _), ok in zip(self.seen, finite) if not ok}
         for phase in (FORWARD, BACKWARD):
             slots = [s for s in range(len(self.names)) if (phase, s) in bad]
