@@ -164,6 +164,21 @@ def all_reduce(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str,
 
 
 @_not_compiled
+def broadcast(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str, source: int = 0) -> torch.Tensor:
+    """In place: the `axis` slice's rank at index `source` sends `tensor`, the others
+    receive it."""
+    n = mesh.size(axis)
+    if n == 1:
+        return tensor
+    _record(mesh, axis, "broadcast", tag, _nbytes(tensor), (n - 1) / n)
+    with mesh.ledger.waiting(axis, "broadcast", tag):
+        host = _on_host(mesh, tensor)
+        dist.broadcast(host, src=mesh.peer(axis, source), group=mesh.group(axis))
+        _finish(mesh, None, [(tensor, host)], async_op=False)
+    return tensor
+
+
+@_not_compiled
 def all_gather_object(mesh: ParallelMesh, obj, *, tag: str, axis: str = "world") -> list:
     """Every rank's `obj` along `axis`, on every rank of it (pickled; for small metadata
     and test-sized state only)."""

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import meshpar
-from meshpar.serve.generate import generate, greedy_generate
+from meshpar.serve.generate import generate, generate_batch, greedy_generate
 from meshpar.serve.sampling import SamplingRule
 from test_api import in_one_process
 
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = [list(b"hello world, "), [5], list(b"a longer prompt of several words")]
-NEW_TOKENS = 16
+NEW_TOKENS = 64
 
 
 def meshpar_llama(mesh):
@@ -48,31 +48,38 @@ RULES = {"t0.8": SamplingRule(temperature=0.8, seed=1), "k5": SamplingRule(tempe
          "k20p0.5": SamplingRule(temperature=0.7, top_k=20, top_p=0.5, seed=4)}
 
 
-def generate_everything(tp: int) -> dict:
-    """Every prompt's greedy tokens for meshpar's Llama and the transformers models, at
-    tp; meshpar's Llama's tokens sampled by each rule; its KV cache bytes (this rank's)."""
-    mesh = meshpar.init_mesh(tp=tp)
+def tokens(outs) -> list[list[int]]:
+    return [out.tokens for out in outs]
+
+
+def generate_everything(tp: int, pp: int) -> dict:
+    """The prompts' greedy tokens, as one batch, for meshpar's Llama and the transformers
+    models at tp x pp; meshpar's Llama's tokens sampled by each rule (one batch, a rule
+    per sequence); its KV cache bytes (this rank's) for the first prompt."""
+    mesh = meshpar.init_mesh(tp=tp, pp=pp)
     llama = meshpar_llama(mesh).split
-    out = {"meshpar": [greedy_generate(llama, p, NEW_TOKENS) for p in PROMPTS],
-           "sampled": {name: generate(llama, PROMPTS[0], NEW_TOKENS, rule).tokens for name, rule in RULES.items()},
+    out = {"meshpar": tokens(generate_batch(llama, PROMPTS, NEW_TOKENS)),
+           "sampled": tokens(generate_batch(llama, [PROMPTS[0]] * len(RULES), NEW_TOKENS, list(RULES.values()))),
            "kv_cache_bytes": generate(llama, PROMPTS[0], NEW_TOKENS).kv_cache_bytes}
     for family, model in hf_models().items():
         parallel = meshpar.parallelize(model, mesh, meshpar.hf_plan(model))
-        out[family] = [greedy_generate(parallel.split, p, NEW_TOKENS) for p in PROMPTS]
+        out[family] = tokens(generate_batch(parallel.split, PROMPTS, NEW_TOKENS))
     mesh.destroy()
     return out
 
 
 @pytest.fixture(scope="module")
 def one_device():
-    return in_one_process(generate_everything, 1)
+    return in_one_process(generate_everything, 1, 1)
 
 
 def test_the_cache_changes_no_token(one_device):
-    """Without a cache - the whole sequence recomputed for each new token - the same tokens."""
+    """Without a cache - the whole sequence recomputed for each new token - the same tokens;
+    one prompt at a time, the batch's tokens."""
     mesh = meshpar.ParallelMesh.single()
     split = meshpar_llama(mesh).split
     for prompt, cached in zip(PROMPTS, one_device["meshpar"]):
+        assert greedy_generate(split, prompt, NEW_TOKENS) == cached
         tokens = list(prompt)
         with torch.no_grad():
             for _ in range(NEW_TOKENS):
@@ -81,7 +88,8 @@ def test_the_cache_changes_no_token(one_device):
 
 
 def test_transformers_generate_gives_the_same_tokens(one_device):
-    """transformers' own generate (its sdpa attention, its own cache) on the same model."""
+    """transformers' own generate (its sdpa attention, its own cache) on the same model,
+    one prompt at a time: meshpar's batch gives its tokens."""
     for family, model in hf_models().items():
         for prompt, ours in zip(PROMPTS, one_device[family]):
             with torch.no_grad():
@@ -90,26 +98,27 @@ def test_transformers_generate_gives_the_same_tokens(one_device):
             assert theirs[0, len(prompt):].tolist() == ours, family
 
 
-@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])  # tp4: 22 s on 2 cores
-def test_tensor_parallel_generation_gives_one_devices_tokens(worlds, one_device, tp):
-    """Each rank caches its own KV heads and the next token is chosen over the split
-    vocabulary (greedy and top-k without gathering the logits): every rank's tokens,
-    greedy and sampled by each rule, are one device's, and its KV cache holds 1/tp of one
-    device's bytes."""
-    for rank, out in enumerate(worlds(tp).run(generate_everything, tp)):
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2), pytest.param(4, 1, marks=pytest.mark.slow)],
+                         ids=["tp2", "pp2", "tp2xpp2", "tp4"])
+def test_parallel_generation_gives_one_devices_tokens(worlds, one_device, tp, pp):
+    """Each rank caches its own KV heads (tp) of its own layers (pp), the sequences decode
+    in a group per stage, and the next token is chosen over the split vocabulary: every
+    rank's tokens, greedy and sampled by each rule, are one device's, and its KV cache
+    holds 1/(tp x pp) of one device's bytes."""
+    for rank, out in enumerate(worlds(tp * pp).run(generate_everything, tp, pp)):
         cache = out.pop("kv_cache_bytes")
         assert out == {k: v for k, v in one_device.items() if k != "kv_cache_bytes"}, f"rank {rank}"
-        # the tiny model's 4 KV heads: each rank caches 4 / tp of them
-        assert cache * tp == one_device["kv_cache_bytes"], (rank, cache)
+        # the tiny model's 4 KV heads of 8 layers: each rank caches 4 / tp heads of 8 / pp layers
+        assert cache * tp * pp == one_device["kv_cache_bytes"], (rank, cache)
 
 
 def test_sampling_follows_its_rule(one_device):
     """Sampled tokens differ from greedy's and between seeds; top-k keeps to the k most
     likely tokens at every step (checked against the full logits); the same seed gives
-    the same tokens again; a bad rule is refused."""
+    the same tokens again, alone as in a batch of other rules; a bad rule is refused."""
     mesh = meshpar.ParallelMesh.single()
     split = meshpar_llama(mesh).split
-    sampled = one_device["sampled"]
+    sampled = dict(zip(RULES, one_device["sampled"]))  # one batch, a rule per sequence
     assert all(tokens != one_device["meshpar"][0] for tokens in sampled.values())
     assert len({tuple(tokens) for tokens in sampled.values()}) == len(sampled)
     assert generate(split, PROMPTS[0], NEW_TOKENS, RULES["t0.8"]).tokens == sampled["t0.8"]

@@ -158,7 +158,7 @@ def _layer_arguments(rotary: str):
     embedding's (cos, sin) - computed in fp32, as the whole model computes them from its
     fp32 embeddings - and no mask (causal attention, meshpar/hf/attention.py)."""
     def arguments(stages: nn.Module, positions: torch.Tensor) -> dict:
-        position_ids = positions.unsqueeze(0)
+        position_ids = positions if positions.dim() == 2 else positions.unsqueeze(0)
         like = torch.empty(0, device=positions.device)
         return {"position_embeddings": stages.get_submodule(rotary)(like, position_ids),
                 "position_ids": position_ids, "attention_mask": None}

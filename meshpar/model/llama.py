@@ -69,7 +69,10 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.
 
 
 def apply_rotary(x_bnsd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (even, odd) of the last dim; cos/sin are (s, d/2) for the tokens in x."""
+    """Rotate pairs (even, odd) of the last dim; cos/sin are (s, d/2) for the tokens in x,
+    or (b, s, d/2) when each sequence has its own positions."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
     x_pairs = x_bnsd.float().unflatten(-1, (-1, 2))
     x_even, x_odd = x_pairs[..., 0], x_pairs[..., 1]
     rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
@@ -159,7 +162,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """`positions` (s,) are the tokens' global positions; default 0..s-1."""
+        """`positions` (s,) are the tokens' global positions, or (b, s) each sequence's;
+        default 0..s-1."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]

@@ -73,10 +73,10 @@ class ParallelModel:
         return None if cp == 1 else local_positions(seq_len, cp, self.mesh.index("cp"), device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of an unpipelined model: `positions` (context parallelism's) passed under
-        the plan's keyword; a model returning an output object (transformers') gives its
+        """Logits of an unpipelined model: `positions` (context parallelism's, or each
+        sequence's (b, s) in generation) passed under the plan's keyword; a model returning an output object (transformers') gives its
         `.logits`."""
-        if positions is not None and self.plan.positions_batched:
+        if positions is not None and positions.dim() == 1 and self.plan.positions_batched:
             positions = positions.unsqueeze(0)
         out = self.module(tokens, **({self.plan.positions: positions} if positions is not None else {}))
         return out if torch.is_tensor(out) else out.logits

@@ -1,88 +1,77 @@
-"""Generation with a KV cache over a split model (one device or tensor parallel).
+"""Generation from Python: prompts in, continuations out, over a split model.
 
-The prompt runs once (prefill), then one token per step (decode), each step feeding the
-model only the new token at its position: the attention cores are KVCaches
-(kv_cache.py) for the duration. Under tensor parallelism the output layer is split by
-vocabulary, and the next token is chosen over it by sampling.py: greedily, or sampled with
-a temperature, top-k and top-p from a seed, the same tokens in every layout.
+    tokens = greedy_generate(parallel.split, prompt, 64)
+    outs = generate_batch(parallel.split, prompts, 64, rules=[SamplingRule(0.8, seed=1)] * len(prompts))
+
+Collective: every rank of the mesh calls it with the same arguments, and every rank gets
+the same continuations back. The prompts are prefilled one by one and decoded together
+(engine.py), each sequence in its own slot of a KV cache preallocated for all of them
+(kv_cache.py); under tensor parallelism each rank caches its own KV heads, under a
+pipeline each stage its own layers, and the next token is chosen over the split
+vocabulary by sampling.py - the same tokens in every layout.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-import torch
+import torch.distributed as dist
 
 from meshpar.parallel.apply import ParallelModel
-from meshpar.serve.kv_cache import KVCache
-from meshpar.serve.sampling import SamplingRule, choose, vocabulary_size
+from meshpar.serve.engine import Engine, Request, request_problems
+from meshpar.serve.sampling import SamplingRule
 
 
 @dataclass
 class Generation:
-    """One prompt's continuation: its tokens, this rank's KV cache at the end (bytes), and
-    the time of the prompt's forward (prefill) and of the tokens after it (decode)."""
+    """One prompt's continuation: its tokens, why it ended ("stop" or "length"), this
+    rank's KV cache bytes (allocated for the whole batch), and the time of the prompt's
+    forward (prefill) and of the tokens after it (decode)."""
 
     tokens: list[int]
+    finish_reason: str
     kv_cache_bytes: int
     prefill_s: float
     decode_s: float
 
 
-@torch.no_grad()
+def generate_batch(split: ParallelModel, prompts: list[list[int]], max_new_tokens: int,
+                   rules: list[SamplingRule] | None = None, stop: set[int] | frozenset[int] = frozenset(),
+                   batch: int | None = None) -> list[Generation]:
+    """Each prompt's continuation: up to `max_new_tokens` tokens (fewer when one of `stop`
+    comes; it is included), chosen by its rule (default greedy), with up to `batch`
+    sequences (default: all) decoded together."""
+    rules = rules or [SamplingRule()] * len(prompts)
+    if len(rules) != len(prompts):
+        raise ValueError(f"{len(rules)} rules for {len(prompts)} prompts")
+    requests = [Request(list(p), max_new_tokens, rule, frozenset(stop)) for p, rule in zip(prompts, rules)]
+    positions = max((len(p) for p in prompts), default=0) + max_new_tokens
+    problems = [p for request in requests for p in request_problems(request, positions)]
+    if problems or not requests:
+        raise ValueError("; ".join(problems or ["no prompt"]))
+    with Engine(split, min(batch or len(prompts), len(prompts)), positions) as engine:
+        if engine.driver:
+            engine.run(requests)
+            engine.stop()
+            done = [(r.tokens, r.finish_reason, r.prefill_s, r.decode_s) for r in requests]
+        else:
+            engine.follow()
+            done = None
+        kv_bytes = engine.kv_cache_bytes()
+    if split.mesh.world_size > 1:  # the driver's results to every rank
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
+    return [Generation(tokens, reason, kv_bytes, prefill, decode) for tokens, reason, prefill, decode in done]
+
+
 def generate(split: ParallelModel, prompt: list[int], max_new_tokens: int, rule: SamplingRule = SamplingRule(),
              stop: set[int] | frozenset[int] = frozenset()) -> Generation:
-    """The `max_new_tokens` tokens (fewer when one of `stop` comes; it is included) that
-    decoding by `rule` (default greedy) appends to `prompt`. Collective over tp: every rank
-    of a tp group calls it with the same prompt and rule. Not under a pipeline or context
-    parallelism yet."""
-    if split.pipelined or split.mesh.size("cp") > 1:
-        raise ValueError("generation runs on one device or under tensor parallelism so far (no pp, no cp)")
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
-    if rule.problems():
-        raise ValueError("; ".join(rule.problems()))
-    cores = split.attention_cores()
-    if not cores:
-        raise ValueError("generation needs the plan's `attention`: the modules whose attend(q, k, v) is the "
-                         "causal attention core, where the KV cache goes")
-    device = next(split.module.parameters()).device
-    saved = [core.__dict__.get("attend") for core in cores]
-    was_training = split.module.training
-    split.module.eval()
-    caches = [KVCache() for _ in cores]
-    for core, cache in zip(cores, caches):
-        core.attend = cache
-    generator = torch.Generator().manual_seed(rule.seed)
-    try:
-        tokens = torch.tensor([prompt], device=device)
-        positions = torch.arange(len(prompt), device=device)
-        generated: list[int] = []
-        start = time.perf_counter()
-        vocabulary = None
-        while True:
-            logits = split.forward(tokens, positions)[:, -1]
-            vocabulary = vocabulary or vocabulary_size(split, logits)
-            token = int(choose(split, logits, rule, generator, vocabulary)[0])
-            if not generated:
-                prefill = time.perf_counter() - start
-            generated.append(token)
-            if token in stop or len(generated) == max_new_tokens:
-                return Generation(generated, sum(c.nbytes() for c in caches), prefill,
-                                  time.perf_counter() - start - prefill)
-            tokens = torch.tensor([[token]], device=device)
-            positions = torch.tensor([len(prompt) + len(generated) - 1], device=device)
-    finally:
-        for core, attend in zip(cores, saved):
-            if attend is None:
-                del core.attend  # meshpar's Llama: its own method again
-            else:
-                core.attend = attend
-        split.module.train(was_training)
+    """One prompt's continuation (`generate_batch` of one)."""
+    return generate_batch(split, [prompt], max_new_tokens, [rule], stop)[0]
 
 
 def greedy_generate(split: ParallelModel, prompt: list[int], max_new_tokens: int,
                     stop: set[int] | frozenset[int] = frozenset()) -> list[int]:
-    """The tokens greedy decoding appends to `prompt` (`generate` with the default rule)."""
+    """The tokens greedy decoding appends to `prompt`."""
     return generate(split, prompt, max_new_tokens, stop=stop).tokens

@@ -27,7 +27,8 @@ from meshpar.parallel.apply import ParallelModel
 
 @dataclass(frozen=True)
 class SamplingRule:
-    """temperature 0: greedy; top_k 0 and top_p 1: no truncation."""
+    """temperature 0: greedy; top_k 0 and top_p 1: no truncation. The seed starts the
+    sequence's own generator."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -83,10 +84,24 @@ def _kth_largest(split: ParallelModel, local: torch.Tensor, k: int) -> torch.Ten
     return mine.topk(k, dim=-1).values[..., -1:]
 
 
-def choose(split: ParallelModel, logits: torch.Tensor, rule: SamplingRule, generator: torch.Generator,
-           vocabulary: int) -> torch.Tensor:
+def choose(split: ParallelModel, logits: torch.Tensor, rules: list[SamplingRule],
+           generators: list[torch.Generator | None], vocabulary: int) -> torch.Tensor:
     """(batch,) the next tokens for the last position's `logits` (batch, this rank's
-    vocabulary rows) by `rule`, drawing from `generator` (the same on every rank)."""
+    vocabulary rows), row i by `rules[i]` drawing from `generators[i]` (the same on every
+    rank; None for greedy). Collective over tp: rows of one rule are chosen together, in
+    the order the rules first appear, which every rank of the group sees alike."""
+    chosen = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    kinds = [(r.temperature, r.top_k, r.top_p) for r in rules]  # the seed is in the generator
+    for kind in dict.fromkeys(kinds):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        rule = rules[rows[0]]
+        picked = _choose(split, logits[rows], rule, [generators[i] for i in rows], vocabulary)
+        chosen[rows] = picked.to(chosen.device)
+    return chosen
+
+
+def _choose(split: ParallelModel, logits: torch.Tensor, rule: SamplingRule, generators: list,
+            vocabulary: int) -> torch.Tensor:
     local, first = _local_rows(split, logits)
     if rule.temperature == 0:
         return best_token(split, local, first)
@@ -103,7 +118,8 @@ def choose(split: ParallelModel, logits: torch.Tensor, rule: SamplingRule, gener
         keep_sorted = ordered.cumsum(-1) - ordered < rule.top_p  # the most likely token always stays
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         scores = scores.masked_fill(~keep[:, first:first + local.shape[-1]], -torch.inf)
-    uniform = torch.rand((logits.shape[0], vocabulary), generator=generator, dtype=torch.float64)
+    # each sequence's noise from its own generator: its tokens do not depend on its batch
+    uniform = torch.cat([torch.rand((1, vocabulary), generator=g, dtype=torch.float64) for g in generators])
     gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300))).to(scores.device, torch.float32)
     return best_token(split, scores + gumbel[:, first:first + local.shape[-1]], first)
 
