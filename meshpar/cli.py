@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Print what this machine has for meshpar.")
     from meshpar.serve.commands import add_arguments as generate_arguments
     generate_arguments(commands.add_parser(
-        "generate", help="text from a checkpoint, on one or several tensor-parallel ranks",
+        "generate", help="text from a checkpoint, over tensor- and pipeline-parallel ranks",
         description="Continue prompts with a trained model (greedy, or sampled from a seed: the same tokens in "
-                    "any layout), its KV cache split over the tp ranks."))
+                    "any layout), prompts decoded together, the KV cache split over the tp and pp ranks."))
     return parser
 
 

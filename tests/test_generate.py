@@ -156,8 +156,9 @@ def trained(tmp_path_factory):
 
 
 def test_generate_reads_a_checkpoint_in_any_layout(trained, capsys):
-    """`meshpar generate` at tp1 and tp2 prints the same continuations, which are the
-    tokens `generate` gives from Python on the checkpoint's model."""
+    """`meshpar generate` at tp1 and at tp2 x pp2 (the checkpoint was saved at dp2) prints
+    the same continuations, which are the tokens `generate` gives from Python on the
+    checkpoint's model; each of the 4 ranks holds a quarter of the KV cache."""
     import json
     import subprocess
     import sys
@@ -170,12 +171,12 @@ def test_generate_reads_a_checkpoint_in_any_layout(trained, capsys):
             "--max-new-tokens", "12", "--json"]
     assert main(argv) == 0
     one = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    out = subprocess.run([sys.executable, "-m", "meshpar", *argv, "--tp", "2"], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-m", "meshpar", *argv, "--tp", "2", "--pp", "2"], capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    two = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [r["tokens"] for r in two] == [r["tokens"] for r in one] and len(one) == 2
-    assert [r["kv_cache_bytes_per_rank"] * 2 for r in two] == [r["kv_cache_bytes_per_rank"] for r in one]
+    four = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["tokens"] for r in four] == [r["tokens"] for r in one] and len(one) == 2
+    assert [r["kv_cache_bytes_per_rank"] * 4 for r in four] == [r["kv_cache_bytes_per_rank"] for r in one]
     assert one[0]["text"] == bytes(one[0]["tokens"]).decode("utf-8", errors="replace")
 
     mesh = meshpar.ParallelMesh.single()
@@ -184,10 +185,11 @@ def test_generate_reads_a_checkpoint_in_any_layout(trained, capsys):
     assert greedy_generate(parallel.split, list(b"def main("), 12) == one[0]["tokens"]
 
 
-def test_generate_speaks_a_transformers_directorys_tokenizer(tmp_path, capsys):
+def test_generate_speaks_a_transformers_directorys_tokenizer(tmp_path, capsys, trained):
     """A Qwen3 directory with weights and a tokenizer.json: the prompt is encoded and the
     continuation decoded with it, ending at its end-of-text token, and the tokens are the
-    ones transformers' generate gives from the same directory."""
+    ones transformers' generate gives from the same directory. The tokenizer's 300 ids
+    given to the byte-level model are refused."""
     import json
 
     from meshpar.cli import main
@@ -213,6 +215,8 @@ def test_generate_speaks_a_transformers_directorys_tokenizer(tmp_path, capsys):
         torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=tokenizer.end_of_text_id,
         pad_token_id=tokenizer.end_of_text_id)[0, len(prompt):].tolist()
     assert ours["tokens"] == theirs and ours["text"] == tokenizer.decode(theirs)
+    assert main(["generate", "--checkpoint", str(trained), "--prompt", "x", "--tokenizer", str(model_dir)]) == 2
+    assert "the tokenizer's 300 ids do not fit the model's vocabulary of 256" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -220,7 +224,8 @@ def test_generate_speaks_a_transformers_directorys_tokenizer(tmp_path, capsys):
     ([], "no prompt: give --prompt TEXT"),
     (["--prompt", "x", "--tp", "3"], "--tp=3 does not divide num_heads=8"),
     (["--prompt", "x" * 250, "--max-new-tokens", "10"], "exceed the model's 256 positions"),
-], ids=["top-p", "no-prompt", "tp3", "too-long"])
+    (["--prompt", "x", "--pp", "9"], "9 pipeline stages (--pp) but only 8 layers"),
+], ids=["top-p", "no-prompt", "tp3", "too-long", "pp9"])
 def test_generate_refuses_what_it_cannot_do_before_any_rank_starts(trained, capsys, args, message):
     from meshpar.cli import main
 

@@ -1,17 +1,20 @@
-"""`meshpar generate`: text in, text out, from a checkpoint in any layout it was saved in.
+"""`meshpar generate` and `meshpar serve`: a checkpoint in any layout it was saved in,
+loaded into the layout asked for.
 
     meshpar generate --checkpoint runs/ck --prompt "Once upon a time" --max-new-tokens 64 --tp 2
+    meshpar serve --checkpoint runs/ck --tp 2 --port 8000
 
 The checkpoint is a `--save-dir` (its newest complete checkpoint), one step's directory,
 or a transformers model directory. The model is rebuilt from what the checkpoint records -
 meshpar's Llama from its shape, a transformers model from its config.json - on the meta
-device, split for `--tp` ranks, and each rank reads only its own boxes of the weights.
-Text is encoded with the model's tokenizer (a transformers directory's tokenizer.json, or
-`--tokenizer`), or as bytes for meshpar's byte-level model; the tokenizer's end-of-text
-token stops a continuation. `--json` prints one line per prompt: the continuation's
-`text` (without the prompt), its token ids and timings.
+device, split for `--tp` x `--pp` ranks, and each rank reads only its own boxes of the
+weights. Text is encoded with the model's tokenizer (a transformers directory's
+tokenizer.json, or `--tokenizer`), or as bytes for meshpar's byte-level model; the
+tokenizer's end-of-text token ends a continuation.
 
-Everything a user can get wrong is refused before any rank starts (exit 2).
+The command's process is rank 0 - the engine's driver, and the HTTP server's home - and
+starts the other ranks itself (under torchrun, each rank is torchrun's). Everything a user
+can get wrong is refused before any rank starts (exit 2).
 """
 
 from __future__ import annotations
@@ -20,16 +23,27 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from meshpar.config import ModelSection
 from meshpar.serve.sampling import SamplingRule
+from meshpar.serve.text import Codec
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a --save-dir (its newest complete checkpoint), one "
+                                                            "step's directory, or a transformers model directory")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (1)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages, one rank each (1)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the ranks compute (cpu)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences decoded together at most (8)")
+    parser.add_argument("--tokenizer", help="a tokenizer.json (or a folder holding one) for a checkpoint of "
+                                            "meshpar's model trained on prepared data (default: bytes)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a --save-dir (its newest complete checkpoint), one "
-                                                            "step's directory, or a transformers model directory")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument("--prompts", help="a file of prompts, one per line")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (64)")
@@ -38,59 +52,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens whose "
                                                                  "probability reaches p (1: off)")
     parser.add_argument("--seed", type=int, default=0, help="the sampling's seed: the same tokens in any layout")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (1)")
-    parser.add_argument("--tokenizer", help="a tokenizer.json (or a folder holding one) for a checkpoint of "
-                                            "meshpar's model trained on prepared data (default: bytes)")
     parser.add_argument("--json", action="store_true", help="one JSON line per prompt: text, token ids, timings")
 
 
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+    parser.add_argument("--name", help="the model's name in the API (default: the checkpoint's folder name)")
+
+
 @dataclass
-class GenerateJob:
-    """What every rank needs, checked: the checkpoint, the model's recipe, the prompts'
-    token ids, the rule."""
+class ModelJob:
+    """What every rank needs to load its part of the model: the checkpoint, the model's
+    recipe, the layout, the tokenizer."""
 
     checkpoint: str
     model: ModelSection  # how to build it: meshpar's Llama of a shape, or a transformers model
-    prompts: list[list[int]]
-    max_new_tokens: int
-    rule: SamplingRule
     tp: int
-    stop: set[int] = field(default_factory=set)
-    tokenizer: str | None = None  # None: bytes
-    as_json: bool = False
+    pp: int
+    device: str
+    batch: int
+    tokenizer: str | None  # None: bytes
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def positions(self) -> int:
+        return self.model.resolve().max_seq_len
+
+    def codec(self) -> Codec:
+        from meshpar.data.tokenizer import load_tokenizer
+
+        return Codec(load_tokenizer(self.tokenizer) if self.tokenizer else None)
 
 
-def _tokenizer_of(args, directory: Path | None):
-    """(tokenizer or None for bytes, its spec)."""
-    from meshpar.data.tokenizer import load_tokenizer
+def model_job(args, problems: list[str]) -> ModelJob:
+    """The model part of a command's job, its problems added to `problems`; ValueError
+    when there is no model to check the rest against."""
+    import torch
 
-    spec = args.tokenizer or (str(directory) if directory and (directory / "tokenizer.json").is_file() else None)
-    return (load_tokenizer(spec), spec) if spec else (None, None)
-
-
-def build_job(args) -> GenerateJob:
-    """The job, or ValueError naming every problem (the command exits 2)."""
     from meshpar.checkpoint import CheckpointError, open_checkpoint
     from meshpar.checkpoint.hf import is_hf_directory
     from meshpar.config import saved_model
     from meshpar.data.tokenizer import TokenizerError
     from meshpar.parallel.llama_plan import tensor_parallel_problems
+    from meshpar.pipeline.split import split_problems
 
-    problems = []
-    rule = SamplingRule(args.temperature, args.top_k, args.top_p, args.seed)
-    problems += [f"--{p.replace('_', '-')}" for p in rule.problems()]
-    if args.max_new_tokens < 1:
-        problems.append(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    if args.tp < 1:
-        problems.append(f"--tp {args.tp} must be at least 1")
-    texts = list(args.prompt)
-    if args.prompts:
-        try:
-            texts += [line for line in Path(args.prompts).read_text().splitlines() if line]
-        except OSError as err:
-            problems.append(f"--prompts {args.prompts}: {err.strerror}")
-    if not texts and not problems:
-        problems.append("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
+    for flag in ("tp", "pp", "batch"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag} {getattr(args, flag)} must be at least 1")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            problems.append("--device cuda, but no CUDA device is visible; use --device cpu")
+        elif torch.cuda.device_count() < args.tp * args.pp:
+            problems.append(f"--device cuda with {args.tp * args.pp} ranks needs as many GPUs; "
+                            f"{torch.cuda.device_count()} visible")
     if not Path(args.checkpoint).exists():
         raise ValueError("\n".join(problems + [f"--checkpoint {args.checkpoint}: no such file or directory"]))
     try:
@@ -107,62 +126,96 @@ def build_job(args) -> GenerateJob:
     if model.problems():
         raise ValueError("\n".join(problems + model.problems()))
     shape = model.resolve()
-    problems += tensor_parallel_problems(shape, args.tp, False, 1)
+    if args.tp >= 1:
+        problems += tensor_parallel_problems(shape, args.tp, False, 1)
+    if args.pp > 1:
+        problems += [p.replace("(pp x virtual stages)", "(--pp)") for p in split_problems(shape, args.pp, None)]
     directory = model.directory()
+    spec = args.tokenizer or (str(directory.path) if directory and (directory.path / "tokenizer.json").is_file()
+                              else None)
+    job = ModelJob(args.checkpoint, model, args.tp, args.pp, args.device, args.batch, spec)
     try:
-        tokenizer, spec = _tokenizer_of(args, directory.path if directory else None)
+        vocab = job.codec().vocab_size
     except TokenizerError as err:
         raise ValueError("\n".join(problems + [str(err)])) from None
-    prompts = tokenizer.encode(texts) if tokenizer else [list(text.encode("utf-8")) for text in texts]
-    vocab = tokenizer.vocab_size if tokenizer else 256
     if vocab > shape.vocab_size:
         problems.append(f"the tokenizer's {vocab} ids do not fit the model's vocabulary of {shape.vocab_size}")
+    return job
+
+
+@dataclass
+class GenerateJob:
+    model: ModelJob
+    prompts: list[list[int]]
+    max_new_tokens: int
+    rule: SamplingRule
+    as_json: bool = False
+
+
+def build_job(args) -> GenerateJob:
+    """The job, or ValueError naming every problem (the command exits 2)."""
+    problems = []
+    rule = SamplingRule(args.temperature, args.top_k, args.top_p, args.seed)
+    problems += [f"--{p.replace('_', '-')}" for p in rule.problems()]
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    texts = list(args.prompt)
+    if args.prompts:
+        try:
+            texts += [line for line in Path(args.prompts).read_text().splitlines() if line]
+        except OSError as err:
+            problems.append(f"--prompts {args.prompts}: {err.strerror}")
+    if not texts and not problems:
+        problems.append("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
+    job = model_job(args, problems)
+    codec = job.codec()
+    prompts = [codec.encode(text) for text in texts]
     for text, ids in zip(texts, prompts):
         if not ids:
             problems.append(f"the prompt {text!r} has no tokens")
-        elif len(ids) + args.max_new_tokens > shape.max_seq_len:
+        elif len(ids) + args.max_new_tokens > job.positions:
             problems.append(f"the prompt {text[:40]!r} ({len(ids)} tokens) and --max-new-tokens "
-                            f"{args.max_new_tokens} exceed the model's {shape.max_seq_len} positions")
+                            f"{args.max_new_tokens} exceed the model's {job.positions} positions")
     if problems:
         raise ValueError("\n".join(problems))
-    return GenerateJob(args.checkpoint, model, prompts, args.max_new_tokens, rule, args.tp,
-                       {tokenizer.end_of_text_id} if tokenizer else set(), spec, args.json)
+    return GenerateJob(job, prompts, args.max_new_tokens, rule, args.json)
 
 
-def _model(job: GenerateJob, mesh):
-    """This rank's part of the model, built as `meshpar train` builds it, its weights read
-    from the checkpoint (each rank its own boxes)."""
+def start_rank(job: ModelJob):
+    """This rank's mesh and its part of the model, built as `meshpar train` builds it, its
+    weights read from the checkpoint (each rank its own boxes)."""
+    import torch
+
     import meshpar
     from meshpar.checkpoint import open_checkpoint
     from meshpar.checkpoint.training import load_parameters
 
+    device = torch.device("cpu")
+    if job.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.world_size))
+    mesh = meshpar.init_mesh(tp=job.tp, pp=job.pp, backend="nccl" if job.device == "cuda" else "gloo")
     model = job.model.build(seed=0)
-    parallel = meshpar.parallelize(model, mesh, job.model.plan(model), init=job.model.init_rule())
+    parallel = meshpar.parallelize(model, mesh, job.model.plan(model), init=job.model.init_rule(), device=device)
     load_parameters(parallel, open_checkpoint(job.checkpoint, native=job.model.directory() is not None))
-    return parallel
+    return mesh, parallel.split
 
 
-def run_rank(job: GenerateJob) -> list[dict]:
-    """Every prompt's continuation, on this rank (collective over its tp group)."""
-    import torch
+def generate_rank(job: GenerateJob) -> list[dict]:
+    """Every prompt's continuation (every rank; rank 0 prints them)."""
+    from meshpar.serve.generate import generate_batch
 
-    import meshpar
-    from meshpar.data.tokenizer import load_tokenizer
-    from meshpar.serve.generate import generate
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.tp))
-    mesh = meshpar.init_mesh(tp=job.tp)
+    mesh, split = start_rank(job.model)
     try:
-        parallel = _model(job, mesh)
-        tokenizer = load_tokenizer(job.tokenizer) if job.tokenizer else None
-        results = []
-        for prompt in job.prompts:
-            out = generate(parallel.split, prompt, job.max_new_tokens, job.rule, job.stop)
-            text = (tokenizer.decode(out.tokens) if tokenizer
-                    else bytes(t for t in out.tokens if t < 256).decode("utf-8", errors="replace"))
-            results.append({"text": text, "tokens": out.tokens, "prompt_tokens": len(prompt),
-                            "prefill_s": round(out.prefill_s, 4), "decode_s": round(out.decode_s, 4),
-                            "kv_cache_bytes_per_rank": out.kv_cache_bytes})
+        codec = job.model.codec()
+        outs = generate_batch(split, job.prompts, job.max_new_tokens, [job.rule] * len(job.prompts), codec.stop,
+                              batch=job.model.batch)
+        results = [{"text": codec.decode(out.tokens), "tokens": out.tokens, "prompt_tokens": len(prompt),
+                    "finish_reason": out.finish_reason, "prefill_s": round(out.prefill_s, 4),
+                    "decode_s": round(out.decode_s, 4), "kv_cache_bytes_per_rank": out.kv_cache_bytes}
+                   for prompt, out in zip(job.prompts, outs)]
         if mesh.rank == 0:
             for result in results:
                 print(json.dumps(result) if job.as_json else result["text"], flush=True)
@@ -171,31 +224,58 @@ def run_rank(job: GenerateJob) -> list[dict]:
         mesh.destroy()
 
 
-def _local_rank_main(rank: int, job: GenerateJob, world_size: int, port: int) -> None:
+def _other_rank(index: int, target, job, world_size: int, port: int) -> None:
+    rank = index + 1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-    run_rank(job)
+    target(job)
+
+
+def run_local_world(name: str, target, job, world_size: int) -> int:
+    """`target(job)` on `world_size` local ranks: this process is rank 0, the others are
+    started here (or torchrun started every rank)."""
+    if world_size == 1 or "RANK" in os.environ:
+        target(job)
+        return 0
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from meshpar.train.launch import free_port
+
+    port, threads = free_port(), torch.get_num_threads()
+    others = mp.start_processes(_other_rank, args=(target, job, world_size, port), nprocs=world_size - 1,
+                                join=False, start_method="spawn")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    try:
+        target(job)
+        while not others.join():
+            pass
+    except Exception as err:  # noqa: BLE001 - a rank's failure is reported, the others stopped
+        for process in others.processes:
+            process.terminate()
+        print(f"meshpar {name}: a rank failed; the others were stopped.\n{err}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(threads)
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(key, None)
+    return 0
+
+
+def _refuse(name: str, err: ValueError) -> int:
+    print(f"meshpar {name}: the request has problems:", file=sys.stderr)
+    for problem in str(err).splitlines():
+        print(f"  - {problem}", file=sys.stderr)
+    return 2
 
 
 def generate_command(args) -> int:
     try:
         job = build_job(args)
     except ValueError as err:
-        print("meshpar generate: the request has problems:", file=sys.stderr)
-        for problem in str(err).splitlines():
-            print(f"  - {problem}", file=sys.stderr)
-        return 2
-    if job.tp == 1 or "RANK" in os.environ:
-        run_rank(job)
-        return 0
-    import torch.multiprocessing as mp
-
-    from meshpar.train.launch import free_port
-
-    try:
-        mp.start_processes(_local_rank_main, args=(job, job.tp, free_port()), nprocs=job.tp, join=True,
-                           start_method="spawn")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
-        print(f"meshpar generate: a rank failed; the others were stopped.\n{err}", file=sys.stderr)
-        return 1
-    return 0
+        return _refuse("generate", err)
+    return run_local_world("generate", generate_rank, job, job.model.world_size)
