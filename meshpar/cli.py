@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="text from a checkpoint, over tensor- and pipeline-parallel ranks",
         description="Continue prompts with a trained model (greedy, or sampled from a seed: the same tokens in "
                     "any layout), prompts decoded together, the KV cache split over the tp and pp ranks."))
+    from meshpar.serve.commands import add_serve_arguments
+    add_serve_arguments(commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server over a checkpoint, tensor- and pipeline-parallel",
+        description="Serve /v1/completions (streaming too), /v1/models and /health on rank 0; concurrent "
+                    "requests are decoded together. SIGTERM or Ctrl-C finishes the running requests and stops."))
     return parser
 
 
@@ -173,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         from meshpar.serve.commands import generate_command
         return generate_command(args)
+    if args.command == "serve":
+        from meshpar.serve.commands import serve_command
+        return serve_command(args)
     if args.command == "env":
         from meshpar.env import env_command
         return env_command(args)

@@ -144,7 +144,7 @@ def test_a_stop_token_ends_generation_and_is_kept(one_device):
 # --- `meshpar generate` ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A checkpoint of the tiny model after 3 steps at dp2 (any layout loads anywhere)."""
     from meshpar.cli import main

@@ -266,6 +266,62 @@ def run_local_world(name: str, target, job, world_size: int) -> int:
     return 0
 
 
+@dataclass
+class ServeJob:
+    model: ModelJob
+    host: str
+    port: int
+    name: str
+
+
+def build_serve_job(args) -> ServeJob:
+    """The job, or ValueError naming every problem (the command exits 2)."""
+    import socket
+
+    problems = []
+    job = model_job(args, problems)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((args.host, args.port))
+    except OSError as err:
+        problems.append(f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror})")
+    if problems:
+        raise ValueError("\n".join(problems))
+    name = args.name or Path(args.checkpoint).resolve().name
+    return ServeJob(job, args.host, args.port, name)
+
+
+def serve_rank(job: ServeJob) -> None:
+    """Rank 0 serves HTTP and drives the engine; the others follow it."""
+    from meshpar.serve.engine import Engine
+    from meshpar.serve.server import serve_http
+
+    mesh, split = start_rank(job.model)
+    try:
+        with Engine(split, job.model.batch, job.model.positions) as engine:
+            if engine.driver:
+                layout = f"tp={job.model.tp} x pp={job.model.pp}, {job.model.batch} sequences at once"
+                serve_http(engine, job.model.codec(), job.name, job.host, job.port, layout)
+            else:
+                engine.follow()
+    finally:
+        mesh.destroy()
+
+
+def serve_command(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("meshpar serve needs FastAPI and uvicorn: pip install 'meshpar[serve]'", file=sys.stderr)
+        return 2
+    try:
+        job = build_serve_job(args)
+    except ValueError as err:
+        return _refuse("serve", err)
+    return run_local_world("serve", serve_rank, job, job.model.world_size)
+
+
 def _refuse(name: str, err: ValueError) -> int:
     print(f"meshpar {name}: the request has problems:", file=sys.stderr)
     for problem in str(err).splitlines():

@@ -47,8 +47,9 @@ SEND, TOKENS = 11, 12  # point-to-point tags: a command down the pipeline, the t
 class Request:
     """One sequence to continue. The engine fills `tokens` (the continuation) and
     `finish_reason` ("stop": a stop token came and is the last token; "length":
-    max_new_tokens reached), calling `on_token(request, token)` on the driver as each
-    token arrives, and sets `done` at the end."""
+    max_new_tokens reached; or what `cancelled` says, set by another thread to end it at
+    its next token), calling `on_token(request, token)` on the driver as each token
+    arrives (finish_reason already set on the last), and sets `done` at the end."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -57,6 +58,7 @@ class Request:
     on_token: Callable[[Request, int], None] | None = None
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    cancelled: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     started: float = 0.0  # its prefill issued
     first_token: float = 0.0
@@ -139,7 +141,8 @@ class Engine:
         self.rules: list[SamplingRule] = [SamplingRule()] * slots
         self.generators: list[torch.Generator | None] = [None] * slots
         # the driver's
-        self.incoming: queue.Queue[Request] = queue.Queue()
+        self.incoming: queue.Queue[Request | None] = queue.Queue()
+        self.stopping = threading.Event()
         self.free = deque(range(slots))
         self.active: dict[int, Request] = {}
         self.prefills: deque[int] = deque()
@@ -184,7 +187,7 @@ class Engine:
         self.incoming.put(request)
 
     def busy(self) -> bool:
-        return bool(self.active or self.in_flight or not self.incoming.empty())
+        return bool(self.active or self.in_flight or any(r is not None for r in list(self.incoming.queue)))
 
     def run(self, requests: list[Request]) -> list[Request]:
         """Every request to its end (the driver)."""
@@ -194,15 +197,20 @@ class Engine:
             self.step()
         return requests
 
-    def serve(self, stopping: threading.Event) -> None:
-        """Serve what is submitted until `stopping` is set and every request has ended,
-        then stop the followers (the driver)."""
+    def serve(self) -> None:
+        """Serve what is submitted until `shutdown`, and then until every request has
+        ended; then stop the followers (the driver)."""
         try:
-            while not (stopping.is_set() and not self.busy()):
+            while not (self.stopping.is_set() and not self.busy()):
                 if not self.step():
                     self._wait_for_work()
         finally:
             self.stop()
+
+    def shutdown(self) -> None:
+        """End `serve` once the requests running have ended (any thread)."""
+        self.stopping.set()
+        self.incoming.put(None)  # wakes a driver waiting for work
 
     def stop(self) -> None:
         """End the followers' loops (the driver)."""
@@ -213,6 +221,8 @@ class Engine:
         decode; False when there was nothing to do."""
         while self.free and not self.incoming.empty():
             request = self.incoming.get()
+            if request is None:
+                continue
             slot = self.free.popleft()
             self.active[slot] = request
             self.prefills.append(slot)
@@ -243,7 +253,8 @@ class Engine:
         except queue.Empty:
             self._issue(Command(IDLE))
             return
-        self.incoming.put(request)  # step() takes it, in its order with the others
+        if request is not None:
+            self.incoming.put(request)  # step() takes it, in its order with the others
 
     def _issue(self, command: Command) -> None:
         header, payload = command.encode()
@@ -266,11 +277,12 @@ class Engine:
             request.tokens.append(token)
             if command.prefill:
                 request.first_token = now
+            if request.cancelled or token in request.stop or len(request.tokens) == request.max_new_tokens:
+                request.finish_reason = request.cancelled or ("stop" if token in request.stop else "length")
+                request.finished = now
             if request.on_token is not None:
                 request.on_token(request, token)
-            if token in request.stop or len(request.tokens) == request.max_new_tokens:
-                request.finish_reason = "stop" if token in request.stop else "length"
-                request.finished = now
+            if request.finish_reason:
                 del self.active[slot]
                 self.free.append(slot)
                 request.done.set()
