@@ -1,7 +1,8 @@
 """Serving what was trained: generation with a KV cache over the layouts training uses.
 
-So far: generation - greedy or sampled from a seed - on one device and under tensor
-parallelism, for meshpar's Llama and any planned model whose attention runs through a
-Plan's `attention` cores (transformers' causal LMs included), and the `meshpar generate`
-command. Pipelines, batching of prompts and the server are not here yet.
+For meshpar's Llama and any planned model whose attention runs through a Plan's
+`attention` cores (transformers' causal LMs included), on one device or split over tp x
+pp ranks: `generate.py` from Python, `engine.py` the per-rank engine (batches, pipeline
+groups, the driver and its followers), `server.py` the OpenAI-compatible HTTP server,
+`commands.py` `meshpar generate` and `meshpar serve`.
 """
