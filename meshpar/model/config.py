@@ -21,6 +21,12 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     dropout: float = 0.0  # on each block's output before the residual add
+    # Mixture of experts (meshpar/model/moe.py): 0 experts is a dense MLP. Each expert is a
+    # SwiGLU of ffn_hidden_size; shared experts are as wide as that many experts together.
+    num_experts: int = 0
+    experts_per_token: int = 2
+    shared_experts: int = 0
+    aux_loss_coef: float = 0.01  # the load-balancing loss's weight
 
     @property
     def head_dim(self) -> int:
@@ -31,6 +37,8 @@ class ModelConfig:
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
         attention = 2 * h * h + 2 * h * kv
         mlp = 3 * h * self.ffn_hidden_size
+        if self.num_experts:
+            mlp = mlp * (self.num_experts + self.shared_experts) + h * self.num_experts  # and the router
         per_layer = attention + mlp + 2 * h
         embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + embeddings + h
@@ -51,6 +59,13 @@ class ModelConfig:
             found.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if not 0 <= self.dropout < 1:
             found.append(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.num_experts < 0 or self.shared_experts < 0:
+            found.append("model.num_experts and model.shared_experts must be at least 0")
+        elif self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            found.append(f"model.experts_per_token={self.experts_per_token} must be between 1 and "
+                         f"num_experts={self.num_experts}")
+        if self.aux_loss_coef < 0:
+            found.append(f"model.aux_loss_coef={self.aux_loss_coef} must be at least 0")
         if self.num_heads % self.num_kv_heads:
             found.append(f"model.num_kv_heads={self.num_kv_heads} must divide "
                          f"num_heads={self.num_heads}")
@@ -62,6 +77,10 @@ PRESETS: dict[str, ModelConfig] = {
     # pipeline stages), 8 heads (tp up to 8), byte-level vocabulary.
     "tiny": ModelConfig(vocab_size=256, hidden_size=64, num_layers=8, num_heads=8,
                         num_kv_heads=4, ffn_hidden_size=192, max_seq_len=256),
+    # tiny with a mixture of 8 experts (top-2) in every block: ~1.3M parameters.
+    "tiny-moe": ModelConfig(vocab_size=256, hidden_size=64, num_layers=8, num_heads=8,
+                            num_kv_heads=4, ffn_hidden_size=96, max_seq_len=256, num_experts=8,
+                            experts_per_token=2),
     # ~6M parameters: still trains on a CPU, big enough to see throughput effects.
     "small": ModelConfig(vocab_size=256, hidden_size=256, num_layers=8, num_heads=8,
                          num_kv_heads=4, ffn_hidden_size=704, max_seq_len=512),

@@ -16,6 +16,7 @@ from torch import nn
 
 from meshpar.init import InitRule, initializer, materialize, meta_device
 from meshpar.model.config import ModelConfig
+from meshpar.model.moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -136,7 +137,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.mlp = SwiGLU(cfg) if not cfg.num_experts else \
+            MoE(cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts, cfg.experts_per_token, cfg.shared_experts,
+                cfg.aux_loss_coef)
         self.attention_dropout = Dropout(cfg.dropout)
         self.mlp_dropout = Dropout(cfg.dropout)
 
@@ -175,10 +178,11 @@ class Transformer(nn.Module):
 
 def init_rule(cfg: ModelConfig, name: str) -> InitRule:
     """How parameter `name` starts: norms at one, the rest normal with std init_std, the
-    residual outputs (wo, w_down) scaled down by sqrt(2 x layers) as GPT-2's."""
+    residual outputs (wo, w_down, the experts' w_down) scaled down by sqrt(2 x layers) as
+    GPT-2's."""
     if name.endswith("norm.weight"):
         return InitRule("ones")
-    if name.endswith(("wo.weight", "w_down.weight")):
+    if name.endswith(("wo.weight", "w_down.weight", "experts.w_down")):
         return InitRule("normal", cfg.init_std / (2 * cfg.num_layers) ** 0.5)
     return InitRule("normal", cfg.init_std)
 
