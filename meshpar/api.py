@@ -50,12 +50,12 @@ from meshpar.train.nonfinite import NonFiniteWatch
 from meshpar.train.step import StepResult, TrainingStep
 
 
-def init_mesh(dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, *, backend: str | None = None,
+def init_mesh(dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, *, ep: int = 1, backend: str | None = None,
               timeout_s: float = 300.0) -> ParallelMesh:
     """The mesh of this process's rank, from torchrun's environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT); starts the default process group if none is running
     (gloo, or nccl when CUDA is available). One process and no torchrun: a single rank.
-    The degrees must multiply to the world size."""
+    The degrees must multiply to the world size; `ep` (expert parallelism) divides dp."""
     for name, value in (("dp", dp), ("tp", tp), ("pp", pp), ("cp", cp)):
         if value < 1:
             raise ValueError(f"{name}={value} must be at least 1")
@@ -68,7 +68,8 @@ def init_mesh(dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, *, backend: st
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return ParallelMesh.build(MeshShape(pp=pp, dp=dp, cp=cp, tp=tp), int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return ParallelMesh.build(MeshShape(pp=pp, dp=dp, cp=cp, tp=tp), int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                              ep=ep)
 
 
 @dataclass

@@ -273,6 +273,26 @@ def all_to_all(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str)
 
 
 @_not_compiled
+def all_to_all_uneven(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, send_counts: list[int],
+                      recv_counts: list[int], *, tag: str) -> torch.Tensor:
+    """Rows [sum(send_counts[:i]), +send_counts[i]) of `tensor` go to rank i of the `axis`
+    slice; the result holds recv_counts[j] rows from each rank j, in rank order."""
+    out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
+    if mesh.size(axis) == 1:
+        return out.copy_(tensor)
+    row = tensor[0].numel() * tensor.element_size() if tensor.dim() > 1 else tensor.element_size()
+    mine = mesh.index(axis)
+    sent = (sum(send_counts) - send_counts[mine]) * row
+    mesh.ledger.record(axis, "all_to_all", tag, sum(send_counts) * row, sent, mesh.spans_nodes(axis))
+    with mesh.ledger.waiting(axis, "all_to_all", tag):
+        host_out, host_in = _on_host(mesh, out), _on_host(mesh, tensor.contiguous())
+        dist.all_to_all_single(host_out, host_in, output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                               group=mesh.group(axis))
+        _finish(mesh, None, [(out, host_out)], async_op=False)
+    return out
+
+
+@_not_compiled
 def all_to_all_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
                     tag: str, async_op: bool = False):
     """`out` receives block j (of n along dim 0) from rank j; this rank's block i goes to

@@ -214,7 +214,8 @@ def api_config(mesh, sections: tuple, keywords: dict, microbatches: int, steps: 
     checked by; ValueError, before anything changes, with every problem."""
     by_keyword = options_by_keyword(API_SECTIONS)
     cfg = Config(model=None, mesh=MeshOptions(dp=mesh.size("dp"), tp=mesh.size("tp"), pp=mesh.size("pp"),
-                                              cp=mesh.size("cp"), ranks_per_node=mesh.ranks_per_node or None),
+                                              cp=mesh.size("cp"), ep=mesh.size("ep"),
+                                              ranks_per_node=mesh.ranks_per_node or None),
                  # the micro-batch count, as one row per micro-batch of each dp rank's rows
                  data=DataOptions(global_batch_size=microbatches * mesh.size("dp"), micro_batch_size=1),
                  run=RunOptions(steps=steps or 1, seed=seed, device=device_type), env={})

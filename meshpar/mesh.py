@@ -7,9 +7,12 @@ context parallelism, then data parallelism; pipeline stages, which pass one acti
 per micro-batch, vary slowest and span nodes. The mesh is passed explicitly to whatever
 needs it; there are no globals.
 
-Besides the four axes, two kinds of derived groups: dp's halves inside and across nodes
-(`dp_intra`, `dp_inter`, for the hierarchical all-reduce), and `pp_ends`, the first and
-the last pipeline stage of each slice, which both hold a tied embedding's weight.
+Besides the four axes, derived groups: dp's halves inside and across nodes (`dp_intra`,
+`dp_inter`, for the hierarchical all-reduce); `pp_ends`, the first and the last pipeline
+stage of each slice, which both hold a tied embedding's weight; and expert parallelism's
+`ep` - consecutive dp ranks, each holding its share of every layer's experts, exchanging
+tokens - and `edp`, the dp ranks holding the same experts (one of each ep group), over
+which the experts' gradients are reduced.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
     from meshpar.config import Config
 
 AXES = ("pp", "dp", "cp", "tp")  # slowest to fastest in the rank order
-DERIVED = ("dp_intra", "dp_inter", "pp_ends")  # groups made from the axes' slices
+DERIVED = ("dp_intra", "dp_inter", "pp_ends", "ep", "edp")  # groups made from the axes' slices
 
 
 def divisors(n: int) -> list[int]:
@@ -113,6 +116,8 @@ class MeshOptions(Section):
     tp: int = option(1, "tensor-parallel degree", at_least=1)
     pp: int = option(1, "pipeline-parallel degree", at_least=1)
     cp: int = option(1, "context-parallel degree", at_least=1)
+    ep: int = option(1, "expert-parallel degree, within dp: groups of ep dp ranks, each rank holding "
+                        "num_experts / ep of every layer's experts", at_least=1)
     ranks_per_node: int | None = option(None, "ranks per node, for placement and the hierarchical all-reduce "
                                               "(default: torchrun's LOCAL_WORLD_SIZE, else every rank)",
                                         at_least=1)
@@ -155,7 +160,8 @@ class MeshOptions(Section):
         if k % self.tp:
             problems.append(f"--tp {self.tp} does not fit in a node of {k} ranks: tensor parallelism exchanges "
                             f"activations twice per layer and stays inside a node; use a tp dividing {k}")
-        return problems
+        from meshpar.parallel.experts import expert_parallel_problems
+        return problems + expert_parallel_problems(cfg)
 
 
 @dataclass
@@ -172,6 +178,7 @@ class ParallelMesh:
     sub_sizes: dict[str, int] = field(default_factory=dict)
     # Gloo with device tensors: run every collective on host copies (see comm.HostStaged).
     host_staging: bool = False
+    aliases: dict[str, str] = field(default_factory=dict)  # a view's: {"dp": "edp"} (`data_parallel_over`)
     _spans: dict[str, bool] = field(default_factory=dict, init=False, repr=False)  # spans_nodes, per axis
 
     @classmethod
@@ -180,10 +187,13 @@ class ParallelMesh:
         return cls(MeshShape(), 0)
 
     @classmethod
-    def build(cls, shape: MeshShape, ranks_per_node: int | None = None) -> ParallelMesh:
+    def build(cls, shape: MeshShape, ranks_per_node: int | None = None, ep: int = 1) -> ParallelMesh:
         """Create one process group per axis slice (and dp's intra- and inter-node halves
-        when dp spans nodes with several ranks on each). Collective: every rank calls
-        this with the same arguments, after `torch.distributed.init_process_group`."""
+        when dp spans nodes with several ranks on each; ep and edp when `ep` is above 1).
+        Collective: every rank calls this with the same arguments, after
+        `torch.distributed.init_process_group`."""
+        if shape.dp % ep:
+            raise ValueError(f"ep={ep} must divide dp={shape.dp}: expert parallelism splits the dp ranks")
         if shape.world_size == 1:
             return cls.single()
         if not dist.is_initialized():
@@ -220,6 +230,14 @@ class ParallelMesh:
                         group = dist.new_group(group_ranks)
                         if rank in group_ranks:
                             groups[name] = group
+        if ep > 1:
+            sub_sizes.update(ep=ep, edp=shape.dp // ep)
+            for ranks in shape.axis_groups("dp"):
+                for group_ranks, name in [(ranks[i:i + ep], "ep") for i in range(0, len(ranks), ep)] + \
+                                         [(ranks[j::ep], "edp") for j in range(ep)]:
+                    group = dist.new_group(group_ranks) if len(group_ranks) > 1 else None
+                    if rank in group_ranks and group is not None:
+                        groups[name] = group
         if shape.pp > 1:
             sub_sizes["pp_ends"] = 2
             for ranks in shape.axis_groups("pp"):
@@ -238,6 +256,7 @@ class ParallelMesh:
 
     def size(self, axis: str) -> int:
         """Ranks along `axis` (or a derived group: dp_intra, dp_inter, pp_ends)."""
+        axis = self.aliases.get(axis, axis)
         if axis in self.sub_sizes:
             return self.sub_sizes[axis]
         if axis in DERIVED:  # not made for this mesh: nothing to reduce over
@@ -261,7 +280,11 @@ class ParallelMesh:
         return self._spans[axis]
 
     def index(self, axis: str) -> int:
-        """This rank's index along `axis`."""
+        """This rank's index along `axis` (ep and edp too)."""
+        axis = self.aliases.get(axis, axis)
+        if axis in ("ep", "edp"):
+            dp, ep = self.shape.coords(self.rank)["dp"], self.size("ep")
+            return dp % ep if axis == "ep" else dp // ep
         return self.shape.coords(self.rank)[axis]
 
     def coords(self) -> dict[str, int]:
@@ -270,15 +293,22 @@ class ParallelMesh:
 
     def group(self, axis: str) -> object:
         """The process group of this rank's slice along `axis` ('world' for all ranks)."""
+        axis = self.aliases.get(axis, axis)
         if axis == "world":
             return dist.group.WORLD
         return self.groups[axis]
 
     def ranks(self, axis: str) -> list[int]:
         """Global ranks of this rank's slice along `axis`, in axis order."""
+        axis = self.aliases.get(axis, axis)
         coords = self.coords()
         if axis == "pp_ends":
             return [self.peer("pp", 0), self.peer("pp", self.size("pp") - 1)]
+        if axis in ("ep", "edp"):
+            dp = [self.shape.rank(**{**coords, "dp": i}) for i in range(self.shape.dp)]
+            ep, mine = self.size("ep"), self.index("ep")
+            start = coords["dp"] - mine
+            return dp[start:start + ep] if axis == "ep" else dp[mine::ep]
         return [self.shape.rank(**{**coords, axis: i}) for i in range(self.size(axis))]
 
     def destroy(self) -> None:
@@ -287,6 +317,17 @@ class ParallelMesh:
         for group in set(self.groups.values()):
             dist.destroy_process_group(group)
         self.groups.clear()
+
+    def data_parallel_over(self, axis: str) -> ParallelMesh:
+        """This mesh seen with `axis` (edp) as its dp: what reduces, shards and gathers over
+        dp for the parameters replicated only there (the experts) uses it. It shares the
+        ledger; dp's node halves do not exist in it (no hierarchical reduction)."""
+        if axis == "dp":
+            return self
+        sub_sizes = {k: v for k, v in self.sub_sizes.items() if k not in ("dp_intra", "dp_inter")}
+        groups = {k: v for k, v in self.groups.items() if k not in ("dp_intra", "dp_inter")}
+        return ParallelMesh(self.shape, self.rank, groups, self.ledger, self.ranks_per_node, sub_sizes,
+                            self.host_staging, {"dp": axis})
 
     def peer(self, axis: str, index: int) -> int:
         """The global rank at `index` along `axis`, other coordinates as this rank's."""

@@ -175,6 +175,10 @@ class GradReducer:
         self.errors: dict[object, torch.Tensor] = {}  # key -> error of this rank's quantization
         self.shard_errors: dict[object, torch.Tensor] = {}  # key -> error of the summed shard's
 
+    def over(self, mesh: ParallelMesh) -> GradReducer:
+        """The same scheme over `mesh`'s dp (a view: the experts' edp), flat."""
+        return GradReducer(mesh, self.compression, self.error_feedback, False, self.chunk)
+
     def alignment(self, sharded: bool) -> int:
         """What a flat buffer's length must be a multiple of."""
         if self.n == 1:

@@ -6,6 +6,8 @@ applied by the one engine every model goes through (meshpar/parallel/plan.py).
     attention wo         row-parallel
     mlp w_gate w_up      column-parallel
     mlp w_down           row-parallel
+    mixture of experts   the router and experts whole on each tp rank (expert parallelism
+                         splits the experts over ep instead); shared experts as the mlp
     output               column-parallel over the vocabulary; vocab-parallel loss
     norms                replicated; with sequence parallelism they see a sequence shard,
                          so their weight gradients are summed over tp after backward
@@ -50,14 +52,18 @@ def tensor_parallel_problems(cfg: ModelConfig, tp: int, sequence_parallel: bool,
 def llama_plan(cfg: ModelConfig) -> Plan:
     """The plan above, for a model of `cfg`."""
     attention, mlp = "layers.*.attention", "layers.*.mlp"
-    return Plan(column=[f"{attention}.wq", f"{attention}.wk", f"{attention}.wv", f"{mlp}.w_gate", f"{mlp}.w_up"],
-                row=[f"{attention}.wo", f"{mlp}.w_down"],
+    if cfg.num_experts:  # the router and experts stay whole under tp; shared experts split as an MLP
+        mlp = f"{mlp}.shared" if cfg.shared_experts else None
+    return Plan(column=[f"{attention}.wq", f"{attention}.wk", f"{attention}.wv",
+                        *([f"{mlp}.w_gate", f"{mlp}.w_up"] if mlp else [])],
+                row=[f"{attention}.wo", *([f"{mlp}.w_down"] if mlp else [])],
                 heads={f"{attention}.wq": cfg.num_heads, f"{attention}.w[kv]": cfg.num_kv_heads},
                 vocab_embedding=["embedding"], vocab_output="output",
                 divide_by_tp={attention: ["num_heads", "num_kv_heads"]},
-                blocks="layers", tp_regions=[attention, mlp],
+                blocks="layers", tp_regions=[attention, *([mlp] if mlp else [])],
                 sequence_start="embedding", sequence_end="output", sequence_sharded=["norm"],
                 attention=attention, positions="positions",
+                experts="layers.*.mlp.experts" if cfg.num_experts else None,
                 pipeline=PipelinePlan(blocks="layers", first=["embedding"], last=["norm", "output"],
                                       embed=_embed, head=_head, hidden_size=cfg.hidden_size,
                                       block_args=_rotary, every_stage=["rope_cos", "rope_sin"]))

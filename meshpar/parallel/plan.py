@@ -118,7 +118,10 @@ class Plan:
       positions (sequence,), which context parallelism passes; `positions_batched`:
       as (1, sequence), transformers' `position_ids`;
     - partial_grads: modules inside tp regions whose replicated parameters act on this
-      rank's heads only (Qwen3's per-head q and k norms): gradients summed over tp."""
+      rank's heads only (Qwen3's per-head q and k norms): gradients summed over tp;
+    - experts: a mixture of experts' experts modules (their weights stacked along dim 0,
+      forward(x, experts, weights)): expert parallelism splits them over ep
+      (meshpar/parallel/experts.py); tensor parallelism leaves them whole."""
 
     column: dict[str, int] | list[str] = field(default_factory=dict)
     row: list[str] = field(default_factory=list)
@@ -136,6 +139,7 @@ class Plan:
     positions: str | None = None
     positions_batched: bool = False
     partial_grads: list[str] = field(default_factory=list)
+    experts: str | None = None
 
     def columns(self) -> dict[str, int]:
         """The column patterns with their fused-part counts."""

@@ -89,7 +89,7 @@ def build_mesh(cfg: Config) -> ParallelMesh:
     """This rank's mesh, its nodes as torchrun (or --ranks-per-node) describes them."""
     if cfg.mesh.world_size == 1:
         return ParallelMesh.single()
-    return ParallelMesh.build(cfg.mesh.shape, cfg.mesh.node_size())
+    return ParallelMesh.build(cfg.mesh.shape, cfg.mesh.node_size(), ep=cfg.mesh.ep)
 
 
 def set_cpu_threads(local_world_size: int):

@@ -108,6 +108,9 @@ class Progress:
             lr = "-" if record["lr"] is None else f"{record['lr']:.2e}"  # async: no update at step 1
             extra = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
             mem = {"mem": format_bytes(record["memory_bytes"])} if "memory_bytes" in record else {}
+            if "aux_loss" in record:  # a mixture of experts: its balance at a glance
+                extra.update(aux=f"{record['aux_loss']:.4f}", experts=f"{record['expert_tokens_min']:.0f}/"
+                             f"{record['expert_tokens_mean']:.0f}/{record['expert_tokens_max']:.0f}")
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=lr, tok_s=f"{record['tokens_per_s']:,.0f}",
                                  **extra, **mem, refresh=False)
             self.bar.update(1)
@@ -153,6 +156,11 @@ def format_summary(summary: dict) -> str:
     for key in ("started_from", "stopped"):
         if summary.get(key):
             lines.append(f"{key.replace('_', ' ')}: {summary[key]}")
+    if summary.get("experts"):
+        counts = summary["experts"]["tokens_per_expert"]
+        lines.append(f"experts: load-balancing loss {summary['experts']['final_aux_loss']:.4f} (last step); tokens "
+                     f"per expert per step min {counts['min']:.0f}, mean {counts['mean']:.0f}, max {counts['max']:.0f} "
+                     f"(each layer's, each token counted per expert chosen)")
     axis_width = max(map(len, summary["comm"]), default=0)
     op_width = max((len(op) for ops in summary["comm"].values() for op in ops), default=0)
     for axis, ops in summary["comm"].items():

@@ -92,13 +92,15 @@ def global_grad_norm(pieces: list[tuple[nn.Parameter, torch.Tensor]], mesh: Para
                      sharded_over_dp: bool = False, params: list[nn.Parameter] | None = None) -> torch.Tensor:
     """L2 norm of the full model's gradient, from (parameter, gradient piece) pairs. Squares
     of tp-sharded parameters are summed across their shard axis (a chunk held by several
-    ranks counted once); pieces sharded over dp (ZeRO) are summed over dp; pipeline stages
+    ranks counted once); pieces sharded over dp (ZeRO) are summed over dp (experts split over
+    ep: over ep, and over edp when sharded); pipeline stages
     add up (a weight two stages share counted on the first). `params`: every parameter this rank's stage holds (default: those of
     `pieces`) - the reductions are chosen from them, so that a ZeRO shard holding no piece
     of some kind (only tp-sharded weights, say) still joins every reduction its peers make."""
     def axes_of(p: nn.Parameter) -> tuple[str, ...]:
         spec = shard_spec(p)
-        return ((spec.axis,) if spec else ()) + (("dp",) if sharded_over_dp else ())
+        zero = "edp" if spec and spec.axis == "ep" else "dp"  # experts split over ep are sharded over edp
+        return ((spec.axis,) if spec else ()) + ((zero,) if sharded_over_dp else ())
 
     params = [p for p, _ in pieces] if params is None else params
     pieces = [(p, g) for p, g in pieces if not is_tied_copy(p)]  # its holder counts it

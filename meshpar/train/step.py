@@ -16,7 +16,7 @@ The asynchronous schedule (PipeDream-2BW) steps differently: `asynchronous` belo
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -28,6 +28,7 @@ from meshpar.parallel.precision import DynamicLossScaler
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.train.activations import count_saved_bytes
+from meshpar.train.experts import begin_step, moe_layers, step_statistics
 from meshpar.train.nonfinite import NonFiniteWatch
 from meshpar.train.optim import clip_and_step
 
@@ -37,6 +38,7 @@ class StepResult:
     loss: torch.Tensor  # the global batch's mean loss, on every rank
     grad_norm: float | None  # before clipping; None when the update was skipped
     skipped: bool  # fp16: the gradients overflowed somewhere, nothing was updated
+    experts: dict | None = None  # a mixture of experts' statistics (train/experts.py)
 
 
 @dataclass
@@ -56,6 +58,10 @@ class TrainingStep:
     watch: Callable[[], NonFiniteWatch]  # hooks that find where a non-finite value first appeared
     scaler: DynamicLossScaler | None = None
     pipeline: PipelineRuntime | None = None
+    moe: list[nn.Module] = field(default_factory=list)  # the mixture-of-experts layers this rank holds
+
+    def __post_init__(self):
+        self.moe = self.moe or moe_layers(self.module)
 
     def __call__(self, xs: list[torch.Tensor], ys: list[torch.Tensor], tokens: int, step: int,
                  on_saved: Callable[[int], None] | None = None) -> StepResult:
@@ -64,11 +70,12 @@ class TrainingStep:
         `on_saved`: told the bytes each micro-batch saved for backward (no pipeline)."""
         rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if xs[0].is_cuda else None)
         loss = self._forward_backward(xs, ys, tokens, on_saved)
+        experts = step_statistics(self.moe, self.mesh, tokens) if self.moe else None
         if self.scaler and self.scaler.unscale_and_update(self.data_parallel.grads(), self.mesh):
-            return StepResult(loss, None, skipped=True)  # parameters and optimizer states as they were
+            return StepResult(loss, None, skipped=True, experts=experts)  # parameters and states as they were
         norm = clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, step, self.names,
                              lambda: self._replay_watched(xs, ys, tokens, rng), loss)
-        return StepResult(loss, norm, skipped=False)
+        return StepResult(loss, norm, skipped=False, experts=experts)
 
     def _replay_watched(self, xs, ys, tokens: int, rng) -> tuple[int, int, str] | None:
         """A step diverged: run its forward and backward again, from the same random
@@ -91,6 +98,7 @@ class TrainingStep:
         finished; the global batch's loss (summed over dp, cp and pp) on every rank."""
         self.data_parallel.zero_grad()
         scale = self.scaler.scale if self.scaler else 1.0
+        begin_step(self.moe, scale, tokens)
         if self.pipeline is not None:
             self.pipeline.loss_scale = scale
             loss = self.pipeline.run(xs, ys, tokens)
@@ -120,6 +128,8 @@ class TrainingStep:
         with that batch's learning rate (`set_lr(batch)`). The `last` step also applies its
         own gradient, so a run makes as many updates as steps."""
         self.pipeline.begin_version(step)
+        for layer in self.moe:  # no statistics: a segment runs parts of two batches
+            layer.loss_normalizer = 1.0 / tokens
         loss = self.pipeline.run_segment(step, xs, ys, tokens, last)
         for axis in ("dp", "cp", "pp"):
             comm.all_reduce(self.mesh, axis, loss, tag="loss")

@@ -168,6 +168,10 @@ class Trainer:
             record["pipeline_wait_s"] = self.pipeline.recv_wait_s - wait_before
         if self.scaler:
             record.update(loss_scale=scale, skipped=result.skipped)
+        if result.experts:
+            counts = result.experts["tokens_per_expert"]
+            record.update(aux_loss=result.experts["aux_loss"], expert_tokens_min=counts["min"],
+                          expert_tokens_mean=counts["mean"], expert_tokens_max=counts["max"])
         return record
 
     def _saved(self, nbytes: int) -> None:
@@ -354,6 +358,12 @@ class Trainer:
             "hierarchical_allreduce": self.data_parallel.reducer.hierarchical,
             "placement": self.placement(),
             **({"skipped_steps": self.skipped_steps, "final_loss_scale": self.scaler.scale} if self.scaler else {}),
+            **({"experts": {"final_aux_loss": steps[-1]["aux_loss"],
+                            "tokens_per_expert": {k: min(s[f"expert_tokens_{k}"] for s in steps) if k == "min" else
+                                                  max(s[f"expert_tokens_{k}"] for s in steps) if k == "max" else
+                                                  sum(s[f"expert_tokens_{k}"] for s in steps) / len(steps)
+                                                  for k in ("min", "mean", "max")}}}
+               if "aux_loss" in steps[-1] else {}),
             "comm": ledger,
             "comm_per_rank": [r["ledger"] for r in per_rank],
             "model_state_bytes_per_rank": [r["state"] for r in per_rank],

@@ -11,13 +11,17 @@ gets a bucket of its own, laid out alike on both ends.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from meshpar.init import adopt_storage
-from meshpar.parallel.sharding import tied_across_stages
+from meshpar.parallel.sharding import sharded_over, tied_across_stages
+
+if TYPE_CHECKING:
+    from meshpar.mesh import ParallelMesh
+    from meshpar.parallel.grad_reduce import GradReducer
 
 
 def units_of(module: nn.Module) -> list[nn.Module]:
@@ -44,7 +48,8 @@ def _holds_layers(module: nn.Module) -> bool:
 
 def group_parameters(units: list[nn.Module], bucket_bytes: int, one_unit_each: bool) -> list[list[nn.Parameter]]:
     """The parameters of each bucket, backward order: units from the last, closed at
-    `bucket_bytes` (or after every unit); a weight tied across stages in one of its own."""
+    `bucket_bytes` (or after every unit); a weight tied across stages in one of its own,
+    and experts split over ep apart from the rest (their gradients reduce over edp)."""
     groups: list[list[nn.Parameter]] = []
     seen: set[int] = set()
 
@@ -55,8 +60,10 @@ def group_parameters(units: list[nn.Module], bucket_bytes: int, one_unit_each: b
                 if p.requires_grad and id(p) not in seen:  # a tied weight belongs to one bucket
                     seen.add(id(p))
                     params.append(p)
-        if params:
-            groups.append(params)
+        # experts split over ep reduce over edp, the rest over dp: buckets of their own
+        for part in ([p for p in params if not sharded_over(p, "ep")], [p for p in params if sharded_over(p, "ep")]):
+            if part:
+                groups.append(part)
 
     pending: list[nn.Module] = []
     pending_bytes = 0
@@ -91,6 +98,10 @@ class Bucket:
     param_shard: torch.Tensor  # this rank's slice: a view of param_flat, or its own (ZeRO-3)
     grad_flat: torch.Tensor | None = None  # full gradients; stages 2-3 hold it from backward to its reduction
     grad_shard: torch.Tensor | None = None  # stages 2-3: this rank's reduced gradient
+    # Where it is data parallel: the mesh itself, or for experts split over ep the mesh seen
+    # with edp as its dp (mesh.data_parallel_over), and the reducer over that.
+    mesh: ParallelMesh | None = None
+    reducer: GradReducer | None = None
 
     def owned(self):
         """(parameter, slice of this rank's shard) for each parameter overlapping the shard."""

@@ -71,12 +71,22 @@ class ShardedDataParallel:
             if materialize.fill is not None:  # none: a checkpoint will be loaded
                 fill_flat(out, p, materialize.mesh, names[id(p)], start, materialize.fill)
 
-        align = self.reducer.alignment(stage >= 1) * (self.cp if sums_cp_parts(stage, mesh) else 1)
-        self.buckets: list[Bucket] = [
-            allocate(i, params, align=align, ranks=self.n, rank=mesh.index("dp"), stage=stage,
-                     device=materialize.device if materialize else None,
-                     shard_home="cpu" if "params" in self.offload else None, fill=fill, direct=self.direct)
-            for i, params in enumerate(group_parameters(units, bucket_bytes, one_unit_each=stage == 3))]
+        # Experts split over ep are data parallel over edp only: their buckets see the mesh
+        # with edp as its dp, and reduce, shard and gather there.
+        meshes = {"dp": (mesh, self.reducer)}
+        if mesh.size("ep") > 1:
+            experts = mesh.data_parallel_over("edp")
+            meshes["edp"] = (experts, self.reducer.over(experts))
+        cp_factor = self.cp if sums_cp_parts(stage, mesh) else 1
+        self.buckets: list[Bucket] = []
+        for i, params in enumerate(group_parameters(units, bucket_bytes, one_unit_each=stage == 3)):
+            where, reducer = meshes["edp" if sharded_over(params[0], "ep") else "dp"]
+            bucket = allocate(i, params, align=reducer.alignment(stage >= 1) * cp_factor, ranks=where.size("dp"),
+                              rank=where.index("dp"), stage=stage, device=materialize.device if materialize else None,
+                              shard_home="cpu" if "params" in self.offload else None, fill=fill, direct=self.direct)
+            bucket.mesh, bucket.reducer = where, reducer
+            self.buckets.append(bucket)
+        self.reducers = [reducer for _, reducer in meshes.values()]
         self._slot_of = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self.host = HostOffload(self.buckets, stage) if "optimizer" in self.offload else None
         self.gathering = ParameterGathering(module, units, self.buckets, mesh, self._slot_of, compute_dtype) \
@@ -244,7 +254,7 @@ class ShardedDataParallel:
             if self.host:
                 self.host.after_step(b)
             if self.stage in (1, 2):
-                comm.all_gather_into(self.mesh, "dp", b.param_flat, b.param_shard.clone(), tag="params_step")
+                comm.all_gather_into(b.mesh, "dp", b.param_flat, b.param_shard.clone(), tag="params_step")
 
     def gathered(self) -> AbstractContextManager[None]:
         """Context: every bucket's full parameters present (ZeRO-3), e.g. to read them."""
@@ -274,7 +284,7 @@ class ShardedDataParallel:
         states = sum(t.numel() * t.element_size() for state in optimizer.state.values()
                      for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
         (host if "optimizer" in self.offload else device)["optimizer"] += states
-        device["grads"] += self.reducer.state_bytes()  # error feedback: a gradient's worth
+        device["grads"] += sum(r.state_bytes() for r in self.reducers)  # error feedback: a gradient's worth
         out = {**device, "total": sum(device.values())}
         out["host"] = {**host, "total": sum(host.values())}
         return out

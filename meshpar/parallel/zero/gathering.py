@@ -59,9 +59,11 @@ class ParameterGathering:
         """Buckets holding linear weights gather them rounded to `dtype`, the rest exact;
         a bucket with none gathers fp32."""
         rounded = read_only_by_matmuls(module)
-        n, rank = self.mesh.size("dp"), self.mesh.index("dp")
         for b in self.buckets:
             if not any(id(p) in rounded for p in b.params):
+                continue
+            n, rank = b.mesh.size("dp"), b.mesh.index("dp")
+            if n == 1:  # experts held by one rank each (edp of 1): nothing to gather
                 continue
             exact = torch.zeros(b.numel, dtype=torch.bool)  # the alignment padding is zeros: exact in 16 bits
             for p, offset in zip(b.params, b.offsets):
@@ -135,7 +137,7 @@ class ParameterGathering:
         else:
             g.source = sixteen.pack(b.param_shard).to(device)
             g.into = torch.empty(sixteen.n * sixteen.width, dtype=sixteen.dtype, device=device)
-        g.work = comm.all_gather_into(self.mesh, "dp", g.into, g.source, tag=f"params_{purpose}", async_op=True)
+        g.work = comm.all_gather_into(b.mesh, "dp", g.into, g.source, tag=f"params_{purpose}", async_op=True)
         g.gathered, g.rounded = True, sixteen is not None
         if wait:
             self._wait(b)

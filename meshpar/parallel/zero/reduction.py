@@ -148,14 +148,14 @@ class GradientReduction:
         if self.cp_parts:
             progress.cp_part = torch.empty(b.numel // self.cp, dtype=b.grad_flat.dtype, device=b.grad_flat.device)
             comm.reduce_scatter_into(self.mesh, "cp", progress.cp_part, b.grad_flat, tag="grads")
-            progress.work = self.reducer.all_reduce(b.index, progress.cp_part)
+            progress.work = b.reducer.all_reduce(b.index, progress.cp_part)
         elif self.stage == 0:
             comm.all_reduce(self.mesh, "cp", b.grad_flat, tag="grads")  # dp = 1: nothing to save
-            progress.work = self.reducer.all_reduce(b.index, b.grad_flat)
+            progress.work = b.reducer.all_reduce(b.index, b.grad_flat)
         else:
             out = b.grad_shard if b.grad_shard is not None else torch.empty_like(b.param_shard)
             progress.reduced_into = out
-            progress.work = self.reducer.reduce_scatter(b.index, b.grad_flat, out)
+            progress.work = b.reducer.reduce_scatter(b.index, b.grad_flat, out)
         progress.launched = True
         if progress.work is not None and progress.work.collectives_left:
             self._chains.append(b)

@@ -1,0 +1,126 @@
+"""Expert parallelism: each rank of an `ep` group (consecutive dp ranks, mesh.py) holds
+num_experts / ep of every mixture-of-experts layer's experts, and each token goes to the
+ranks of its experts and back by all-to-all.
+
+A plan names the experts modules (`Plan.experts`): a module whose parameters are the
+experts' weights stacked along dim 0, with forward(x (T, H), experts (T, k), weights
+(T, k)) -> (T, H), each token's experts' outputs weighted and summed - meshpar's
+`Experts` and transformers' Mixtral experts alike. `shard_experts` keeps this rank's
+experts (ShardSpec over "ep": checkpoints, the gradient norm and the initialization read
+it) and replaces the module's forward by the exchange:
+
+    1. the (token, choice) pairs sorted by expert; how many go to each rank exchanged
+       (an all-to-all of counts), then the tokens' hidden states (an all-to-all of
+       uneven parts: routing is dropless, so the counts vary)
+    2. the tokens received run through this rank's experts - the module's own forward,
+       each token with its one expert and weight 1
+    3. the outputs return by the reverse all-to-all, are weighted by the router's
+       weights, and are summed per token in expert order (as one device sums them)
+
+Backward runs the same exchanges reversed. The experts' gradients are then summed over
+`edp`, the dp ranks holding the same experts (parallel/zero: such buckets reduce over
+it), the rest of the model's over dp as before.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from meshpar import comm
+from meshpar.mesh import ParallelMesh
+from meshpar.parallel.sharding import SPEC_ATTR, ShardSpec
+
+if TYPE_CHECKING:
+    from meshpar.config import Config
+
+
+class _Exchange(torch.autograd.Function):
+    """All-to-all of uneven parts over ep, its backward the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mesh: ParallelMesh, send: list[int], recv: list[int], tag: str):
+        ctx.mesh, ctx.send, ctx.recv, ctx.tag = mesh, send, recv, tag
+        return comm.all_to_all_uneven(mesh, "ep", x, send, recv, tag=tag)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return comm.all_to_all_uneven(ctx.mesh, "ep", grad.contiguous(), ctx.recv, ctx.send,
+                                      tag=f"{ctx.tag}_grad"), None, None, None, None
+
+
+def _dispatched(module: nn.Module, compute, mesh: ParallelMesh, per_rank: int):
+    """The experts module's forward under expert parallelism (see the module docstring)."""
+    def forward(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        k = experts.shape[-1]
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # pairs by expert; a token's in its choices' order
+        expert = flat[order]
+        token = order // k
+        send = torch.bincount(expert // per_rank, minlength=mesh.size("ep"))
+        recv = comm.all_to_all(mesh, "ep", send, tag="expert_counts")
+        send, recv = send.tolist(), recv.tolist()
+        local = comm.all_to_all_uneven(mesh, "ep", expert % per_rank, send, recv, tag="expert_ids")
+        received = _Exchange.apply(x[token], mesh, send, recv, "expert_tokens")
+        out = compute(received, local[:, None], torch.ones(len(local), 1, dtype=weights.dtype, device=x.device))
+        back = _Exchange.apply(out, mesh, recv, send, "expert_outputs")
+        weight = weights.reshape(-1)[order, None].to(back.dtype)
+        return torch.zeros_like(x).index_add(0, token, back * weight)
+    return forward
+
+
+def shard_experts(model: nn.Module, pattern: str, mesh: ParallelMesh) -> list[nn.Module]:
+    """Keep this rank's num_experts / ep experts of every module matching `pattern` and
+    route their tokens by all-to-all; the modules changed. Works on the meta device."""
+    from meshpar.parallel.apply import named_matching
+
+    ep, mine = mesh.size("ep"), mesh.index("ep")
+    modules = [m for _, m in named_matching(model, [pattern])]
+    for module in modules:
+        params = dict(module.named_parameters(recurse=False))
+        counts = {p.shape[0] for p in params.values()}
+        if len(counts) != 1:
+            raise ValueError(f"experts module {type(module).__name__}: its parameters should stack the experts "
+                             f"along dim 0, their first sizes differ: {sorted(counts)}")
+        total = counts.pop()
+        if total % ep:
+            raise ValueError(f"ep={ep} does not divide the {total} experts")
+        per_rank = total // ep
+        for name, p in params.items():
+            local = nn.Parameter(p.detach()[mine * per_rank:(mine + 1) * per_rank].clone(),
+                                 requires_grad=p.requires_grad)
+            setattr(local, SPEC_ATTR, ShardSpec.even("ep", 0, total, ep))
+            setattr(module, name, local)
+        compute = types.MethodType(type(module).forward, module)
+        module.forward = _dispatched(module, compute, mesh, per_rank)
+    return modules
+
+
+def expert_parallel_problems(cfg: Config) -> list[str]:
+    """The rules of --ep and of a mixture of experts with the other axes."""
+    found = []
+    ep, dp = cfg.mesh.ep, cfg.mesh.dp
+    if ep < 1 or dp < 1:
+        return found
+    if dp % ep:
+        found.append(f"--ep {ep} must divide --dp {dp}: expert parallelism splits the data-parallel ranks "
+                     f"into groups of ep")
+    model = cfg.model_config()
+    if model is None:
+        return found
+    experts = model.num_experts
+    if ep > 1 and not experts:
+        found.append(f"--ep {ep} needs a mixture-of-experts model (model.num_experts above 0, e.g. --model tiny-moe)")
+    elif experts and experts % ep:
+        found.append(f"--ep {ep} must divide the {experts} experts; use one of "
+                     f"{', '.join(str(d) for d in range(1, experts + 1) if experts % d == 0)}")
+    if experts and cfg.mesh.cp > 1:
+        found.append("a mixture of experts under context parallelism is not supported yet: its load-balancing "
+                     "loss is per sequence, and cp splits sequences")
+    if experts and cfg.tensor.sequence_parallel:
+        found.append("a mixture of experts with --sequence-parallel is not supported yet: its load-balancing "
+                     "loss is per sequence, and sequence parallelism splits them over tp")
+    return found
