@@ -12,6 +12,7 @@ nothing and records nothing.
 
 from __future__ import annotations
 
+import math
 import pickle
 import time
 from collections import defaultdict, deque
@@ -280,7 +281,7 @@ def all_to_all_uneven(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, send_
     out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
     if mesh.size(axis) == 1:
         return out.copy_(tensor)
-    row = tensor[0].numel() * tensor.element_size() if tensor.dim() > 1 else tensor.element_size()
+    row = math.prod(tensor.shape[1:]) * tensor.element_size()  # bytes per row (rows may be none)
     mine = mesh.index(axis)
     sent = (sum(send_counts) - send_counts[mine]) * row
     mesh.ledger.record(axis, "all_to_all", tag, sum(send_counts) * row, sent, mesh.spans_nodes(axis))

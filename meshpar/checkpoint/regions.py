@@ -83,13 +83,14 @@ def box_of(param: nn.Parameter, mesh: ParallelMesh) -> Box:
 
 def first_holder(param: nn.Parameter, mesh: ParallelMesh) -> bool:
     """Whether this rank is the one that saves its box (replicas over tp and cp, and the
-    last stage's copy of a tied embedding, skip)."""
+    last stage's copy of a tied embedding, skip; replicas over dp are the caller's)."""
     spec = shard_spec(param)
     if mesh.index("cp") != 0 or is_tied_copy(param):
         return False
     if spec is None:
         return mesh.index("tp") == 0
-    return mesh.index(spec.axis) in spec.sources
+    # split over tp: the chunk's first holder; split over another axis (experts over ep): tp's replicas skip
+    return mesh.index(spec.axis) in spec.sources and (spec.axis == "tp" or mesh.index("tp") == 0)
 
 
 def fill_box(target: Box, sources: list[tuple[Box, torch.Tensor]], name: str) -> torch.Tensor:

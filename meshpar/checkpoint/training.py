@@ -29,6 +29,7 @@ from torch import nn
 from meshpar.checkpoint.regions import Box, CheckpointError, first_holder
 from meshpar.checkpoint.store import LOCAL, CheckpointReader, write_checkpoint
 from meshpar.init import boxes_of
+from meshpar.parallel.sharding import sharded_over
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -37,6 +38,7 @@ def layout_of(parallelized) -> dict:
     """Everything that decides which rank holds which bytes (and its RNG stream)."""
     mesh, dp = parallelized.mesh, parallelized.data_parallel
     return {"world_size": mesh.world_size, **{axis: mesh.size(axis) for axis in ("pp", "dp", "cp", "tp")},
+            **({"ep": mesh.size("ep")} if mesh.size("ep") > 1 else {}),
             "virtual_stages": parallelized.virtual_stages, "schedule": parallelized.schedule,
             "stage_blocks": parallelized.split.stage_counts,
             "zero": dp.stage, "bucket_bytes": dp.bucket_bytes, "sequence_parallel": parallelized.sequence_parallel,
@@ -94,10 +96,10 @@ def optimizer_state_pieces(dp, optimizer, mesh, parts_of: Callable[[nn.Parameter
     """The parameter values and AdamW moments this rank writes, as (tensors, their
     descriptions): each optimizer piece it owns, cut along `parts_of(param)`; replicas
     (over dp below ZeRO-1, over tp and cp) write nothing."""
-    writes_replicas = dp.stage >= 1 or mesh.index("dp") == 0
     tensors, pieces = {}, []
     for piece in dp.optimizer_pieces:
-        if not (writes_replicas and first_holder(piece.param, mesh)):
+        replicated_over = "edp" if sharded_over(piece.param, "ep") else "dp"  # experts: their ep rank's own
+        if not ((dp.stage >= 1 or mesh.index(replicated_over) == 0) and first_holder(piece.param, mesh)):
             continue
         state = optimizer.state.get(piece.leaf, {})
         for part in parts_of(piece.param):
@@ -135,9 +137,10 @@ def rank_tensors(parallelized) -> tuple[dict[str, torch.Tensor], list[dict]]:
     mesh, dp = parallelized.mesh, parallelized.data_parallel
     tensors, pieces = optimizer_state_pieces(dp, parallelized.optimizer, mesh, _parts_of(parallelized))
     tensors.update(rng_tensors(parallelized.device()))
-    for kind, buffers in (("errors", dp.reducer.errors), ("shard_errors", dp.reducer.shard_errors)):
-        for key, value in buffers.items():
-            tensors[f"{LOCAL}feedback/{kind}/{key}"] = value
+    for b in dp.buckets:  # error feedback, bucket by bucket (each in its reducer: dp's, or the experts' edp's)
+        for kind in ("errors", "shard_errors"):
+            if b.index in getattr(b.reducer, kind):
+                tensors[f"{LOCAL}feedback/{kind}/{b.index}"] = getattr(b.reducer, kind)[b.index]
     return tensors, pieces
 
 
@@ -203,5 +206,5 @@ def restore_state(parallelized, reader: CheckpointReader, how_to_start: str) -> 
         for key, value in local.items():
             if key.startswith("feedback/"):
                 _, kind, bucket = key.split("/")
-                getattr(dp.reducer, kind)[int(bucket)] = value.to(parallelized.device())
+                getattr(dp.buckets[int(bucket)].reducer, kind)[int(bucket)] = value.to(parallelized.device())
     return saved, same_layout

@@ -66,6 +66,10 @@ def _dispatched(module: nn.Module, compute, mesh: ParallelMesh, per_rank: int):
         local = comm.all_to_all_uneven(mesh, "ep", expert % per_rank, send, recv, tag="expert_ids")
         received = _Exchange.apply(x[token], mesh, send, recv, "expert_tokens")
         out = compute(received, local[:, None], torch.ones(len(local), 1, dtype=weights.dtype, device=x.device))
+        if received.requires_grad and not len(received):
+            # No token came: the (empty) output does not depend on what came, and backward
+            # would skip the exchange that brought it - which the peers run. Joined to it.
+            out = out + received.sum() * 0
         back = _Exchange.apply(out, mesh, recv, send, "expert_outputs")
         weight = weights.reshape(-1)[order, None].to(back.dtype)
         return torch.zeros_like(x).index_add(0, token, back * weight)

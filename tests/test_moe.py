@@ -1,0 +1,172 @@
+"""Mixtures of experts (meshpar/model/moe.py) and expert parallelism
+(meshpar/parallel/experts.py): tiny-moe (8 experts, top-2, dropless) gives one device's
+10 losses, final parameters and first step's expert and router gradients at ep2, ep4, ep2 x tp2, ep2 x pp2 and ep2
+with ZeRO-3, and with the experts replicated (dp2); the all-to-all bytes equal the routed
+counts' volume; a checkpoint saved at ep4 resumes at ep2 and on one device."""
+
+import functools
+
+import pytest
+import torch
+
+import meshpar
+from meshpar.model import build_model, model_config
+from meshpar.model.llama import init_rule
+from meshpar.parallel.llama_plan import llama_plan
+from test_api import close, in_one_process
+
+STEPS, BATCH, SEQ = 10, 8, 32
+CFG = model_config("tiny-moe")
+
+
+def batches(dp: int, dp_rank: int):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        rows = torch.randint(0, CFG.vocab_size, (BATCH, SEQ + 1), generator=g).chunk(dp)[dp_rank]
+        yield rows[:, :-1], rows[:, 1:]
+
+
+def expert_grads(parallel) -> dict:
+    """Every expert's and router's gradient, gathered to full shape."""
+    return {name: g for name, g in parallel.split.full_state(grads=True).items() if ".mlp." in name}
+
+
+def train(dp: int = 1, ep: int = 1, tp: int = 1, pp: int = 1, microbatches: int = 2, save: str | None = None,
+          load: str | None = None, routed: bool = False, **options) -> dict:
+    """10 steps (from a checkpoint `load` saved after step 5, the last 5; with `save`, a
+    checkpoint after step 5)."""
+    mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp, ep=ep)
+    model = build_model(CFG, 0, "meta")
+    parallel = meshpar.parallelize(model, mesh, llama_plan(CFG), microbatches=microbatches, lr=3e-3,
+                                   init=None if load else functools.partial(init_rule, CFG), seed=0, load=load,
+                                   **options)
+    losses, routed_bytes = [], []
+    for step, (x, y) in enumerate(batches(dp, mesh.index("dp"))):
+        if step < parallel.steps_taken:
+            continue
+        before = mesh.ledger.total("bytes", axis="ep", op="all_to_all")
+        losses.append(parallel.step(x, y))
+        routed_bytes.append(mesh.ledger.total("bytes", axis="ep", op="all_to_all") - before)
+        if step == 0 and options.get("zero", 0) < 2:  # the first step's: whole on every rank (ZeRO 0-1)
+            grads = expert_grads(parallel)
+        if save and step == 4:
+            parallel.save(save)
+    out = {"losses": losses, "params": parallel.full_state()}
+    if load is None and options.get("zero", 0) < 2:
+        out["grads"] = grads
+    if routed:
+        out["routed_bytes"] = routed_bytes
+        out["tokens_per_expert"] = [m.tokens_per_expert.clone() for m in parallel.split.module.modules()
+                                    if hasattr(m, "tokens_per_expert")]
+    mesh.destroy()
+    return out
+
+
+def train_layout(layout: dict) -> dict:
+    return train(**layout)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return in_one_process(train)
+
+
+def same(run: dict, reference: dict, where: str) -> None:
+    close(run, reference, where)
+    for name, grad in run.get("grads", {}).items():
+        torch.testing.assert_close(grad, reference["grads"][name], rtol=1e-5, atol=1e-7, msg=f"{where}: {name}")
+
+
+@pytest.mark.parametrize("layout", [dict(dp=2, ep=2), dict(dp=2)], ids=["ep2", "dp2-replicated"])
+def test_two_ranks_equal_one_device(worlds, one_device, layout):
+    for rank, run in enumerate(worlds(2).run(train_layout, layout)):
+        same(run, one_device, f"{layout} rank {rank}")
+
+
+FOUR = [dict(dp=4, ep=4), dict(dp=2, ep=2, tp=2), dict(dp=2, ep=2, pp=2, microbatches=4),
+        dict(dp=4, ep=2, zero=3)]
+
+
+@pytest.mark.parametrize("layout", FOUR, ids=["ep4", "ep2xtp2", "ep2xpp2", "ep2-zero3"])
+def test_four_ranks_equal_one_device(worlds, one_device, layout):
+    """ep2 with ZeRO-3 at dp4: the experts sharded over edp (2 ranks) besides ep."""
+    for rank, run in enumerate(worlds(4).run(train_layout, layout)):
+        same(run, one_device, f"{layout} rank {rank}")
+        assert run["grads"].keys() == one_device["grads"].keys() if "grads" in run else True
+
+
+def test_the_all_to_all_moves_the_routed_tokens(worlds):
+    """The last step's all-to-all bytes over ep on each rank, as the ledger counts them,
+    equal the volume of the routing computed from the tokens each expert received: per
+    layer and micro-batch the counts (8 bytes per rank), then per pair sent its expert's id
+    (8 bytes) and, in forward and backward, its hidden state out (P pairs) and the experts'
+    outputs back (R pairs received), 4 x 64 bytes each."""
+    runs = worlds(2).run(train_layout, dict(dp=2, ep=2, routed=True))
+    per_rank = CFG.num_experts // 2
+    sent_pairs = BATCH // 2 * SEQ * CFG.experts_per_token  # this rank's (token, choice) pairs per layer
+    hidden_bytes = 4 * CFG.hidden_size
+    for rank, run in enumerate(runs):
+        expected = 0
+        for layer in range(CFG.num_layers):
+            received = sum(int(r["tokens_per_expert"][layer][rank * per_rank:(rank + 1) * per_rank].sum())
+                           for r in runs)  # every rank's pairs routed to this rank's experts
+            expected += 2 * 8 * 2 + 8 * sent_pairs + 2 * hidden_bytes * (sent_pairs + received)
+        assert run["routed_bytes"][-1] == expected, (rank, run["routed_bytes"][-1], expected)
+
+
+def test_a_checkpoint_saved_at_ep4_resumes_at_ep2_and_on_one_device(worlds, one_device, tmp_path):
+    path = str(tmp_path / "ep4")
+    worlds(4).run(train_layout, dict(dp=4, ep=4, save=path))
+    for rank, run in enumerate(worlds(4).run(train_layout, dict(dp=2, ep=2, tp=2, load=path))):
+        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(one_device["losses"][5:]),
+                                   rtol=1e-5, atol=1e-6, msg=f"ep2 rank {rank}")
+    alone = in_one_process(train_layout, dict(load=path))
+    torch.testing.assert_close(torch.tensor(alone["losses"]), torch.tensor(one_device["losses"][5:]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_the_load_balancing_loss_is_the_switch_formula():
+    """One layer's loss against E x sum_e f_e P_e written out for a batch of 2 sequences,
+    and its gradient equal to autograd's of that loss (weighted as the step weighs it)."""
+    from meshpar.model.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(16, 8, num_experts=4, top_k=2, aux_loss_coef=0.1)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 5, 16)
+    moe.loss_normalizer = 0.25
+    moe(x).sum().backward()
+    injected = moe.router.weight.grad.clone()
+    probs = torch.softmax(x.reshape(10, 16) @ moe.router.weight.detach().T, -1).view(2, 5, 4)
+    chosen = probs.topk(2, -1).indices
+    expected = 0.0
+    for b in range(2):
+        share = torch.stack([(chosen[b] == e).sum() for e in range(4)]).float() / (5 * 2)
+        expected += 0.1 * 4 * (share * probs[b].mean(0)).sum() * 5
+    torch.testing.assert_close(moe.aux_loss_sum, expected)
+    moe.zero_grad()
+    moe.aux_loss_coef = 0.0
+    out = moe(x)
+    probs = torch.softmax(moe.router(x.reshape(10, 16))[0].view(2, 5, 4), -1) if False else \
+        torch.softmax(torch.nn.functional.linear(x.reshape(10, 16), moe.router.weight).float(), -1).view(2, 5, 4)
+    aux = sum(0.1 * 4 * ((torch.stack([(chosen[b] == e).sum() for e in range(4)]).float() / 10)
+                         * probs[b].mean(0)).sum() * 5 for b in range(2))
+    (out.sum() + 0.25 * aux).backward()
+    torch.testing.assert_close(injected, moe.router.weight.grad)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tiny-moe", "--dp", "2", "--ep", "3"], "--ep 3 must divide --dp 2"),
+    (["--model", "tiny-moe", "--dp", "6", "--ep", "3"], "--ep 3 must divide the 8 experts"),
+    (["--model", "tiny", "--dp", "2", "--ep", "2"], "--ep 2 needs a mixture-of-experts model"),
+    (["--model", "tiny-moe", "--dp", "2", "--cp", "2"], "a mixture of experts under context parallelism"),
+    (["--config", "{toml}"], "model.experts_per_token=9 must be between 1 and num_experts=8"),
+], ids=["ep-dp", "ep-experts", "dense", "cp", "top-k"])
+def test_bad_expert_layouts_are_refused(args, message, capsys, tmp_path):
+    from meshpar.cli import main
+
+    toml = tmp_path / "moe.toml"
+    toml.write_text('[model]\nname = "tiny-moe"\nexperts_per_token = 9\n')
+    assert main(["train", *[a.format(toml=toml) for a in args], "--steps", "1", "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
