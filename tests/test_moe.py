@@ -83,16 +83,21 @@ def test_two_ranks_equal_one_device(worlds, one_device, layout):
         same(run, one_device, f"{layout} rank {rank}")
 
 
-FOUR = [dict(dp=4, ep=4), dict(dp=2, ep=2, tp=2), dict(dp=2, ep=2, pp=2, microbatches=4),
-        dict(dp=4, ep=2, zero=3)]
+# ep4 and ep2 x pp2 (13 s and 9 s here) run in `make test-all`; the checkpoint test below
+# trains at ep4 too.
+FOUR = [pytest.param(dict(dp=4, ep=4), marks=pytest.mark.slow, id="ep4"),
+        pytest.param(dict(dp=2, ep=2, tp=2), id="ep2xtp2"),
+        pytest.param(dict(dp=2, ep=2, pp=2, microbatches=4), marks=pytest.mark.slow, id="ep2xpp2"),
+        pytest.param(dict(dp=4, ep=2, zero=3), id="ep2-zero3")]
 
 
-@pytest.mark.parametrize("layout", FOUR, ids=["ep4", "ep2xtp2", "ep2xpp2", "ep2-zero3"])
+@pytest.mark.parametrize("layout", FOUR)
 def test_four_ranks_equal_one_device(worlds, one_device, layout):
     """ep2 with ZeRO-3 at dp4: the experts sharded over edp (2 ranks) besides ep."""
     for rank, run in enumerate(worlds(4).run(train_layout, layout)):
         same(run, one_device, f"{layout} rank {rank}")
-        assert run["grads"].keys() == one_device["grads"].keys() if "grads" in run else True
+        if "grads" in run:  # every expert's and router's, gathered whole
+            assert run["grads"].keys() == one_device["grads"].keys()
 
 
 def test_the_all_to_all_moves_the_routed_tokens(worlds):

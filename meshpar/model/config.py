@@ -77,10 +77,6 @@ PRESETS: dict[str, ModelConfig] = {
     # pipeline stages), 8 heads (tp up to 8), byte-level vocabulary.
     "tiny": ModelConfig(vocab_size=256, hidden_size=64, num_layers=8, num_heads=8,
                         num_kv_heads=4, ffn_hidden_size=192, max_seq_len=256),
-    # tiny with a mixture of 8 experts (top-2) in every block: ~1.3M parameters.
-    "tiny-moe": ModelConfig(vocab_size=256, hidden_size=64, num_layers=8, num_heads=8,
-                            num_kv_heads=4, ffn_hidden_size=96, max_seq_len=256, num_experts=8,
-                            experts_per_token=2),
     # ~6M parameters: still trains on a CPU, big enough to see throughput effects.
     "small": ModelConfig(vocab_size=256, hidden_size=256, num_layers=8, num_heads=8,
                          num_kv_heads=4, ffn_hidden_size=704, max_seq_len=512),
@@ -98,6 +94,10 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3-405b": ModelConfig(vocab_size=128256, hidden_size=16384, num_layers=126,
                                num_heads=128, num_kv_heads=8, ffn_hidden_size=53248,
                                max_seq_len=8192, rope_theta=500000.0),
+    # tiny with a mixture of 8 experts (top-2) in every block: ~1.3M parameters.
+    "tiny-moe": ModelConfig(vocab_size=256, hidden_size=64, num_layers=8, num_heads=8,
+                            num_kv_heads=4, ffn_hidden_size=96, max_seq_len=256, num_experts=8,
+                            experts_per_token=2),
 }
 
 # Presets too large to instantiate on a CPU run.

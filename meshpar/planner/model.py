@@ -29,16 +29,23 @@ class ModelSpec:
     seq_len: int
     tie_embeddings: bool = False
     flash_attention: bool = True
+    experts: int = 0  # a mixture of experts in every block (0: a dense MLP); each expert is ffn_hidden wide
+    experts_per_token: int = 2
+    shared_experts: int = 0
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
-    def layer_params(self) -> int:
+    def layer_params(self, active: bool = False) -> int:
+        """A block's parameters; `active`: those one token's forward uses (its k experts)."""
         h, kv = self.hidden, self.kv_heads * self.head_dim
         if self.arch == "gpt":  # qkv + proj with biases, two MLP linears with biases, two LayerNorms
             return (4 * h * h + 4 * h) + (2 * h * self.ffn_hidden + self.ffn_hidden + h) + 4 * h
-        return (2 * h * h + 2 * h * kv) + 3 * h * self.ffn_hidden + 2 * h
+        mlp = 3 * h * self.ffn_hidden
+        if self.experts:  # the routed experts (all, or the token's k), the shared ones, the router
+            mlp = mlp * ((self.experts_per_token if active else self.experts) + self.shared_experts) + h * self.experts
+        return (2 * h * h + 2 * h * kv) + mlp + 2 * h
 
     def embedding_params(self) -> int:
         """Input side: token embeddings (and learned positions for gpt)."""
@@ -55,9 +62,10 @@ class ModelSpec:
     def flops_per_token(self) -> float:
         """Model FLOPs of a training step per token (forward and backward, no
         recomputation): 6 per weight of every matmul - the layers and the output
-        projection; embedding lookups are no matmul - plus 12 L h s for attention scores
-        and their weighted sum (PaLM, Chowdhery et al. 2022, Appendix B)."""
-        matmul_weights = self.layers * self.layer_params() + self.vocab * self.hidden
+        projection; embedding lookups are no matmul; of a mixture of experts, the token's
+        k experts - plus 12 L h s for attention scores and their weighted sum (PaLM,
+        Chowdhery et al. 2022, Appendix B)."""
+        matmul_weights = self.layers * self.layer_params(active=True) + self.vocab * self.hidden
         return 6 * matmul_weights + 12 * self.layers * self.hidden * self.seq_len
 
     def as_meshpar(self) -> ModelConfig:
@@ -76,12 +84,17 @@ class ModelSpec:
             found.append(f"--heads {self.heads} does not divide --hidden {self.hidden}")
         if not found and self.heads % self.kv_heads:
             found.append(f"--kv-heads {self.kv_heads} must divide --heads {self.heads}")
+        if self.experts:
+            found.append("the planner does not model mixtures of experts yet (experts per rank under expert "
+                         "parallelism, the tokens' all-to-all); plan the dense model, or train with --dry-run")
         return found
 
 
 def from_meshpar(cfg: ModelConfig, seq_len: int | None = None) -> ModelSpec:
     return ModelSpec("llama", cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                     cfg.ffn_hidden_size, cfg.vocab_size, seq_len or cfg.max_seq_len, cfg.tie_embeddings)
+                     cfg.ffn_hidden_size, cfg.vocab_size, seq_len or cfg.max_seq_len, cfg.tie_embeddings,
+                     experts=cfg.num_experts, experts_per_token=cfg.experts_per_token,
+                     shared_experts=cfg.shared_experts)
 
 
 def _gpt(layers: int, hidden: int, heads: int) -> ModelSpec:

@@ -45,7 +45,9 @@ def dry_run(cfg: Config) -> str:
     total_params = 0
     apart = gradients_follow_activations(layout, m)
     for stage in range(mesh_cfg.pp):
-        mesh = ParallelMesh(shape, shape.rank(pp=stage))  # no process groups: parallelize only slices
+        # no process groups: parallelize only slices (each rank its share of the experts under --ep)
+        experts = {"ep": mesh_cfg.ep, "edp": mesh_cfg.dp // mesh_cfg.ep} if mesh_cfg.ep > 1 else {}
+        mesh = ParallelMesh(shape, shape.rank(pp=stage), sub_sizes=experts)
         model = cfg.model.build(cfg.run.seed)
         parallel = split_model(model, mesh, cfg.model.plan(model), sequence_parallel=cfg.tensor.sequence_parallel,
                                num_stages=mesh_cfg.pp * pipe.virtual_stages, stage_layer_counts=pipe.pp_layers,
