@@ -130,6 +130,31 @@ def test_a_checkpoint_saved_at_ep4_resumes_at_ep2_and_on_one_device(worlds, one_
                                rtol=1e-5, atol=1e-6)
 
 
+def mixtral(dp: int = 1, ep: int = 1, tp: int = 1) -> dict:
+    """transformers' MixtralForCausalLM (small random config: 4 layers, 8 experts, top-2)
+    through hf_plan, 10 steps."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(
+        "mixtral", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, num_local_experts=8, num_experts_per_tok=2)
+    mesh = meshpar.init_mesh(dp=dp, tp=tp, ep=ep)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    parallel = meshpar.parallelize(model, mesh, meshpar.hf_plan(model), microbatches=2, lr=3e-3)
+    losses = [parallel.step(x, y) for x, y in batches(dp, mesh.index("dp"))]
+    out = {"losses": losses, "params": parallel.full_state()}
+    mesh.destroy()
+    return out
+
+
+def test_transformers_mixtral_at_ep2_tp2_equals_one_device(worlds):
+    """Its stacked experts are the plan's experts (split over ep, whole under tp), its
+    attention split over tp: the 10 losses and every final parameter equal one device's."""
+    reference = in_one_process(mixtral)
+    for rank, run in enumerate(worlds(4).run(mixtral, 2, 2, 2)):
+        close(run, reference, f"mixtral ep2 x tp2 rank {rank}")
+
+
 def test_the_load_balancing_loss_is_the_switch_formula():
     """One layer's loss against E x sum_e f_e P_e written out for a batch of 2 sequences,
     and its gradient equal to autograd's of that loss (weighted as the step weighs it)."""

@@ -2,7 +2,10 @@
 transformers itself describes in every config.
 
     base_model_tp_plan    colwise -> column, rowwise -> row,
-                          replicated_with_grad_allreduce -> partial_grads (Qwen3's q, k norms)
+                          replicated_with_grad_allreduce -> partial_grads (Qwen3's q, k norms),
+                          moe_tp_experts -> the plan's experts (Mixtral's stacked experts:
+                          split by expert parallelism, whole under tp; the entries inside
+                          them are not applied)
     base_model_pp_plan    the embedding (input_ids in: vocab-parallel, first stage), the
                           layer list (the blocks), the final norm (last stage)
     the model's _pp_plan  the output layer (vocab-parallel, with meshpar's loss)
@@ -33,7 +36,7 @@ from meshpar.parallel.plan import PipelinePlan, Plan
 # The families whose forward is the base model's embedding, layers and norm as the pp plan
 # lists them, nothing in between (Gemma, say, scales its embeddings inside the forward),
 # and whose every strategy is tested against one device (tests/test_hf_models.py).
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral")
 STYLES = {"colwise": "column", "rowwise": "row", "replicated_with_grad_allreduce": "partial_grads"}
 
 
@@ -43,7 +46,8 @@ class UnsupportedModel(ValueError):
 
 def hf_plan(model: nn.Module) -> Plan:
     """The Plan of a transformers causal LM (LlamaForCausalLM, Qwen2ForCausalLM,
-    Qwen3ForCausalLM, MistralForCausalLM and others laid out alike), from its config's
+    Qwen3ForCausalLM, MistralForCausalLM, MixtralForCausalLM and others laid out alike),
+    from its config's
     `base_model_tp_plan` and `base_model_pp_plan`; switches its attention to meshpar's
     core and turns its KV cache off (training). UnsupportedModel (a ValueError) names every
     entry or module type it did not understand."""
@@ -65,6 +69,16 @@ def hf_plan(model: nn.Module) -> Plan:
         problems.append(f"{type(config).__name__} has no base_model_pp_plan")
     if len(head_plan) != 1:
         problems.append(f"{type(model).__name__}._pp_plan should name one output layer, has {sorted(head_plan)}")
+    experts = [k for k, v in tp_plan.items() if v == "moe_tp_experts"]
+    tp_plan = {k: v for k, v in tp_plan.items() if k not in experts and not k.startswith(tuple(e + "." for e in experts))}
+    if len(experts) > 1:
+        problems.append(f"several experts entries in base_model_tp_plan: {experts} (meshpar takes one)")
+    if experts and getattr(config, "output_router_logits", False):
+        problems.append("output_router_logits=True asks for transformers' load-balancing loss, which meshpar "
+                        "does not apply to a transformers model yet (it computes the loss from the logits); "
+                        "set it False to train without one")
+    if getattr(config, "router_jitter_noise", 0.0):
+        problems.append(f"router_jitter_noise={config.router_jitter_noise} (random per rank: layouts would differ)")
     unknown = {k: v for k, v in tp_plan.items() if v not in STYLES}
     if unknown:
         problems.append(f"tp plan styles meshpar does not apply: {unknown} (it applies {', '.join(STYLES)})")
@@ -114,6 +128,7 @@ def hf_plan(model: nn.Module) -> Plan:
     return Plan(column=by_style["column"], row=by_style["row"], heads=heads, partial_grads=by_style["partial_grads"],
                 vocab_embedding=[embed], vocab_output=output, blocks=blocks, tp_regions=regions,
                 attention=attention[0], positions="position_ids", positions_batched=True,
+                experts=f"{prefix}.{experts[0]}" if experts else None,
                 pipeline=PipelinePlan(blocks=blocks, first=[embed], last=[*after, output], every_stage=[rotary_name],
                                       embed=_embedding(embed), head=_head([*after, output]),
                                       hidden_size=config.hidden_size, block_args=_layer_arguments(rotary_name)))

@@ -30,7 +30,7 @@ from meshpar.mesh import ParallelMesh
 from meshpar.parallel.compile import apply_compile
 from meshpar.parallel.context import ContextParallelAttention, local_positions
 from meshpar.parallel.dropout import shard_dropouts
-from meshpar.parallel.experts import shard_experts
+from meshpar.parallel.experts import split_experts
 from meshpar.parallel.llama_plan import llama_plan
 from meshpar.parallel.plan import Plan, TensorParallelism, apply_tensor_plan, regions_of
 from meshpar.parallel.recompute import POLICIES, recompute_attention, recompute_modules
@@ -124,10 +124,10 @@ def split_model(model: nn.Module, mesh: ParallelMesh, plan: Plan | None = None, 
 
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # the order forward runs them in
     tensor_parallel = apply_tensor_plan(model, plan, mesh, sequence_parallel)  # 1; may replace modules
-    if mesh.size("ep") > 1:  # 1b: this rank's experts, tokens routed to them by all-to-all
-        if not plan.experts:
-            raise ValueError("ep above 1 needs the plan's `experts`: the mixture-of-experts modules to split")
-        shard_experts(model, plan.experts, mesh)
+    if mesh.size("ep") > 1 and not plan.experts:
+        raise ValueError("ep above 1 needs the plan's `experts`: the mixture-of-experts modules to split")
+    if plan.experts:  # 1b: this rank's experts (under ep), tokens routed to them by all-to-all
+        split_experts(model, plan.experts, mesh)
     if mesh.size("cp") > 1:  # 2
         attend = ContextParallelAttention(mesh, cp_impl)
         for _, attention in named_matching(model, [plan.attention]):

@@ -5,7 +5,7 @@ ranks of its experts and back by all-to-all.
 A plan names the experts modules (`Plan.experts`): a module whose parameters are the
 experts' weights stacked along dim 0, with forward(x (T, H), experts (T, k), weights
 (T, k)) -> (T, H), each token's experts' outputs weighted and summed - meshpar's
-`Experts` and transformers' Mixtral experts alike. `shard_experts` keeps this rank's
+`Experts` and transformers' Mixtral experts alike. `split_experts` keeps this rank's
 experts (ShardSpec over "ep": checkpoints, the gradient norm and the initialization read
 it) and replaces the module's forward by the exchange:
 
@@ -76,31 +76,52 @@ def _dispatched(module: nn.Module, compute, mesh: ParallelMesh, per_rank: int):
     return forward
 
 
-def shard_experts(model: nn.Module, pattern: str, mesh: ParallelMesh) -> list[nn.Module]:
-    """Keep this rank's num_experts / ep experts of every module matching `pattern` and
-    route their tokens by all-to-all; the modules changed. Works on the meta device."""
+def split_experts(model: nn.Module, pattern: str, mesh: ParallelMesh) -> list[nn.Module]:
+    """Every experts module matching `pattern`, made ready for the mesh: under ep, this
+    rank's num_experts / ep experts and the exchange that routes their tokens; in any
+    layout, every expert's weights kept in the graph of each forward (a zero gradient
+    where no token came), because which experts a batch reaches varies by rank and the
+    data-parallel reductions, started by gradient hooks, must fire alike everywhere.
+    Works on the meta device; returns the modules."""
     from meshpar.parallel.apply import named_matching
 
     ep, mine = mesh.size("ep"), mesh.index("ep")
     modules = [m for _, m in named_matching(model, [pattern])]
     for module in modules:
-        params = dict(module.named_parameters(recurse=False))
-        counts = {p.shape[0] for p in params.values()}
-        if len(counts) != 1:
-            raise ValueError(f"experts module {type(module).__name__}: its parameters should stack the experts "
-                             f"along dim 0, their first sizes differ: {sorted(counts)}")
-        total = counts.pop()
-        if total % ep:
-            raise ValueError(f"ep={ep} does not divide the {total} experts")
-        per_rank = total // ep
-        for name, p in params.items():
-            local = nn.Parameter(p.detach()[mine * per_rank:(mine + 1) * per_rank].clone(),
-                                 requires_grad=p.requires_grad)
-            setattr(local, SPEC_ATTR, ShardSpec.even("ep", 0, total, ep))
-            setattr(module, name, local)
         compute = types.MethodType(type(module).forward, module)
-        module.forward = _dispatched(module, compute, mesh, per_rank)
+        if ep > 1:
+            compute = _dispatched(module, compute, mesh, _keep_share(module, ep, mine))
+        module.forward = _every_expert_in_graph(module, compute)
     return modules
+
+
+def _keep_share(module: nn.Module, ep: int, mine: int) -> int:
+    """Keep rank `mine`'s experts of the module's stacked weights; the experts per rank."""
+    params = dict(module.named_parameters(recurse=False))
+    counts = {p.shape[0] for p in params.values()}
+    if len(counts) != 1:
+        raise ValueError(f"experts module {type(module).__name__}: its parameters should stack the experts "
+                         f"along dim 0, their first sizes differ: {sorted(counts)}")
+    total = counts.pop()
+    if total % ep:
+        raise ValueError(f"ep={ep} does not divide the {total} experts")
+    per_rank = total // ep
+    for name, p in params.items():
+        local = nn.Parameter(p.detach()[mine * per_rank:(mine + 1) * per_rank].clone(), requires_grad=p.requires_grad)
+        setattr(local, SPEC_ATTR, ShardSpec.even("ep", 0, total, ep))
+        setattr(module, name, local)
+    if isinstance(getattr(module, "num_experts", None), int):  # the experts it holds (transformers' own count)
+        module.num_experts = per_rank
+    return per_rank
+
+
+def _every_expert_in_graph(module: nn.Module, forward):
+    def in_graph(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if torch.is_grad_enabled():
+            out = out + sum(p.sum() for p in module.parameters()).to(out.dtype) * 0
+        return out
+    return in_graph
 
 
 def expert_parallel_problems(cfg: Config) -> list[str]:
