@@ -130,6 +130,36 @@ def test_a_checkpoint_saved_at_ep4_resumes_at_ep2_and_on_one_device(worlds, one_
                                rtol=1e-5, atol=1e-6)
 
 
+def test_a_capacity_drops_the_pairs_beyond_it_and_counts_them():
+    """capacity_factor 0.5 on 12 tokens, 4 experts, top-2: each expert takes its first 3
+    pairs in token order; the output is the experts' sum over the pairs kept (computed
+    here pair by pair), and the dropped ones are counted."""
+    from meshpar.model.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(16, 8, num_experts=4, top_k=2, capacity_factor=0.5).train()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(1, 12, 16)
+    out = moe(x)[0]
+    _, weights, chosen = moe.router(x[0])
+    taken, expected, dropped = [0] * 4, torch.zeros(12, 16), 0
+    with torch.no_grad():
+        for t in range(12):
+            for c in range(2):
+                e = int(chosen[t, c])
+                if taken[e] == 3:  # ceil(0.5 x 24 / 4)
+                    dropped += 1
+                    continue
+                taken[e] += 1
+                h = x[0, t]
+                y = moe.experts.w_down[e] @ (torch.nn.functional.silu(moe.experts.w_gate[e] @ h)
+                                             * (moe.experts.w_up[e] @ h))
+                expected[t] += weights[t, c] * y
+    assert dropped > 0 and int(moe.dropped_tokens) == dropped
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
 def mixtral(dp: int = 1, ep: int = 1, tp: int = 1) -> dict:
     """transformers' MixtralForCausalLM (small random config: 4 layers, 8 experts, top-2)
     through hf_plan, 10 steps."""
@@ -191,12 +221,15 @@ def test_the_load_balancing_loss_is_the_switch_formula():
     (["--model", "tiny-moe", "--dp", "6", "--ep", "3"], "--ep 3 must divide the 8 experts"),
     (["--model", "tiny", "--dp", "2", "--ep", "2"], "--ep 2 needs a mixture-of-experts model"),
     (["--model", "tiny-moe", "--dp", "2", "--cp", "2"], "a mixture of experts under context parallelism"),
-    (["--config", "{toml}"], "model.experts_per_token=9 must be between 1 and num_experts=8"),
-], ids=["ep-dp", "ep-experts", "dense", "cp", "top-k"])
+    (["--config", "{top_k}"], "model.experts_per_token=9 must be between 1 and num_experts=8"),
+    (["--config", "{capacity}"], "model.capacity_factor=0.0 must be above 0 (leave it out for dropless routing)"),
+], ids=["ep-dp", "ep-experts", "dense", "cp", "top-k", "capacity"])
 def test_bad_expert_layouts_are_refused(args, message, capsys, tmp_path):
     from meshpar.cli import main
 
-    toml = tmp_path / "moe.toml"
-    toml.write_text('[model]\nname = "tiny-moe"\nexperts_per_token = 9\n')
-    assert main(["train", *[a.format(toml=toml) for a in args], "--steps", "1", "--dry-run"]) == 2
+    files = {}
+    for name, line in (("top_k", "experts_per_token = 9"), ("capacity", "capacity_factor = 0.0")):
+        files[name] = tmp_path / f"{name}.toml"
+        files[name].write_text(f'[model]\nname = "tiny-moe"\n{line}\n')
+    assert main(["train", *[a.format(**files) for a in args], "--steps", "1", "--dry-run"]) == 2
     assert message in capsys.readouterr().err

@@ -27,6 +27,7 @@ class ModelConfig:
     experts_per_token: int = 2
     shared_experts: int = 0
     aux_loss_coef: float = 0.01  # the load-balancing loss's weight
+    capacity_factor: float | None = None  # None: dropless; c: each expert takes at most c x its even share
 
     @property
     def head_dim(self) -> int:
@@ -64,6 +65,9 @@ class ModelConfig:
         elif self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
             found.append(f"model.experts_per_token={self.experts_per_token} must be between 1 and "
                          f"num_experts={self.num_experts}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            found.append(f"model.capacity_factor={self.capacity_factor} must be above 0 (leave it out for dropless "
+                         f"routing)")
         if self.aux_loss_coef < 0:
             found.append(f"model.aux_loss_coef={self.aux_loss_coef} must be at least 0")
         if self.num_heads % self.num_kv_heads:

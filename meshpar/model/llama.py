@@ -139,7 +139,7 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg) if not cfg.num_experts else \
             MoE(cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts, cfg.experts_per_token, cfg.shared_experts,
-                cfg.aux_loss_coef)
+                cfg.aux_loss_coef, cfg.capacity_factor)
         self.attention_dropout = Dropout(cfg.dropout)
         self.mlp_dropout = Dropout(cfg.dropout)
 

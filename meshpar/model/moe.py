@@ -2,10 +2,13 @@
 (SwiGLU, their weights stacked), optional shared experts every token passes through, and
 the load-balancing loss (Switch Transformer's, per sequence).
 
-Routing is dropless: every token reaches its k experts, however many choose the same
-one, so the result does not depend on how tokens are spread over ranks. The router's
-probabilities are fp32 softmax over the experts; the top-k weights are renormalized to
-sum to one (Mixtral's rule).
+Routing is dropless by default: every token reaches its k experts, however many choose
+the same one, so the result does not depend on how tokens are spread over ranks. With a
+capacity factor c, each expert takes at most ceil(c x T x k / E) of a forward's T tokens'
+pairs, first come (token order) first served; the rest are dropped - their weight zero -
+and counted. Which pairs drop then depends on how the batch is split into micro-batches
+and ranks. The router's probabilities are fp32 softmax over the experts; the top-k
+weights are renormalized to sum to one (Mixtral's rule).
 
 The load-balancing loss of a sequence of s tokens is E x sum_e f_e P_e, with f_e the
 share of its (token, choice) pairs routed to expert e and P_e its mean router
@@ -21,6 +24,8 @@ replaces `Experts.forward` and keeps a slice of the stacked experts.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -94,12 +99,14 @@ class MoE(nn.Module):
     """The MLP of a mixture-of-experts block, (b, s, H) -> (b, s, H). After each training
     forward, `aux_loss_sum` holds its load-balancing loss summed over the sequences' tokens
     (divide by the tokens for the loss) and `tokens_per_expert` the (token, choice) pairs
-    each expert received, both accumulated until `reset_statistics`."""
+    each expert was routed and `dropped_tokens` the pairs a capacity dropped, all
+    accumulated until `reset_statistics`."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int,
-                 shared_experts: int = 0, aux_loss_coef: float = 0.0):
+                 shared_experts: int = 0, aux_loss_coef: float = 0.0, capacity_factor: float | None = None):
         super().__init__()
         self.num_experts, self.top_k, self.aux_loss_coef = num_experts, top_k, aux_loss_coef
+        self.capacity_factor = capacity_factor
         self.router = Router(hidden_size, num_experts, top_k)
         self.experts = Experts(num_experts, hidden_size, ffn_hidden_size)
         self.shared = SharedExperts(hidden_size, shared_experts * ffn_hidden_size) if shared_experts else None
@@ -108,15 +115,30 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long, device="cpu"),
                              persistent=False)
         self.register_buffer("aux_loss_sum", torch.zeros((), device="cpu"), persistent=False)
+        self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.long, device="cpu"), persistent=False)
 
     def reset_statistics(self) -> None:
         self.tokens_per_expert.zero_()
         self.aux_loss_sum.zero_()
+        self.dropped_tokens.zero_()
+
+    def within_capacity(self, chosen: torch.Tensor) -> torch.Tensor:
+        """(T, k) whether each (token, choice) pair is within its expert's capacity: the
+        first ceil(capacity_factor x T x k / E) pairs routed to it, in token order."""
+        capacity = math.ceil(self.capacity_factor * chosen.numel() / self.num_experts)
+        routed = F.one_hot(chosen.reshape(-1), self.num_experts)  # (T k, E)
+        place = (routed.cumsum(0) * routed).sum(-1) - 1  # each pair's place in its expert's queue
+        return (place < capacity).view_as(chosen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
         probs, weights, chosen = self.router(flat)
+        if self.capacity_factor is not None:
+            kept = self.within_capacity(chosen)
+            weights = weights * kept
+            if self.training:
+                self.dropped_tokens += (~kept).sum().detach()
         out = self.experts(flat, chosen, weights)
         if self.shared is not None:
             out = out + self.shared(flat)

@@ -1,8 +1,9 @@
 """A step's mixture-of-experts bookkeeping: each MoE layer told the weight the training
 loss gives a token (its load-balancing loss's gradient takes the same), and after the
 step the layers' statistics over every rank - the load-balancing loss (in the training
-loss's units, summed over layers) and the tokens each expert received (min, mean and max
-over every layer's experts, counting each (token, choice) pair)."""
+loss's units, summed over layers), the tokens each expert received (min, mean and max
+over every layer's experts, counting each (token, choice) pair), and - with a capacity
+factor - the pairs dropped (summed over layers)."""
 
 from __future__ import annotations
 
@@ -34,15 +35,22 @@ def step_statistics(layers: list[MoE], mesh: ParallelMesh, tokens: int) -> dict 
     if not has.item():
         return None
     aux = torch.stack([layer.aux_loss_sum for layer in layers]).sum().reshape(1) if layers else torch.zeros(1)
+    dropped = torch.tensor([float(sum(int(layer.dropped_tokens) for layer in layers))])
+    capped = torch.tensor([float(any(layer.capacity_factor is not None for layer in layers))])
     counts = local if local is not None else torch.zeros(0, 1)
     for axis in ("dp", "cp"):  # every rank's tokens: each expert's count in the whole batch
         comm.all_reduce(mesh, axis, counts, tag="experts")
         comm.all_reduce(mesh, axis, aux, tag="experts")
+        comm.all_reduce(mesh, axis, dropped, tag="experts")
     inf = torch.tensor([torch.inf])
     low = counts.min().reshape(1) if counts.numel() else inf
     high = counts.max().reshape(1) if counts.numel() else -inf
     total = torch.tensor([counts.sum().item(), float(counts.numel())])
-    for axis, tensor, op in (("pp", low, "min"), ("pp", high, "max"), ("pp", total, "sum"), ("pp", aux, "sum")):
+    for axis, tensor, op in (("pp", low, "min"), ("pp", high, "max"), ("pp", total, "sum"), ("pp", aux, "sum"),
+                             ("pp", dropped, "sum"), ("pp", capped, "max")):
         comm.all_reduce(mesh, axis, tensor, tag="experts", op=op)
-    return {"aux_loss": aux.item() / tokens,
-            "tokens_per_expert": {"min": low.item(), "mean": (total[0] / total[1]).item(), "max": high.item()}}
+    out = {"aux_loss": aux.item() / tokens,
+           "tokens_per_expert": {"min": low.item(), "mean": (total[0] / total[1]).item(), "max": high.item()}}
+    if capped.item():
+        out["dropped_tokens"] = int(dropped.item())
+    return out

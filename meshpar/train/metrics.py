@@ -111,6 +111,8 @@ class Progress:
             if "aux_loss" in record:  # a mixture of experts: its balance at a glance
                 extra.update(aux=f"{record['aux_loss']:.4f}", experts=f"{record['expert_tokens_min']:.0f}/"
                              f"{record['expert_tokens_mean']:.0f}/{record['expert_tokens_max']:.0f}")
+                if "dropped_tokens" in record:
+                    extra["dropped"] = record["dropped_tokens"]
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=lr, tok_s=f"{record['tokens_per_s']:,.0f}",
                                  **extra, **mem, refresh=False)
             self.bar.update(1)
@@ -160,7 +162,9 @@ def format_summary(summary: dict) -> str:
         counts = summary["experts"]["tokens_per_expert"]
         lines.append(f"experts: load-balancing loss {summary['experts']['final_aux_loss']:.4f} (last step); tokens "
                      f"per expert per step min {counts['min']:.0f}, mean {counts['mean']:.0f}, max {counts['max']:.0f} "
-                     f"(each layer's, each token counted per expert chosen)")
+                     f"(each layer's, each token counted per expert chosen)"
+                     + (f"; {summary['experts']['dropped_tokens']:,} (token, expert) pairs dropped over the run"
+                        if "dropped_tokens" in summary["experts"] else ""))
     axis_width = max(map(len, summary["comm"]), default=0)
     op_width = max((len(op) for ops in summary["comm"].values() for op in ops), default=0)
     for axis, ops in summary["comm"].items():

@@ -172,6 +172,8 @@ class Trainer:
             counts = result.experts["tokens_per_expert"]
             record.update(aux_loss=result.experts["aux_loss"], expert_tokens_min=counts["min"],
                           expert_tokens_mean=counts["mean"], expert_tokens_max=counts["max"])
+            if "dropped_tokens" in result.experts:
+                record["dropped_tokens"] = result.experts["dropped_tokens"]
         return record
 
     def _saved(self, nbytes: int) -> None:
@@ -362,7 +364,9 @@ class Trainer:
                             "tokens_per_expert": {k: min(s[f"expert_tokens_{k}"] for s in steps) if k == "min" else
                                                   max(s[f"expert_tokens_{k}"] for s in steps) if k == "max" else
                                                   sum(s[f"expert_tokens_{k}"] for s in steps) / len(steps)
-                                                  for k in ("min", "mean", "max")}}}
+                                                  for k in ("min", "mean", "max")},
+                            **({"dropped_tokens": sum(s["dropped_tokens"] for s in steps)}
+                               if "dropped_tokens" in steps[-1] else {})}}
                if "aux_loss" in steps[-1] else {}),
             "comm": ledger,
             "comm_per_rank": [r["ledger"] for r in per_rank],
