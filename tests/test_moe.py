@@ -31,11 +31,11 @@ def expert_grads(parallel) -> dict:
     return {name: g for name, g in parallel.split.full_state(grads=True).items() if ".mlp." in name}
 
 
-def train(dp: int = 1, ep: int = 1, tp: int = 1, pp: int = 1, microbatches: int = 2, save: str | None = None,
-          load: str | None = None, routed: bool = False, **options) -> dict:
+def train(dp: int = 1, ep: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, microbatches: int = 2,
+          save: str | None = None, load: str | None = None, routed: bool = False, **options) -> dict:
     """10 steps (from a checkpoint `load` saved after step 5, the last 5; with `save`, a
     checkpoint after step 5)."""
-    mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp, ep=ep)
+    mesh = meshpar.init_mesh(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep)
     model = build_model(CFG, 0, "meta")
     parallel = meshpar.parallelize(model, mesh, llama_plan(CFG), microbatches=microbatches, lr=3e-3,
                                    init=None if load else functools.partial(init_rule, CFG), seed=0, load=load,
@@ -88,12 +88,14 @@ def test_two_ranks_equal_one_device(worlds, one_device, layout):
 FOUR = [pytest.param(dict(dp=4, ep=4), marks=pytest.mark.slow, id="ep4"),
         pytest.param(dict(dp=2, ep=2, tp=2), id="ep2xtp2"),
         pytest.param(dict(dp=2, ep=2, pp=2, microbatches=4), marks=pytest.mark.slow, id="ep2xpp2"),
-        pytest.param(dict(dp=4, ep=2, zero=3), id="ep2-zero3")]
+        pytest.param(dict(dp=4, ep=2, zero=3), id="ep2-zero3"),
+        pytest.param(dict(dp=2, ep=2, cp=2), id="ep2xcp2")]
 
 
 @pytest.mark.parametrize("layout", FOUR)
 def test_four_ranks_equal_one_device(worlds, one_device, layout):
-    """ep2 with ZeRO-3 at dp4: the experts sharded over edp (2 ranks) besides ep."""
+    """ep2 with ZeRO-3 at dp4: the experts sharded over edp (2 ranks) besides ep; ep2 x cp2:
+    each sequence in two parts, the load-balancing loss's counts summed over them."""
     for rank, run in enumerate(worlds(4).run(train_layout, layout)):
         same(run, one_device, f"{layout} rank {rank}")
         if "grads" in run:  # every expert's and router's, gathered whole
@@ -220,10 +222,10 @@ def test_the_load_balancing_loss_is_the_switch_formula():
     (["--model", "tiny-moe", "--dp", "2", "--ep", "3"], "--ep 3 must divide --dp 2"),
     (["--model", "tiny-moe", "--dp", "6", "--ep", "3"], "--ep 3 must divide the 8 experts"),
     (["--model", "tiny", "--dp", "2", "--ep", "2"], "--ep 2 needs a mixture-of-experts model"),
-    (["--model", "tiny-moe", "--dp", "2", "--cp", "2"], "a mixture of experts under context parallelism"),
+    (["--model", "tiny-moe", "--tp", "2", "--sequence-parallel"], "a mixture of experts with --sequence-parallel"),
     (["--config", "{top_k}"], "model.experts_per_token=9 must be between 1 and num_experts=8"),
     (["--config", "{capacity}"], "model.capacity_factor=0.0 must be above 0 (leave it out for dropless routing)"),
-], ids=["ep-dp", "ep-experts", "dense", "cp", "top-k", "capacity"])
+], ids=["ep-dp", "ep-experts", "dense", "sp", "top-k", "capacity"])
 def test_bad_expert_layouts_are_refused(args, message, capsys, tmp_path):
     from meshpar.cli import main
 

@@ -14,7 +14,8 @@ The load-balancing loss of a sequence of s tokens is E x sum_e f_e P_e, with f_e
 share of its (token, choice) pairs routed to expert e and P_e its mean router
 probability for e; a layer's loss is its sequences' mean, times `aux_loss_coef`.
 Computed per sequence, it is the same whatever the split of the batch over ranks and
-micro-batches. It is not added to the output: its gradient is added in backward
+micro-batches; a sequence split in parts (context parallelism) sums its parts' counts
+through `sum_over_sequence_parts`, which whoever splits it sets. It is not added to the output: its gradient is added in backward
 (`AuxLossGradient`) with the weight the training loss gives each token,
 `loss_normalizer` per token (1 / the step's target tokens, set by the training step;
 default 1: a summed loss), so pipeline stages need no second loss to carry back.
@@ -111,6 +112,10 @@ class MoE(nn.Module):
         self.experts = Experts(num_experts, hidden_size, ffn_hidden_size)
         self.shared = SharedExperts(hidden_size, shared_experts * ffn_hidden_size) if shared_experts else None
         self.loss_normalizer = 1.0  # the training loss's weight per token (the step sets it)
+        # When each sequence is split into parts over ranks: how many, and how a per-sequence
+        # count is summed over them (context parallelism sets both).
+        self.sequence_parts = 1
+        self.sum_over_sequence_parts = None
         # statistics, not weights: made on the host even when the model is built on meta
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long, device="cpu"),
                              persistent=False)
@@ -146,10 +151,15 @@ class MoE(nn.Module):
         if self.training:
             self.tokens_per_expert += counts.sum(0).detach()
             if self.aux_loss_coef:
-                share = counts.float() / (s * self.top_k)  # f_e per sequence
-                mean_prob = probs.view(b, s, -1).mean(1)  # P_e per sequence
-                # each sequence's loss, weighted as its s tokens' losses are
-                aux = self.aux_loss_coef * self.num_experts * (share * mean_prob).sum(-1).sum() * s
+                # Each sequence's loss weighted as its tokens' losses are: s E f_e P_e summed
+                # over e = E sum_e f_e (sum of the tokens' p_e). When the sequences are split
+                # (context parallelism), f_e needs every part's counts; the probabilities'
+                # sum splits, and each part adds its own.
+                whole, length = counts.float(), s
+                if self.sum_over_sequence_parts is not None:
+                    whole, length = self.sum_over_sequence_parts(whole), s * self.sequence_parts
+                share = whole / (length * self.top_k)  # f_e per sequence
+                aux = self.aux_loss_coef * self.num_experts * (share * probs.view(b, s, -1).sum(1)).sum()
                 self.aux_loss_sum += aux.detach()
                 out = AuxLossGradient.apply(out, aux, self.loss_normalizer)
         return out.view(b, s, h)

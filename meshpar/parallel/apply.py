@@ -20,6 +20,7 @@ model, and leaves holding only this rank's slices of it.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -132,6 +133,10 @@ def split_model(model: nn.Module, mesh: ParallelMesh, plan: Plan | None = None, 
         attend = ContextParallelAttention(mesh, cp_impl)
         for _, attention in named_matching(model, [plan.attention]):
             attention.attend = attend
+        # a mixture of experts' load-balancing loss counts per sequence: the parts' counts summed
+        for layer in (m for m in model.modules() if hasattr(m, "sum_over_sequence_parts")):
+            layer.sequence_parts = mesh.size("cp")
+            layer.sum_over_sequence_parts = functools.partial(_sum_over_cp, mesh)
     if blocks is not None:  # 3
         shard_dropouts(model, blocks, [name for name, _ in regions_of(model, plan)], mesh, sequence_parallel)
     apply_compile([model.get_submodule(name) for name in compiled])  # 4; by name: step 1 replaced modules
@@ -148,6 +153,10 @@ def split_model(model: nn.Module, mesh: ParallelMesh, plan: Plan | None = None, 
         parallel.module = PipelineStages(model, plan.pipeline, {s: ranges[s] for s in range(r, num_stages, p)},
                                          num_stages, seq_shards)
     return parallel
+
+
+def _sum_over_cp(mesh: ParallelMesh, counts: torch.Tensor) -> torch.Tensor:
+    return comm.all_reduce(mesh, "cp", counts.detach().clone(), tag="moe_counts")
 
 
 def named_matching(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:

@@ -142,9 +142,6 @@ def expert_parallel_problems(cfg: Config) -> list[str]:
     elif experts and experts % ep:
         found.append(f"--ep {ep} must divide the {experts} experts; use one of "
                      f"{', '.join(str(d) for d in range(1, experts + 1) if experts % d == 0)}")
-    if experts and cfg.mesh.cp > 1:
-        found.append("a mixture of experts under context parallelism is not supported yet: its load-balancing "
-                     "loss is per sequence, and cp splits sequences")
     if experts and cfg.tensor.sequence_parallel:
         found.append("a mixture of experts with --sequence-parallel is not supported yet: its load-balancing "
                      "loss is per sequence, and sequence parallelism splits them over tp")
