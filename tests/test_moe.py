@@ -162,6 +162,36 @@ def test_a_capacity_drops_the_pairs_beyond_it_and_counts_them():
     torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"shared_experts": 1}, {"experts_per_token": 3}],
+                         ids=["top2", "shared", "top3"])
+def test_saved_activation_bytes_equal_the_prediction(overrides):
+    """One MoE layer's bytes kept for backward, counted from autograd's saved tensors,
+    equal the planner's prediction exactly."""
+    from meshpar.train.activations import measure_layer, predicted_saved_bytes
+
+    cfg = model_config("tiny-moe", **overrides)
+    for b, s in ((2, 64), (4, 128)):
+        assert measure_layer(cfg, meshpar.ParallelMesh.single(), b, s, False) == predicted_saved_bytes(cfg, b, s)
+
+
+def test_the_planner_ranks_expert_parallel_layouts_for_mixtral_8x7b():
+    """Mixtral 8x7B's shape on 64 H100s: the parameters its papers count, and expert
+    parallelism among the layouts that fit, its all-to-all in the step time."""
+    from meshpar.planner.hardware import make_cluster
+    from meshpar.planner.model import PRESETS
+    from meshpar.planner.search import plan
+
+    spec = PRESETS["mixtral-8x7b"]
+    assert abs(spec.params() / 46.7e9 - 1) < 0.01
+    assert abs(spec.active_params() / 12.9e9 - 1) < 0.01  # the paper's active parameters per token
+    found = plan(spec, make_cluster("h100-80gb", 64, 8), 256, fixed={"pp": 1, "cp": 1, "recompute": "full",
+                                                                "micro_batch_size": 1, "offload": "none"})
+    fitting = [c for c in found if c.fits]
+    assert any(c.layout.ep > 1 for c in fitting)
+    for c in found:
+        assert (c.time["ep"] > 0) == (c.layout.ep > 1)
+
+
 def mixtral(dp: int = 1, ep: int = 1, tp: int = 1) -> dict:
     """transformers' MixtralForCausalLM (small random config: 4 layers, 8 experts, top-2)
     through hf_plan, 10 steps."""

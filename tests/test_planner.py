@@ -70,6 +70,30 @@ def test_model_state_bytes_equal_training(worlds, dp):
             assert predicted[part] == state[part], (dp, zero, part)
 
 
+def moe_state_runs(ep: int) -> list[dict]:
+    from meshpar.config import ModelSection
+
+    runs = []
+    for zero in range(4):
+        cfg = fast_config(dp=2, steps=1, ep=ep)
+        cfg.model = ModelSection("tiny-moe")
+        cfg.zero.stage = zero
+        runs.append(train_and_report(cfg)["summary"]["model_state_bytes_per_rank"][0])
+    return runs
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_a_mixture_of_experts_state_bytes_equal_training(worlds, ep):
+    """tiny-moe at dp2: at ep2 each rank holds half the experts, whose states ZeRO does not
+    shard further (the dp ranks holding the same experts: 1), the rest sharded over dp2."""
+    measured = worlds(2).run(moe_state_runs, ep)[0]
+    for zero, state in enumerate(measured):
+        predicted = memory_bytes(PRESETS["tiny-moe"], Layout(2, 1, 1, 1, zero, "none", 1, 8, False, "none", "none",
+                                                             ep), 16)
+        for part in ("params", "grads", "optimizer"):
+            assert predicted[part] == state[part], (ep, zero, part, predicted[part], state[part])
+
+
 def peak_gradient_bytes(cfg) -> int:
     """On this rank: the most gradient bytes held at once during a run (full buffers and
     shards, as `state_bytes` counts them), read at every launch of a bucket's reduction."""

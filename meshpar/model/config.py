@@ -98,6 +98,11 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3-405b": ModelConfig(vocab_size=128256, hidden_size=16384, num_layers=126,
                                num_heads=128, num_kv_heads=8, ffn_hidden_size=53248,
                                max_seq_len=8192, rope_theta=500000.0),
+    # Mixtral 8x7B's shape (Jiang et al. 2024), for the planner: 46.7B parameters, 12.9B
+    # of them used per token.
+    "mixtral-8x7b": ModelConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+                                num_kv_heads=8, ffn_hidden_size=14336, max_seq_len=4096,
+                                rope_theta=1e6, num_experts=8, experts_per_token=2),
     # tiny with a mixture of 8 experts (top-2) in every block: ~1.3M parameters.
     "tiny-moe": ModelConfig(vocab_size=256, hidden_size=64, num_layers=8, num_heads=8,
                             num_kv_heads=4, ffn_hidden_size=96, max_seq_len=256, num_experts=8,
@@ -105,7 +110,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 # Presets too large to instantiate on a CPU run.
-LARGE_PRESETS = frozenset({"llama-1.4b", "llama3-8b", "llama3-70b", "llama3-405b"})
+LARGE_PRESETS = frozenset({"llama-1.4b", "llama3-8b", "llama3-70b", "llama3-405b", "mixtral-8x7b"})
 
 
 def model_config(name: str, **overrides) -> ModelConfig:

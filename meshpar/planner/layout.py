@@ -9,7 +9,7 @@ from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.schedules import build_schedule
 
 SETTINGS = ("dp", "tp", "pp", "cp", "zero", "schedule", "virtual_stages", "micro_batch_size",
-            "sequence_parallel", "recompute", "offload")
+            "sequence_parallel", "recompute", "offload", "ep")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Layout:
     sequence_parallel: bool
     recompute: str
     offload: str  # "none" or "optimizer"
+    ep: int = 1  # expert parallelism, within dp (a mixture of experts' experts split over it)
 
     def settings(self) -> dict:
         return asdict(self)
@@ -34,7 +35,7 @@ class Layout:
 
     def describe(self) -> str:
         parts = [f"dp={self.dp}", f"tp={self.tp}", f"pp={self.pp}", f"cp={self.cp}", f"zero={self.zero}",
-                 f"mbs={self.micro_batch_size}"]
+                 f"mbs={self.micro_batch_size}"] + ([f"ep={self.ep}"] if self.ep > 1 else [])
         if self.pp > 1:
             parts.append(self.schedule + (f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""))
         if self.sequence_parallel:

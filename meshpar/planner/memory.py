@@ -44,13 +44,22 @@ class Dtypes:
         return min(self.param_bytes, self.activation_bytes)
 
 
+def expert_params_per_rank(spec: ModelSpec, layout: Layout) -> int:
+    """Of `params_per_rank`, a mixture of experts' routed experts: the busiest stage's
+    layers' num_experts / ep experts each, whole under tp."""
+    return -(-spec.layers // layout.pp) * spec.expert_params() // layout.ep
+
+
 def params_per_rank(spec: ModelSpec, layout: Layout) -> int:
     """Parameters on the busiest rank before ZeRO-3 sharding: the first pipeline stage's
     layers and embedding (or the last stage's output layer, if larger), over tp. Norm
     gains are replicated over tp; they are counted whole. A tied embedding split over
-    stages is held by both ends."""
+    stages is held by both ends. A mixture of experts' routed experts are split over ep
+    instead, and its router is whole on each tp rank."""
     layers = -(-spec.layers // layout.pp)
-    per_layer = spec.layer_params() // layout.tp
+    router = spec.hidden * spec.experts
+    dense = spec.layer_params() - spec.expert_params() - router
+    per_layer = dense // layout.tp + router + spec.expert_params() // layout.ep
     if layout.pp == 1:
         ends = spec.embedding_params() + spec.head_params()
     else:
@@ -131,9 +140,21 @@ def gradients_follow_activations(layout: Layout, microbatches: int) -> bool:
             and layout.offload == "none" and microbatches == 1)
 
 
+def model_state_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dtypes) -> tuple[float, float, float]:
+    """(parameter, gradient, optimizer-state) bytes of the busiest rank: `state_bytes` of
+    its parameters over dp, a mixture of experts' routed experts over the dp ranks holding
+    the same ones (dp / ep)."""
+    experts = expert_params_per_rank(spec, layout)
+    m, offload = layout.microbatches(global_batch), layout.offload == "optimizer"
+    dense = state_bytes(params_per_rank(spec, layout) - experts, layout.dp, layout.zero, offload, dtypes, m)
+    if not experts:
+        return dense
+    routed = state_bytes(experts, layout.dp // layout.ep, layout.zero, offload, dtypes, m)
+    return tuple(a + b for a, b in zip(dense, routed))
+
+
 def memory_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dtypes = Dtypes()) -> dict[str, float]:
-    params, grads, optimizer = state_bytes(params_per_rank(spec, layout), layout.dp, layout.zero,
-                                           layout.offload == "optimizer", dtypes, layout.microbatches(global_batch))
+    params, grads, optimizer = model_state_bytes(spec, layout, global_batch, dtypes)
     shape = pipeline_shape(layout.schedule, layout.pp, layout.virtual_stages, layout.microbatches(global_batch))
     layers_per_chunk = -(-spec.layers // (layout.pp * layout.virtual_stages))
     activations = shape.peak_inflight * layers_per_chunk * layer_activation_bytes(spec, layout, dtypes)
@@ -143,7 +164,8 @@ def memory_bytes(spec: ModelSpec, layout: Layout, global_batch: int, dtypes: Dty
     other = WORKSPACE_BYTES + 2 * BUCKET_BYTES
     if layout.zero == 3:  # two units gathered at once (the one running, the one prefetched)
         received = dtypes.gather_bytes if dtypes.gather_bytes < dtypes.param_bytes else 0  # 16 bits, then upcast
-        other += 2 * spec.layer_params() / layout.tp * (dtypes.param_bytes + received)
+        unit = (spec.layer_params() - spec.expert_params()) / layout.tp + spec.expert_params() / layout.ep
+        other += 2 * unit * (dtypes.param_bytes + received)
     if gradients_follow_activations(layout, layout.microbatches(global_batch)):
         total = params + max(grads, activations) + optimizer + other
     else:

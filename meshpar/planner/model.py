@@ -47,6 +47,11 @@ class ModelSpec:
             mlp = mlp * ((self.experts_per_token if active else self.experts) + self.shared_experts) + h * self.experts
         return (2 * h * h + 2 * h * kv) + mlp + 2 * h
 
+    def expert_params(self) -> int:
+        """A block's routed experts' parameters (0 for a dense model): what expert
+        parallelism splits and tensor parallelism leaves whole."""
+        return self.experts * 3 * self.hidden * self.ffn_hidden
+
     def embedding_params(self) -> int:
         """Input side: token embeddings (and learned positions for gpt)."""
         return self.vocab * self.hidden + (self.seq_len * self.hidden if self.arch == "gpt" else 0)
@@ -58,6 +63,10 @@ class ModelSpec:
 
     def params(self) -> int:
         return self.layers * self.layer_params() + self.embedding_params() + self.head_params()
+
+    def active_params(self) -> int:
+        """The parameters one token's forward uses (a mixture of experts: its k experts)."""
+        return self.layers * self.layer_params(active=True) + self.embedding_params() + self.head_params()
 
     def flops_per_token(self) -> float:
         """Model FLOPs of a training step per token (forward and backward, no
@@ -84,9 +93,8 @@ class ModelSpec:
             found.append(f"--heads {self.heads} does not divide --hidden {self.hidden}")
         if not found and self.heads % self.kv_heads:
             found.append(f"--kv-heads {self.kv_heads} must divide --heads {self.heads}")
-        if self.experts:
-            found.append("the planner does not model mixtures of experts yet (experts per rank under expert "
-                         "parallelism, the tokens' all-to-all); plan the dense model, or train with --dry-run")
+        if self.experts and not 1 <= self.experts_per_token <= self.experts:
+            found.append(f"experts_per_token={self.experts_per_token} must be between 1 and experts={self.experts}")
         return found
 
 

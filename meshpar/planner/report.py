@@ -126,7 +126,9 @@ def plan_command(args) -> int:
                           "gpus": cluster.gpus, "gpu": cluster.gpu.name,
                           "candidates": [c.to_json() for c in candidates[:args.top]]}, indent=1))
     else:
-        print(f"{spec.arch} model, {spec.params() / 1e9:.2f}B parameters, sequence {spec.seq_len}; "
+        moe = (f" ({spec.experts} experts, top-{spec.experts_per_token}: "
+               f"{spec.active_params() / 1e9:.1f}B used per token)") if spec.experts else ""
+        print(f"{spec.arch} model, {spec.params() / 1e9:.2f}B parameters{moe}, sequence {spec.seq_len}; "
               f"{cluster.gpus} x {cluster.gpu.name} ({cluster.gpus_per_node} per node), global batch "
               f"{args.global_batch_size}; {len(candidates):,} layouts, "
               f"{sum(c.fits for c in candidates):,} fit in {cluster.gpu.memory_bytes / GiB:.1f} GiB")

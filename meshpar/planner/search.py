@@ -85,10 +85,12 @@ def layouts(spec: ModelSpec, cluster: Cluster, global_batch: int, fixed: dict | 
                 schedules = [("none", 1)] if pp == 1 else \
                     [(sch, v) for sch in SCHEDULES for v in (_chunk_counts(spec.layers, pp)
                                                              if sch == "interleaved-1f1b" else (1,))]
-                for (schedule, v), mbs, zero, sp, recompute, offload in itertools.product(
+                eps = [e for e in divisors(dp) if spec.experts % e == 0] if spec.experts else [1]
+                for (schedule, v), mbs, zero, sp, recompute, offload, ep in itertools.product(
                         schedules, choices("micro_batch_size", MICRO_BATCH_SIZES), choices("zero", STAGES),
-                        choices("sequence_parallel", (False, True) if tp > 1 else (False,)),
-                        choices("recompute", RECOMPUTES), choices("offload", ("none", "optimizer"))):
+                        choices("sequence_parallel", (False, True) if tp > 1 and not spec.experts else (False,)),
+                        choices("recompute", RECOMPUTES), choices("offload", ("none", "optimizer")),
+                        choices("ep", eps)):
                     if fixed.get("schedule", schedule) != schedule or fixed.get("virtual_stages", v) != v:
                         continue
                     if (global_batch // dp) % mbs or (sp and spec.seq_len // cp % tp):
@@ -96,7 +98,9 @@ def layouts(spec: ModelSpec, cluster: Cluster, global_batch: int, fixed: dict | 
                     m = global_batch // dp // mbs
                     if schedule == "interleaved-1f1b" and m % pp:
                         continue
-                    yield Layout(dp, tp, pp, cp, zero, schedule, v, mbs, sp, recompute, offload)
+                    if dp % ep or (spec.experts and spec.experts % ep) or (ep > 1 and not spec.experts):
+                        continue
+                    yield Layout(dp, tp, pp, cp, zero, schedule, v, mbs, sp, recompute, offload, ep)
 
 
 def evaluate(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: int, dtypes: Dtypes,

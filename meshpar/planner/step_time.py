@@ -10,6 +10,9 @@ Per micro-batch and pipeline stage (the most loaded one):
 - tp: 4 all-reduces (or all-gather + reduce-scatter pairs with SP: the same bytes) of the
   micro-batch's b x s/cp x h activations per layer, forward and backward, over NVLink, not
   overlapped;
+- ep (a mixture of experts): 4 all-to-alls of the tokens' k hidden states per layer, to
+  the experts and back, forward and backward, on the ep group's links, not overlapped;
+  the experts' matmuls k per token, whole on each tp rank;
 - cp (ring): cp-1 K/V chunks per layer forward, twice that backward, overlapped with the
   attention they feed: only the excess is exposed;
 - pp: one activation send per micro-batch and stage boundary, forward and backward;
@@ -52,8 +55,9 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     layers = -(-spec.layers // layout.pp)
     m = layout.microbatches(global_batch)
 
-    # compute, per micro-batch and stage
-    matmul_time = sum(2 * tokens * k * n / (peak * eff.matmul_fraction(min(k, n))) for k, n in _gemms(spec, t))
+    # compute, per micro-batch and stage (a mixture of experts: each token through its k experts)
+    matmul_time = sum(2 * tokens * uses * k * n / (peak * eff.matmul_fraction(min(k, n)))
+                      for k, n, uses in _gemms(spec, t))
     attention_fwd = 4 * b * s * spec.seq_len * spec.hidden / 2 / t  # causal: half of the s x s scores
     attention_eff = eff.attention if spec.flash_attention else eff.attention * 0.5
     layer_fwd = matmul_time + attention_fwd / (peak * attention_eff)
@@ -85,6 +89,16 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
         tp_per_layer = 4 * _ring_time(activation, t, gpu.intra_node_GBps, eff.intra_collective,
                                       latency_us=gpu.intra_node_latency_us)
     tp = layers * tp_per_layer
+    # expert parallelism: each token's k hidden states to their experts' ranks and back,
+    # forward, and their gradients backward - four all-to-alls per layer, not overlapped;
+    # over NVLink while an ep group (t x cp x ep consecutive ranks) fits in a node
+    ep_comm = 0.0
+    if spec.experts and layout.ep > 1:
+        inside = t * cp * layout.ep <= cluster.gpus_per_node
+        ep_link, ep_eff, ep_latency = ((gpu.intra_node_GBps, eff.intra_collective, gpu.intra_node_latency_us) if inside
+                                       else (gpu.inter_node_GBps, eff.inter_collective, gpu.inter_node_latency_us))
+        routed = tokens * spec.experts_per_token * spec.hidden * element
+        ep_comm = layers * 4 * _ring_time(routed, layout.ep, ep_link, ep_eff, all_reduce=False, latency_us=ep_latency)
     # context parallelism: the ring's K/V (and dK/dV backward) behind the attention
     kv = 2 * b * s * max(1, spec.kv_heads // t) * spec.head_dim * element
     cp_link = gpu.intra_node_GBps if t * cp <= cluster.gpus_per_node else gpu.inter_node_GBps
@@ -97,12 +111,13 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     pp_latency = gpu.inter_node_latency_us if pp_link == gpu.inter_node_GBps else gpu.intra_node_latency_us
     residual = tokens * spec.hidden * residual_element / (t if layout.sequence_parallel else 1)
     pp_send = (pp_latency * 1e-6 + residual / (pp_link * 1e9 * eff.inter_collective)) if layout.pp > 1 else 0.0
-    per_microbatch = forward + backward + tp + cp_exposed + 2 * pp_send * layout.virtual_stages
+    per_microbatch = forward + backward + tp + ep_comm + cp_exposed + 2 * pp_send * layout.virtual_stages
     shape = pipeline_shape(layout.schedule, layout.pp, layout.virtual_stages, m)
     busy = m * per_microbatch
     pipeline_total = busy if cluster.oversubscribed else busy / (1 - shape.bubble_fraction)
 
-    # data parallelism
+    # data parallelism (a mixture of experts' routed experts over dp / ep: counted as if
+    # over dp, at the payload's share - their reduction's ranks are fewer, not faster)
     params = params_per_rank(spec, layout)
     grad_payload = params * dtypes.grad_bytes
     # cp ranks' gradients add up too, where the bytes are fewest (zero.py): ZeRO-0 sums a
@@ -143,14 +158,21 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
         tied = _ring_time(shared, 2, pp_link, eff.inter_collective, latency_us=pp_latency)
 
     total = pipeline_total + dp_exposed + cp_grads + tied + optimizer
-    return {"compute": m * (forward + backward), "tp": m * tp, "cp": m * cp_exposed + cp_grads,
+    return {"compute": m * (forward + backward), "tp": m * tp, "ep": m * ep_comm, "cp": m * cp_exposed + cp_grads,
             "pp": m * 2 * pp_send * layout.virtual_stages + tied, "dp": dp_exposed,
             "bubble": pipeline_total - busy, "optimizer": optimizer, "total": total}
 
 
-def _gemms(spec: ModelSpec, t: int) -> list[tuple[int, int]]:
-    """(k, n) of each weight matrix of a layer on one tp rank."""
+def _gemms(spec: ModelSpec, t: int) -> list[tuple[int, int, int]]:
+    """(k, n, uses per token) of each weight matrix of a layer on one tp rank: a mixture
+    of experts' experts whole (each token through k of them), its router, its shared
+    experts split as an MLP."""
     h, f, kv = spec.hidden, spec.ffn_hidden, spec.kv_heads * spec.head_dim
     if spec.arch == "gpt":
-        return [(h, 3 * h // t), (h // t, h), (h, f // t), (f // t, h)]
-    return [(h, (h + 2 * kv) // t), (h // t, h), (h, 2 * f // t), (f // t, h)]
+        return [(h, 3 * h // t, 1), (h // t, h, 1), (h, f // t, 1), (f // t, h, 1)]
+    attention = [(h, (h + 2 * kv) // t, 1), (h // t, h, 1)]
+    if not spec.experts:
+        return attention + [(h, 2 * f // t, 1), (f // t, h, 1)]
+    k, shared = spec.experts_per_token, spec.shared_experts * f
+    return attention + [(h, spec.experts, 1), (h, 2 * f, k), (f, h, k)] + \
+        ([(h, 2 * shared // t, 1), (shared // t, h, 1)] if shared else [])

@@ -108,6 +108,8 @@ def predicted_saved_bytes(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
                  + b * s * heads * d * c  # attention output
                  + b * s * heads * d * c)  # its (b*s, heads*d) copy, the input of wo
     mlp = block_input + 4 * b * s * f * c  # gate, up, silu(gate), silu(gate)*up
+    if cfg.num_experts:
+        mlp = block_input + _experts_saved_bytes(cfg, b, s, t, c)
     regions = {"attention_norm": norm, "attention": attention, "mlp_norm": norm, "mlp": mlp}
     if recompute == "selective":  # the attention core's output and log-sum-exp are recomputed
         regions["attention"] -= b * s * heads * d * c + b * heads * s * fp32
@@ -117,6 +119,22 @@ def predicted_saved_bytes(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
     # No storage is shared between regions: a norm keeps its input, the block reads
     # its output.
     return {**regions, "total": sum(regions.values())}
+
+
+def _experts_saved_bytes(cfg: ModelConfig, b: int, s: int, t: int, c: int) -> int:
+    """What a mixture of experts keeps besides its input, on one rank (the experts whole on
+    each tp rank, every token through k of them): per (token, choice) pair its gathered
+    input, the expert's output and its weighted copy (h each), gate, up, silu(gate) and their
+    product (ffn each), its ids and weight; per token the router's fp32 probabilities, its
+    top-k values and ids and their sum; per sequence the load-balancing loss's expert
+    shares; and the shared experts as an MLP split over tp."""
+    fp32, h, k, e = 4, cfg.hidden_size, cfg.experts_per_token, cfg.num_experts
+    tokens = b * s
+    pairs = tokens * k
+    per_pair = (3 * h + 4 * cfg.ffn_hidden_size) * c + 2 * 8 + fp32
+    per_token = e * fp32 + k * (8 + fp32) + fp32
+    shared = 4 * tokens * cfg.shared_experts * cfg.ffn_hidden_size // t * c
+    return pairs * per_pair + tokens * per_token + b * e * fp32 * (cfg.aux_loss_coef > 0) + shared
 
 
 def measure_layer(cfg: ModelConfig, mesh, batch: int, seq: int, sequence_parallel: bool,

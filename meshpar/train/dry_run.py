@@ -30,7 +30,8 @@ def dry_run(cfg: Config) -> str:
     dtypes = Dtypes.for_precision(precision)
     layout = Layout(mesh_cfg.dp, mesh_cfg.tp, mesh_cfg.pp, mesh_cfg.cp, zero,
                     pipe.schedule if mesh_cfg.pp > 1 else "none", pipe.virtual_stages, mbs,
-                    cfg.tensor.sequence_parallel, cfg.recompute.recompute, "optimizer" if cfg.zero.offload else "none")
+                    cfg.tensor.sequence_parallel, cfg.recompute.recompute, "optimizer" if cfg.zero.offload else "none",
+                    mesh_cfg.ep)
     spec = from_meshpar(model_cfg, cfg.data.seq_len)
     per_layer = layer_activation_bytes(spec, layout, dtypes)
     head, copies = head_activation_bytes(spec, layout, dtypes), weight_copy_bytes(spec, layout, dtypes)
