@@ -3,9 +3,10 @@ transformers itself describes in every config.
 
     base_model_tp_plan    colwise -> column, rowwise -> row,
                           replicated_with_grad_allreduce -> partial_grads (Qwen3's q, k norms),
-                          moe_tp_experts -> the plan's experts (Mixtral's stacked experts:
-                          split by expert parallelism, whole under tp; the entries inside
-                          them are not applied)
+                          moe_tp_experts -> the plan's experts (Mixtral's and Qwen3-MoE's
+                          stacked experts: split by expert parallelism, whole under tp; the
+                          entries inside them are not applied; Qwen3-MoE's dense MLPs, where
+                          some layers have one, are tp regions by their own names)
     base_model_pp_plan    the embedding (input_ids in: vocab-parallel, first stage), the
                           layer list (the blocks), the final norm (last stage)
     the model's _pp_plan  the output layer (vocab-parallel, with meshpar's loss)
@@ -36,7 +37,7 @@ from meshpar.parallel.plan import PipelinePlan, Plan
 # The families whose forward is the base model's embedding, layers and norm as the pp plan
 # lists them, nothing in between (Gemma, say, scales its embeddings inside the forward),
 # and whose every strategy is tested against one device (tests/test_hf_models.py).
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe")
 STYLES = {"colwise": "column", "rowwise": "row", "replicated_with_grad_allreduce": "partial_grads"}
 
 
@@ -46,7 +47,8 @@ class UnsupportedModel(ValueError):
 
 def hf_plan(model: nn.Module) -> Plan:
     """The Plan of a transformers causal LM (LlamaForCausalLM, Qwen2ForCausalLM,
-    Qwen3ForCausalLM, MistralForCausalLM, MixtralForCausalLM and others laid out alike),
+    Qwen3ForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM and
+    others laid out alike),
     from its config's
     `base_model_tp_plan` and `base_model_pp_plan`; switches its attention to meshpar's
     core and turns its KV cache off (training). UnsupportedModel (a ValueError) names every
@@ -92,8 +94,11 @@ def hf_plan(model: nn.Module) -> Plan:
     by_style = {s: [p for p, style in full.items() if STYLES[style] == s] for s in set(STYLES.values())}
     embed, blocks, after = _pipeline_parts(pp_plan, base, prefix, problems)
     output = next(iter(head_plan))
-    for pattern in by_style["column"] + by_style["row"]:
+    for pattern in list(by_style["column"] + by_style["row"]):
         found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not found and experts:  # Qwen3-MoE's dense MLP entries, where every layer is sparse
+            by_style["column" if pattern in by_style["column"] else "row"].remove(pattern)
+            continue
         if not found:
             problems.append(f"tp plan entry {pattern!r} matches no module")
         problems += [f"{n} is a {type(names[n]).__name__}, not an nn.Linear" for n in found
@@ -112,6 +117,10 @@ def hf_plan(model: nn.Module) -> Plan:
     if len(attention) != 1:
         problems.append(f"found {len(attention)} attention modules among the tp plan's parents {regions} "
                         f"(meshpar looks for the one holding q_proj and k_proj)")
+    if experts:  # a dense MLP's region names its own modules: a sparse block of the same name is no region
+        regions = attention + sorted({n.rpartition(".")[0] for p in by_style["column"] + by_style["row"]
+                                      if not p.rpartition(".")[0] in attention
+                                      for n in names if fnmatch.fnmatchcase(n, p)})
     if problems:
         raise UnsupportedModel(f"{type(model).__name__}: " + "; ".join(problems))
 
