@@ -85,6 +85,24 @@ def test_two_ranks_equal_one_device(worlds, one_device, layout):
 
 # ep4 and ep2 x pp2 (13 s and 9 s here) run in `make test-all`; the checkpoint test below
 # trains at ep4 too.
+def test_recomputed_experts_equal_one_device(worlds, one_device):
+    """Every block recomputed in backward at ep2 (the exchanges run again there): one
+    device's losses, parameters and gradients, and each expert's tokens counted once per
+    step."""
+    for rank, run in enumerate(worlds(2).run(train_layout, dict(dp=2, ep=2, recompute="full", routed=True))):
+        same(run, one_device, f"recompute full rank {rank}")
+        pairs_per_layer = BATCH // 2 * SEQ * CFG.experts_per_token  # this rank's tokens, k each
+        assert [int(counts.sum()) for counts in run["tokens_per_expert"]] == [pairs_per_layer] * CFG.num_layers
+
+
+@pytest.mark.slow
+def test_bf16_experts_track_one_device_in_bf16(worlds):
+    reference = in_one_process(train_layout, dict(precision="bf16"))
+    for rank, run in enumerate(worlds(2).run(train_layout, dict(dp=2, ep=2, precision="bf16"))):
+        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=2e-3,
+                                   atol=2e-3, msg=f"bf16 rank {rank}")
+
+
 FOUR = [pytest.param(dict(dp=4, ep=4), marks=pytest.mark.slow, id="ep4"),
         pytest.param(dict(dp=2, ep=2, tp=2), id="ep2xtp2"),
         pytest.param(dict(dp=2, ep=2, pp=2, microbatches=4), marks=pytest.mark.slow, id="ep2xpp2"),

@@ -142,14 +142,17 @@ class MoE(nn.Module):
         if self.capacity_factor is not None:
             kept = self.within_capacity(chosen)
             weights = weights * kept
-            if self.training:
+            if self.training and torch._C._current_graph_task_id() == -1:
                 self.dropped_tokens += (~kept).sum().detach()
         out = self.experts(flat, chosen, weights)
         if self.shared is not None:
             out = out + self.shared(flat)
         counts = F.one_hot(chosen.view(b, s * self.top_k), self.num_experts).sum(1)  # (b, E)
-        if self.training:
+        # a forward recomputed inside backward (activation recomputation) counts nothing again
+        counting = self.training and torch._C._current_graph_task_id() == -1
+        if counting:
             self.tokens_per_expert += counts.sum(0).detach()
+        if self.training:
             if self.aux_loss_coef:
                 # Each sequence's loss weighted as its tokens' losses are: s E f_e P_e summed
                 # over e = E sum_e f_e (sum of the tokens' p_e). When the sequences are split
@@ -160,6 +163,7 @@ class MoE(nn.Module):
                     whole, length = self.sum_over_sequence_parts(whole), s * self.sequence_parts
                 share = whole / (length * self.top_k)  # f_e per sequence
                 aux = self.aux_loss_coef * self.num_experts * (share * probs.view(b, s, -1).sum(1)).sum()
-                self.aux_loss_sum += aux.detach()
+                if counting:
+                    self.aux_loss_sum += aux.detach()
                 out = AuxLossGradient.apply(out, aux, self.loss_normalizer)
         return out.view(b, s, h)
