@@ -4,6 +4,7 @@ its share of the cores, and collect rank 0's result lines."""
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -46,3 +47,20 @@ def loopback_bytes() -> int:
             if name.strip() == "lo":
                 return int(fields.split()[8])  # transmit bytes
     raise RuntimeError("no loopback interface in /proc/net/dev")
+
+
+def timed_across_ranks(fn) -> float:
+    """Seconds `fn()` takes on every rank, between two barriers (the slowest rank's time)."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def random_batches(steps: int, batch: int, seq: int, dp: int, dp_rank: int, vocab: int = 256, seed: int = 0):
+    """`steps` (inputs, targets) of this dp rank's rows of `batch` random sequences."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(0, vocab, (batch, seq + 1), generator=g).chunk(dp)[dp_rank]
+        yield rows[:, :-1], rows[:, 1:]

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 import meshpar
-from common import run_on_local_ranks
+from common import random_batches, run_on_local_ranks, timed_across_ranks
 from meshpar.model import build_model, model_config
 from meshpar.model.llama import init_rule
 from meshpar.parallel.llama_plan import llama_plan
@@ -46,21 +46,6 @@ def llama_config(cfg):
                                     max_position_embeddings=cfg.max_seq_len, use_cache=False)
 
 
-def batches(dp: int, dp_rank: int, steps: int):
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        rows = torch.randint(0, 256, (BATCH, SEQ + 1), generator=g).chunk(dp)[dp_rank]
-        yield rows[:, :-1], rows[:, 1:]
-
-
-def timed(fn) -> float:
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - start
-
-
 def against_native(rank: int, args, results) -> None:
     """Part 1: both models through meshpar at tp2 x dp2, alternating."""
     import transformers
@@ -73,9 +58,9 @@ def against_native(rank: int, args, results) -> None:
     ours = meshpar.parallelize(build_model(cfg, 0, "meta"), mesh, llama_plan(cfg), zero=1, microbatches=1,
                                init=lambda name: init_rule(cfg, name), seed=0)
     times = {"transformers": [], "meshpar": []}  # (the two start from different weights)
-    for i, (x, y) in enumerate(batches(2, mesh.index("dp"), args.steps + 1)):
+    for i, (x, y) in enumerate(random_batches(args.steps + 1, BATCH, SEQ, 2, mesh.index("dp"))):
         for name, model in (("transformers", theirs), ("meshpar", ours)):
-            seconds = timed(lambda: model.step(x, y))
+            seconds = timed_across_ranks(lambda: model.step(x, y))
             if i:  # the first step warms up
                 times[name].append(seconds)
     if rank == 0:
@@ -120,9 +105,9 @@ def against_transformers_tp(rank: int, args, results) -> None:
     ours = meshpar.parallelize(hf, mesh, meshpar.hf_plan(hf), microbatches=1, lr=3e-4, weight_decay=0.0,
                                beta2=0.999, max_grad_norm=0.0)
     times, losses = {"transformers_tp": [], "meshpar": []}, {"transformers_tp": [], "meshpar": []}
-    for i, (x, y) in enumerate(batches(1, 0, args.steps + 1)):
+    for i, (x, y) in enumerate(random_batches(args.steps + 1, BATCH, SEQ, 1, 0)):
         for name, step in (("transformers_tp", native_step), ("meshpar", ours.step)):
-            seconds = timed(lambda: losses[name].append(step(x, y)))
+            seconds = timed_across_ranks(lambda: losses[name].append(step(x, y)))
             if i:
                 times[name].append(seconds)
     if rank == 0:

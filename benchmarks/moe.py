@@ -27,28 +27,13 @@ import torch
 import torch.distributed as dist
 
 import meshpar
-from common import run_on_local_ranks
+from common import random_batches, run_on_local_ranks, timed_across_ranks
 from meshpar.model import build_model, model_config
 from meshpar.model.llama import init_rule
 from meshpar.model.loss import cross_entropy_sum
 from meshpar.parallel.llama_plan import llama_plan
 
 BATCH, SEQ = 16, 128
-
-
-def batches(steps: int, rank: int):
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        rows = torch.randint(0, 256, (BATCH, SEQ + 1), generator=g).chunk(4)[rank]
-        yield rows[:, :-1], rows[:, 1:]
-
-
-def timed(fn) -> float:
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - start
 
 
 def rank_main(rank: int, args, results) -> None:
@@ -75,14 +60,14 @@ def rank_main(rank: int, args, results) -> None:
 
     times = {name: [] for name in (*runs, "torch DDP")}
     traffic = {}
-    for step, (x, y) in enumerate(batches(args.steps + 1, rank)):
+    for step, (x, y) in enumerate(random_batches(args.steps + 1, BATCH, SEQ, 4, rank)):
         for name, (mesh, parallel) in runs.items():
             before = {op: mesh.ledger.total("bytes", op=op) for op in ("all_to_all", "all_reduce")}
-            seconds = timed(lambda: parallel.step(x, y))
+            seconds = timed_across_ranks(lambda: parallel.step(x, y))
             traffic[name] = {op: mesh.ledger.total("bytes", op=op) - before[op] for op in before}
             if step:  # the first step warms up
                 times[name].append(seconds)
-        seconds = timed(lambda: ddp_step(x, y))
+        seconds = timed_across_ranks(lambda: ddp_step(x, y))
         if step:
             times["torch DDP"].append(seconds)
     held = {name: sum(p.numel() * p.element_size() for p in parallel.split.module.parameters())
