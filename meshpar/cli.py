@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="text from a checkpoint, over tensor- and pipeline-parallel ranks",
         description="Continue prompts with a trained model (greedy, or sampled from a seed: the same tokens in "
                     "any layout), prompts decoded together, the KV cache split over the tp and pp ranks."))
+    from meshpar.cluster.commands import add_arguments as cluster_arguments
+    cluster_arguments(commands.add_parser(
+        "cluster", help="emulate several hosts on this machine: namespaces joined by shaped links",
+        description="Hosts as network namespaces, each linked to a shared switch at a set rate (root, ip, tc). "
+                    "`run` starts one torchrun per host; `link` cuts or reshapes a host's link mid-run."))
     from meshpar.serve.commands import add_serve_arguments
     add_serve_arguments(commands.add_parser(
         "serve", help="an OpenAI-compatible HTTP server over a checkpoint, tensor- and pipeline-parallel",
@@ -178,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         from meshpar.serve.commands import generate_command
         return generate_command(args)
+    if args.command == "cluster":
+        from meshpar.cluster.commands import cluster_command
+        return cluster_command(args)
     if args.command == "serve":
         from meshpar.serve.commands import serve_command
         return serve_command(args)
