@@ -56,7 +56,7 @@ def test_a_run_spans_two_hosts_with_tp_inside_each(hosts, tmp_path):
 
 
 def test_a_cut_link_ends_every_rank_with_the_watchdogs_report(hosts, tmp_path):
-    timeout = 8
+    timeout = 5
     run = subprocess.Popen([sys.executable, "-m", "meshpar", "cluster", "--state", str(hosts),
                             *train(hosts, tmp_path, "--steps", "100000", "--comm-timeout", str(timeout))],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -81,7 +81,7 @@ PROMPTS = [f"request {i}: " + "abc " * (i % 5) for i in range(16)]
 
 def stream_text(api, prompt: str, seed: int) -> tuple[str, str]:
     text, reason = "", None
-    for event in api.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0.9, seed=seed,
+    for event in api.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0.9, seed=seed,
                                         stream=True):
         text += event.choices[0].text
         reason = event.choices[0].finish_reason or reason
@@ -94,7 +94,7 @@ def test_concurrent_streams_give_the_texts_of_one_at_a_time(server):
     served alone."""
     port, _ = server
     api = client(port)
-    alone = [api.completions.create(model=NAME, prompt=p, max_tokens=24, temperature=0.9, seed=i).choices[0].text
+    alone = [api.completions.create(model=NAME, prompt=p, max_tokens=12, temperature=0.9, seed=i).choices[0].text
              for i, p in enumerate(PROMPTS)]
     together: list = [None] * len(PROMPTS)
 
@@ -152,7 +152,7 @@ def test_sigterm_finishes_the_running_stream_and_stops_every_rank(server):
 
     def long_stream():
         text = ""
-        stream = client(port).completions.create(model=NAME, prompt="long", max_tokens=200, temperature=0.9,
+        stream = client(port).completions.create(model=NAME, prompt="long", max_tokens=120, temperature=0.9,
                                                  seed=1, stream=True)
         for event in stream:
             started.set()
