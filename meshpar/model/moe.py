@@ -138,18 +138,18 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
+        # a forward recomputed inside backward (activation recomputation) counts nothing again
+        counting = self.training and torch._C._current_graph_task_id() == -1
         probs, weights, chosen = self.router(flat)
         if self.capacity_factor is not None:
             kept = self.within_capacity(chosen)
             weights = weights * kept
-            if self.training and torch._C._current_graph_task_id() == -1:
+            if counting:
                 self.dropped_tokens += (~kept).sum().detach()
         out = self.experts(flat, chosen, weights)
         if self.shared is not None:
             out = out + self.shared(flat)
         counts = F.one_hot(chosen.view(b, s * self.top_k), self.num_experts).sum(1)  # (b, E)
-        # a forward recomputed inside backward (activation recomputation) counts nothing again
-        counting = self.training and torch._C._current_graph_task_id() == -1
         if counting:
             self.tokens_per_expert += counts.sum(0).detach()
         if self.training:

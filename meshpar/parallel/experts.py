@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from meshpar import comm
-from meshpar.mesh import ParallelMesh
+from meshpar.mesh import ParallelMesh, divisors
 from meshpar.parallel.sharding import SPEC_ATTR, ShardSpec
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def expert_parallel_problems(cfg: Config) -> list[str]:
         found.append(f"--ep {ep} needs a mixture-of-experts model (model.num_experts above 0, e.g. --model tiny-moe)")
     elif experts and experts % ep:
         found.append(f"--ep {ep} must divide the {experts} experts; use one of "
-                     f"{', '.join(str(d) for d in range(1, experts + 1) if experts % d == 0)}")
+                     f"{', '.join(map(str, divisors(experts)))}")
     if experts and cfg.tensor.sequence_parallel:
         found.append("a mixture of experts with --sequence-parallel is not supported yet: its load-balancing "
                      "loss is per sequence, and sequence parallelism splits them over tp")

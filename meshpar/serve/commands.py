@@ -225,9 +225,9 @@ def generate_rank(job: GenerateJob) -> list[dict]:
 
 
 def _other_rank(index: int, target, job, world_size: int, port: int) -> None:
-    rank = index + 1
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    from meshpar.train.launch import local_rank_env
+
+    os.environ.update(local_rank_env(index + 1, world_size, port))
     target(job)
 
 
@@ -241,13 +241,13 @@ def run_local_world(name: str, target, job, world_size: int) -> int:
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    from meshpar.train.launch import free_port
+    from meshpar.train.launch import free_port, local_rank_env
 
     port, threads = free_port(), torch.get_num_threads()
     others = mp.start_processes(_other_rank, args=(target, job, world_size, port), nprocs=world_size - 1,
                                 join=False, start_method="spawn")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    env = local_rank_env(0, world_size, port)
+    os.environ.update(env)
     try:
         target(job)
         while not others.join():
@@ -261,7 +261,7 @@ def run_local_world(name: str, target, job, world_size: int) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
         torch.set_num_threads(threads)
-        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        for key in env:
             os.environ.pop(key, None)
     return 0
 

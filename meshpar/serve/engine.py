@@ -238,7 +238,8 @@ class Engine:
                                 prefill=True))
         elif self.ready:
             decoding = len(self.ready) + sum(len(c.rows.slots) for c in self.in_flight)
-            group, self.ready = self.ready[:math.ceil(decoding / depth)], self.ready[math.ceil(decoding / depth):]
+            size = math.ceil(decoding / depth)  # a group per stage
+            group, self.ready = self.ready[:size], self.ready[size:]
             starts = [len(self.active[s].prompt) + len(self.active[s].tokens) - 1 for s in group]
             tokens = torch.tensor([[self.active[s].tokens[-1]] for s in group], device=self.device)
             self._issue(Command(FORWARD, Rows(group, starts, 1), tokens, [None] * len(group)))
@@ -258,9 +259,9 @@ class Engine:
 
     def _issue(self, command: Command) -> None:
         header, payload = command.encode()
-        self._broadcast(header, payload)
+        self._tp_broadcast(header, payload)
         if command.op == FORWARD:
-            command.chosen = self._compute(command, None)
+            command.chosen = self._compute(command, header, payload, None)
             self.in_flight.append(command)
         elif self.stages > 1:
             self._send(header, payload, None)
@@ -302,11 +303,13 @@ class Engine:
                 if op == STOP:
                     return
                 continue
-            self._compute(Command.decode(header, payload), hidden)
+            self._compute(Command.decode(header, payload), header, payload, hidden)
 
-    def _compute(self, command: Command, hidden: torch.Tensor | None) -> torch.Tensor | None:
-        """This stage's forward of `command`; the next stage gets its output, or (the last
-        stage) the next tokens are chosen, returned and, down a pipeline, sent back."""
+    def _compute(self, command: Command, header: torch.Tensor, payload: torch.Tensor,
+                 hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """This stage's forward of `command` (`header` and `payload`: its wire form); the
+        next stage gets it with the output, or (the last stage) the next tokens are chosen,
+        returned and, down a pipeline, sent back."""
         rows = command.rows
         self.rows.slots, self.rows.starts, self.rows.new = rows.slots, rows.starts, rows.new
         positions = rows.positions(self.device)
@@ -318,7 +321,6 @@ class Engine:
                 stages.positions = positions
                 out = stages.forward_stage(self.stage, command.tokens.to(self.device) if self.first else hidden)
             if not self.last:
-                header, payload = command.encode()
                 self._send(header, payload, out)
                 return None
             return self._choose(command, out[:, -1])
@@ -338,22 +340,25 @@ class Engine:
 
     # -- moving commands --------------------------------------------------------------------------
 
-    def _broadcast(self, header: torch.Tensor, payload: torch.Tensor) -> None:
-        """The driver's command to the rest of the first stage's tp group."""
-        if self.mesh.size("tp") > 1:
-            comm.broadcast(self.mesh, "tp", header.to(self.device), tag="command")
-            if payload.numel():
-                comm.broadcast(self.mesh, "tp", payload.to(self.device), tag="command")
+    def _tp_broadcast(self, header: torch.Tensor | None = None, payload: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A command over the first stage's tp group: the driver's (header, payload) sent,
+        or - given none, on the others - received."""
+        if self.mesh.size("tp") == 1:
+            return header, payload
+        empty = torch.empty(4, dtype=torch.long, device=self.device)
+        header = comm.broadcast(self.mesh, "tp", empty if header is None else header.to(self.device), tag="command")
+        if payload is None:
+            payload = torch.empty(int(header[3]), dtype=torch.long, device=self.device)
+        if payload.numel():
+            payload = comm.broadcast(self.mesh, "tp", payload.to(self.device), tag="command")
+        return header, payload
 
     def _receive(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The next command (and hidden states): from the driver on the first stage, from
         the stage before on the others."""
         if self.first:
-            header = comm.broadcast(self.mesh, "tp", torch.empty(4, dtype=torch.long, device=self.device),
-                                    tag="command")
-            payload = torch.empty(int(header[3]), dtype=torch.long, device=self.device)
-            if payload.numel():
-                comm.broadcast(self.mesh, "tp", payload, tag="command")
+            header, payload = self._tp_broadcast()
             return header.cpu(), payload.cpu(), None
         previous = self.mesh.peer("pp", self.stage - 1)
         header = self._recv_from(torch.empty(4, dtype=torch.long, device=self.device), previous)

@@ -26,31 +26,34 @@ def begin_step(layers: list[MoE], loss_scale: float, tokens: int) -> None:
         layer.loss_normalizer = loss_scale / tokens
 
 
-def step_statistics(layers: list[MoE], mesh: ParallelMesh, tokens: int) -> dict | None:
-    """{"aux_loss", "tokens_per_expert": {"min", "mean", "max"}} over every rank, or None
-    without experts anywhere. Collective over dp, cp and pp."""
-    local = torch.stack([layer.tokens_per_expert.float() for layer in layers]) if layers else None
+def experts_anywhere(layers: list[MoE], mesh: ParallelMesh) -> bool:
+    """Whether any pipeline stage holds MoE layers (one all-reduce over pp; once a run):
+    then every rank takes part in `step_statistics`, a stage without layers too."""
     has = torch.tensor([float(bool(layers))])
     comm.all_reduce(mesh, "pp", has, tag="experts", op="max")
-    if not has.item():
-        return None
-    aux = torch.stack([layer.aux_loss_sum for layer in layers]).sum().reshape(1) if layers else torch.zeros(1)
-    dropped = torch.tensor([float(sum(int(layer.dropped_tokens) for layer in layers))])
-    capped = torch.tensor([float(any(layer.capacity_factor is not None for layer in layers))])
-    counts = local if local is not None else torch.zeros(0, 1)
-    for axis in ("dp", "cp"):  # every rank's tokens: each expert's count in the whole batch
-        comm.all_reduce(mesh, axis, counts, tag="experts")
-        comm.all_reduce(mesh, axis, aux, tag="experts")
-        comm.all_reduce(mesh, axis, dropped, tag="experts")
-    inf = torch.tensor([torch.inf])
-    low = counts.min().reshape(1) if counts.numel() else inf
-    high = counts.max().reshape(1) if counts.numel() else -inf
-    total = torch.tensor([counts.sum().item(), float(counts.numel())])
-    for axis, tensor, op in (("pp", low, "min"), ("pp", high, "max"), ("pp", total, "sum"), ("pp", aux, "sum"),
-                             ("pp", dropped, "sum"), ("pp", capped, "max")):
-        comm.all_reduce(mesh, axis, tensor, tag="experts", op=op)
-    out = {"aux_loss": aux.item() / tokens,
-           "tokens_per_expert": {"min": low.item(), "mean": (total[0] / total[1]).item(), "max": high.item()}}
-    if capped.item():
-        out["dropped_tokens"] = int(dropped.item())
+    return bool(has.item())
+
+
+def step_statistics(layers: list[MoE], mesh: ParallelMesh, tokens: int) -> dict:
+    """{"aux_loss", "tokens_per_expert": {"min", "mean", "max"}, and with a capacity
+    "dropped_tokens"} over every rank. Collective over dp, cp and pp."""
+    counts = torch.stack([layer.tokens_per_expert.float() for layer in layers]) if layers else torch.zeros(0, 1)
+    aux = sum(float(layer.aux_loss_sum) for layer in layers)
+    dropped = sum(float(layer.dropped_tokens) for layer in layers)
+    # every rank's tokens: each expert's count in the whole batch, and the sums, in one tensor
+    summed = torch.cat([counts.flatten(), torch.tensor([aux, dropped])])
+    for axis in ("dp", "cp"):
+        comm.all_reduce(mesh, axis, summed, tag="experts")
+    counts, aux, dropped = summed[:-2].view_as(counts), summed[-2], summed[-1]
+    low = counts.min().reshape(1) if counts.numel() else torch.tensor([torch.inf])
+    high = counts.max().reshape(1) if counts.numel() else torch.tensor([-torch.inf])
+    capped = float(any(layer.capacity_factor is not None for layer in layers))
+    over_stages = torch.tensor([counts.sum().item(), float(counts.numel()), aux.item(), dropped.item(), capped])
+    for tensor, op in ((low, "min"), (high, "max"), (over_stages, "sum")):
+        comm.all_reduce(mesh, "pp", tensor, tag="experts", op=op)
+    total, count, aux, dropped, capped = over_stages.tolist()
+    out = {"aux_loss": aux / tokens,
+           "tokens_per_expert": {"min": low.item(), "mean": total / count, "max": high.item()}}
+    if capped:
+        out["dropped_tokens"] = int(dropped)
     return out

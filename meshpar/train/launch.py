@@ -152,10 +152,14 @@ def train(cfg: Config, mesh: ParallelMesh, device: torch.device) -> dict:
     return Trainer(cfg, mesh, device).run().summary
 
 
+def local_rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """What torchrun would set for local rank `rank` of `world_size`, meeting on `port`."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
+
+
 def _local_rank_main(rank: int, cfg: Config, world_size: int, port: int):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(local_rank_env(rank, world_size, port))
     run_rank(cfg)
 
 

@@ -28,7 +28,7 @@ from meshpar.parallel.precision import DynamicLossScaler
 from meshpar.parallel.zero import ShardedDataParallel
 from meshpar.pipeline.runtime import PipelineRuntime
 from meshpar.train.activations import count_saved_bytes
-from meshpar.train.experts import begin_step, moe_layers, step_statistics
+from meshpar.train.experts import begin_step, experts_anywhere, moe_layers, step_statistics
 from meshpar.train.nonfinite import NonFiniteWatch
 from meshpar.train.optim import clip_and_step
 
@@ -59,6 +59,7 @@ class TrainingStep:
     scaler: DynamicLossScaler | None = None
     pipeline: PipelineRuntime | None = None
     moe: list[nn.Module] = field(default_factory=list)  # the mixture-of-experts layers this rank holds
+    experts_anywhere: bool | None = None  # whether any stage holds some (asked on the first step)
 
     def __post_init__(self):
         self.moe = self.moe or moe_layers(self.module)
@@ -70,7 +71,9 @@ class TrainingStep:
         `on_saved`: told the bytes each micro-batch saved for backward (no pipeline)."""
         rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if xs[0].is_cuda else None)
         loss = self._forward_backward(xs, ys, tokens, on_saved)
-        experts = step_statistics(self.moe, self.mesh, tokens) if self.moe else None
+        if self.experts_anywhere is None:
+            self.experts_anywhere = experts_anywhere(self.moe, self.mesh)
+        experts = step_statistics(self.moe, self.mesh, tokens) if self.experts_anywhere else None
         if self.scaler and self.scaler.unscale_and_update(self.data_parallel.grads(), self.mesh):
             return StepResult(loss, None, skipped=True, experts=experts)  # parameters and states as they were
         norm = clip_and_step(self.data_parallel, self.optimizer, self.mesh, self.max_grad_norm, step, self.names,

@@ -360,14 +360,7 @@ class Trainer:
             "hierarchical_allreduce": self.data_parallel.reducer.hierarchical,
             "placement": self.placement(),
             **({"skipped_steps": self.skipped_steps, "final_loss_scale": self.scaler.scale} if self.scaler else {}),
-            **({"experts": {"final_aux_loss": steps[-1]["aux_loss"],
-                            "tokens_per_expert": {k: min(s[f"expert_tokens_{k}"] for s in steps) if k == "min" else
-                                                  max(s[f"expert_tokens_{k}"] for s in steps) if k == "max" else
-                                                  sum(s[f"expert_tokens_{k}"] for s in steps) / len(steps)
-                                                  for k in ("min", "mean", "max")},
-                            **({"dropped_tokens": sum(s["dropped_tokens"] for s in steps)}
-                               if "dropped_tokens" in steps[-1] else {})}}
-               if "aux_loss" in steps[-1] else {}),
+            **({"experts": _experts_summary(steps)} if "aux_loss" in steps[-1] else {}),
             "comm": ledger,
             "comm_per_rank": [r["ledger"] for r in per_rank],
             "model_state_bytes_per_rank": [r["state"] for r in per_rank],
@@ -394,3 +387,15 @@ class Trainer:
             "predicted_peak_inflight_microbatches": sim.peak_inflight_microbatches,
             "measured_peak_live_microbatches_rank0": self.pipeline.peak_live_microbatches,
         }
+
+
+def _experts_summary(steps: list[dict]) -> dict:
+    """A mixture of experts over the run: the last step's load-balancing loss, the tokens
+    per expert per step (the lowest, the mean, the highest of any step), the pairs dropped."""
+    out = {"final_aux_loss": steps[-1]["aux_loss"],
+           "tokens_per_expert": {"min": min(s["expert_tokens_min"] for s in steps),
+                                 "mean": sum(s["expert_tokens_mean"] for s in steps) / len(steps),
+                                 "max": max(s["expert_tokens_max"] for s in steps)}}
+    if "dropped_tokens" in steps[-1]:
+        out["dropped_tokens"] = sum(s["dropped_tokens"] for s in steps)
+    return out
