@@ -83,8 +83,8 @@ def test_two_ranks_equal_one_device(worlds, one_device, layout):
         same(run, one_device, f"{layout} rank {rank}")
 
 
-# ep4 and ep2 x pp2 (13 s and 9 s here) run in `make test-all`; the checkpoint test below
-# trains at ep4 too.
+# ep4, ep2 x pp2 and ep2 x cp2 (13 s, 9 s, 9 s here) run in `make test-all`; the
+# checkpoint test below trains at ep4 too.
 def test_recomputed_experts_equal_one_device(worlds, one_device):
     """Every block recomputed in backward at ep2 (the exchanges run again there): one
     device's losses, parameters and gradients, and each expert's tokens counted once per
@@ -107,7 +107,7 @@ FOUR = [pytest.param(dict(dp=4, ep=4), marks=pytest.mark.slow, id="ep4"),
         pytest.param(dict(dp=2, ep=2, tp=2), id="ep2xtp2"),
         pytest.param(dict(dp=2, ep=2, pp=2, microbatches=4), marks=pytest.mark.slow, id="ep2xpp2"),
         pytest.param(dict(dp=4, ep=2, zero=3), id="ep2-zero3"),
-        pytest.param(dict(dp=2, ep=2, cp=2), id="ep2xcp2")]
+        pytest.param(dict(dp=2, ep=2, cp=2), marks=pytest.mark.slow, id="ep2xcp2")]  # 9 s
 
 
 @pytest.mark.parametrize("layout", FOUR)
@@ -236,7 +236,7 @@ def hf_moe(family: str, dp: int = 1, ep: int = 1, tp: int = 1) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])  # 6 s each
 def test_transformers_moe_at_ep2_tp2_equals_one_device(worlds, family):
     """Their stacked experts are the plan's experts (split over ep, whole under tp), the
     attention (and Qwen3-MoE's dense MLP) split over tp: the 10 losses and every final
