@@ -67,9 +67,11 @@ def assert_same_state(a: Path, b: Path):
 TARGETS = {  # (dp, tp, pp, cp, zero)
     "dp1-tp4-pp2": (1, 4, 2, 1, 0),
     "dp8-zero3": (8, 1, 1, 1, 3),
+    "one device": (1, 1, 1, 1, 0),
+}
+MORE_TARGETS = {
     "tp8 (replicated kv heads)": (1, 8, 1, 1, 2),
     "dp2-tp2-cp2-zero2": (2, 2, 1, 2, 2),
-    "one device": (1, 1, 1, 1, 0),
 }
 
 
@@ -80,14 +82,22 @@ def target_config(dp, tp, pp, cp, zero, save_dir):
 
 
 def test_saved_at_dp2_tp2_pp2_loads_in_any_layout_and_trains_on(worlds, tmp_path):
-    world = worlds(8)
+    reshard_and_train_on(worlds(8), tmp_path, TARGETS)
+
+
+@pytest.mark.slow  # 12 s; the quick test above reshards to pp, ZeRO-3 and one device
+def test_saved_at_dp2_tp2_pp2_loads_at_tp8_and_with_cp(worlds, tmp_path):
+    reshard_and_train_on(worlds(8), tmp_path, MORE_TARGETS)
+
+
+def reshard_and_train_on(world, tmp_path, targets):
     whole = world.run(train, saved_layout())[0]
     stopped = world.run(train, saved_layout(save_dir=str(tmp_path / "saved"), stop_after_step=STOP))[0]
     assert stopped["losses"] == whole["losses"][:STOP]
     assert "--stop-after-step 3" in stopped["summary"]["stopped"]
     checkpoint = latest_checkpoint(tmp_path / "saved")
     assert checkpoint.name == "step-00000003" and len(list(checkpoint.glob("rank-*.safetensors"))) == 8
-    for label, layout in TARGETS.items():
+    for label, layout in targets.items():
         own = tmp_path / label.split()[0]
         shutil.copytree(tmp_path / "saved", own)
         cfg = target_config(*layout, own)

@@ -40,21 +40,21 @@ def test_host_staged_collectives_change_nothing(worlds):
                 assert torch.equal(value, b["params"][name]), (case, rank, name)
 
 
-def test_compiled_blocks_train_like_eager():
+@pytest.mark.parametrize("recompute", ["none", pytest.param("full", marks=pytest.mark.slow)])  # 8 s each
+def test_compiled_blocks_train_like_eager(recompute):
     """--compile on one rank: the same losses and parameters as eager within round-off
     (inductor fuses and reorders fp32 arithmetic), with recomputation too."""
     from torch._dynamo.utils import counters
 
     eager = train_and_report(fast_config(steps=4))
-    for recompute in ("none", "full"):
-        torch._dynamo.reset()
-        counters.clear()
-        cfg = fast_config(steps=4, compile=True)
-        cfg.recompute.recompute = recompute
-        assert_matches(train_and_report(cfg), eager, f"compiled, recompute {recompute}")
-        # All 8 blocks share their graphs (training and evaluation): no compilation per
-        # layer, which would hit dynamo's recompile limit and fall back to eager.
-        assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = fast_config(steps=4, compile=True)
+    cfg.recompute.recompute = recompute
+    assert_matches(train_and_report(cfg), eager, f"compiled, recompute {recompute}")
+    # All 8 blocks share their graphs (training and evaluation): no compilation per
+    # layer, which would hit dynamo's recompile limit and fall back to eager.
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
 
 
 def compiled_and_eager_runs(cases: list[dict]) -> list[tuple[dict, dict]]:
