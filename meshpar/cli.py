@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "for `meshpar plan --cluster`.")
     calibrate.add_argument("--ranks", type=int, default=8, help="local ranks, each one 'GPU' (default 8)")
     calibrate.add_argument("--out", default="cluster.json", help="where to write (default cluster.json)")
+    calibrate.add_argument("--emulated-cluster", metavar="STATE", help="also measure the network of the hosts "
+                           "`meshpar cluster up` made (its state file): the ranks are its hosts' ranks, each host "
+                           "one shared link")
     plot = commands.add_parser("plot", help="draw loss, learning rate and throughput from a metrics file, "
                                             "or the executed pipeline from traces",
                                description="Draw the curves of a `meshpar train --metrics-file` run, or with "

@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "200mbit,1ms,2%%; default 1gbit)")
     run = actions.add_parser("run", help="run a command on every host: one torchrun per host")
     run.add_argument("--port", type=int, default=29500, help="host 0's rendezvous port (29500)")
+    run.add_argument("--placement", choices=("consecutive", "round-robin"), default="consecutive",
+                     help="consecutive: one torchrun per host, host i holding ranks i*K...(i+1)*K-1 (default); "
+                          "round-robin: the ranks started directly, rank r on host r mod N - consecutive ranks (a "
+                          "tp group) on different hosts, to measure what placement saves")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                      help="meshpar train ... (or a script and its flags)")
     link = actions.add_parser("link", help="one host's link: down, up, or RATE[,DELAY[,LOSS]]")
@@ -39,9 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions.add_parser("down", help="remove everything the cluster made (after a crash too)")
 
 
-def run_on_hosts(state: emulated.ClusterState, command: list[str], port: int) -> int:
-    """Every host's torchrun, to the end; the worst exit code. Ctrl-C or SIGTERM stops them."""
-    hosts = [subprocess.Popen(emulated.host_command(state, i, command, port)) for i in range(state.nodes)]
+def run_on_hosts(state: emulated.ClusterState, command: list[str], port: int, placement: str = "consecutive") -> int:
+    """Every host's torchrun (or, dealt round-robin, every rank), to the end; the worst
+    exit code. Ctrl-C or SIGTERM stops them."""
+    commands = ([emulated.host_command(state, i, command, port) for i in range(state.nodes)]
+                if placement == "consecutive" else emulated.dealt_rank_commands(state, command, port))
+    hosts = [subprocess.Popen(argv) for argv in commands]
 
     def stop(*_):
         for host in hosts:
@@ -83,7 +90,7 @@ def cluster_command(args) -> int:
         if not command:
             raise ClusterError("give the command after --, e.g. `meshpar cluster run -- meshpar train --dp 4`")
         emulated.check_privileges()
-        return run_on_hosts(state, command, args.port)
+        return run_on_hosts(state, command, args.port, args.placement)
     except ClusterError as err:
         print(f"meshpar cluster: {err}", file=sys.stderr)
         return 2

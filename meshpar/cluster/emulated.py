@@ -3,9 +3,10 @@ by a shaped link.
 
     up      a switch namespace holding a bridge; per host a namespace with loopback and
             `eth0` (198.18.0.<i+1>/24, the benchmarking range, never routed out), its veth
-            peer on the bridge; the link shaped both ways with tc's token bucket (`tbf`),
-            and delay and loss with `netem` where the kernel has it. Traffic inside a host
-            stays on its loopback (a host's own address is local), unshaped.
+            peer on the bridge; the link shaped both ways (htb for the rate, a random
+            drop by a BPF filter for loss, netem for delay where the kernel has it).
+            Traffic inside a host stays on its loopback (a host's own address is
+            local), unshaped.
     run     one torchrun per host inside its namespace, meeting at host 0's address;
             gloo uses eth0; each host's torchrun gives its ranks LOCAL_WORLD_SIZE, from which
             meshpar places tp inside a host and the hierarchical all-reduce's halves.
@@ -49,8 +50,24 @@ class Link:
     def parse(text: str) -> Link:
         parts = [p.strip() or None for p in text.split(",")]
         if not parts or not parts[0] or len(parts) > 3:
-            raise ClusterError(f"--link {text!r}: give RATE[,DELAY[,LOSS]], e.g. 200mbit,1ms,2%")
-        return Link(*parts)
+            raise ClusterError(f"--link {text!r}: give RATE[,DELAY[,LOSS]], e.g. 200mbit,1ms,2% (200mbit,,2% "
+                               f"for loss without delay)")
+        link = Link(*parts)
+        link.bytes_per_s()
+        if link.loss:
+            _loss_share(link.loss)
+        return link
+
+    def bytes_per_s(self) -> float:
+        """The rate in bytes per second (tc's units: bit, kbit, mbit, gbit; bps, kbps,
+        mbps, gbps are bytes)."""
+        import re
+
+        found = re.fullmatch(r"([0-9.]+)\s*([kmgt]?)(bit|bps)", self.rate.lower())
+        if not found:
+            raise ClusterError(f"link rate {self.rate!r}: give tc's units, e.g. 200mbit or 1gbit")
+        value = float(found[1]) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[found[2]]
+        return value / 8 if found[3] == "bit" else value
 
     def describe(self) -> str:
         return ", ".join(filter(None, [self.rate, self.delay and f"delay {self.delay}",
@@ -109,21 +126,43 @@ def _run(*argv: str, namespace: str | None = None, check: bool = True) -> subpro
     return done
 
 
+def _loss_share(loss: str) -> float:
+    try:
+        share = float(loss.rstrip("%")) / 100
+    except ValueError:
+        share = -1.0
+    if not 0 <= share < 1:
+        raise ClusterError(f"loss {loss!r}: give a percentage below 100, e.g. 2%")
+    return share
+
+
 def _shape(namespace: str, device: str, link: Link, change: bool = False) -> None:
-    """Egress of `device`: netem (delay, loss) above a token bucket (rate), or the bucket alone."""
-    verb = "replace" if change else "add"
-    _run("tc", "qdisc", "del", "dev", device, "root", namespace=namespace, check=False) if change else None
-    bucket = ["tbf", "rate", link.rate, "burst", "64kb", "latency", "100ms"]
-    if link.delay or link.loss:
-        netem = ["netem"] + (["delay", link.delay] if link.delay else []) + (["loss", link.loss] if link.loss else [])
-        done = _run("tc", "qdisc", verb, "dev", device, "root", "handle", "1:", *netem, namespace=namespace,
-                    check=False)
+    """Egress of `device`: an htb class at the link's rate (netem below it for a delay,
+    where the kernel has netem); for loss, a second class whose queue holds nothing
+    (pfifo limit 0), fed that share of packets at random by a classic-BPF filter
+    (`ld rand`) - packet loss without netem, which this machine's kernel lacks."""
+    if change:
+        _run("tc", "qdisc", "del", "dev", device, "root", namespace=namespace, check=False)
+    tc = ("tc", "class", "add", "dev", device, "parent", "1:")
+    # burst: a timer tick's worth at Gbit rates; quantum: htb's default (rate / 10) is too big
+    shaped = ("htb", "rate", link.rate, "ceil", link.rate, "burst", "64k", "cburst", "64k", "quantum", "60000")
+    _run("tc", "qdisc", "add", "dev", device, "root", "handle", "1:", "htb", "default", "1", namespace=namespace)
+    _run(*tc, "classid", "1:1", *shaped, namespace=namespace)
+    if link.delay:
+        done = _run("tc", "qdisc", "add", "dev", device, "parent", "1:1", "handle", "10:", "netem", "delay",
+                    link.delay, namespace=namespace, check=False)
         if done.returncode:
-            raise ClusterError(f"this kernel cannot emulate delay or loss (tc's netem: {done.stderr.strip()}); "
-                               f"give a rate only, e.g. --link {link.rate}")
-        _run("tc", "qdisc", "add", "dev", device, "parent", "1:1", "handle", "10:", *bucket, namespace=namespace)
-    else:
-        _run("tc", "qdisc", verb, "dev", device, "root", *bucket, namespace=namespace)
+            raise ClusterError(f"this kernel cannot emulate delay (tc's netem: {done.stderr.strip()}); "
+                               f"give a rate and loss only, e.g. --link {link.rate}" + (f",,{link.loss}" if link.loss else ""))
+    if link.loss and _loss_share(link.loss) > 0:
+        _run(*tc, "classid", "1:2", *shaped, namespace=namespace)
+        _run("tc", "qdisc", "add", "dev", device, "parent", "1:2", "handle", "20:", "pfifo", "limit", "0",
+             namespace=namespace)
+        threshold = int(_loss_share(link.loss) * 2**32)
+        # A = random u32; A >= threshold: no match (class 1:1); else class 1:2 (0x10002), dropped
+        program = f"4,32 0 0 {2**32 - 0x1000 + 56},53 0 1 {threshold},6 0 0 0,6 0 0 {0x10002}"
+        _run("tc", "filter", "add", "dev", device, "parent", "1:", "protocol", "all", "bpf", "bytecode", program,
+             namespace=namespace)
 
 
 def up(nodes: int, ranks_per_node: int, link: Link, state_path: Path = DEFAULT_STATE, prefix: str = "mpc") -> ClusterState:
@@ -228,12 +267,39 @@ def down(state_path: Path = DEFAULT_STATE) -> list[str]:
 
 
 def host_command(state: ClusterState, i: int, command: list[str], port: int) -> list[str]:
-    """The torchrun of host i, inside its namespace, for `command` (`meshpar ...` runs as
-    `python -m meshpar ...`)."""
+    """The torchrun of host i, inside its namespace, for `command`: `meshpar ...` runs as
+    `python -m meshpar ...`, `python SCRIPT ...` as SCRIPT under this Python, anything else
+    as a program (--no-python)."""
     import sys
 
-    target = ["-m", "meshpar", *command[1:]] if command and command[0] == "meshpar" else command
+    if command[0] == "meshpar":
+        target = ["-m", "meshpar", *command[1:]]
+    elif Path(command[0]).name.startswith("python") and len(command) > 1:
+        target = command[1:]
+    else:
+        target = ["--no-python", *command]
     return ["ip", "netns", "exec", state.host(i), "env", "GLOO_SOCKET_IFNAME=eth0",
             sys.executable, "-m", "torch.distributed.run", "--nnodes", str(state.nodes),
             "--nproc-per-node", str(state.ranks_per_node), "--node-rank", str(i),
             "--master-addr", state.address(0), "--master-port", str(port), *target]
+
+
+def dealt_rank_commands(state: ClusterState, command: list[str], port: int) -> list[list[str]]:
+    """Every rank started by hand, dealt to the hosts in turn (global rank r on host
+    r mod N) instead of torchrun's consecutive blocks: consecutive ranks - a tp group -
+    then sit on different hosts. For measuring what the placement saves; each rank is
+    told LOCAL_WORLD_SIZE as torchrun would, so meshpar's placement report (which assumes
+    consecutive ranks per node) does not describe this layout."""
+    import sys
+
+    program = [sys.executable, "-m", "meshpar", *command[1:]] if command[0] == "meshpar" else \
+        [sys.executable, *command[1:]] if Path(command[0]).name.startswith("python") else command
+    world = state.nodes * state.ranks_per_node
+    out = []
+    for rank in range(world):
+        host, local = rank % state.nodes, rank // state.nodes
+        env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "RANK": rank, "WORLD_SIZE": world,
+               "LOCAL_RANK": local, "LOCAL_WORLD_SIZE": state.ranks_per_node, "GROUP_RANK": host,
+               "MASTER_ADDR": state.address(0), "MASTER_PORT": port}
+        out.append(["ip", "netns", "exec", state.host(host), "env", *(f"{k}={v}" for k, v in env.items()), *program])
+    return out

@@ -14,6 +14,7 @@ import os
 import statistics
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -90,15 +91,79 @@ def calibrate(ranks: int) -> dict:
     }
 
 
+def _ring_bytes(op: str, payload: float, n: int, k: int) -> float:
+    """Bytes the ring formulas say leave a node of k ranks (planner/network.py)."""
+    return {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
+            "all_to_all": k * (n - k) / n}[op] * payload
+
+
+def with_emulated_network(cluster: dict, state_path: str) -> dict:
+    """`cluster` (this machine's ranks, measured) as the emulated cluster's hosts: each
+    host's ranks share one link of the rate it was made with; the collectives' speed on
+    it (the ring formula's bytes over the time, as a fraction of the rate), their bytes on
+    the wire per formula byte, and the latency of a small all-reduce measured across the
+    hosts by meshpar/cluster/probe.py."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from meshpar.cluster import emulated
+    from meshpar.train.launch import free_port
+
+    state = emulated.load(Path(state_path))
+    rate = state.link.bytes_per_s()
+    n, k = state.nodes * state.ranks_per_node, state.ranks_per_node
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "network.json"
+        probe = Path(__file__).resolve().parent.parent / "cluster" / "probe.py"
+        done = subprocess.run([sys.executable, "-m", "meshpar", "cluster", "--state", state_path, "run", "--port",
+                               str(free_port()), "--", sys.executable, str(probe), "--out", str(out)],
+                              capture_output=True, text=True)
+        if done.returncode or not out.exists():
+            raise RuntimeError(f"measuring the emulated network failed:\n{done.stderr[-2000:]}")
+        network = json.loads(out.read_text())
+    ops = network["collectives"]
+    factors = {op: round(m["host_bytes"] / _ring_bytes(op, m["payload"], n, k), 3) for op, m in ops.items()}
+    ring = ops["all_reduce"]
+    latency = network["latency_s"]
+    efficiency = _ring_bytes("all_reduce", ring["payload"], n, k) / max(ring["seconds"] - latency, 1e-9) / rate
+    cluster = json.loads(json.dumps(cluster))
+    cluster["gpu"].update(inter_node_GBps=rate / k / 1e9, inter_node_latency_us=latency * 1e6,
+                          name=f"{cluster['gpu']['name']}-on-{state.nodes}-hosts")
+    cluster["efficiency"]["inter_collective"] = round(min(1.0, efficiency), 3)
+    cluster.update(gpus=n, gpus_per_node=k, node_link_GBps=rate / 1e9, wire_factors=factors,
+                   network={"link": state.link.describe(), "measured": ops, "latency_s": latency})
+    return cluster
+
+
 def calibrate_command(args) -> int:
     if args.ranks < 2:
         print("meshpar calibrate: --ranks must be at least 2 (collectives need a peer)")
         return 2
+    if args.emulated_cluster:
+        from meshpar.cluster import emulated
+        try:
+            state = emulated.load(Path(args.emulated_cluster))
+            state.link.bytes_per_s()
+        except emulated.ClusterError as err:
+            print(f"meshpar calibrate: {err}")
+            return 2
+        if state.nodes * state.ranks_per_node != args.ranks:
+            print(f"meshpar calibrate: the emulated cluster has {state.nodes} x {state.ranks_per_node} ranks; "
+                  f"give --ranks {state.nodes * state.ranks_per_node}")
+            return 2
     cluster = calibrate(args.ranks)
+    if args.emulated_cluster:
+        cluster = with_emulated_network(cluster, args.emulated_cluster)
     with open(args.out, "w") as f:
         json.dump(cluster, f, indent=1)
     gpu = cluster["gpu"]
     print(f"{args.ranks} local ranks, each: matmul {gpu['peak_tflops'] * 1e3:.1f} GFLOP/s, attention "
           f"{cluster['efficiency']['attention']:.0%} of it, copy {gpu['memory_GBps']:.1f} GB/s; all-reduce bus "
           f"{gpu['intra_node_GBps']:.2f} GB/s, latency {gpu['intra_node_latency_us']:.0f} us -> {args.out}")
+    if args.emulated_cluster:
+        print(f"  {cluster['gpus'] // cluster['gpus_per_node']} hosts x {cluster['gpus_per_node']} ranks, each host's "
+              f"link {cluster['network']['link']}: collectives reach {cluster['efficiency']['inter_collective']:.0%} "
+              f"of it, latency {gpu['inter_node_latency_us']:.0f} us; bytes per ring-formula byte "
+              + ", ".join(f"{op} {f:.2f}" for op, f in cluster["wire_factors"].items()))
     return 0

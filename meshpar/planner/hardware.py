@@ -111,26 +111,39 @@ class Cluster:
     # others, and communication runs on the same cores as compute - so the pipeline
     # bubble costs nothing and nothing overlaps.
     oversubscribed: bool = False
+    # One network link per node, shared by its ranks (GB/s per direction; the emulated
+    # cluster's hosts): collectives across nodes are then timed by the bytes leaving a
+    # node (planner/network.py). None: a network adapter per GPU at inter_node_GBps.
+    node_link_GBps: float | None = None
+    # The backend's bytes on the wire per byte of the ring formula, by collective, as
+    # measured (gloo's reduce-scatter is an all-reduce: 2.0); 1.0 where not given
+    wire_factors: tuple = ()
 
     @property
     def nodes(self) -> int:
         return self.gpus // self.gpus_per_node
 
+    def wire_factor(self, op: str) -> float:
+        return dict(self.wire_factors).get("all_reduce" if op == "hierarchical" else op, 1.0)
+
     def to_json(self) -> dict:
         return {"gpu": asdict(self.gpu), "gpus_per_node": self.gpus_per_node, "efficiency": asdict(self.efficiency),
-                "oversubscribed": self.oversubscribed}
+                "oversubscribed": self.oversubscribed, "node_link_GBps": self.node_link_GBps,
+                "wire_factors": dict(self.wire_factors)}
 
 
 def load_cluster(path: str | Path, gpus: int | None = None) -> Cluster:
     """A cluster file (as `meshpar calibrate` writes): {"gpu": {...}, "gpus_per_node",
-    "efficiency": {...}, optional "gpus"}."""
+    "efficiency": {...}, optional "gpus", "oversubscribed", "node_link_GBps",
+    "wire_factors"}."""
     try:
         raw = json.loads(Path(path).read_text())
         gpu = GPU(**raw["gpu"])  # "measured" and other extra keys are notes
         efficiency = Efficiency(**{**raw["efficiency"],
                                    "matmul_by_width": tuple(map(tuple, raw["efficiency"].get("matmul_by_width", ())))})
         return Cluster(gpu, gpus or raw.get("gpus", raw["gpus_per_node"]), raw["gpus_per_node"], efficiency,
-                       raw.get("oversubscribed", False))
+                       raw.get("oversubscribed", False), raw.get("node_link_GBps"),
+                       tuple(sorted((raw.get("wire_factors") or {}).items())))
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"cannot read the cluster file {path}: {err}") from None
 

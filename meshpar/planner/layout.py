@@ -9,7 +9,10 @@ from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.schedules import build_schedule
 
 SETTINGS = ("dp", "tp", "pp", "cp", "zero", "schedule", "virtual_stages", "micro_batch_size",
-            "sequence_parallel", "recompute", "offload", "ep")
+            "sequence_parallel", "recompute", "offload", "ep", "grad_compression", "hierarchical", "overlap",
+            "tp_across_nodes")
+TEXT_SETTINGS = ("schedule", "recompute", "offload", "grad_compression")
+FLAG_SETTINGS = ("sequence_parallel", "hierarchical", "overlap", "tp_across_nodes")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,13 @@ class Layout:
     recompute: str
     offload: str  # "none" or "optimizer"
     ep: int = 1  # expert parallelism, within dp (a mixture of experts' experts split over it)
+    # the dp reduction, as `meshpar train` sets it (not searched: fixed with --fix)
+    grad_compression: str = "none"  # none (fp32), bf16, fp16, int8
+    hierarchical: bool = False  # ZeRO-0's all-reduce inside each node, across, inside again
+    overlap: bool = True  # each bucket's reduction starts in backward
+    # ranks dealt to nodes in turn (`meshpar cluster run --placement round-robin`): tp
+    # groups span nodes; by default nodes hold consecutive ranks and tp stays inside one
+    tp_across_nodes: bool = False
 
     def settings(self) -> dict:
         return asdict(self)
@@ -44,6 +54,10 @@ class Layout:
             parts.append(f"recompute={self.recompute}")
         if self.offload != "none":
             parts.append(f"offload={self.offload}")
+        if self.grad_compression != "none":
+            parts.append(f"grads={self.grad_compression}")
+        parts += [name for name, on in (("hierarchical", self.hierarchical), ("no-overlap", not self.overlap),
+                                        ("tp-across-nodes", self.tp_across_nodes)) if on]
         return " ".join(parts)
 
 

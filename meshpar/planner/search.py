@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from meshpar.mesh import divisors
 from meshpar.parallel.zero.options import STAGES
 from meshpar.planner.hardware import Cluster
-from meshpar.planner.layout import SETTINGS, Layout
+from meshpar.planner.layout import FLAG_SETTINGS, SETTINGS, TEXT_SETTINGS, Layout
 from meshpar.planner.memory import Dtypes, memory_bytes
 from meshpar.planner.model import ModelSpec
 from meshpar.planner.step_time import step_time
@@ -52,11 +52,11 @@ def parse_fix(text: str | None) -> dict:
         key = key.strip()
         if key not in SETTINGS or not value:
             raise ValueError(f"--fix {item!r}: use key=value with keys {', '.join(SETTINGS)}")
-        if key in ("schedule", "recompute", "offload"):
+        if key in TEXT_SETTINGS:
             fixed[key] = value
-        elif key == "sequence_parallel":
+        elif key in FLAG_SETTINGS:
             if value.lower() not in ("true", "false", "1", "0", "on", "off"):
-                raise ValueError(f"--fix sequence_parallel={value}: use true or false")
+                raise ValueError(f"--fix {key}={value}: use true or false")
             fixed[key] = value.lower() in ("true", "1", "on")
         else:
             try:
@@ -100,7 +100,9 @@ def layouts(spec: ModelSpec, cluster: Cluster, global_batch: int, fixed: dict | 
                         continue
                     if dp % ep or (spec.experts and spec.experts % ep) or (ep > 1 and not spec.experts):
                         continue
-                    yield Layout(dp, tp, pp, cp, zero, schedule, v, mbs, sp, recompute, offload, ep)
+                    yield Layout(dp, tp, pp, cp, zero, schedule, v, mbs, sp, recompute, offload, ep,
+                                 **{k: fixed[k] for k in ("grad_compression", "hierarchical", "overlap",
+                                                          "tp_across_nodes") if k in fixed})
 
 
 def evaluate(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: int, dtypes: Dtypes,

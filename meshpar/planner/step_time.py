@@ -28,10 +28,14 @@ all-reduce of the dp shard at ZeRO 1-3), not overlapped.
 
 from __future__ import annotations
 
+from meshpar.parallel.grad_reduce import INT8_CHUNK
 from meshpar.planner.hardware import Cluster
 from meshpar.planner.layout import Layout, pipeline_shape
 from meshpar.planner.memory import Dtypes, params_per_rank
 from meshpar.planner.model import ModelSpec
+from meshpar.planner.network import collective_time, node_of
+
+_WIRE_BYTES = {"bf16": 2, "fp16": 2}  # per gradient element on the wire under --grad-compression
 
 def _ring_time(payload: float, n: int, GBps: float, efficiency: float, all_reduce: bool = True,
                latency_us: float = 0.0) -> float:
@@ -80,9 +84,16 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     forward = layers * layer_fwd + (head if layout.pp == 1 else head / layout.pp)
     backward = layers * layer_bwd + 2 * (head if layout.pp == 1 else head / layout.pp)
 
-    # tensor parallelism: inside a node
+    # tensor parallelism: inside a node (on nodes sharing one link, wherever the placement puts it)
     activation = tokens * spec.hidden * element
-    if layout.sequence_parallel:  # an all-gather and a reduce-scatter where an all-reduce was
+    networked = cluster.node_link_GBps is not None
+    node = node_of(cluster, layout.tp_across_nodes)
+    if networked and layout.sequence_parallel:
+        tp_per_layer = 4 * (collective_time(cluster, "all_gather", activation, list(range(t)), node)
+                            + collective_time(cluster, "reduce_scatter", activation, list(range(t)), node))
+    elif networked:
+        tp_per_layer = 4 * collective_time(cluster, "all_reduce", activation, list(range(t)), node)
+    elif layout.sequence_parallel:  # an all-gather and a reduce-scatter where an all-reduce was
         tp_per_layer = 8 * _ring_time(activation, t, gpu.intra_node_GBps, eff.intra_collective, all_reduce=False,
                                       latency_us=gpu.intra_node_latency_us)
     else:
@@ -131,19 +142,48 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     dp_link, dp_eff, dp_latency = (
         (gpu.intra_node_GBps, eff.intra_collective, gpu.intra_node_latency_us) if dp_span <= cluster.gpus_per_node
         else (gpu.inter_node_GBps, eff.inter_collective, gpu.inter_node_latency_us))
-    # all-reduce, or reduce-scatter + all-gather: the same bytes; a collective per unit (layer)
-    dp_comm = _ring_time(dp_payload, layout.dp, dp_link, dp_eff) + \
-        (layers + 2) * dp_latency * 1e-6 * (layout.dp > 1)
-    if layout.zero == 3:  # parameters gathered for forward and again for backward, per micro-batch and layer
-        # linear weights in the compute dtype, the embedding table (a lookup reads it) exact
-        table = spec.embedding_params() / t
-        gathered = (params - table) * dtypes.gather_bytes + table * dtypes.param_bytes
-        dp_comm += 2 * m * (_ring_time(gathered, layout.dp, dp_link, dp_eff, all_reduce=False)
-                            + layers * dp_latency * 1e-6 * (layout.dp > 1))
+    # the wire format: fp32 (or the gradients' own dtype), 16 bits, or int8 with a 4-byte
+    # scale per 1024 elements - sent as an all-to-all (a reduce-scatter), then all-gathered
+    int8 = layout.grad_compression == "int8"
+    wire = dp_payload / dtypes.grad_bytes * (1 + 4 / INT8_CHUNK if int8 else _WIRE_BYTES.get(layout.grad_compression,
+                                                                                            dtypes.grad_bytes))
+    table = spec.embedding_params() / t  # ZeRO-3 gathers linear weights in the compute dtype, the table exact
+    gathered = (params - table) * dtypes.gather_bytes + table * dtypes.param_bytes
+    units = (layers + 2) * dp_latency * 1e-6 * (layout.dp > 1)  # a collective per unit (layer)
+    after_step = 0.0  # ZeRO-1/2: the updated parameters all-gathered after the optimizer step
+    if networked:
+        dp_ranks = [i * t * cp for i in range(layout.dp)]
+
+        def dp_time(op, payload):
+            return collective_time(cluster, op, payload, dp_ranks, node)
+        if int8:
+            dp_comm = dp_time("all_to_all", wire) + (dp_time("all_gather", wire) if layout.zero == 0 else 0.0)
+        elif layout.zero == 0:
+            dp_comm = dp_time("hierarchical" if layout.hierarchical else "all_reduce", wire)
+        else:
+            dp_comm = dp_time("reduce_scatter", wire)
+        dp_comm += units
+        if layout.zero in (1, 2):
+            after_step = dp_time("all_gather", params * dtypes.param_bytes)
+        elif layout.zero == 3:
+            dp_comm += 2 * m * (dp_time("all_gather", gathered) + layers * dp_latency * 1e-6)
+    else:
+        if layout.hierarchical and dp_span > cluster.gpus_per_node:  # inside the node, 1/k across, inside again
+            k = max(1, cluster.gpus_per_node // (t * cp))
+            dp_comm = (_ring_time(wire / k, layout.dp // k, dp_link, dp_eff)
+                       + 2 * _ring_time(wire, k, gpu.intra_node_GBps, eff.intra_collective, all_reduce=False))
+        else:  # all-reduce, or reduce-scatter + all-gather: the same bytes
+            dp_comm = _ring_time(wire, layout.dp, dp_link, dp_eff)
+        dp_comm += units
+        if layout.zero == 3:  # parameters gathered for forward and again for backward, per micro-batch and layer
+            dp_comm += 2 * m * (_ring_time(gathered, layout.dp, dp_link, dp_eff, all_reduce=False)
+                                + layers * dp_latency * 1e-6 * (layout.dp > 1))
+    if layout.zero == 3:
         overlap = m * (forward + backward)
     else:
-        overlap = backward
-    dp_exposed = dp_comm if cluster.oversubscribed else max(0.0, dp_comm - overlap)
+        overlap = backward if layout.overlap else 0.0
+    # On a shared CPU nothing overlaps - except waiting on a network link, which takes no core
+    dp_exposed = (dp_comm if cluster.oversubscribed and not networked else max(0.0, dp_comm - overlap)) + after_step
     # optimizer: streaming parameters, gradients and states once
     local = params / (layout.dp if layout.zero >= 1 else 1)
     if layout.offload == "optimizer":
