@@ -1,5 +1,5 @@
 """Communication where the network is the bottleneck: the small model on an emulated
-cluster of 2 hosts x 4 ranks whose links run at 200 Mbit/s (`meshpar cluster`; needs
+cluster of 2 hosts x 4 ranks whose links run at 100 Mbit/s (`meshpar cluster`; needs
 root, `ip` and `tc`), one layout after another:
 
     flat vs hierarchical all-reduce, fp32 vs bf16 vs int8 gradients, overlap on and off,
@@ -15,7 +15,7 @@ inside, meshpar's fastest data-parallel configuration against DDP and FSDP2 - an
 planner's accuracy: measured over predicted per layout, the share within 25%, Spearman's
 rank correlation of the two orders.
 
-    python benchmarks/cluster_comm.py                 # ~10 minutes on 2 cores
+    python benchmarks/cluster_comm.py                 # ~20 minutes on 2 cores
     python benchmarks/cluster_comm.py --link 100mbit --steps 6 --only flat,int8
 """
 
@@ -58,6 +58,10 @@ CASES = {
     "zero3": (["--dp", "8", "--zero", "3"], "consecutive", replace(DP8, zero=3)),
     "tp-inside": (["--dp", "4", "--tp", "2"], "consecutive", replace(DP8, dp=4, tp=2)),
     "tp-across": (["--dp", "4", "--tp", "2"], "round-robin", replace(DP8, dp=4, tp=2, tp_across_nodes=True)),
+    # 8x the tokens per sequence: the activations tp exchanges outweigh the gradients dp reduces
+    "tp-inside-512": (["--dp", "4", "--tp", "2", "--seq-len", "512"], "consecutive", replace(DP8, dp=4, tp=2)),
+    "tp-across-512": (["--dp", "4", "--tp", "2", "--seq-len", "512"], "round-robin",
+                      replace(DP8, dp=4, tp=2, tp_across_nodes=True)),
     "ddp": (["ddp"], "consecutive", None),
     "fsdp2": (["fsdp2"], "consecutive", None),
 }
@@ -96,7 +100,9 @@ def measure(state: emulated.ClusterState, state_path: Path, flags: list[str], pl
     times = [r["step_time_s"] for r in records if "step_time_s" in r][2:]
     first, last = 2, max(at_step)
     per_step = [(b - a) / (last - first) for a, b in zip(at_step[first], at_step[last])]
-    return {"step_s": statistics.median(times), "host_bytes_per_step": max(per_step),
+    timed = [r for r in records if "step_time_s" in r][2:]
+    split = {key: statistics.median(r[key] for r in timed) for key in ("compute_s", "comm_s") if key in timed[0]}
+    return {"step_s": statistics.median(times), "host_bytes_per_step": max(per_step), **split,
             "losses": [r["loss"] for r in records if "step_time_s" in r]}
 
 
@@ -113,7 +119,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--link", default="200mbit", help="each host's link (default 200mbit)")
+    parser.add_argument("--link", default="100mbit", help="each host's link (default 100mbit)")
     parser.add_argument("--steps", type=int, default=8, help="steps per layout; the first two are not timed")
     parser.add_argument("--only", help=f"comma-separated cases of {', '.join(CASES)}")
     parser.add_argument("--cluster-file", help="a cluster file from an earlier calibration (default: calibrate now)")
@@ -129,21 +135,24 @@ def main():
         try:
             cluster_file = args.cluster_file or str(Path(tmp) / "emulated.json")
             if not args.cluster_file:
-                subprocess.run([sys.executable, "-m", "meshpar", "calibrate", "--ranks", "8", "--emulated-cluster",
+                subprocess.run([sys.executable, "-m", "meshpar", "calibrate", "--ranks", "8", "--model", MODEL,
+                                "--seq-len", str(SEQ), "--micro-batch-size", "1", "--emulated-cluster",
                                 str(state_path), "--out", cluster_file], check=True, cwd=ROOT)
             cluster = load_cluster(cluster_file)
-            spec = with_seq_len(PRESETS[MODEL], SEQ)
             results = {}
             for i, name in enumerate(names):
                 flags, placement, layout = CASES[name]
                 measured = measure(state, state_path, flags, placement, args.steps, Path(tmp) / f"{name}.jsonl",
                                    29700 + i)
                 if layout is not None:
+                    seq = int(flags[flags.index("--seq-len") + 1]) if "--seq-len" in flags else SEQ
+                    spec = with_seq_len(PRESETS[MODEL], seq)
                     predicted = evaluate(spec, layout, cluster, GLOBAL_BATCH, Dtypes.for_precision("fp32")).time
                     measured["predicted_s"] = predicted["total"]
                     measured["predicted_parts_s"] = {k: round(v, 4) for k, v in predicted.items() if v}
                 results[name] = measured
                 print(json.dumps({"case": name, "step_s": round(measured["step_s"], 3),
+                                  **{k: round(measured[k], 3) for k in ("compute_s", "comm_s") if k in measured},
                                   "host_MB_per_step": round(measured["host_bytes_per_step"] / 1e6, 2),
                                   **({"predicted_s": round(measured["predicted_s"], 3),
                                       "measured_over_predicted": round(measured["step_s"] / measured["predicted_s"], 3),
@@ -162,11 +171,13 @@ def summarize(results: dict) -> None:
                 r = results[name]
                 print(json.dumps({"vs_flat": name, "time_speedup": round(flat["step_s"] / r["step_s"], 3),
                                   "bytes_factor": round(flat["host_bytes_per_step"] / r["host_bytes_per_step"], 3)}))
-    if "tp-inside" in results and "tp-across" in results:
-        inside, across = results["tp-inside"], results["tp-across"]
-        print(json.dumps({"tp_across_over_inside": round(across["step_s"] / inside["step_s"], 3),
-                          "predicted": round(across["predicted_s"] / inside["predicted_s"], 3),
-                          "bytes_factor": round(across["host_bytes_per_step"] / inside["host_bytes_per_step"], 3)}))
+    for suffix in ("", "-512"):
+        if f"tp-inside{suffix}" in results and f"tp-across{suffix}" in results:
+            inside, across = results[f"tp-inside{suffix}"], results[f"tp-across{suffix}"]
+            print(json.dumps({"tp_across_over_inside": round(across["step_s"] / inside["step_s"], 3),
+                              "seq_len": 512 if suffix else SEQ,
+                              "predicted": round(across["predicted_s"] / inside["predicted_s"], 3),
+                              "bytes_factor": round(across["host_bytes_per_step"] / inside["host_bytes_per_step"], 3)}))
     ours = {n: results[n]["step_s"] for n in DATA_PARALLEL if n in results}
     if ours:
         best = min(ours, key=ours.get)

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "for `meshpar plan --cluster`.")
     calibrate.add_argument("--ranks", type=int, default=8, help="local ranks, each one 'GPU' (default 8)")
     calibrate.add_argument("--out", default="cluster.json", help="where to write (default cluster.json)")
+    calibrate.add_argument("--model", help="also measure this model's forward, backward and optimizer step on "
+                                            "every rank at once (a CPU-sized preset): the planner scales its compute "
+                                            "model to it")
+    calibrate.add_argument("--seq-len", type=int, default=128, help="with --model (default 128)")
+    calibrate.add_argument("--micro-batch-size", type=int, default=1, help="with --model (default 1)")
     calibrate.add_argument("--emulated-cluster", metavar="STATE", help="also measure the network of the hosts "
                            "`meshpar cluster up` made (its state file): the ranks are its hosts' ranks, each host "
                            "one shared link")

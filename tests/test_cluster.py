@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,7 @@ def hosts(tmp_path):
 
 
 def train(state, tmp_path, *flags) -> list[str]:
+    tmp_path.mkdir(exist_ok=True)
     return ["run", "--port", "29531", "--", "meshpar", "train", "--dp", "2", "--tp", "2", "--seq-len", "64",
             "--no-progress", "--metrics-file", str(tmp_path / "metrics.jsonl"), *flags]
 
@@ -89,3 +91,82 @@ def test_down_cleans_up_after_a_killed_run(tmp_path):
         done = cluster(state, "down")
     assert done.returncode == 0 and "removed" in done.stdout
     assert not leftovers() and not state.exists()
+
+
+def metrics_of(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def losses_by_step(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records if "step_time_s" in r}
+
+
+def restartable(hosts, tmp_path, name, steps) -> list[str]:
+    """`cluster run --max-restarts 3` of a run that saves every 2 steps and resumes from
+    its newest checkpoint when torchrun restarts it."""
+    metrics = tmp_path / name / "metrics.jsonl"
+    metrics.parent.mkdir()
+    return ["run", "--port", "29533", "--max-restarts", "3", "--", "meshpar", "train", "--dp", "2", "--tp", "2",
+            "--seq-len", "64", "--no-progress", "--metrics-file", str(metrics), "--steps", str(steps),
+            "--save-dir", str(tmp_path / name / "checkpoints"), "--save-every", "2", "--comm-timeout", "5"]
+
+
+def wait_for_step(run, metrics, step: int, limit_s: float = 180):
+    deadline = time.monotonic() + limit_s
+    while not (metrics.exists() and max(losses_by_step(metrics_of(metrics)) or [0]) >= step):
+        assert run.poll() is None, f"the run ended before step {step}: {run.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, f"no step {step} in {limit_s} s"
+        time.sleep(0.3)
+
+
+@pytest.mark.slow  # ~1 minute
+@pytest.mark.parametrize("fault", ["link cut and restored", "host 1's ranks killed"])
+def test_a_restarted_job_resumes_with_the_losses_of_an_uninterrupted_run(hosts, tmp_path, fault):
+    steps = 12
+    whole = cluster(hosts, *restartable(hosts, tmp_path, "whole", steps))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = losses_by_step(metrics_of(tmp_path / "whole" / "metrics.jsonl"))
+
+    metrics = tmp_path / "faulty" / "metrics.jsonl"
+    run = subprocess.Popen([sys.executable, "-m", "meshpar", "cluster", "--state", str(hosts),
+                            *restartable(hosts, tmp_path, "faulty", steps)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, metrics, 5)
+    if fault == "link cut and restored":
+        assert cluster(hosts, "link", "1", "down").returncode == 0
+        time.sleep(12)  # past --comm-timeout: every rank gives up and torchrun restarts them
+        assert cluster(hosts, "link", "1", "up").returncode == 0
+    else:
+        state = emulated.load(hosts)
+        ranks = subprocess.run(["ip", "netns", "pids", state.host(1)], capture_output=True, text=True).stdout.split()
+        workers = [pid for pid in ranks if "meshpar" in Path(f"/proc/{pid}/cmdline").read_text()
+                   and "torch.distributed.run" not in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 2, workers
+        for pid in workers:
+            os.kill(int(pid), signal.SIGKILL)
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-3000:]
+    resumed = metrics_of(metrics)  # the restarted run's file: its steps only
+    assert "resumed from" in resumed[-1]["started_from"], resumed[-1].get("started_from")
+    losses = losses_by_step(resumed)
+    assert min(losses) > 1 and max(losses) == steps  # it went on from a checkpoint, to the end
+    assert losses == {step: expected[step] for step in losses}
+
+
+@pytest.mark.slow  # ~30 s
+def test_two_percent_packet_loss_changes_no_loss(tmp_path):
+    """Every link dropping 2% of its packets (each way): TCP resends them, the losses are
+    the same to the bit and the step time grows; both step times are printed."""
+    runs = {}
+    for name, link in (("clean", "200mbit"), ("lossy", "200mbit,,2%")):
+        state = tmp_path / f"{name}.json"
+        emulated.up(2, 2, emulated.Link.parse(link), state, prefix="mpt")
+        try:
+            done = cluster(state, *train(state, tmp_path / name, "--steps", "6"))
+            assert done.returncode == 0, done.stderr[-3000:]
+        finally:
+            emulated.down(state)
+        runs[name] = metrics_of(tmp_path / name / "metrics.jsonl")
+    assert losses_by_step(runs["lossy"]) == losses_by_step(runs["clean"])
+    step_s = {name: sorted(r["step_time_s"] for r in records if "step_time_s" in r)[3] for name, records in runs.items()}
+    print(f"median step time: clean {step_s['clean']:.3f} s, 2% loss {step_s['lossy']:.3f} s")

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="consecutive: one torchrun per host, host i holding ranks i*K...(i+1)*K-1 (default); "
                           "round-robin: the ranks started directly, rank r on host r mod N - consecutive ranks (a "
                           "tp group) on different hosts, to measure what placement saves")
+    run.add_argument("--max-restarts", type=int, default=0, help="torchrun's: a host whose ranks fail restarts "
+                                                                     "them up to N times, the others rejoining (0)")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                      help="meshpar train ... (or a script and its flags)")
     link = actions.add_parser("link", help="one host's link: down, up, or RATE[,DELAY[,LOSS]]")
@@ -43,10 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions.add_parser("down", help="remove everything the cluster made (after a crash too)")
 
 
-def run_on_hosts(state: emulated.ClusterState, command: list[str], port: int, placement: str = "consecutive") -> int:
+def run_on_hosts(state: emulated.ClusterState, command: list[str], port: int, placement: str = "consecutive",
+                 max_restarts: int = 0) -> int:
     """Every host's torchrun (or, dealt round-robin, every rank), to the end; the worst
     exit code. Ctrl-C or SIGTERM stops them."""
-    commands = ([emulated.host_command(state, i, command, port) for i in range(state.nodes)]
+    if placement != "consecutive" and max_restarts:
+        raise ClusterError("--max-restarts needs torchrun, which places ranks consecutively; drop --placement")
+    commands = ([emulated.host_command(state, i, command, port, max_restarts) for i in range(state.nodes)]
                 if placement == "consecutive" else emulated.dealt_rank_commands(state, command, port))
     hosts = [subprocess.Popen(argv) for argv in commands]
 
@@ -90,7 +95,7 @@ def cluster_command(args) -> int:
         if not command:
             raise ClusterError("give the command after --, e.g. `meshpar cluster run -- meshpar train --dp 4`")
         emulated.check_privileges()
-        return run_on_hosts(state, command, args.port, args.placement)
+        return run_on_hosts(state, command, args.port, args.placement, args.max_restarts)
     except ClusterError as err:
         print(f"meshpar cluster: {err}", file=sys.stderr)
         return 2

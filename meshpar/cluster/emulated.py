@@ -266,10 +266,12 @@ def down(state_path: Path = DEFAULT_STATE) -> list[str]:
     return removed
 
 
-def host_command(state: ClusterState, i: int, command: list[str], port: int) -> list[str]:
+def host_command(state: ClusterState, i: int, command: list[str], port: int, max_restarts: int = 0) -> list[str]:
     """The torchrun of host i, inside its namespace, for `command`: `meshpar ...` runs as
     `python -m meshpar ...`, `python SCRIPT ...` as SCRIPT under this Python, anything else
-    as a program (--no-python)."""
+    as a program (--no-python). The hosts meet by c10d rendezvous, its store on host 0
+    (each host gives its own address: the namespaces share one hostname); with
+    `max_restarts`, a host whose ranks fail restarts them and the others rejoin."""
     import sys
 
     if command[0] == "meshpar":
@@ -279,9 +281,11 @@ def host_command(state: ClusterState, i: int, command: list[str], port: int) -> 
     else:
         target = ["--no-python", *command]
     return ["ip", "netns", "exec", state.host(i), "env", "GLOO_SOCKET_IFNAME=eth0",
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", str(state.nodes),
-            "--nproc-per-node", str(state.ranks_per_node), "--node-rank", str(i),
-            "--master-addr", state.address(0), "--master-port", str(port), *target]
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", f"{state.nodes}:{state.nodes}",
+            "--nproc-per-node", str(state.ranks_per_node), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"{state.address(0)}:{port}", "--rdzv-id", f"{state.prefix}-{port}",
+            "--rdzv-conf", f"is_host={int(i == 0)}", "--local-addr", state.address(i),
+            "--max-restarts", str(max_restarts), *target]
 
 
 def dealt_rank_commands(state: ClusterState, command: list[str], port: int) -> list[list[str]]:

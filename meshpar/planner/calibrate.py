@@ -3,8 +3,11 @@ rank a "GPU" - and write a cluster file for `meshpar plan --cluster`.
 
 All ranks measure at once, as they would compute during training, so each rank's rate is
 its share of the machine: matmul FLOP/s (the peak, efficiency 1), attention FLOP/s (as a
-fraction of it), copy bandwidth, and gloo all-reduce bus bandwidth and latency between
-the local ranks (the same inside and across "nodes": there is one).
+fraction of it), copy bandwidth, gloo all-reduce bus bandwidth and latency between the
+local ranks (the same inside and across "nodes": there is one), and what each operation
+costs besides its arithmetic, with the number of operations a forward and backward of
+meshpar's Llama block dispatches (small models on many ranks spend most of their compute
+time there).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -38,7 +42,64 @@ def _rate(fn, work: float, seconds: float = 1.0, repeats: int | None = None) -> 
     return work * runs / (time.perf_counter() - start)
 
 
-def _measure(rank: int, ranks: int, port: int, results):
+def count_ops(model, tokens) -> int:
+    """Operations autograd dispatches for one forward and backward of `model`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        model(tokens).float().logsumexp(-1).mean().backward()
+    return Count.ops
+
+
+def operation_counts() -> tuple[int, int]:
+    """(per layer, outside the layers) operations of a forward and backward of meshpar's
+    Llama block: from models of 1 and 2 layers."""
+    from meshpar.model import ModelConfig, build_model
+
+    def ops(layers):
+        cfg = ModelConfig(vocab_size=16, hidden_size=8, num_layers=layers, num_heads=2, num_kv_heads=1,
+                          ffn_hidden_size=16, max_seq_len=8)
+        return count_ops(build_model(cfg, seed=0), torch.zeros(1, 8, dtype=torch.long))
+    one, two = ops(1), ops(2)
+    return two - one, one - (two - one)
+
+
+def _op_overhead(rank_share_seconds: float = 1.0) -> float:
+    """Seconds per operation where the arithmetic is negligible: a 2-layer model of width
+    8 trained forward and backward, its time over its operations - what every operation
+    costs besides its arithmetic (dispatch, autograd's bookkeeping, allocation)."""
+    from meshpar.model import ModelConfig, build_model
+
+    cfg = ModelConfig(vocab_size=16, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden_size=16,
+                      max_seq_len=8)
+    model, tokens = build_model(cfg, seed=0), torch.zeros(1, 8, dtype=torch.long)
+    ops = count_ops(model, tokens)
+    return 1 / _rate(lambda: model(tokens).float().logsumexp(-1).mean().backward(), ops, rank_share_seconds)
+
+
+def _model_rates(name: str, seq_len: int, micro_batch_size: int) -> tuple[float, float]:
+    """Seconds of one forward and backward of model `name` on (micro_batch_size, seq_len)
+    tokens, and of one AdamW step over its parameters - on one rank, while every rank runs."""
+    from meshpar.model import build_model, model_config
+
+    cfg = model_config(name)
+    model = build_model(cfg, seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (micro_batch_size, seq_len + 1))
+
+    def forward_backward():
+        logits = model(tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return 1 / _rate(forward_backward, 1.0, 2.0), 1 / _rate(optimizer.step, 1.0, 1.0)
+
+
+def _measure(rank: int, ranks: int, port: int, results, model: tuple | None = None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
     dist.init_process_group("gloo", rank=rank, world_size=ranks, timeout=timedelta(minutes=5))
@@ -60,25 +121,31 @@ def _measure(rank: int, ranks: int, port: int, results):
         big, small = torch.ones(2**22), torch.ones(1)
         bus = _rate(lambda: dist.all_reduce(big), 2 * (ranks - 1) / ranks * big.numel() * 4, repeats=5)
         latency = 1 / _rate(lambda: dist.all_reduce(small), 1.0, repeats=200)
+        overhead = _op_overhead()
+        layer = _model_rates(*model) if model else (0.0, 0.0)
         gathered = [None] * ranks
-        dist.all_gather_object(gathered, (matmul, attention_rate, copy, bus, latency, widths))
+        dist.all_gather_object(gathered, (matmul, attention_rate, copy, bus, latency, overhead, widths, layer))
         if rank == 0:
             results.put(gathered)
     finally:
         dist.destroy_process_group()
 
 
-def calibrate(ranks: int) -> dict:
-    """A cluster file's contents for `ranks` local ranks on this machine."""
+def calibrate(ranks: int, model: tuple | None = None) -> dict:
+    """A cluster file's contents for `ranks` local ranks on this machine; with `model`
+    (name, seq_len, micro_batch_size), also that model's compute measured (see
+    `with_model_scale`)."""
     from meshpar.train.launch import free_port
 
     results = mp.get_context("spawn").Queue()
-    mp.start_processes(_measure, args=(ranks, free_port(), results), nprocs=ranks, start_method="spawn")
+    mp.start_processes(_measure, args=(ranks, free_port(), results, model), nprocs=ranks, start_method="spawn")
     measured = results.get()
-    matmul, attention, copy, bus, latency = (statistics.median(column) for column in list(zip(*measured))[:5])
-    widths = [(w, statistics.median(r[5][w] for r in measured) / matmul) for w in WIDTHS]
+    matmul, attention, copy, bus, latency, overhead = (statistics.median(column)
+                                                       for column in list(zip(*measured))[:6])
+    widths = [(w, statistics.median(r[6][w] for r in measured) / matmul) for w in WIDTHS]
+    per_layer, outside = operation_counts()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / ranks
-    return {
+    cluster = {
         "gpu": {"name": f"cpu-rank-of-{ranks}", "peak_tflops": matmul / 1e12, "memory_bytes": memory,
                 "intra_node_GBps": bus / 1e9, "inter_node_GBps": bus / 1e9, "memory_GBps": copy / 1e9,
                 "host_link_GBps": copy / 1e9, "intra_node_latency_us": latency * 1e6,
@@ -86,9 +153,44 @@ def calibrate(ranks: int) -> dict:
         "gpus": ranks, "gpus_per_node": ranks, "oversubscribed": ranks > (os.cpu_count() or 1),
         "efficiency": {"matmul": 1.0, "attention": min(1.0, attention / matmul), "intra_collective": 1.0,
                        "inter_collective": 1.0, "memory": 1.0, "host_adam_params_per_s": copy / 32,
+                       "op_overhead_us": overhead * 1e6, "ops_per_layer": per_layer, "ops_outside_layers": outside,
                        "matmul_by_width": widths + [(512, 1.0)]},
         "measured": time.strftime("%Y-%m-%d"),
     }
+    if model:
+        forward_backward = statistics.median(r[7][0] for r in measured)
+        optimizer = statistics.median(r[7][1] for r in measured)
+        cluster = with_model_scale(cluster, model, forward_backward, optimizer)
+    return cluster
+
+
+def with_model_scale(cluster: dict, model: tuple, forward_backward_s: float, optimizer_s: float) -> dict:
+    """Where the component model (matmuls, attention, element-wise passes, operations'
+    overhead) misses the measured compute of a model - ranks sharing cores, caches and
+    the allocator - the ratio of the two at one shape, measured (`compute_scale`,
+    `optimizer_scale`). The planner multiplies every layout's compute and optimizer time
+    by them; how a layout's compute differs from another's still comes from the
+    component model."""
+    from meshpar.planner.hardware import load_cluster
+    from meshpar.planner.layout import Layout
+    from meshpar.planner.model import PRESETS, with_seq_len
+    from meshpar.planner.step_time import step_time
+
+    name, seq_len, micro_batch_size = model
+    ranks = cluster["gpus"]
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(cluster, f)
+        f.flush()
+        unscaled = load_cluster(f.name)
+    one = Layout(dp=ranks, tp=1, pp=1, cp=1, zero=0, schedule="none", virtual_stages=1,
+                 micro_batch_size=micro_batch_size, sequence_parallel=False, recompute="none", offload="none")
+    predicted = step_time(with_seq_len(PRESETS[name], seq_len), one, unscaled, ranks * micro_batch_size)
+    cluster["efficiency"].update(compute_scale=round(forward_backward_s / predicted["compute"], 3),
+                                 optimizer_scale=round(optimizer_s / predicted["optimizer"], 3))
+    cluster["model_measured"] = {"model": name, "seq_len": seq_len, "micro_batch_size": micro_batch_size,
+                                 "forward_backward_s": forward_backward_s, "optimizer_s": optimizer_s,
+                                 "predicted_unscaled_s": {k: predicted[k] for k in ("compute", "optimizer")}}
+    return cluster
 
 
 def _ring_bytes(op: str, payload: float, n: int, k: int) -> float:
@@ -152,7 +254,16 @@ def calibrate_command(args) -> int:
             print(f"meshpar calibrate: the emulated cluster has {state.nodes} x {state.ranks_per_node} ranks; "
                   f"give --ranks {state.nodes * state.ranks_per_node}")
             return 2
-    cluster = calibrate(args.ranks)
+    model = None
+    if args.model:
+        from meshpar.model import PRESETS as MODELS
+        from meshpar.model.config import LARGE_PRESETS
+        if args.model not in MODELS or args.model in LARGE_PRESETS:
+            print(f"meshpar calibrate: --model {args.model}: choose one of "
+                  f"{', '.join(m for m in MODELS if m not in LARGE_PRESETS)} (built on every rank)")
+            return 2
+        model = (args.model, args.seq_len, args.micro_batch_size)
+    cluster = calibrate(args.ranks, model)
     if args.emulated_cluster:
         cluster = with_emulated_network(cluster, args.emulated_cluster)
     with open(args.out, "w") as f:
@@ -161,6 +272,12 @@ def calibrate_command(args) -> int:
     print(f"{args.ranks} local ranks, each: matmul {gpu['peak_tflops'] * 1e3:.1f} GFLOP/s, attention "
           f"{cluster['efficiency']['attention']:.0%} of it, copy {gpu['memory_GBps']:.1f} GB/s; all-reduce bus "
           f"{gpu['intra_node_GBps']:.2f} GB/s, latency {gpu['intra_node_latency_us']:.0f} us -> {args.out}")
+    if model:
+        measured = cluster["model_measured"]
+        print(f"  {args.model} (micro-batch {args.micro_batch_size} x {args.seq_len} tokens): forward and backward "
+              f"{measured['forward_backward_s'] * 1e3:.1f} ms per rank, {cluster['efficiency']['compute_scale']:.2f}x "
+              f"the component model; AdamW {measured['optimizer_s'] * 1e3:.1f} ms, "
+              f"{cluster['efficiency']['optimizer_scale']:.2f}x")
     if args.emulated_cluster:
         print(f"  {cluster['gpus'] // cluster['gpus_per_node']} hosts x {cluster['gpus_per_node']} ranks, each host's "
               f"link {cluster['network']['link']}: collectives reach {cluster['efficiency']['inter_collective']:.0%} "

@@ -53,6 +53,16 @@ class Efficiency:
     inter_collective: float  # ring bus bandwidth over the network
     memory: float  # streaming kernels (optimizer step, norms) of HBM bandwidth
     host_adam_params_per_s: float = 1e9  # CPU AdamW with --offload optimizer, per GPU's share
+    # What each operation costs besides its arithmetic (dispatch, autograd, allocation), and
+    # how many a forward and backward of meshpar's Llama dispatches per layer and outside
+    # the layers - as `meshpar calibrate` measures and counts them; 0: not counted
+    op_overhead_us: float = 0.0
+    ops_per_layer: int = 0
+    ops_outside_layers: int = 0
+    # A model's measured compute (forward and backward) and optimizer step over what the
+    # component model predicts for it, at one shape (`meshpar calibrate --model`); 1: none
+    compute_scale: float = 1.0
+    optimizer_scale: float = 1.0
     # matmul efficiency by the narrower of a GEMM's k and n (tensor parallelism narrows
     # them): (width, fraction of peak) pairs, interpolated in log2(width); empty: `matmul`
     matmul_by_width: tuple = ()

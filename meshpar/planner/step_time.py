@@ -36,6 +36,13 @@ from meshpar.planner.model import ModelSpec
 from meshpar.planner.network import collective_time, node_of
 
 _WIRE_BYTES = {"bf16": 2, "fp16": 2}  # per gradient element on the wire under --grad-compression
+# Bytes through memory per gradient element of the int8 scheme (parallel/grad_reduce.py),
+# counted op by op: sending - the carried error added (12), quantized (abs, max, divide,
+# round, clamp, cast: 45), its error kept (dequantize 13, subtract 12), packed (2);
+# receiving - unpacked (2), dequantized (13), the blocks summed (5): 104. ZeRO-0's
+# all-gather besides: the summed shard quantized again with its error (10), and every
+# shard unpacked, dequantized and copied back (23): 33.
+INT8_SEND_BYTES, INT8_ALL_GATHER_BYTES = 104, 33
 
 def _ring_time(payload: float, n: int, GBps: float, efficiency: float, all_reduce: bool = True,
                latency_us: float = 0.0) -> float:
@@ -83,6 +90,10 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     head += 4 * tokens * spec.vocab / t * 4 / hbm
     forward = layers * layer_fwd + (head if layout.pp == 1 else head / layout.pp)
     backward = layers * layer_bwd + 2 * (head if layout.pp == 1 else head / layout.pp)
+    # every operation's fixed cost (measured where calibrated), a third of it in forward
+    ops = layers * eff.ops_per_layer * (1 + (layout.recompute == "full") / 3) + eff.ops_outside_layers
+    forward = (forward + ops * eff.op_overhead_us * 1e-6 / 3) * eff.compute_scale
+    backward = (backward + ops * eff.op_overhead_us * 1e-6 * 2 / 3) * eff.compute_scale
 
     # tensor parallelism: inside a node (on nodes sharing one link, wherever the placement puts it)
     activation = tokens * spec.hidden * element
@@ -184,13 +195,16 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
         overlap = backward if layout.overlap else 0.0
     # On a shared CPU nothing overlaps - except waiting on a network link, which takes no core
     dp_exposed = (dp_comm if cluster.oversubscribed and not networked else max(0.0, dp_comm - overlap)) + after_step
+    if int8 and layout.dp > 1:  # quantizing and decoding: element-wise passes, not hidden
+        elements = dp_payload / dtypes.grad_bytes
+        dp_exposed += elements * (INT8_SEND_BYTES + INT8_ALL_GATHER_BYTES * (layout.zero == 0)) / hbm
     # optimizer: streaming parameters, gradients and states once
     local = params / (layout.dp if layout.zero >= 1 else 1)
     if layout.offload == "optimizer":
         optimizer = local / eff.host_adam_params_per_s + 2 * local * 4 / (gpu.host_link_GBps * 1e9)
     else:
         state_bytes = dtypes.param_bytes + dtypes.grad_bytes + dtypes.master_bytes + dtypes.moment_bytes
-        optimizer = 2 * local * state_bytes / (gpu.memory_GBps * 1e9 * eff.memory)
+        optimizer = 2 * local * state_bytes / (gpu.memory_GBps * 1e9 * eff.memory) * eff.optimizer_scale
 
     tied = 0.0
     if spec.tie_embeddings and layout.pp > 1:  # zero.py: an all-reduce over pp_ends
