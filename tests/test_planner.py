@@ -336,3 +336,59 @@ def test_interleaved_layouts_of_uneven_stages_and_any_chunk_count_are_searched(p
                  offload="none", sequence_parallel=True)
     found = list(layouts(PRESETS["llama3-405b"], make_cluster("h100-80gb", gpus, 8), batch, fixed))
     assert {layout.virtual_stages for layout in found} == chunks
+
+
+def emulated(nodes=2, per_node=4, link_GBps=0.0125, reduce_scatter=2.0):
+    """2 hosts x 4 ranks sharing one 100 Mbit/s link each, every other cost zero."""
+    from dataclasses import replace as changed
+
+    from meshpar.planner.hardware import Cluster
+    base = make_cluster("h100-80gb", nodes * per_node, per_node)
+    gpu = changed(base.gpu, inter_node_latency_us=0.0, intra_node_latency_us=0.0)
+    eff = changed(base.efficiency, inter_collective=1.0)
+    return Cluster(gpu, nodes * per_node, per_node, eff, node_link_GBps=link_GBps,
+                   wire_factors=(("reduce_scatter", reduce_scatter),))
+
+
+@pytest.mark.parametrize("op, per_node_groups, expected", [
+    ("all_reduce", 1, 2 * 7 / 8), ("all_gather", 1, 7 / 8), ("reduce_scatter", 1, 2 * 7 / 8),
+    ("all_to_all", 1, 4 * 4 / 8), ("hierarchical", 1, 1.0)])
+def test_a_collective_across_hosts_takes_the_bytes_leaving_a_host_over_its_link(op, per_node_groups, expected):
+    """Over all 8 ranks of 2 hosts: bytes leaving a host per payload byte (a ring edge per
+    host; gloo's reduce-scatter measured at an all-reduce's bytes; an all-to-all's 4 ranks
+    x 4 remote blocks; the hierarchical all-reduce's 4 shards each across 2 hosts) over
+    the link; the intra-node halves of the hierarchical one are on NVLink, nearly free."""
+    from meshpar.planner.network import collective_time, node_of
+    cluster = emulated()
+    seconds = collective_time(cluster, op, 1e6, list(range(8)), node_of(cluster))
+    assert seconds == pytest.approx(expected * 1e6 / 0.0125e9, rel=1e-3 if op == "hierarchical" else 1e-9)
+
+
+def test_groups_sharing_a_link_and_tp_dealt_across_hosts():
+    """dp4 x tp2 on 2 hosts x 4: each of the 2 dp groups has 2 ranks per host and one ring
+    edge out of it - the link carries both. Dealt round-robin, a tp pair spans the hosts
+    and 4 pairs share each link; the dp groups stay inside a host."""
+    from meshpar.planner.network import collective_time, node_of
+    cluster = emulated()
+    dp_ranks = [0, 2, 4, 6]
+    consecutive, dealt = node_of(cluster), node_of(cluster, round_robin=True)
+    assert collective_time(cluster, "all_reduce", 1e6, dp_ranks, consecutive) == pytest.approx(
+        2 * (2 * 3 / 4) * 1e6 / 0.0125e9)
+    assert collective_time(cluster, "all_reduce", 1e6, [0, 1], dealt) == pytest.approx(4 * 1e6 / 0.0125e9)
+    assert collective_time(cluster, "all_reduce", 1e6, dp_ranks, dealt) < 1e-3  # inside a host, NVLink
+
+
+def test_the_reduction_settings_change_the_predicted_step_as_their_bytes_do():
+    from dataclasses import replace as changed
+
+    from meshpar.planner.step_time import step_time
+    spec, cluster = PRESETS["llama3-8b"], emulated()
+    dp8 = layout(dp=8, mbs=1)
+    times = {name: step_time(spec, changed(dp8, **settings), cluster, 8)["dp"] for name, settings in {
+        "flat": {}, "bf16": {"grad_compression": "bf16"}, "hierarchical": {"hierarchical": True},
+        "no-overlap": {"overlap": False}}.items()}
+    assert times["flat"] / times["bf16"] == pytest.approx(2, rel=0.02)
+    assert times["flat"] / times["hierarchical"] == pytest.approx(1.75, rel=0.02)
+    assert times["no-overlap"] > times["flat"]
+    assert parse_fix("grad_compression=int8,hierarchical=true,overlap=off,tp_across_nodes=1") == {
+        "grad_compression": "int8", "hierarchical": True, "overlap": False, "tp_across_nodes": True}

@@ -18,12 +18,19 @@ Per micro-batch and pipeline stage (the most loaded one):
 - pp: one activation send per micro-batch and stage boundary, forward and backward;
   with tied embeddings, once per step, the sum of the first and the last stage's
   gradients of the shared weight (what each keeps of it), not overlapped.
+Where calibrated, every operation's fixed cost besides its arithmetic (times the
+operations counted per layer) and the model's measured compute over this component model
+(`compute_scale`, `optimizer_scale`) scale compute and the optimizer step.
 The pipeline then runs m micro-batches with the schedule's bubble (from the simulator).
 dp: one reduction of the gradients per step (ZeRO-3 gathers the parameters twice per
 micro-batch as well, the linear weights in 16 bits under bf16/fp16), overlapped with the last micro-batch's backward; over NVLink when a
 dp group fits in a node, else over the network. With cp, the gradients are summed over cp
 too (a reduce-scatter and all-gather around the dp all-reduce of 1/cp at ZeRO-0, an
-all-reduce of the dp shard at ZeRO 1-3), not overlapped.
+all-reduce of the dp shard at ZeRO 1-3), not overlapped. The wire format (fp32, 16 bits,
+int8 with its element-wise passes), the hierarchical all-reduce and overlap follow the
+layout. On nodes sharing one link each (`Cluster.node_link_GBps`), tp and dp collectives
+that cross nodes are timed by the bytes leaving a node (network.py), and ZeRO-1/2's
+parameter all-gather after the optimizer step is exposed.
 """
 
 from __future__ import annotations
