@@ -124,6 +124,8 @@ def main():
     parser.add_argument("--only", help=f"comma-separated cases of {', '.join(CASES)}")
     parser.add_argument("--cluster-file", help="a cluster file from an earlier calibration (default: calibrate now)")
     parser.add_argument("--prefix", default="mpbench", help="the emulated hosts' namespace prefix")
+    parser.add_argument("--out", default="runs/bench/cluster_comm.json",
+                        help="where the measurements and the calibrated cluster go (JSON)")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(CASES)
     unknown = set(names) - set(CASES)
@@ -158,6 +160,10 @@ def main():
                                       "measured_over_predicted": round(measured["step_s"] / measured["predicted_s"], 3),
                                       "predicted_parts_s": measured["predicted_parts_s"]}
                                      if "predicted_s" in measured else {})}), flush=True)
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"link": args.link, "steps": args.steps, "results": results,
+                                       "cluster": json.loads(Path(cluster_file).read_text())}, indent=1))
         finally:
             emulated.down(state_path)
     summarize(results)

@@ -269,9 +269,11 @@ def down(state_path: Path = DEFAULT_STATE) -> list[str]:
 def host_command(state: ClusterState, i: int, command: list[str], port: int, max_restarts: int = 0) -> list[str]:
     """The torchrun of host i, inside its namespace, for `command`: `meshpar ...` runs as
     `python -m meshpar ...`, `python SCRIPT ...` as SCRIPT under this Python, anything else
-    as a program (--no-python). The hosts meet by c10d rendezvous, its store on host 0
-    (each host gives its own address: the namespaces share one hostname); with
-    `max_restarts`, a host whose ranks fail restarts them and the others rejoin."""
+    as a program (--no-python). The hosts meet at host 0's store: statically (host i holds
+    ranks i*K...(i+1)*K-1), or with `max_restarts` by c10d rendezvous - a host whose ranks
+    fail restarts them and the others rejoin in a new round (each host gives its own
+    address: the namespaces share one hostname; ranks go to hosts in the order they join,
+    consecutively)."""
     import sys
 
     if command[0] == "meshpar":
@@ -280,12 +282,16 @@ def host_command(state: ClusterState, i: int, command: list[str], port: int, max
         target = command[1:]
     else:
         target = ["--no-python", *command]
-    return ["ip", "netns", "exec", state.host(i), "env", "GLOO_SOCKET_IFNAME=eth0",
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", f"{state.nodes}:{state.nodes}",
-            "--nproc-per-node", str(state.ranks_per_node), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"{state.address(0)}:{port}", "--rdzv-id", f"{state.prefix}-{port}",
-            "--rdzv-conf", f"is_host={int(i == 0)}", "--local-addr", state.address(i),
-            "--max-restarts", str(max_restarts), *target]
+    if max_restarts:  # c10d rendezvous: a restarted host and the others meet again in a new round
+        meet = ["--nnodes", f"{state.nodes}:{state.nodes}", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"{state.address(0)}:{port}", "--rdzv-id", f"{state.prefix}-{port}",
+                "--rdzv-conf", f"is_host={int(i == 0)},read_timeout=20", "--local-addr", state.address(i),
+                "--max-restarts", str(max_restarts)]
+    else:  # static: host i holds ranks i*K...; a failed host's torchrun exits without reaching host 0
+        meet = ["--nnodes", str(state.nodes), "--node-rank", str(i), "--master-addr", state.address(0),
+                "--master-port", str(port)]
+    return ["ip", "netns", "exec", state.host(i), "env", "GLOO_SOCKET_IFNAME=eth0", sys.executable, "-m",
+            "torch.distributed.run", "--nproc-per-node", str(state.ranks_per_node), *meet, *target]
 
 
 def dealt_rank_commands(state: ClusterState, command: list[str], port: int) -> list[list[str]]:

@@ -141,6 +141,10 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     residual = tokens * spec.hidden * residual_element / (t if layout.sequence_parallel else 1)
     pp_send = (pp_latency * 1e-6 + residual / (pp_link * 1e9 * eff.inter_collective)) if layout.pp > 1 else 0.0
     per_microbatch = forward + backward + tp + ep_comm + cp_exposed + 2 * pp_send * layout.virtual_stages
+    if networked and cluster.oversubscribed and len({node(r) for r in range(t)}) > 1:
+        # tp across nodes on ranks sharing cores: while one tp group waits on the link the
+        # others compute, so the cores and the link work side by side - the busier one sets the pace
+        per_microbatch -= min(forward + backward, tp)
     shape = pipeline_shape(layout.schedule, layout.pp, layout.virtual_stages, m)
     busy = m * per_microbatch
     pipeline_total = busy if cluster.oversubscribed else busy / (1 - shape.bubble_fraction)
