@@ -31,6 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from common import spearman
 from meshpar.cluster import emulated
 from meshpar.planner.hardware import load_cluster
 from meshpar.planner.layout import Layout
@@ -104,17 +105,6 @@ def measure(state: emulated.ClusterState, state_path: Path, flags: list[str], pl
     split = {key: statistics.median(r[key] for r in timed) for key in ("compute_s", "comm_s") if key in timed[0]}
     return {"step_s": statistics.median(times), "host_bytes_per_step": max(per_step), **split,
             "losses": [r["loss"] for r in records if "step_time_s" in r]}
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(values):
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0] * len(values)
-        for rank, i in enumerate(order):
-            out[i] = rank
-        return out
-    ra, rb, n = ranks(a), ranks(b), len(a)
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
 
 
 def main():

@@ -64,3 +64,19 @@ def random_batches(steps: int, batch: int, seq: int, dp: int, dp_rank: int, voca
     for _ in range(steps):
         rows = torch.randint(0, vocab, (batch, seq + 1), generator=g).chunk(dp)[dp_rank]
         yield rows[:, :-1], rows[:, 1:]
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Each value's place in ascending order (0 for the smallest)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    for rank, i in enumerate(order):
+        out[i] = float(rank)
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists (no ties)."""
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))

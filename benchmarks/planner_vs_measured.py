@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import ranks, spearman
 from meshpar.planner.hardware import load_cluster
 from meshpar.planner.layout import Layout
 from meshpar.planner.memory import Dtypes
@@ -57,20 +58,6 @@ def measure(row, steps: int, metrics: Path) -> float:
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     times = [r["step_time_s"] for r in records if "step_time_s" in r]
     return statistics.median(times[1:])  # the first step warms up
-
-
-def ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    for rank, i in enumerate(order):
-        out[i] = float(rank)
-    return out
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = ranks(a), ranks(b)
-    n = len(a)
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
 
 
 def main():

@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -266,6 +267,16 @@ def down(state_path: Path = DEFAULT_STATE) -> list[str]:
     return removed
 
 
+def _python_arguments(command: list[str]) -> list[str] | None:
+    """What follows this Python for `command`: `meshpar ...` as `-m meshpar ...`, `python
+    SCRIPT ...` as `SCRIPT ...`; None for any other program."""
+    if command[0] == "meshpar":
+        return ["-m", "meshpar", *command[1:]]
+    if Path(command[0]).name.startswith("python") and len(command) > 1:
+        return command[1:]
+    return None
+
+
 def host_command(state: ClusterState, i: int, command: list[str], port: int, max_restarts: int = 0) -> list[str]:
     """The torchrun of host i, inside its namespace, for `command`: `meshpar ...` runs as
     `python -m meshpar ...`, `python SCRIPT ...` as SCRIPT under this Python, anything else
@@ -274,14 +285,8 @@ def host_command(state: ClusterState, i: int, command: list[str], port: int, max
     fail restarts them and the others rejoin in a new round (each host gives its own
     address: the namespaces share one hostname; ranks go to hosts in the order they join,
     consecutively)."""
-    import sys
-
-    if command[0] == "meshpar":
-        target = ["-m", "meshpar", *command[1:]]
-    elif Path(command[0]).name.startswith("python") and len(command) > 1:
-        target = command[1:]
-    else:
-        target = ["--no-python", *command]
+    arguments = _python_arguments(command)
+    target = arguments if arguments is not None else ["--no-python", *command]
     if max_restarts:  # c10d rendezvous: a restarted host and the others meet again in a new round
         meet = ["--nnodes", f"{state.nodes}:{state.nodes}", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"{state.address(0)}:{port}", "--rdzv-id", f"{state.prefix}-{port}",
@@ -300,16 +305,16 @@ def dealt_rank_commands(state: ClusterState, command: list[str], port: int) -> l
     then sit on different hosts. For measuring what the placement saves; each rank is
     told LOCAL_WORLD_SIZE as torchrun would, so meshpar's placement report (which assumes
     consecutive ranks per node) does not describe this layout."""
-    import sys
+    from meshpar.train.launch import local_rank_env
 
-    program = [sys.executable, "-m", "meshpar", *command[1:]] if command[0] == "meshpar" else \
-        [sys.executable, *command[1:]] if Path(command[0]).name.startswith("python") else command
+    arguments = _python_arguments(command)
+    program = [sys.executable, *arguments] if arguments is not None else command
     world = state.nodes * state.ranks_per_node
     out = []
     for rank in range(world):
-        host, local = rank % state.nodes, rank // state.nodes
-        env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "RANK": rank, "WORLD_SIZE": world,
-               "LOCAL_RANK": local, "LOCAL_WORLD_SIZE": state.ranks_per_node, "GROUP_RANK": host,
-               "MASTER_ADDR": state.address(0), "MASTER_PORT": port}
+        host = rank % state.nodes
+        env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "GROUP_RANK": str(host),
+               **local_rank_env(rank, world, port, master_addr=state.address(0), local_rank=rank // state.nodes,
+                                local_world_size=state.ranks_per_node)}
         out.append(["ip", "netns", "exec", state.host(host), "env", *(f"{k}={v}" for k, v in env.items()), *program])
     return out

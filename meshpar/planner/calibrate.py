@@ -57,16 +57,20 @@ def count_ops(model, tokens) -> int:
     return Count.ops
 
 
+def _negligible_model(layers: int):
+    """meshpar's Llama at width 8 over 8 tokens - arithmetic too small to matter - and its
+    input."""
+    from meshpar.model import ModelConfig, build_model
+
+    cfg = ModelConfig(vocab_size=16, hidden_size=8, num_layers=layers, num_heads=2, num_kv_heads=1,
+                      ffn_hidden_size=16, max_seq_len=8)
+    return build_model(cfg, seed=0), torch.zeros(1, 8, dtype=torch.long)
+
+
 def operation_counts() -> tuple[int, int]:
     """(per layer, outside the layers) operations of a forward and backward of meshpar's
     Llama block: from models of 1 and 2 layers."""
-    from meshpar.model import ModelConfig, build_model
-
-    def ops(layers):
-        cfg = ModelConfig(vocab_size=16, hidden_size=8, num_layers=layers, num_heads=2, num_kv_heads=1,
-                          ffn_hidden_size=16, max_seq_len=8)
-        return count_ops(build_model(cfg, seed=0), torch.zeros(1, 8, dtype=torch.long))
-    one, two = ops(1), ops(2)
+    one, two = count_ops(*_negligible_model(1)), count_ops(*_negligible_model(2))
     return two - one, one - (two - one)
 
 
@@ -74,11 +78,7 @@ def _op_overhead(rank_share_seconds: float = 1.0) -> float:
     """Seconds per operation where the arithmetic is negligible: a 2-layer model of width
     8 trained forward and backward, its time over its operations - what every operation
     costs besides its arithmetic (dispatch, autograd's bookkeeping, allocation)."""
-    from meshpar.model import ModelConfig, build_model
-
-    cfg = ModelConfig(vocab_size=16, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden_size=16,
-                      max_seq_len=8)
-    model, tokens = build_model(cfg, seed=0), torch.zeros(1, 8, dtype=torch.long)
+    model, tokens = _negligible_model(2)
     ops = count_ops(model, tokens)
     return 1 / _rate(lambda: model(tokens).float().logsumexp(-1).mean().backward(), ops, rank_share_seconds)
 
@@ -171,17 +171,14 @@ def with_model_scale(cluster: dict, model: tuple, forward_backward_s: float, opt
     `optimizer_scale`). The planner multiplies every layout's compute and optimizer time
     by them; how a layout's compute differs from another's still comes from the
     component model."""
-    from meshpar.planner.hardware import load_cluster
+    from meshpar.planner.hardware import cluster_from_json
     from meshpar.planner.layout import Layout
     from meshpar.planner.model import PRESETS, with_seq_len
     from meshpar.planner.step_time import step_time
 
     name, seq_len, micro_batch_size = model
     ranks = cluster["gpus"]
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        json.dump(cluster, f)
-        f.flush()
-        unscaled = load_cluster(f.name)
+    unscaled = cluster_from_json(cluster)
     one = Layout(dp=ranks, tp=1, pp=1, cp=1, zero=0, schedule="none", virtual_stages=1,
                  micro_batch_size=micro_batch_size, sequence_parallel=False, recompute="none", offload="none")
     predicted = step_time(with_seq_len(PRESETS[name], seq_len), one, unscaled, ranks * micro_batch_size)
@@ -193,12 +190,6 @@ def with_model_scale(cluster: dict, model: tuple, forward_backward_s: float, opt
     return cluster
 
 
-def _ring_bytes(op: str, payload: float, n: int, k: int) -> float:
-    """Bytes the ring formulas say leave a node of k ranks (planner/network.py)."""
-    return {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
-            "all_to_all": k * (n - k) / n}[op] * payload
-
-
 def with_emulated_network(cluster: dict, state_path: str) -> dict:
     """`cluster` (this machine's ranks, measured) as the emulated cluster's hosts: each
     host's ranks share one link of the rate it was made with; the collectives' speed on
@@ -207,9 +198,9 @@ def with_emulated_network(cluster: dict, state_path: str) -> dict:
     hosts by meshpar/cluster/probe.py."""
     import subprocess
     import sys
-    import tempfile
 
     from meshpar.cluster import emulated
+    from meshpar.planner.network import node_egress
     from meshpar.train.launch import free_port
 
     state = emulated.load(Path(state_path))
@@ -225,10 +216,12 @@ def with_emulated_network(cluster: dict, state_path: str) -> dict:
             raise RuntimeError(f"measuring the emulated network failed:\n{done.stderr[-2000:]}")
         network = json.loads(out.read_text())
     ops = network["collectives"]
-    factors = {op: round(m["host_bytes"] / _ring_bytes(op, m["payload"], n, k), 3) for op, m in ops.items()}
+    factors = {op: round(m["host_bytes"] / node_egress(op, m["payload"], n, k, state.nodes), 3)
+               for op, m in ops.items()}
     ring = ops["all_reduce"]
     latency = network["latency_s"]
-    efficiency = _ring_bytes("all_reduce", ring["payload"], n, k) / max(ring["seconds"] - latency, 1e-9) / rate
+    efficiency = (node_egress("all_reduce", ring["payload"], n, k, state.nodes) / max(ring["seconds"] - latency, 1e-9)
+                  / rate)
     cluster = json.loads(json.dumps(cluster))
     cluster["gpu"].update(inter_node_GBps=rate / k / 1e9, inter_node_latency_us=latency * 1e6,
                           name=f"{cluster['gpu']['name']}-on-{state.nodes}-hosts")

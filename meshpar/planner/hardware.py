@@ -147,15 +147,19 @@ def load_cluster(path: str | Path, gpus: int | None = None) -> Cluster:
     "efficiency": {...}, optional "gpus", "oversubscribed", "node_link_GBps",
     "wire_factors"}."""
     try:
-        raw = json.loads(Path(path).read_text())
-        gpu = GPU(**raw["gpu"])  # "measured" and other extra keys are notes
-        efficiency = Efficiency(**{**raw["efficiency"],
-                                   "matmul_by_width": tuple(map(tuple, raw["efficiency"].get("matmul_by_width", ())))})
-        return Cluster(gpu, gpus or raw.get("gpus", raw["gpus_per_node"]), raw["gpus_per_node"], efficiency,
-                       raw.get("oversubscribed", False), raw.get("node_link_GBps"),
-                       tuple(sorted((raw.get("wire_factors") or {}).items())))
+        return cluster_from_json(json.loads(Path(path).read_text()), gpus)
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"cannot read the cluster file {path}: {err}") from None
+
+
+def cluster_from_json(raw: dict, gpus: int | None = None) -> Cluster:
+    """A cluster file's contents as a Cluster (KeyError or TypeError where they do not fit)."""
+    gpu = GPU(**raw["gpu"])  # "measured" and other extra keys are notes
+    efficiency = Efficiency(**{**raw["efficiency"],
+                               "matmul_by_width": tuple(map(tuple, raw["efficiency"].get("matmul_by_width", ())))})
+    return Cluster(gpu, gpus or raw.get("gpus", raw["gpus_per_node"]), raw["gpus_per_node"], efficiency,
+                   raw.get("oversubscribed", False), raw.get("node_link_GBps"),
+                   tuple(sorted((raw.get("wire_factors") or {}).items())))
 
 
 def make_cluster(gpu: str, gpus: int, gpus_per_node: int, **overrides) -> Cluster:

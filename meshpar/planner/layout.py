@@ -8,9 +8,10 @@ from functools import lru_cache
 from meshpar.pipeline.check import Costs, simulate
 from meshpar.pipeline.schedules import build_schedule
 
+# how the dp reduction runs and where tp lies: never searched, only fixed (--fix)
+FIXED_ONLY = ("grad_compression", "hierarchical", "overlap", "tp_across_nodes")
 SETTINGS = ("dp", "tp", "pp", "cp", "zero", "schedule", "virtual_stages", "micro_batch_size",
-            "sequence_parallel", "recompute", "offload", "ep", "grad_compression", "hierarchical", "overlap",
-            "tp_across_nodes")
+            "sequence_parallel", "recompute", "offload", "ep") + FIXED_ONLY
 TEXT_SETTINGS = ("schedule", "recompute", "offload", "grad_compression")
 FLAG_SETTINGS = ("sequence_parallel", "hierarchical", "overlap", "tp_across_nodes")
 

@@ -37,7 +37,9 @@ def node_of(cluster: Cluster, round_robin: bool = False) -> Callable[[int], int]
     return lambda rank: rank // cluster.gpus_per_node
 
 
-def _egress(op: str, payload: float, n: int, k: int, nodes: int) -> float:
+def node_egress(op: str, payload: float, n: int, k: int, nodes: int) -> float:
+    """Bytes the ring formulas say leave a node for one group of n ranks, k on each of
+    `nodes` nodes (the table above)."""
     if op == "all_reduce":
         return 2 * (n - 1) / n * payload
     if op in ("all_gather", "reduce_scatter"):
@@ -70,7 +72,7 @@ def collective_time(cluster: Cluster, op: str, payload: float, ranks: list[int],
     if nodes == 1:
         return _intra(cluster, "all_reduce" if op == "hierarchical" else op, payload, n)
     groups = max(1, cluster.gpus_per_node // k)
-    egress = groups * _egress(op, payload, n, k, nodes) * cluster.wire_factor(op)
+    egress = groups * node_egress(op, payload, n, k, nodes) * cluster.wire_factor(op)
     link = cluster.gpu.inter_node_latency_us * 1e-6 + egress / (cluster.node_link_GBps * 1e9
                                                                   * cluster.efficiency.inter_collective)
     if op == "hierarchical":  # reduce-scatter and all-gather inside the node around the link's part

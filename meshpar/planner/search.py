@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from meshpar.mesh import divisors
 from meshpar.parallel.zero.options import STAGES
 from meshpar.planner.hardware import Cluster
-from meshpar.planner.layout import FLAG_SETTINGS, SETTINGS, TEXT_SETTINGS, Layout
+from meshpar.planner.layout import FIXED_ONLY, FLAG_SETTINGS, SETTINGS, TEXT_SETTINGS, Layout
 from meshpar.planner.memory import Dtypes, memory_bytes
 from meshpar.planner.model import ModelSpec
 from meshpar.planner.step_time import step_time
@@ -101,8 +101,7 @@ def layouts(spec: ModelSpec, cluster: Cluster, global_batch: int, fixed: dict | 
                     if dp % ep or (spec.experts and spec.experts % ep) or (ep > 1 and not spec.experts):
                         continue
                     yield Layout(dp, tp, pp, cp, zero, schedule, v, mbs, sp, recompute, offload, ep,
-                                 **{k: fixed[k] for k in ("grad_compression", "hierarchical", "overlap",
-                                                          "tp_across_nodes") if k in fixed})
+                                 **{k: fixed[k] for k in FIXED_ONLY if k in fixed})
 
 
 def evaluate(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: int, dtypes: Dtypes,

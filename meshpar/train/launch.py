@@ -152,10 +152,13 @@ def train(cfg: Config, mesh: ParallelMesh, device: torch.device) -> dict:
     return Trainer(cfg, mesh, device).run().summary
 
 
-def local_rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
-    """What torchrun would set for local rank `rank` of `world_size`, meeting on `port`."""
-    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
+def local_rank_env(rank: int, world_size: int, port: int, *, master_addr: str = "127.0.0.1",
+                   local_rank: int | None = None, local_world_size: int | None = None) -> dict[str, str]:
+    """What torchrun would set for rank `rank` of `world_size`, meeting at `master_addr`:`port`
+    (by default every rank on this one node: its local rank is its rank)."""
+    return {"MASTER_ADDR": master_addr, "MASTER_PORT": str(port), "RANK": str(rank),
+            "LOCAL_RANK": str(rank if local_rank is None else local_rank), "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size if local_world_size is None else local_world_size)}
 
 
 def _local_rank_main(rank: int, cfg: Config, world_size: int, port: int):
