@@ -3,7 +3,7 @@
 # under $OUT (default runs/gpu): the GPU's name, the benchmark's JSON lines and its
 # profile, the gpu-marked tests' summary. Each part has its own time limit, so one that
 # hangs leaves the others' results. That machine's Python has PyTorch and pytest; run
-# from the source tree:  bash benchmarks/gpu_session.sh [bench|tests|all]
+# from the source tree:  bash benchmarks/gpu_session.sh [bench|microbench|tests|all]
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:-runs/gpu}
@@ -15,6 +15,12 @@ if [[ $what == bench || $what == all ]]; then
     # Eager pair first, then the compiled pair; one line per variant as it ends
     timeout "${BENCH_TIMEOUT:-330}" python benchmarks/gpu_step.py --out "$out/gpu_step.jsonl" \
         --profile "$out/profile.txt" 2>&1 | grep -v -e Warning -e USDT | tee "$out/gpu_step.txt"
+fi
+if [[ $what == microbench || $what == all ]]; then
+    # The planner's efficiency constants and each operation's cost on this GPU (issue 33
+    # item 9): copy the file into meshpar/planner/data/ and name it in hardware.MEASURED
+    timeout "${MICROBENCH_TIMEOUT:-180}" python benchmarks/gpu_microbench.py \
+        --out "$out/microbench-$(date +%F).json" 2>&1 | tee "$out/microbench.txt"
 fi
 if [[ $what == tests || $what == all ]]; then
     # TP=2 and PP=2 as gloo ranks on the one GPU against one rank, and the recast weights'

@@ -392,3 +392,35 @@ def test_the_reduction_settings_change_the_predicted_step_as_their_bytes_do():
     assert times["no-overlap"] > times["flat"]
     assert parse_fix("grad_compression=int8,hierarchical=true,overlap=off,tp_across_nodes=1") == {
         "grad_compression": "int8", "hierarchical": True, "overlap": False, "tp_across_nodes": True}
+
+
+def test_operations_launched_ahead_bound_a_small_models_compute_from_below():
+    """Each operation's fixed cost: on a GPU the host launches ahead of the kernels, so a
+    model too small to keep the GPU busy takes its operations' time, and a large one
+    its arithmetic's; on a CPU the two add."""
+    from dataclasses import replace as changed
+
+    from meshpar.planner.hardware import Cluster
+    from meshpar.planner.step_time import step_time
+    base = make_cluster("h100-80gb", 8, 8)
+    counted = dict(op_overhead_us=10.0, ops_per_layer=209, ops_outside_layers=48)
+
+    def compute(name, mbs, **efficiency):
+        cluster = Cluster(base.gpu, 8, 8, changed(base.efficiency, **efficiency))
+        return step_time(PRESETS[name], layout(dp=8, mbs=mbs), cluster, 8 * mbs)["compute"]
+    small_ops = PRESETS["small"].layers * 209 + 48
+    assert compute("small", 1) < small_ops * 10e-6 / 10  # arithmetic alone: far below the launches
+    assert compute("small", 1, **counted, launched_ahead=True) == pytest.approx(small_ops * 10e-6)
+    assert compute("llama3-8b", 4, **counted, launched_ahead=True) == compute("llama3-8b", 4)
+    assert compute("small", 1, **counted) == pytest.approx(compute("small", 1) + small_ops * 10e-6)
+
+
+def test_a_microbenchmark_files_operations_reach_the_efficiency(tmp_path):
+    """benchmarks/gpu_microbench.py writes `operations`; a GPU's efficiency takes them,
+    launched ahead of the kernels."""
+    from meshpar.planner.hardware import DATA, GPUS, Efficiency, _COLLECTIVES, _from_microbenchmark
+    data = json.loads((DATA / "h100-microbench-2026-11-26.json").read_text())
+    data["operations"] = {"op_overhead_us": 12.5, "ops_per_layer": 209, "ops_outside_layers": 48}
+    (tmp_path / "gpu.json").write_text(json.dumps(data))
+    eff = Efficiency(**_from_microbenchmark(tmp_path / "gpu.json", GPUS["h100-80gb"].peak_tflops), **_COLLECTIVES)
+    assert (eff.op_overhead_us, eff.ops_per_layer, eff.ops_outside_layers, eff.launched_ahead) == (12.5, 209, 48, True)

@@ -59,6 +59,9 @@ class Efficiency:
     op_overhead_us: float = 0.0
     ops_per_layer: int = 0
     ops_outside_layers: int = 0
+    # The host launches operations ahead of the device's work (a GPU): their cost shows
+    # only where it exceeds the device's time. False (a CPU): it adds to it.
+    launched_ahead: bool = False
     # A model's measured compute (forward and backward) and optimizer step over what the
     # component model predicts for it, at one shape (`meshpar calibrate --model`); 1: none
     compute_scale: float = 1.0
@@ -88,7 +91,9 @@ def _from_microbenchmark(path: Path, peak_tflops: float) -> dict:
     for g in data["gemm"]:
         if g["tokens"] >= 8192:
             by_width[min(g["k"], g["n"])].append(g["tflops"])
-    return {"matmul": round(statistics.median(gemms) / peak_tflops, 3),
+    # each operation's cost where its arithmetic is negligible (measured where the file has it)
+    operations = {**data["operations"], "launched_ahead": True} if "operations" in data else {}
+    return {**operations, "matmul": round(statistics.median(gemms) / peak_tflops, 3),
             "matmul_by_width": tuple((w, round(statistics.median(v) / peak_tflops, 3))
                                      for w, v in sorted(by_width.items())),
             "attention": round(statistics.median(attention) / peak_tflops, 3),

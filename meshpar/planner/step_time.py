@@ -97,10 +97,15 @@ def step_time(spec: ModelSpec, layout: Layout, cluster: Cluster, global_batch: i
     head += 4 * tokens * spec.vocab / t * 4 / hbm
     forward = layers * layer_fwd + (head if layout.pp == 1 else head / layout.pp)
     backward = layers * layer_bwd + 2 * (head if layout.pp == 1 else head / layout.pp)
-    # every operation's fixed cost (measured where calibrated), a third of it in forward
+    # every operation's fixed cost (measured where calibrated), a third of it in forward:
+    # on a GPU the host launches ahead, so it bounds the time from below; on a CPU it adds
     ops = layers * eff.ops_per_layer * (1 + (layout.recompute == "full") / 3) + eff.ops_outside_layers
-    forward = (forward + ops * eff.op_overhead_us * 1e-6 / 3) * eff.compute_scale
-    backward = (backward + ops * eff.op_overhead_us * 1e-6 * 2 / 3) * eff.compute_scale
+    host = ops * eff.op_overhead_us * 1e-6
+    if eff.launched_ahead:
+        forward, backward = max(forward, host / 3), max(backward, host * 2 / 3)
+    else:
+        forward, backward = forward + host / 3, backward + host * 2 / 3
+    forward, backward = forward * eff.compute_scale, backward * eff.compute_scale
 
     # tensor parallelism: inside a node (on nodes sharing one link, wherever the placement puts it)
     activation = tokens * spec.hidden * element
