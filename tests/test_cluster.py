@@ -1,9 +1,9 @@
 """`meshpar cluster` (meshpar/cluster/): 2 hosts x 2 ranks as network namespaces joined by
 200 Mbit/s links. A training run spans both hosts (gloo over their links, tp inside a
 host); a host's link cut mid-step ends every rank within --comm-timeout plus a margin
-with the watchdog's report; `down` leaves no namespace or interface, also after a killed
-`run`. Where this machine lacks root or the `ip` and `tc` tools, the tests are skipped
-with the reason."""
+with the watchdog's report; hosts whose restart counts differ meet again; `down` leaves
+no namespace or interface, also after a killed `run`. Where this machine lacks root or
+the `ip` and `tc` tools, the tests are skipped with the reason."""
 
 import json
 import os
@@ -73,6 +73,18 @@ def test_a_cut_link_ends_every_rank_with_the_watchdogs_report(hosts, tmp_path):
     assert run.returncode != 0
     assert time.monotonic() - cut < timeout + 60  # the timeout plus torchrun's teardown
     assert "meshpar watchdog" in err and "--comm-timeout" in err, err[-3000:]
+
+
+def test_hosts_meet_again_after_a_restart_only_one_of_them_counted(hosts, tmp_path):
+    """Host 1's ranks fail while host 0's sleep: host 0's agent restarts its ranks for the
+    rejoin without counting a restart, so the hosts' restart counts differ; the restarted
+    job still meets (tests/rejoin_race.py) - each round at a fresh store. Rank 0 is on
+    host 0 (hosts take ranks in their addresses' order), which counted no restart."""
+    state = emulated.load(hosts)
+    done = cluster(hosts, "run", "--port", "29535", "--max-restarts", "2", "--", "python",
+                   str(Path(__file__).with_name("rejoin_race.py")), state.host(1), str(tmp_path), timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sum of ranks 6; restart count 0" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 @pytest.mark.slow  # 13 s; `down` after a normal run is checked by the fixture of the tests above

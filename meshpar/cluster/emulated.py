@@ -283,20 +283,24 @@ def host_command(state: ClusterState, i: int, command: list[str], port: int, max
     as a program (--no-python). The hosts meet at host 0's store: statically (host i holds
     ranks i*K...(i+1)*K-1), or with `max_restarts` by c10d rendezvous - a host whose ranks
     fail restarts them and the others rejoin in a new round (each host gives its own
-    address: the namespaces share one hostname; ranks go to hosts in the order they join,
-    consecutively)."""
+    address: the namespaces share one hostname; each host takes a consecutive block of
+    ranks, hosts ordered by their addresses as strings), and each round meets at a fresh store: an agent restarts its ranks
+    without counting a restart when another host rejoins, so the hosts' restart counts -
+    which name an attempt in a store shared across rounds - can differ."""
     arguments = _python_arguments(command)
     target = arguments if arguments is not None else ["--no-python", *command]
+    env = ["GLOO_SOCKET_IFNAME=eth0"]
     if max_restarts:  # c10d rendezvous: a restarted host and the others meet again in a new round
         meet = ["--nnodes", f"{state.nodes}:{state.nodes}", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"{state.address(0)}:{port}", "--rdzv-id", f"{state.prefix}-{port}",
                 "--rdzv-conf", f"is_host={int(i == 0)},read_timeout=20", "--local-addr", state.address(i),
                 "--max-restarts", str(max_restarts)]
+        env.append("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
     else:  # static: host i holds ranks i*K...; a failed host's torchrun exits without reaching host 0
         meet = ["--nnodes", str(state.nodes), "--node-rank", str(i), "--master-addr", state.address(0),
                 "--master-port", str(port)]
-    return ["ip", "netns", "exec", state.host(i), "env", "GLOO_SOCKET_IFNAME=eth0", sys.executable, "-m",
-            "torch.distributed.run", "--nproc-per-node", str(state.ranks_per_node), *meet, *target]
+    return ["ip", "netns", "exec", state.host(i), "env", *env, sys.executable, "-m", "torch.distributed.run",
+            "--nproc-per-node", str(state.ranks_per_node), *meet, *target]
 
 
 def dealt_rank_commands(state: ClusterState, command: list[str], port: int) -> list[list[str]]:

@@ -12,6 +12,7 @@ import gc
 import os
 import resource
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Literal
@@ -98,15 +99,24 @@ def set_cpu_threads(local_world_size: int):
 
 
 def restart_safe_store(timeout: timedelta, env=os.environ) -> dict:
-    """Under torchrun, the rendezvous store outlives a restart (its server is shared
-    between rounds), and with it the addresses the dead attempt's ranks published: a
-    restarted rank would dial them and fail. Each attempt gets its own key prefix."""
-    if "TORCHELASTIC_RESTART_COUNT" not in env:
-        return {}
+    """Under torchrun the agents' store outlives a restart (its server is shared between
+    rounds), and with it the addresses the dead attempt's ranks published: a restarted
+    rank would dial them and fail. Each attempt gets its own key prefix, named by the
+    restart count. That count is each node's own: an agent that restarts its ranks
+    because another node rejoined counts nothing, so on several nodes two nodes can name
+    one attempt differently and never meet - there, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    gives every round a fresh store hosted by rank 0 (`meshpar cluster run` sets it), and
+    no prefix is needed."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}  # not under torchrun, or a fresh store each round
     rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-    hosted_by_agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size,
-                          is_master=not hosted_by_agent and rank == 0, timeout=timeout, multi_tenant=True)
+    nodes, restarts = int(env.get("GROUP_WORLD_SIZE", 1)), int(env.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    if rank == 0 and nodes > 1 and restarts > 0:
+        print(f"meshpar: warning: torchrun restarts on {nodes} nodes share one store across rounds; the nodes' "
+              "restart counts can differ and a restarted job then never meets. Set "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun on every node.", file=sys.stderr, flush=True)
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout, multi_tenant=True)
     prefix = f"meshpar/attempt-{env['TORCHELASTIC_RESTART_COUNT']}"
     return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world_size}
 
