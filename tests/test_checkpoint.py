@@ -424,6 +424,29 @@ def torchrun(save_dir: Path, fault: str, tmp_path: Path) -> tuple[str, float]:
     return out.stdout + out.stderr, time.monotonic() - start
 
 
+def test_each_attempt_gets_a_prefix_only_in_a_store_shared_across_restarts(capsys):
+    """Under torchrun's shared store the attempt is named by the restart count (and a
+    warning says several nodes need a fresh store per round); with a fresh store per round
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) or outside torchrun, nothing is added."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from meshpar.train.launch import free_port, restart_safe_store
+    port, timeout = free_port(), timedelta(seconds=10)
+    server = dist.TCPStore("127.0.0.1", port, 1, is_master=True, timeout=timeout)
+    env = {"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert restart_safe_store(timeout, {}) == {}
+    assert restart_safe_store(timeout, {**env, "TORCHELASTIC_USE_AGENT_STORE": "False"}) == {}
+    shared = restart_safe_store(timeout, {**env, "GROUP_WORLD_SIZE": "1", "TORCHELASTIC_MAX_RESTARTS": "3"})
+    shared["store"].set("key", "value")
+    assert server.get("meshpar/attempt-2/key") == b"value" and (shared["rank"], shared["world_size"]) == (0, 4)
+    assert "warning" not in capsys.readouterr().err
+    restart_safe_store(timeout, {**env, "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3"})
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in capsys.readouterr().err
+
+
 # Slow (40 s: torchrun restarts after a SIGKILL, twice).
 @pytest.mark.slow
 def test_a_killed_rank_restarts_under_torchrun_and_ends_bit_identical(worlds, tmp_path):
