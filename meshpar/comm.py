@@ -1,4 +1,5 @@
-"""Every collective meshpar issues, with a ledger of calls and bytes per mesh axis.
+"""Every collective meshpar issues, with a ledger of calls and bytes per mesh axis. Each
+is a graph break under torch.compile, run as written (`graph_breaks`).
 
 `bytes` is the payload: the size of the tensor handed to the collective (the full
 tensor for all-reduce, the gathered output for all-gather, the unreduced input for
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+from meshpar.graph_breaks import graph_break
 
 if TYPE_CHECKING:
     from meshpar.mesh import ParallelMesh
@@ -135,12 +138,6 @@ def _finish(mesh: ParallelMesh, work, pairs: list[tuple[torch.Tensor, torch.Tens
     return None
 
 
-def _not_compiled(fn):
-    """Every collective is a graph break under torch.compile, run as written: the ledger
-    records each call, and the compiled code is the compute between collectives."""
-    return torch.compiler.disable(fn, recursive=True)
-
-
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -149,7 +146,7 @@ def _record(mesh: ParallelMesh, axis: str, op: str, tag: str, payload: int, wire
     mesh.ledger.record(axis, op, tag, payload, wire_fraction * payload, mesh.spans_nodes(axis))
 
 
-@_not_compiled
+@graph_break
 def all_reduce(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str,
                op: str = "sum") -> torch.Tensor:
     """In-place all-reduce over this rank's `axis` slice."""
@@ -164,7 +161,7 @@ def all_reduce(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str,
     return tensor
 
 
-@_not_compiled
+@graph_break
 def broadcast(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str, source: int = 0) -> torch.Tensor:
     """In place: the `axis` slice's rank at index `source` sends `tensor`, the others
     receive it."""
@@ -179,7 +176,7 @@ def broadcast(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str, 
     return tensor
 
 
-@_not_compiled
+@graph_break
 def all_gather_object(mesh: ParallelMesh, obj, *, tag: str, axis: str = "world") -> list:
     """Every rank's `obj` along `axis`, on every rank of it (pickled; for small metadata
     and test-sized state only)."""
@@ -236,7 +233,7 @@ def _into(mesh: ParallelMesh, axis: str, op: str, tag: str, out: torch.Tensor, t
         return _finish(mesh, work, [(out, host_out)], async_op)
 
 
-@_not_compiled
+@graph_break
 def all_gather_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
                     tag: str, async_op: bool = False):
     """`out` (n times `tensor` along dim 0) receives every rank's `tensor`. Returns the work
@@ -244,14 +241,14 @@ def all_gather_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: to
     return _into(mesh, axis, "all_gather", tag, out, tensor, out, _all_gather_single, async_op)
 
 
-@_not_compiled
+@graph_break
 def reduce_scatter_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
                         tag: str, async_op: bool = False):
     """`out` receives this rank's 1/n (dim 0) of the sum of every rank's `tensor`."""
     return _into(mesh, axis, "reduce_scatter", tag, out, tensor, tensor, _reduce_scatter_single, async_op)
 
 
-@_not_compiled
+@graph_break
 def all_reduce_async(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str):
     """In-place sum over the `axis` slice, started in the background: wait on the work."""
     n = mesh.size(axis)
@@ -273,7 +270,7 @@ def all_to_all(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, *, tag: str)
     return out
 
 
-@_not_compiled
+@graph_break
 def all_to_all_uneven(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, send_counts: list[int],
                       recv_counts: list[int], *, tag: str) -> torch.Tensor:
     """Rows [sum(send_counts[:i]), +send_counts[i]) of `tensor` go to rank i of the `axis`
@@ -293,7 +290,7 @@ def all_to_all_uneven(mesh: ParallelMesh, axis: str, tensor: torch.Tensor, send_
     return out
 
 
-@_not_compiled
+@graph_break
 def all_to_all_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: torch.Tensor, *,
                     tag: str, async_op: bool = False):
     """`out` receives block j (of n along dim 0) from rank j; this rank's block i goes to
@@ -301,7 +298,7 @@ def all_to_all_into(mesh: ParallelMesh, axis: str, out: torch.Tensor, tensor: to
     return _into(mesh, axis, "all_to_all", tag, out, tensor, tensor, dist.all_to_all_single, async_op)
 
 
-@_not_compiled
+@graph_break
 def batch_send_recv(mesh: ParallelMesh, axis: str, sends: list[tuple[torch.Tensor, int, int, str]],
                     recvs: list[tuple[torch.Tensor, int, int]]) -> tuple[list, list]:
     """Point-to-point along `axis` as one batch: sends are (tensor, global peer, tag, ledger

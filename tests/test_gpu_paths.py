@@ -2,6 +2,9 @@
 staged through host memory (gloo with CUDA tensors), and - where CUDA is present - the
 multi-rank layouts with gloo ranks sharing one GPU, against one rank on it."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -198,3 +201,22 @@ def test_gpu_step_benchmark_on_cuda():
     result = run_benchmark("--model", "small", "--batch", "4", "--seq-len", "256", "--steps", "3", "--warmup", "3")
     assert result["meshpar"]["peak_memory_gib"] > 0 and result["meshpar"]["mfu_vs_989"] > 0
     assert_same_work(result, rel=2e-2)  # bf16: the variants round differently
+
+
+def test_collectives_are_plain_until_dynamo_is_imported_then_graph_breaks():
+    """meshpar's import does not import dynamo (about a second of every process's start);
+    importing it - as torch.compile does - turns every collective and ring attention into
+    a disabled function, which compiled code calls as written."""
+    probe = """
+import sys
+import meshpar, meshpar.cli, meshpar.train.trainer
+from meshpar import comm
+from meshpar.parallel import context
+marked = [comm.all_reduce, comm.batch_send_recv, context._ring_attention]
+print('torch._dynamo' in sys.modules, [getattr(f, '_torchdynamo_disable', False) for f in marked])
+import torch._dynamo
+marked = [comm.all_reduce, comm.batch_send_recv, context._ring_attention]
+print([getattr(f, '_torchdynamo_disable', False) for f in marked])
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines() == ["False [False, False, False]", "[True, True, True]"], out.stderr[-2000:]

@@ -11,6 +11,7 @@ breaks, so the compiled pieces are the compute between them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import shutil
 from dataclasses import dataclass
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils.checkpoint import CheckpointPolicy
 
 from meshpar.options import Section, option
@@ -72,30 +72,37 @@ def recast_weight_copies() -> None:
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
-    if not isinstance(inductor_config.joint_custom_pre_pass, _CastWeightsAgain):
-        inductor_config.joint_custom_pre_pass = _CastWeightsAgain()
+    cast_weights_again = _cast_weights_again()
+    if not isinstance(inductor_config.joint_custom_pre_pass, cast_weights_again):
+        inductor_config.joint_custom_pre_pass = cast_weights_again()
         torch._dynamo.reset()
 
 
-class _CastWeightsAgain(CustomGraphPass):
-    """The joint-graph pass of `recast_weight_copies`."""
+@functools.cache
+def _cast_weights_again() -> type:
+    """The joint-graph pass of `recast_weight_copies`: a class made on first use, as its
+    base imports inductor (a second of every process's start that never compiles)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        casts = (torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default)
-        for node in graph.nodes:
-            if node.op != "call_function" or node.target not in casts:
-                continue
-            source = node.args[0]
-            if not (isinstance(source, torch.fx.Node) and source.op == "placeholder"
-                    and source.name.startswith("primals")):  # forward inputs, not backward's tangents
-                continue
-            before, after = source.meta.get("val"), node.meta.get("val")
-            if before is not None and after is not None and before.dtype == torch.float32 \
-                    and after.dtype in (torch.bfloat16, torch.float16):
-                node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    class _CastWeightsAgain(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            casts = (torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default)
+            for node in graph.nodes:
+                if node.op != "call_function" or node.target not in casts:
+                    continue
+                source = node.args[0]
+                if not (isinstance(source, torch.fx.Node) and source.op == "placeholder"
+                        and source.name.startswith("primals")):  # forward inputs, not backward's tangents
+                    continue
+                before, after = source.meta.get("val"), node.meta.get("val")
+                if before is not None and after is not None and before.dtype == torch.float32 \
+                        and after.dtype in (torch.bfloat16, torch.float16):
+                    node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
 
-    def uuid(self):
-        return get_hash_for_files((__file__,))
+        def uuid(self):
+            return get_hash_for_files((__file__,))
+
+    return _CastWeightsAgain
 
 
 def allow_split_backward() -> None:

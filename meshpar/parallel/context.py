@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from meshpar import comm
+from meshpar.graph_breaks import graph_break
 from meshpar.mesh import ParallelMesh
 from meshpar.options import Section, option
 
@@ -270,7 +271,7 @@ class ContextParallelAttention:
 
 # Under --compile the ring runs as written: traced, its loop would be compiled again for
 # every chunk pair (other slices, causal or not) until dynamo's recompile limit.
-@torch.compiler.disable(recursive=True)
+@graph_break
 def _ring_attention(q, k, v, mesh: ParallelMesh) -> torch.Tensor:
     return RingAttention.apply(q, k, v, mesh)
 
