@@ -5,7 +5,7 @@ import torch
 # clear message instead of hanging until a World's timeout names the ranks: torch then checks
 # every collective with one more, which costs the suite about a fifth of its time.
 
-from multirank import World
+from multirank import World, settle
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +21,13 @@ def worlds():
     yield get
     for world in started.values():  # the session is over: no rank has anything left to do or say
         world.close(force=True)  # (a clean exit of each world's ranks took ~9 s of the suite)
+
+
+@pytest.fixture(autouse=True)
+def _settle_after_each_test():
+    """The one-rank runs in this process collect as the world's ranks do: see settle()."""
+    yield
+    settle()
 
 
 def pytest_collection_modifyitems(config, items):
