@@ -58,8 +58,9 @@ def _rank_main(rank: int, world_size: int, port: int, tasks, results):
 def settle():
     """Free what the last check left in reference cycles, then exempt everything still
     alive - the modules the checks imported, the process group - from later collections:
-    the trainer collects after every run, and a full collection over the 300k+ objects of
-    torch, transformers and the tests took 0.13 s a run per rank."""
+    the harness collects after every run (reference.trainer_on_this_rank), and a full
+    collection over the 300k+ objects of torch, transformers and the tests took 0.13 s a
+    run per rank."""
     gc.collect()
     gc.freeze()
 
