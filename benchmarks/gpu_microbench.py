@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from meshpar.planner.calibrate import _negligible_model, count_ops, operation_counts  # noqa: E402
+from meshpar.planner.calibrate import negligible_step, operation_counts  # noqa: E402
 
 
 def seconds(fn, device: torch.device, repeats: int = 10) -> float:
@@ -97,14 +97,12 @@ def other(device, dtype, quick: bool) -> dict:
 
 def operations(device) -> dict:
     """Seconds per operation of a forward and backward whose arithmetic is negligible."""
-    model, tokens = _negligible_model(2)
-    model, tokens = model.to(device), tokens.to(device)
-    ops = count_ops(model, tokens)
+    step, ops = negligible_step(device=device)
 
-    def step():
+    def twenty_steps():
         for _ in range(20):
-            model(tokens).float().logsumexp(-1).mean().backward()
-    per_op = seconds(step, device) / (20 * ops)
+            step()
+    per_op = seconds(twenty_steps, device) / (20 * ops)
     per_layer, outside = operation_counts()
     return {"op_overhead_us": round(per_op * 1e6, 2), "ops_per_layer": per_layer, "ops_outside_layers": outside}
 

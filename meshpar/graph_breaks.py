@@ -28,8 +28,6 @@ def graph_break(fn):
 def _disabled(fn):
     """torch.compiler.disable(fn) - called while torch._dynamo finishes importing, before
     `torch` has the attribute, hence the module from sys.modules."""
-    if getattr(fn, "_torchdynamo_disable", False):
-        return fn
     return sys.modules["torch._dynamo"].disable(fn, recursive=True)
 
 

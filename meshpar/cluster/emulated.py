@@ -284,9 +284,10 @@ def host_command(state: ClusterState, i: int, command: list[str], port: int, max
     ranks i*K...(i+1)*K-1), or with `max_restarts` by c10d rendezvous - a host whose ranks
     fail restarts them and the others rejoin in a new round (each host gives its own
     address: the namespaces share one hostname; each host takes a consecutive block of
-    ranks, hosts ordered by their addresses as strings), and each round meets at a fresh store: an agent restarts its ranks
-    without counting a restart when another host rejoins, so the hosts' restart counts -
-    which name an attempt in a store shared across rounds - can differ."""
+    ranks, hosts ordered by their addresses as strings), and each round meets at a fresh
+    store: an agent restarts its ranks without counting a restart when another host
+    rejoins, so the hosts' restart counts - which name an attempt in a store shared
+    across rounds - can differ."""
     arguments = _python_arguments(command)
     target = arguments if arguments is not None else ["--no-python", *command]
     env = ["GLOO_SOCKET_IFNAME=eth0"]

@@ -42,8 +42,8 @@ def _rate(fn, work: float, seconds: float = 1.0, repeats: int | None = None) -> 
     return work * runs / (time.perf_counter() - start)
 
 
-def count_ops(model, tokens) -> int:
-    """Operations autograd dispatches for one forward and backward of `model`."""
+def count_ops(step) -> int:
+    """Operations autograd dispatches for one call of `step`."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -53,24 +53,28 @@ def count_ops(model, tokens) -> int:
             Count.ops += 1
             return func(*args, **(kwargs or {}))
     with Count():
-        model(tokens).float().logsumexp(-1).mean().backward()
+        step()
     return Count.ops
 
 
-def _negligible_model(layers: int):
-    """meshpar's Llama at width 8 over 8 tokens - arithmetic too small to matter - and its
-    input."""
+def negligible_step(layers: int = 2, device: str | torch.device = "cpu"):
+    """One forward and backward of meshpar's Llama at width 8 over 8 tokens - arithmetic
+    too small to matter - and the operations it dispatches."""
     from meshpar.model import ModelConfig, build_model
 
     cfg = ModelConfig(vocab_size=16, hidden_size=8, num_layers=layers, num_heads=2, num_kv_heads=1,
                       ffn_hidden_size=16, max_seq_len=8)
-    return build_model(cfg, seed=0), torch.zeros(1, 8, dtype=torch.long)
+    model, tokens = build_model(cfg, seed=0).to(device), torch.zeros(1, 8, dtype=torch.long, device=device)
+
+    def step():
+        model(tokens).float().logsumexp(-1).mean().backward()
+    return step, count_ops(step)
 
 
 def operation_counts() -> tuple[int, int]:
     """(per layer, outside the layers) operations of a forward and backward of meshpar's
     Llama block: from models of 1 and 2 layers."""
-    one, two = count_ops(*_negligible_model(1)), count_ops(*_negligible_model(2))
+    one, two = negligible_step(1)[1], negligible_step(2)[1]
     return two - one, one - (two - one)
 
 
@@ -78,9 +82,8 @@ def _op_overhead(rank_share_seconds: float = 1.0) -> float:
     """Seconds per operation where the arithmetic is negligible: a 2-layer model of width
     8 trained forward and backward, its time over its operations - what every operation
     costs besides its arithmetic (dispatch, autograd's bookkeeping, allocation)."""
-    model, tokens = _negligible_model(2)
-    ops = count_ops(model, tokens)
-    return 1 / _rate(lambda: model(tokens).float().logsumexp(-1).mean().backward(), ops, rank_share_seconds)
+    step, ops = negligible_step()
+    return 1 / _rate(step, ops, rank_share_seconds)
 
 
 def _model_rates(name: str, seq_len: int, micro_batch_size: int) -> tuple[float, float]:
